@@ -1,0 +1,51 @@
+"""codellama: inference for Meta's Code Llama models, compatible with Meta's reference."""
+
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CodeLlamaError,
+    ConfigError,
+    DistributedError,
+    NumericalError,
+    PromptError,
+    PromptTooLongError,
+    UnsupportedError,
+)
+from .generation import (
+    ChatPrediction,
+    CompletionPrediction,
+    GenerationResult,
+    InfillingPrediction,
+    Llama,
+)
+from .model import ModelArgs, Transformer
+from .prompt_formats import Dialog, Message, chat_prompt_tokens, infilling_prompt_tokens
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChatPrediction",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CodeLlamaError",
+    "CompletionPrediction",
+    "ConfigError",
+    "Dialog",
+    "DistributedError",
+    "GenerationResult",
+    "InfillingPrediction",
+    "Llama",
+    "Message",
+    "ModelArgs",
+    "NumericalError",
+    "PromptError",
+    "PromptTooLongError",
+    "SamplingParams",
+    "Tokenizer",
+    "Transformer",
+    "UnsupportedError",
+    "chat_prompt_tokens",
+    "infilling_prompt_tokens",
+]

@@ -1,0 +1,340 @@
+"""Checkpoint I/O in Meta's layout: ``consolidated.NN.pth`` shards, ``params.json``.
+
+Loading is safe (``weights_only``: a checkpoint is data, never code) and lean (``mmap``:
+each rank copies only the slices it needs, and pages are released as soon as they are
+copied). Any shard count N loads at any model-parallel size M whose slices line up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
+
+PARAMS_FILE = "params.json"
+TOLERATED_EXTRA_KEYS = frozenset(
+    {"rope.freqs"}
+)  # Llama 1 checkpoints carry this buffer
+_PROGRESS_MIN_BYTES = 300 * 2**20
+
+# Parameter-name suffix -> the dimension Meta's model-parallel shards split (None: replicated).
+_SPLIT_DIMS = {
+    "tok_embeddings.weight": 1,  # ParallelEmbedding splits the embedding dimension
+    "output.weight": 0,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w3.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+    "norm.weight": None,
+}
+
+
+def split_dim(name: str) -> int | None:
+    """Dimension along which ``name`` is sharded in Meta's layout; None if replicated."""
+    for suffix, dim in _SPLIT_DIMS.items():
+        if name == suffix or name.endswith("." + suffix):
+            return dim
+    raise KeyError(name)
+
+
+def shard_paths(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
+    """The sorted ``*.pth`` shards of a checkpoint directory (at least one)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise CheckpointNotFoundError(
+            f"checkpoint directory {str(d)!r} does not exist; pass the folder that holds "
+            "consolidated.00.pth and params.json (e.g. CodeLlama-7b/)"
+        )
+    paths = sorted(d.glob("*.pth"))
+    if not paths:
+        raise CheckpointNotFoundError(
+            f"no checkpoint files (*.pth) in {str(d)!r}; download the model with download.sh"
+        )
+    return paths
+
+
+def read_params(ckpt_dir: str | os.PathLike[str]) -> dict:
+    """params.json of a checkpoint, as a dict."""
+    path = Path(ckpt_dir) / PARAMS_FILE
+    if not path.is_file():
+        raise CheckpointNotFoundError(
+            f"{str(path)!r} does not exist; every checkpoint has one"
+        )
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(params, dict):
+        raise ConfigError(f"{str(path)!r} must hold a JSON object")
+    return params
+
+
+def load_shard(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Open one shard lazily (mmap) and safely (tensors only; code is refused, not run)."""
+    p = Path(path)
+    try:
+        sd = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {str(p)!r}: it holds objects other than tensors (a pickle that "
+            f"could run code). Only load checkpoints from sources you trust. ({exc})"
+        ) from exc
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(
+            f"checkpoint file {str(p)!r} does not exist"
+        ) from exc
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot read {str(p)!r}: the file is truncated or corrupt ({exc}); "
+            "download it again and check it against checklist.chk"
+        ) from exc
+    if not isinstance(sd, dict) or not all(
+        isinstance(v, torch.Tensor) for v in sd.values()
+    ):
+        raise CheckpointError(f"{str(p)!r} is not a state dict of tensors")
+    return sd
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    """Drop the mmap'd file pages behind ``t`` from this process's memory (Linux only)."""
+    if _madvise is None or t.device.type != "cpu":
+        return
+    storage = t.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    page = mmap.PAGESIZE
+    lo, hi = (start + page - 1) // page * page, end // page * page
+    if hi > lo:
+        _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+def _find_madvise():  # type: ignore[no-untyped-def]
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise = _find_madvise()
+
+
+def _overlap(a0: int, a1: int, b0: int, b1: int) -> tuple[int, int]:
+    return max(a0, b0), min(a1, b1)
+
+
+def load_weights(
+    model: nn.Module,
+    paths: list[Path],
+    mp_rank: int = 0,
+    mp_size: int = 1,
+    progress: bool = False,
+) -> None:
+    """Copy this rank's slices of an N-shard checkpoint into ``model``'s parameters.
+
+    ``model`` is built for ``mp_size`` ranks with real (allocated) parameters. Source shard
+    ``s`` holds rows ``[s*F/N, (s+1)*F/N)`` of each split dimension F; rank ``r`` needs
+    ``[r*F/M, (r+1)*F/M)``, so only overlapping shards are opened. Keys are checked
+    strictly; every problem is reported at once with the file it came from.
+    """
+    n = len(paths)
+    params = dict(model.named_parameters())
+    seen: dict[str, int] = {name: 0 for name in params}
+    missing: list[str] = []
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    wanted = [
+        s
+        for s in range(n)
+        if s * mp_size < (mp_rank + 1) * n and (s + 1) * mp_size > mp_rank * n
+    ]
+    total = sum(paths[s].stat().st_size for s in wanted)
+    show = progress and total >= _PROGRESS_MIN_BYTES
+    done_bytes = 0
+    for s in wanted:
+        path = paths[s]
+        sd = load_shard(path)
+        names = set(sd)
+        for name in sorted(set(params) - names):
+            missing.append(f"{name} (not in {path.name})")
+        for name, src in sd.items():
+            if name not in params:
+                if name not in TOLERATED_EXTRA_KEYS:
+                    unexpected.append(f"{name} (in {path.name})")
+                continue
+            dst = params[name]
+            dim = split_dim(name)
+            with torch.no_grad():
+                if dim is None:
+                    if tuple(src.shape) != tuple(dst.shape):
+                        mismatched.append(
+                            f"{name} in {path.name}: {tuple(src.shape)}, expected {tuple(dst.shape)}"
+                        )
+                    elif seen[name] == 0:
+                        dst.copy_(src)
+                else:
+                    full = dst.shape[dim] * mp_size
+                    expected = list(dst.shape)
+                    expected[dim] = full // n
+                    if full % n or list(src.shape) != expected:
+                        mismatched.append(
+                            f"{name} in {path.name}: {tuple(src.shape)}, expected "
+                            f"{tuple(expected)} (a {n}-way shard of {full} along dim {dim})"
+                        )
+                    else:
+                        src_lo, dst_lo = s * (full // n), mp_rank * dst.shape[dim]
+                        lo, hi = _overlap(
+                            src_lo,
+                            src_lo + src.shape[dim],
+                            dst_lo,
+                            dst_lo + dst.shape[dim],
+                        )
+                        dst.narrow(dim, lo - dst_lo, hi - lo).copy_(
+                            src.narrow(dim, lo - src_lo, hi - lo)
+                        )
+            seen[name] += 1
+            _release_pages(src)
+        del sd
+        done_bytes += path.stat().st_size
+        if show:
+            _progress(done_bytes, total, path.name)
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append("missing keys: " + ", ".join(missing[:20]) + _more(missing))
+        if unexpected:
+            parts.append(
+                "unexpected keys: " + ", ".join(unexpected[:20]) + _more(unexpected)
+            )
+        if mismatched:
+            parts.append(
+                "shape mismatches: " + "; ".join(mismatched[:20]) + _more(mismatched)
+            )
+        raise CheckpointError(
+            f"checkpoint in {str(paths[0].parent)!r} does not match params.json and the "
+            "tokenizer: " + " | ".join(parts)
+        )
+
+
+def _more(items: list[str]) -> str:
+    return f" (+{len(items) - 20} more)" if len(items) > 20 else ""
+
+
+def _progress(done: int, total: int, name: str) -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(
+        f"\rLoading checkpoint [{'#' * filled}{'.' * (width - filled)}] "
+        f"{done / 2**30:.1f}/{total / 2**30:.1f} GiB ({name})"
+    )
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def shard_state_dict(
+    state_dict: Mapping[str, torch.Tensor], n: int
+) -> list[dict[str, torch.Tensor]]:
+    """Split a consolidated (MP=1) state dict into Meta's ``n``-shard layout."""
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    for name, t in state_dict.items():
+        dim = None if name in TOLERATED_EXTRA_KEYS else split_dim(name)
+        if dim is None:
+            for sd in shards:
+                sd[name] = t.clone()
+            continue
+        if t.shape[dim] % n:
+            raise ConfigError(
+                f"{name} has {t.shape[dim]} rows along dim {dim}; not divisible by {n}"
+            )
+        for sd, piece in zip(shards, torch.chunk(t, n, dim=dim)):
+            sd[name] = piece.clone()
+    return shards
+
+
+def merge_shards(
+    shards: Iterable[Mapping[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """Concatenate Meta-layout shards back into one consolidated state dict."""
+    shards = list(shards)
+    merged: dict[str, torch.Tensor] = {}
+    for name, first in shards[0].items():
+        dim = None if name in TOLERATED_EXTRA_KEYS else split_dim(name)
+        merged[name] = (
+            first if dim is None else torch.cat([sd[name] for sd in shards], dim=dim)
+        )
+    return merged
+
+
+def iter_full_tensors(
+    ckpt_dir: str | os.PathLike[str],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, consolidated tensor) of a checkpoint one parameter at a time."""
+    shards = [load_shard(p) for p in shard_paths(ckpt_dir)]
+    for name in shards[0]:
+        dim = None if name in TOLERATED_EXTRA_KEYS else split_dim(name)
+        if dim is None:
+            yield name, shards[0][name]
+        else:
+            yield name, torch.cat([sd[name] for sd in shards], dim=dim)
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike[str],
+    shards: list[dict[str, torch.Tensor]],
+    params: Mapping[str, object],
+    tokenizer_path: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write Meta's layout atomically: a temporary folder beside ``out_dir``, renamed at the end.
+
+    Refuses a non-empty ``out_dir`` unless ``overwrite``; nothing is left half-written.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"{str(out)!r} exists and is not empty; choose another folder or pass overwrite=True "
+            "(--overwrite)"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for i, sd in enumerate(shards):
+            torch.save(
+                {k: v.contiguous() for k, v in sd.items()},
+                tmp / f"consolidated.{i:02d}.pth",
+            )
+        (tmp / PARAMS_FILE).write_text(json.dumps(dict(params), indent=2) + "\n")
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        if out.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, backup / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(backup)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,183 @@
+"""Device, dtype and model-parallel process-group setup.
+
+A plain Python process gets its own single-process gloo group, so MP=1 needs no launcher;
+under ``torchrun`` the group comes from the environment (nccl on CUDA, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import hashlib
+import os
+import pickle
+from typing import Any
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError, DistributedError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+# Collectives give up after this long, so a failed peer cannot hang the others for ever.
+COLLECTIVE_TIMEOUT = datetime.timedelta(
+    seconds=int(os.environ.get("CODELLAMA_TIMEOUT_S", "60"))
+)
+
+_owns_group = False  # True when codellama created the default process group
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """``None`` picks cuda, else mps, else cpu; a string or torch.device is checked."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if (
+            getattr(torch.backends, "mps", None) is not None
+            and torch.backends.mps.is_available()
+        ):
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"device={device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={device!r} but CUDA is not available; use device='cpu'"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"device={device!r} but MPS is not available; use device='cpu'"
+        )
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(
+            f"device={device!r} is not supported; use 'cpu', 'cuda' or 'mps'"
+        )
+    return dev
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """``None`` picks bf16 on CUDA where supported, else fp16 on CUDA, else fp32."""
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return (
+            torch.float32
+        )  # fp16 on CPU overflows and is slow; fp32 is the safe default
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise ConfigError(
+        f"dtype={dtype!r} is not supported; use one of 'float32', 'bfloat16', 'float16' "
+        "(or the torch dtypes)"
+    )
+
+
+def setup_model_parallel(
+    model_parallel_size: int | None, device: torch.device
+) -> tuple[int, int]:
+    """Initialise torch.distributed and fairscale; return (rank, model_parallel_size).
+
+    Safe to call again in the same process (a notebook rebuilding a model).
+    """
+    global _owns_group
+    if not dist.is_initialized():
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        else:
+            dist.init_process_group(
+                "gloo",
+                store=dist.HashStore(),
+                rank=0,
+                world_size=1,
+                timeout=COLLECTIVE_TIMEOUT,
+            )
+        _owns_group = True
+        atexit.register(shutdown)
+    world = dist.get_world_size()
+    mp = world if model_parallel_size is None else model_parallel_size
+    if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1:
+        raise ConfigError(f"model_parallel_size must be a positive integer, got {mp!r}")
+    if mp != world:
+        raise ConfigError(
+            f"model_parallel_size={mp} but {world} process(es) are running; launch with "
+            f"`torchrun --nproc_per_node {mp} ...` or pass model_parallel_size={world}"
+        )
+    if fs_init.model_parallel_is_initialized():
+        if fs_init.get_model_parallel_world_size() == mp:
+            return dist.get_rank(), mp
+        fs_init.destroy_model_parallel()
+    fs_init.initialize_model_parallel(mp)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), mp
+
+
+def shutdown() -> None:
+    """Tear down fairscale and the process group codellama created (idempotent)."""
+    global _owns_group
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if _owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _owns_group = False
+
+
+def model_parallel_world() -> int:
+    return (
+        fs_init.get_model_parallel_world_size()
+        if fs_init.model_parallel_is_initialized()
+        else 1
+    )
+
+
+def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Make every rank use rank 0's sampled tokens (no-op with one process)."""
+    if model_parallel_world() > 1:
+        dist.broadcast(
+            tokens,
+            src=fs_init.get_model_parallel_src_rank(),
+            group=fs_init.get_model_parallel_group(),
+        )
+    return tokens
+
+
+def check_same_on_all_ranks(what: str, value: Any) -> None:
+    """Raise :class:`DistributedError` if ``value`` differs between model-parallel ranks.
+
+    Ranks of one model must see the same prompts and sampling parameters, or their
+    collectives would pair up different computations (a silent wrong answer or a hang).
+    """
+    if model_parallel_world() == 1:
+        return
+    digest = hashlib.sha256(pickle.dumps(value, protocol=4)).digest()[:8]
+    mine = torch.tensor(list(digest), dtype=torch.int64)
+    group = fs_init.get_model_parallel_group()
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise DistributedError(
+            f"{what} differ between model-parallel ranks (rank {dist.get_rank()}); every "
+            "process must pass the same inputs, e.g. do not read prompts from a per-rank source"
+        )

@@ -1,0 +1,44 @@
+"""Exceptions raised by codellama.
+
+Every error a caller can provoke derives from :class:`CodeLlamaError` *and* from the
+built-in type that describes it (``ValueError``, ``FileNotFoundError``, ...), so code that
+already catches the built-in types keeps working.
+"""
+
+from __future__ import annotations
+
+
+class CodeLlamaError(Exception):
+    """Base class of every error raised by codellama on bad input or bad state."""
+
+
+class ConfigError(CodeLlamaError, ValueError):
+    """A model configuration (params.json, build argument) is invalid or inconsistent."""
+
+
+class CheckpointError(CodeLlamaError, ValueError):
+    """A checkpoint file is missing, truncated, unsafe, or does not match the model."""
+
+
+class CheckpointNotFoundError(CodeLlamaError, FileNotFoundError):
+    """A checkpoint directory, shard, params.json or tokenizer file does not exist."""
+
+
+class PromptError(CodeLlamaError, ValueError):
+    """A prompt, dialog or generation argument is invalid."""
+
+
+class PromptTooLongError(PromptError):
+    """A prompt does not fit in the model's ``max_seq_len``."""
+
+
+class UnsupportedError(CodeLlamaError, ValueError):
+    """The requested feature is not supported by this model or tokenizer."""
+
+
+class NumericalError(CodeLlamaError, RuntimeError):
+    """The model produced non-finite logits (NaN or infinity)."""
+
+
+class DistributedError(CodeLlamaError, RuntimeError):
+    """Model-parallel processes disagree or a peer process failed."""

@@ -1,0 +1,595 @@
+"""The ``Llama`` generator: one batched prefill/decode core under completion, infilling, chat.
+
+``Llama.build`` loads a Meta-layout checkpoint (any shard count, see :mod:`checkpoint`);
+``generate`` keeps Meta's signature and return values. Prompts of different lengths are
+prefilled together in bounded chunks and decoded together with per-row positions, so each
+row gets exactly the tokens it would get alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
+
+import torch
+
+from . import distributed
+from .checkpoint import load_weights, read_params, shard_paths
+from .errors import ConfigError, NumericalError, PromptError, PromptTooLongError
+from .model import ModelArgs, Transformer
+from .prompt_formats import (
+    UNSAFE_ERROR,
+    Dialog,
+    Message,
+    chat_prompt_tokens,
+    has_special_tags,
+    infilling_prompt_tokens,
+    validate_dialog,
+)
+from .sampling import SamplingParams, sample
+from .tokenizer import Tokenizer
+
+FinishReason = Literal["stop", "length"]
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: list[str]  # only with logprobs=True
+    logprobs: list[float]  # only with logprobs=True
+
+
+class InfillingPrediction(TypedDict, total=False):
+    generation: str
+    full_text: str
+    tokens: list[str]
+    logprobs: list[float]
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: list[str]
+    logprobs: list[float]
+
+
+@dataclass
+class GenerationResult:
+    """One row of output: token ids, their log-probabilities, and why generation ended."""
+
+    tokens: list[int]
+    logprobs: list[float] | None
+    finish_reason: FinishReason
+    prompt_len: int
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    budget: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+class Llama:
+    """A Code Llama model with its tokenizer, ready to generate."""
+
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        seed: int = 1,
+        compile: bool = False,
+        prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+    ) -> Llama:
+        """Load a checkpoint in Meta's layout and return a ready :class:`Llama`.
+
+        Args:
+            ckpt_dir: folder with ``consolidated.NN.pth`` shards and ``params.json``.
+            tokenizer_path: the checkpoint's ``tokenizer.model``.
+            max_seq_len: longest prompt + generation; sizes the KV cache (up to 100K).
+            max_batch_size: rows decoded together; larger batches are split.
+            model_parallel_size: processes sharing the model (default: the world size).
+            device: None picks cuda, else mps, else cpu.
+            dtype: None picks bf16/fp16 on CUDA and fp32 elsewhere; strings are accepted.
+            seed: seed of the sampling generator (the same on every rank).
+            compile: torch.compile the decode step (static shapes; CUDA graphs on GPU).
+            prefill_chunk_size: prompt tokens processed per forward pass; bounds memory.
+        """
+        for name, value in (
+            ("max_seq_len", max_seq_len),
+            ("max_batch_size", max_batch_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name, path in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
+            if not isinstance(path, (str, os.PathLike)):
+                raise ConfigError(f"{name} must be a path, got {type(path).__name__}")
+        start = time.time()
+        dev = distributed.resolve_device(device)
+        dt = distributed.resolve_dtype(dtype, dev)
+        paths = shard_paths(ckpt_dir)
+        params = read_params(ckpt_dir)
+        tokenizer = Tokenizer(tokenizer_path)
+        rank, mp = distributed.setup_model_parallel(model_parallel_size, dev)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if mp > 1 and int(os.environ.get("LOCAL_RANK", 0)) > 0:
+            sys.stdout = open(os.devnull, "w")  # as Meta's: only rank 0 prints
+
+        vocab = params.get("vocab_size", -1)
+        if vocab not in (-1, None) and vocab != tokenizer.n_words:
+            raise ConfigError(
+                f"params.json has vocab_size={vocab} but the tokenizer {tokenizer_path!r} has "
+                f"{tokenizer.n_words} pieces; use the tokenizer.model that came with this "
+                "checkpoint"
+            )
+        params = {**params, "vocab_size": tokenizer.n_words}
+        args = ModelArgs.from_params(
+            params, max_seq_len=max_seq_len, max_batch_size=max_batch_size
+        )
+        args.validate(model_parallel_size=mp)
+
+        with torch.device("meta"):
+            model = Transformer(args)
+        model = model.to(dtype=dt).to_empty(device=dev)
+        load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0)
+        model.setup_cache(dtype=dt, device=dev)
+        model.eval().requires_grad_(False)
+        if rank == 0:
+            print(f"Loaded in {time.time() - start:.2f} seconds")
+        return Llama(
+            model,
+            tokenizer,
+            seed=seed,
+            compile=compile,
+            prefill_chunk_size=prefill_chunk_size,
+        )
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        seed: int = 1,
+        compile: bool = False,
+        prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
+    ):
+        if isinstance(prefill_chunk_size, bool) or not isinstance(
+            prefill_chunk_size, int
+        ):
+            raise ConfigError(
+                f"prefill_chunk_size must be an int, got {prefill_chunk_size!r}"
+            )
+        if prefill_chunk_size < 1:
+            raise ConfigError(
+                f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.prefill_chunk_size = prefill_chunk_size
+        self._generator = torch.Generator(device=model.device).manual_seed(seed)
+        self._decode: Callable[..., torch.Tensor] = self._decode_step
+        self.compiled = compile
+        if compile:
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            self._decode = torch.compile(self._decode_step, mode=mode, dynamic=False)
+
+    # ------------------------------------------------------------------ core
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model.params.max_seq_len
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.model.params.max_batch_size
+
+    def _decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None,
+        start_pos: int,
+        kv_len: int,
+    ) -> torch.Tensor:
+        return self.model.forward_tokens(
+            tokens, start_pos, positions=positions, kv_len=kv_len, logits_index=None
+        )[:, 0]
+
+    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> list[list[int]]:
+        if isinstance(prompt_tokens, (str, bytes)) or not isinstance(
+            prompt_tokens, Sequence
+        ):
+            raise PromptError(
+                f"prompt_tokens must be a list of token-id lists, got {type(prompt_tokens).__name__}"
+            )
+        vocab = self.model.params.vocab_size
+        out = []
+        for i, p in enumerate(prompt_tokens):
+            if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
+                raise PromptError(
+                    f"prompt {i} must be a list of token ids, got {type(p).__name__}: {p!r:.60}"
+                )
+            if len(p) == 0:
+                raise PromptError(
+                    f"prompt {i} is empty; a prompt needs at least one token (e.g. BOS, "
+                    f"id {self.tokenizer.bos_id})"
+                )
+            ids = list(p)
+            bad = [
+                t
+                for t in ids
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
+            ]
+            if bad:
+                raise PromptError(
+                    f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}"
+                )
+            if len(ids) > self.max_seq_len:
+                raise PromptTooLongError(
+                    f"prompt {i} has {len(ids)} tokens but max_seq_len is {self.max_seq_len}; "
+                    f"shorten it by {len(ids) - self.max_seq_len} tokens or build with "
+                    f"max_seq_len >= {len(ids)}"
+                )
+            out.append(ids)
+        return out
+
+    @torch.inference_mode()
+    def generate_results(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        sampling: SamplingParams = SamplingParams(),
+        logprobs: bool = False,
+        echo: bool = False,
+        stop_tokens: Sequence[int] = (),
+        seed: int | None = None,
+    ) -> list[GenerationResult]:
+        """The generation core: batches of at most ``max_batch_size``, results in order.
+
+        Generation of a row ends at the first of ``stop_tokens`` (excluded from the output,
+        ``finish_reason == "stop"``) or after ``min(max_gen_len, max_seq_len - prompt length)``
+        tokens (``"length"``). ``seed`` gives this call its own sampling generator.
+        """
+        prompts = self._check_prompts(prompt_tokens)
+        if (
+            isinstance(max_gen_len, bool)
+            or not isinstance(max_gen_len, int)
+            or max_gen_len < 0
+        ):
+            raise PromptError(
+                f"max_gen_len must be an integer >= 0, got {max_gen_len!r}"
+            )
+        if not isinstance(sampling, SamplingParams):
+            raise PromptError(
+                f"sampling must be a SamplingParams, got {type(sampling).__name__}"
+            )
+        stops = frozenset(int(t) for t in stop_tokens)
+        distributed.check_same_on_all_ranks(
+            "prompts or sampling parameters",
+            (prompts, max_gen_len, sampling, logprobs, echo, sorted(stops), seed),
+        )
+        generator = self._generator
+        if seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        results: list[GenerationResult] = []
+        step = self.max_batch_size
+        for lo in range(0, len(prompts), step):
+            rows = [
+                _Row(p, min(max_gen_len, self.max_seq_len - len(p)))
+                for p in prompts[lo : lo + step]
+            ]
+            for _ in self._run_batch(rows, sampling, logprobs, echo, stops, generator):
+                pass
+            results += [self._result(r, logprobs, echo) for r in rows]
+        return results
+
+    def _result(self, row: _Row, logprobs: bool, echo: bool) -> GenerationResult:
+        assert row.finish_reason is not None
+        tokens, lps = row.tokens, row.logprobs
+        if echo:
+            tokens = row.prompt + tokens
+        return GenerationResult(
+            tokens, lps if logprobs else None, row.finish_reason, len(row.prompt)
+        )
+
+    def _run_batch(
+        self,
+        rows: list[_Row],
+        sampling: SamplingParams,
+        want_logprobs: bool,
+        echo: bool,
+        stops: frozenset[int],
+        generator: torch.Generator,
+    ) -> Iterator[list[tuple[int, int]]]:
+        """Prefill then decode ``rows`` together; yields the (row, token) pairs of each step."""
+        model, device = self.model, self.model.device
+        bsz = len(rows)
+        lens = [len(r.prompt) for r in rows]
+        max_len = max(lens)
+        prompt = torch.zeros((bsz, max_len), dtype=torch.long)
+        for i, r in enumerate(rows):
+            prompt[i, : lens[i]] = torch.tensor(r.prompt, dtype=torch.long)
+        prompt = prompt.to(device)
+        lens_t = torch.tensor(lens, device=device)
+        for r in rows:
+            if want_logprobs and echo:
+                r.logprobs = [0.0] * len(r.prompt)  # the first token has no prediction
+            if r.budget == 0:
+                r.finish_reason = "length"
+        if all(r.budget == 0 for r in rows) and not (want_logprobs and echo):
+            return
+
+        # Prefill all rows in chunks over the same positions (short rows are right-padded:
+        # their padding lands in cache slots that decoding overwrites before reading).
+        chunk = self.prefill_chunk_size
+        echo_lp = want_logprobs and echo
+        if echo_lp:  # all-position logits: bound the (B, chunk, V) tensor to ~256 MiB
+            chunk = max(1, min(chunk, 2**26 // (bsz * model.params.vocab_size)))
+        last_logits = torch.empty((bsz, model.params.vocab_size), device=device)
+        for s in range(0, max_len, chunk):
+            e = min(s + chunk, max_len)
+            in_chunk = [s <= n - 1 < e for n in lens]
+            if echo_lp:
+                logits = model.forward_tokens(prompt[:, s:e], s)
+                targets = prompt[:, s + 1 : e + 1]
+                n_t = targets.shape[1]
+                lp = torch.log_softmax(logits[:, :n_t], dim=-1).gather(
+                    -1, targets.unsqueeze(-1)
+                )
+                lp_rows = lp.squeeze(-1).tolist()
+                for i, r in enumerate(rows):
+                    for j in range(n_t):
+                        if s + 1 + j < lens[i]:
+                            r.logprobs[s + 1 + j] = lp_rows[i][j]
+                if any(in_chunk):
+                    idx = (lens_t - 1 - s).clamp(0, e - s - 1)
+                    picked = logits[torch.arange(bsz, device=device), idx]
+                    mask = torch.tensor(in_chunk, device=device).unsqueeze(1)
+                    last_logits = torch.where(mask, picked, last_logits)
+            elif any(in_chunk):
+                idx = (lens_t - 1 - s).clamp(0, e - s - 1)
+                picked = model.forward_tokens(prompt[:, s:e], s, logits_index=idx)
+                mask = torch.tensor(in_chunk, device=device).unsqueeze(1)
+                last_logits = (
+                    torch.where(mask, picked, last_logits)
+                    if not all(in_chunk)
+                    else picked
+                )
+            else:
+                model.forward_tokens(
+                    prompt[:, s:e], s, logits_index=torch.zeros_like(lens_t)
+                )
+
+        # Decode: every row one token per step at its own position.
+        uniform = len(set(lens)) == 1 and not self.compiled
+        positions = lens_t.clone().view(bsz, 1)
+        cur_pos = list(lens)
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(
+                (bsz, model.params.vocab_size), dtype=torch.bool, device=device
+            )
+            seen.scatter_(1, prompt, True)
+            pad_cols = torch.arange(max_len, device=device).view(1, -1) >= lens_t.view(
+                -1, 1
+            )
+            if pad_cols.any():  # undo the padding id (0) where it is only padding
+                real0 = ((prompt == 0) & ~pad_cols).any(dim=1)
+                seen[:, 0] = real0
+        logits = last_logits
+        max_steps = max(r.budget for r in rows)
+        for step in range(max_steps):
+            next_tok = sample(logits, sampling, generator, seen)
+            next_tok = distributed.broadcast_tokens(next_tok)
+            finite = torch.isfinite(logits).all(dim=-1)
+            packed = [next_tok.to(torch.float64), finite.to(torch.float64)]
+            if want_logprobs:
+                lp = (
+                    torch.log_softmax(logits, dim=-1)
+                    .gather(-1, next_tok.view(-1, 1))
+                    .view(-1)
+                )
+                packed.append(lp.to(torch.float64))
+            host = torch.stack(packed).tolist()
+            emitted = []
+            for i, r in enumerate(rows):
+                if r.finish_reason is not None:
+                    continue
+                if not host[1][i]:
+                    raise NumericalError(
+                        f"the model produced non-finite logits (NaN/inf) for row {i} at "
+                        f"generation step {step} (position {cur_pos[i]}); the weights or the "
+                        "dtype are broken (fp16 overflows easily: try dtype='bfloat16' or "
+                        "'float32')"
+                    )
+                tok = int(host[0][i])
+                if tok in stops:
+                    r.finish_reason = "stop"
+                    continue
+                r.tokens.append(tok)
+                if want_logprobs:
+                    r.logprobs.append(host[2][i])
+                emitted.append((i, tok))
+                if len(r.tokens) >= r.budget:
+                    r.finish_reason = "length"
+            yield emitted
+            if all(r.finish_reason is not None for r in rows):
+                break
+            if seen is not None:
+                seen.scatter_(1, next_tok.view(-1, 1), True)
+            if uniform:
+                logits = self._decode(
+                    next_tok.view(bsz, 1), None, cur_pos[0], cur_pos[0] + 1
+                )
+            else:
+                kv_len = (
+                    self.max_seq_len
+                    if self.compiled
+                    else min(max(cur_pos) + 1, self.max_seq_len)
+                )
+                logits = self._decode(next_tok.view(bsz, 1), positions, 0, kv_len)
+            cur_pos = [min(p + 1, self.max_seq_len - 1) for p in cur_pos]
+            positions.add_(1).clamp_(max=self.max_seq_len - 1)
+
+    # ------------------------------------------------------------------ Meta's API
+
+    def generate(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        stop_token: int | None = None,
+        **sampling_kwargs: Any,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Meta's ``generate``: (tokens, logprobs or None) per prompt.
+
+        Extra keyword arguments (``top_k``, ``min_p``, ``repetition_penalty``) refine sampling.
+        """
+        stop = self.tokenizer.eos_id if stop_token is None else stop_token
+        results = self.generate_results(
+            prompt_tokens,
+            max_gen_len,
+            SamplingParams(temperature=temperature, top_p=top_p, **sampling_kwargs),
+            logprobs=logprobs,
+            echo=echo,
+            stop_tokens=(stop,),
+        )
+        tokens = [r.tokens for r in results]
+        return tokens, ([r.logprobs or [] for r in results] if logprobs else None)
+
+    def _max_gen_len(self, max_gen_len: int | None) -> int:
+        return self.max_seq_len - 1 if max_gen_len is None else max_gen_len
+
+    def _pieces(self, tokens: list[int]) -> list[str]:
+        return [self.tokenizer.token_piece(t) for t in tokens]
+
+    def text_completion(
+        self,
+        prompts: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        **sampling_kwargs: Any,
+    ) -> list[CompletionPrediction]:
+        """Continue each prompt; an empty string generates from BOS."""
+        _check_str_list("prompts", prompts)
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        tokens, lps = self.generate(
+            prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, echo,
+            **sampling_kwargs,
+        )  # fmt: skip
+        out: list[CompletionPrediction] = []
+        for i, t in enumerate(tokens):
+            pred = CompletionPrediction(generation=self.tokenizer.decode(t))
+            if lps is not None:
+                pred["tokens"] = self._pieces(t)
+                pred["logprobs"] = lps[i]
+            out.append(pred)
+        return out
+
+    def text_infilling(
+        self,
+        prefixes: list[str],
+        suffixes: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        suffix_first: bool = False,
+        **sampling_kwargs: Any,
+    ) -> list[InfillingPrediction]:
+        """Fill the middle between each prefix and suffix (7B/13B base and Instruct)."""
+        _check_str_list("prefixes", prefixes)
+        _check_str_list("suffixes", suffixes)
+        if len(prefixes) != len(suffixes):
+            raise PromptError(
+                f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; pass one suffix "
+                "per prefix"
+            )
+        prompt_tokens = [
+            infilling_prompt_tokens(self.tokenizer, p, s, suffix_first=suffix_first)
+            for p, s in zip(prefixes, suffixes)
+        ]
+        assert self.tokenizer.eot_id is not None
+        tokens, lps = self.generate(
+            prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs,
+            echo=False, stop_token=self.tokenizer.eot_id, **sampling_kwargs,
+        )  # fmt: skip
+        out: list[InfillingPrediction] = []
+        for i, t in enumerate(tokens):
+            middle = self.tokenizer.decode_infilling(t)
+            pred = InfillingPrediction(
+                generation=middle, full_text=prefixes[i] + middle + suffixes[i]
+            )
+            if lps is not None:
+                pred["tokens"] = self._pieces(t)
+                pred["logprobs"] = lps[i]
+            out.append(pred)
+        return out
+
+    def chat_completion(
+        self,
+        dialogs: list[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        **sampling_kwargs: Any,
+    ) -> list[ChatPrediction]:
+        """Answer each dialog as the assistant (Code Llama - Instruct formats)."""
+        if isinstance(dialogs, (str, dict)) or not isinstance(dialogs, Sequence):
+            raise PromptError(
+                f"dialogs must be a list of dialogs, got {type(dialogs).__name__}"
+            )
+        for i, dialog in enumerate(dialogs):
+            validate_dialog(dialog, index=i)
+        prompt_tokens = [chat_prompt_tokens(self.tokenizer, d) for d in dialogs]
+        step_format = self.tokenizer.step_id is not None
+        stop = self.tokenizer.step_id if step_format else self.tokenizer.eos_id
+        tokens, lps = self.generate(
+            prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs,
+            stop_token=stop, **sampling_kwargs,
+        )  # fmt: skip
+        out: list[ChatPrediction] = []
+        for i, (dialog, t) in enumerate(zip(dialogs, tokens)):
+            content = (
+                UNSAFE_ERROR if has_special_tags(dialog) else self.tokenizer.decode(t)
+            )
+            message = Message(role="assistant", content=content)
+            if step_format:
+                message["destination"] = "user"
+            pred = ChatPrediction(generation=message)
+            if lps is not None:
+                pred["tokens"] = self._pieces(t)
+                pred["logprobs"] = lps[i]
+            out.append(pred)
+        return out
+
+
+def _check_str_list(name: str, values: object) -> None:
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise PromptError(
+            f"{name} must be a list of strings, got {type(values).__name__}"
+        )
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise PromptError(
+                f"{name}[{i}] must be a str, got {type(v).__name__}: {v!r:.60}"
+            )

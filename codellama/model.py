@@ -1,0 +1,512 @@
+"""The Code Llama transformer: RMSNorm, SwiGLU, RoPE, grouped-query attention, KV cache.
+
+Parameter names and shard layouts are Meta's, so ``consolidated.NN.pth`` files load unchanged.
+Linear layers are fairscale model-parallel layers; with one process they are plain linears.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+from torch import nn
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelArgs:
+    """Model hyper-parameters: the fields of Meta's params.json plus the cache size."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = -1  # -1: taken from the tokenizer
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], **overrides: Any) -> ModelArgs:
+        """Build from a params.json dict; unknown keys are a :class:`ConfigError`."""
+        if not isinstance(params, dict):
+            raise ConfigError(
+                f"params.json must hold a JSON object, got {type(params).__name__}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ConfigError(
+                f"params.json has unknown keys {unknown}; the known keys are {sorted(known)}"
+            )
+        merged = {**params, **overrides}
+        if merged.get("n_kv_heads") is None:
+            merged["n_kv_heads"] = None
+        args = cls(**merged)
+        args.validate()
+        return args
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (== n_heads without grouped-query attention)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Meta's SwiGLU hidden size: 2/3 of 4*dim, times the multiplier, rounded up."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def to_params(self) -> dict[str, Any]:
+        """The params.json dict (without the cache sizes)."""
+        d = asdict(self)
+        d.pop("max_batch_size")
+        d.pop("max_seq_len")
+        if d["n_kv_heads"] is None:
+            d.pop("n_kv_heads")
+        if d["ffn_dim_multiplier"] is None:
+            d.pop("ffn_dim_multiplier")
+        return d
+
+    def validate(self, model_parallel_size: int = 1) -> None:
+        """Raise :class:`ConfigError` naming the first inconsistent field and the fix."""
+        ints = (
+            "dim",
+            "n_layers",
+            "n_heads",
+            "multiple_of",
+            "max_batch_size",
+            "max_seq_len",
+        )
+        for name in ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ConfigError(
+                f"n_heads={self.n_heads} must divide dim={self.dim}; "
+                f"choose n_heads among the divisors of {self.dim}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"head_dim = dim/n_heads = {self.head_dim} must be even for rotary embeddings"
+            )
+        kv = self.kv_heads
+        if (
+            isinstance(kv, bool)
+            or not isinstance(kv, int)
+            or kv < 1
+            or self.n_heads % kv
+        ):
+            raise ConfigError(
+                f"n_kv_heads={self.n_kv_heads!r} must be a positive divisor of "
+                f"n_heads={self.n_heads} (or omitted for multi-head attention)"
+            )
+        if not isinstance(self.vocab_size, int) or (
+            self.vocab_size < 1 and self.vocab_size != -1
+        ):
+            raise ConfigError(
+                f"vocab_size must be positive (or -1), got {self.vocab_size!r}"
+            )
+        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
+            raise ConfigError(
+                f"ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier!r}"
+            )
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        mp = model_parallel_size
+        if kv % mp:
+            raise ConfigError(
+                f"model_parallel_size={mp} must divide n_kv_heads={kv}; "
+                f"use one of {[d for d in range(1, kv + 1) if kv % d == 0]}"
+            )
+        if self.vocab_size > 0 and self.vocab_size % mp:
+            raise ConfigError(
+                f"model_parallel_size={mp} must divide vocab_size={self.vocab_size}"
+            )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 as in Meta's reference."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(
+    head_dim: int,
+    max_seq_len: int,
+    theta: float,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, float32, shape (max_seq_len, head_dim // 2)."""
+    exponents = (
+        torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim
+    )
+    inv_freq = 1.0 / (theta**exponents)
+    t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(t, inv_freq)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the given angles.
+
+    ``cos``/``sin`` broadcast against (B, T, 1, D/2). Meta's layout (complex pairs), in fp32.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+@dataclass
+class StepInputs:
+    """Where one forward pass reads and writes: shared by every layer of that pass.
+
+    ``positions`` is None when every row covers ``start_pos .. start_pos+T-1`` (then the
+    cache is written with a slice), else a (B, T) tensor of per-row positions.
+    ``mask`` is a boolean (B|1, 1, T, kv_len) mask or None; ``causal`` asks SDPA for a
+    top-left causal mask (valid only when the pass starts at position 0).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    start_pos: int
+    kv_len: int
+    positions: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    causal: bool = False
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, (max_batch_size, n_kv_heads, max_seq_len, head_dim)."""
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer(
+            "k", torch.zeros(shape, dtype=dtype, device=device), persistent=False
+        )
+        self.register_buffer(
+            "v", torch.zeros(shape, dtype=dtype, device=device), persistent=False
+        )
+        self.k: torch.Tensor
+        self.v: torch.Tensor
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, step: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) and return the cached (B, Hkv, kv_len, D) views."""
+        bsz, n_heads, seqlen, _ = k.shape
+        if step.positions is None:
+            end = step.start_pos + seqlen
+            self.k[:bsz, :, step.start_pos : end] = k
+            self.v[:bsz, :, step.start_pos : end] = v
+        else:
+            rows = torch.arange(bsz, device=k.device).view(bsz, 1, 1)
+            heads = torch.arange(n_heads, device=k.device).view(1, n_heads, 1)
+            pos = step.positions.view(bsz, 1, seqlen)
+            self.k[:bsz].index_put_((rows, heads, pos), k)
+            self.v[:bsz].index_put_((rows, heads, pos), v)
+        return self.k[:bsz, :, : step.kv_len], self.v[:bsz, :, : step.kv_len]
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with rotary embeddings and a KV cache."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        mp = fs_init.get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // mp
+        self.n_local_kv_heads = args.kv_heads // mp
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = ColumnParallelLinear(
+            args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False,
+            init_method=_keep,
+        )  # fmt: skip
+        self.wk = ColumnParallelLinear(
+            args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False,
+            init_method=_keep,
+        )  # fmt: skip
+        self.wv = ColumnParallelLinear(
+            args.dim, args.kv_heads * self.head_dim, bias=False, gather_output=False,
+            init_method=_keep,
+        )  # fmt: skip
+        self.wo = RowParallelLinear(
+            args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True,
+            init_method=_keep,
+        )  # fmt: skip
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        if self.cache is None:
+            raise RuntimeError(
+                "KV cache not allocated: call Transformer.setup_cache() first"
+            )
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q = apply_rotary(q, step.cos, step.sin).transpose(1, 2)
+        k = apply_rotary(k, step.cos, step.sin).transpose(1, 2)
+        keys, values = self.cache.update(k, v.transpose(1, 2), step)
+
+        if self.n_rep > 1 and seqlen == 1:
+            # GQA decode: the n_rep query heads of a group attend to the same K/V, so stack
+            # them along the query axis instead of repeating K/V.
+            qg = q.reshape(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
+            out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=step.mask)
+            out = out.reshape(bsz, 1, self.n_local_heads * self.head_dim)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                keys,
+                values,
+                attn_mask=step.mask,
+                is_causal=step.causal,
+                enable_gqa=self.n_rep > 1,
+            )
+            out = out.transpose(1, 2).reshape(
+                bsz, seqlen, self.n_local_heads * self.head_dim
+            )
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(
+            dim, hidden_dim, bias=False, gather_output=False, init_method=_keep
+        )
+        self.w2 = RowParallelLinear(
+            hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep
+        )
+        self.w3 = ColumnParallelLinear(
+            dim, hidden_dim, bias=False, gather_output=False, init_method=_keep
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), step)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The decoder. ``forward(tokens, start_pos)`` returns float logits, as Meta's does."""
+
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        if params.vocab_size < 1:
+            raise ConfigError(
+                "vocab_size must be set (from the tokenizer) before building"
+            )
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        self.tok_embeddings = ParallelEmbedding(
+            params.vocab_size, params.dim, init_method=_keep
+        )
+        self.layers = nn.ModuleList(
+            TransformerBlock(i, params) for i in range(params.n_layers)
+        )
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(
+            params.dim, params.vocab_size, bias=False, init_method=_keep
+        )
+        self.rope_cos: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output.weight.dtype
+
+    def setup_cache(
+        self,
+        max_batch_size: int | None = None,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """(Re)allocate the KV cache and rotary tables; defaults come from ``params``."""
+        p = self.params
+        if max_batch_size is not None:
+            p.max_batch_size = max_batch_size
+        if max_seq_len is not None:
+            p.max_seq_len = max_seq_len
+        dtype = dtype or self.dtype
+        device = device or self.device
+        for layer in self.layers:
+            attn = layer.attention
+            attn.cache = None  # free the old cache before allocating the new one
+            attn.cache = KVCache(
+                p.max_batch_size, p.max_seq_len, attn.n_local_kv_heads, attn.head_dim,
+                dtype, device,
+            )  # fmt: skip
+        self.rope_cos, self.rope_sin = rope_tables(
+            p.head_dim, p.max_seq_len, p.rope_theta, device
+        )
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Logits (float32) for every position of ``tokens`` placed at ``start_pos``."""
+        with torch.inference_mode():
+            return self.forward_tokens(tokens, start_pos=start_pos)
+
+    def step_inputs(
+        self,
+        seqlen: int,
+        start_pos: int = 0,
+        positions: torch.Tensor | None = None,
+        kv_len: int | None = None,
+    ) -> StepInputs:
+        """Rotary angles, cache indices and attention mask for one forward pass."""
+        assert self.rope_cos is not None and self.rope_sin is not None
+        max_len = self.params.max_seq_len
+        if positions is None:
+            end = start_pos + seqlen
+            if start_pos < 0 or end > max_len:
+                raise ValueError(
+                    f"positions {start_pos}..{end - 1} exceed max_seq_len={max_len}; "
+                    "build with a larger max_seq_len"
+                )
+            cos = self.rope_cos[start_pos:end].view(1, seqlen, 1, -1)
+            sin = self.rope_sin[start_pos:end].view(1, seqlen, 1, -1)
+            if seqlen == 1:
+                return StepInputs(cos, sin, start_pos, end)
+            if start_pos == 0:
+                return StepInputs(cos, sin, 0, end, causal=True)
+            q_pos = torch.arange(start_pos, end, device=cos.device)
+            mask = torch.arange(end, device=cos.device).view(1, -1) <= q_pos.view(-1, 1)
+            return StepInputs(
+                cos, sin, start_pos, end, mask=mask.view(1, 1, seqlen, end)
+            )
+        kv_len = max_len if kv_len is None else kv_len
+        bsz = positions.shape[0]
+        cos = self.rope_cos[positions].view(bsz, seqlen, 1, -1)
+        sin = self.rope_sin[positions].view(bsz, seqlen, 1, -1)
+        keys = torch.arange(kv_len, device=positions.device).view(1, 1, kv_len)
+        mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)
+        return StepInputs(cos, sin, 0, kv_len, positions=positions, mask=mask)
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        *,
+        positions: torch.Tensor | None = None,
+        kv_len: int | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder and return float32 logits.
+
+        Args:
+            tokens: (B, T) token ids.
+            start_pos: position of ``tokens[:, 0]`` when all rows share positions.
+            positions: optional (B, T) per-row positions (overrides ``start_pos``); keys at
+                positions greater than a query's are masked.
+            kv_len: number of cache positions to attend over with ``positions`` (defaults to
+                max_seq_len, a static shape for torch.compile).
+            logits_index: optional (B,) index into T; then only those positions are projected
+                to the vocabulary and (B, V) is returned, else (B, T, V).
+        """
+        bsz, seqlen = tokens.shape
+        step = self.step_inputs(seqlen, start_pos, positions, kv_len)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, step)
+        if logits_index is not None:
+            h = h[torch.arange(bsz, device=h.device), logits_index].unsqueeze(1)
+            return self.output(self.norm(h)).float().squeeze(1)
+        return self.output(self.norm(h)).float()
+
+
+def _keep(x: torch.Tensor) -> torch.Tensor:
+    """fairscale init_method that leaves weights as allocated (they are loaded later)."""
+    return x
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_cache_bytes(
+    args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 1
+) -> int:
+    """Bytes of the KV cache per process for ``args``' batch and sequence sizes."""
+    per_token = (
+        2 * args.n_layers * (args.kv_heads // model_parallel_size) * args.head_dim
+    )
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return per_token * args.max_batch_size * args.max_seq_len * elem
+
+
+__all__ = [
+    "Attention",
+    "FeedForward",
+    "KVCache",
+    "ModelArgs",
+    "RMSNorm",
+    "StepInputs",
+    "Transformer",
+    "TransformerBlock",
+    "apply_rotary",
+    "kv_cache_bytes",
+    "parameter_bytes",
+    "rope_tables",
+]

@@ -1,0 +1,171 @@
+"""Prompt formats: infilling (prefix-suffix-middle) and chat, token for token as Meta's.
+
+Two chat formats exist. Code Llama - Instruct 7B/13B/34B use ``[INST]``/``<<SYS>>``;
+the 70B Instruct vocabulary has a ``<step>`` piece and uses ``Source:``/``Destination:``
+headers with ``<step>`` between turns. :func:`chat_prompt_tokens` picks by the tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, NotRequired, TypedDict
+
+from .errors import PromptError, UnsupportedError
+from .tokenizer import Tokenizer
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(TypedDict):
+    role: Role
+    content: str
+    destination: NotRequired[str]  # 70B format only: who a message is for
+
+
+Dialog = Sequence[Message]
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>", "<step>")
+UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
+INFILLING_MODELS = "Code Llama 7B and 13B (base and Instruct)"
+
+
+def infilling_prompt_tokens(
+    tokenizer: Tokenizer, prefix: str, suffix: str, suffix_first: bool = False
+) -> list[int]:
+    """Token ids of an infilling problem.
+
+    Prefix-suffix-middle: ``<PRE> {prefix} <SUF>{suffix} <MID>``; with ``suffix_first``
+    (suffix-prefix-middle): ``<PRE> <SUF>{suffix} <MID> {prefix}``.
+    """
+    if not tokenizer.supports_infilling:
+        raise UnsupportedError(
+            f"the tokenizer {getattr(tokenizer, 'model_path', '')!r} has no infilling pieces "
+            f"(▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT>); infilling is supported by {INFILLING_MODELS}, "
+            "not by Code Llama - Python, 34B or 70B"
+        )
+    for name, value in (("prefix", prefix), ("suffix", suffix)):
+        if not isinstance(value, str):
+            raise PromptError(
+                f"{name} must be a str, got {type(value).__name__}: {value!r:.80}"
+            )
+    assert tokenizer.prefix_id is not None and tokenizer.suffix_id is not None
+    assert tokenizer.middle_id is not None
+    bos, pre, suf, mid = (
+        tokenizer.bos_id,
+        tokenizer.prefix_id,
+        tokenizer.suffix_id,
+        tokenizer.middle_id,
+    )
+    if suffix_first:
+        return (
+            [bos, pre, suf]
+            + tokenizer.encode_infilling(suffix)
+            + [mid]
+            + tokenizer.encode(prefix, bos=False, eos=False)
+        )
+    return (
+        [bos, pre]
+        + tokenizer.encode(prefix, bos=False, eos=False)
+        + [suf]
+        + tokenizer.encode_infilling(suffix)
+        + [mid]
+    )
+
+
+def has_special_tags(dialog: Dialog) -> bool:
+    """True if a message contains a tag of the chat formats (Meta answers UNSAFE_ERROR)."""
+    return any(tag in msg["content"] for msg in dialog for tag in SPECIAL_TAGS)
+
+
+def validate_dialog(dialog: Dialog, *, index: int | None = None) -> None:
+    """Raise :class:`PromptError` unless ``dialog`` is [system], user, assistant, ..., user."""
+    where = "" if index is None else f"dialog {index}: "
+    if isinstance(dialog, (str, bytes)) or not isinstance(dialog, Sequence):
+        raise PromptError(
+            f"{where}a dialog must be a list of messages "
+            f'({{"role": ..., "content": ...}}), got {type(dialog).__name__}'
+        )
+    if len(dialog) == 0:
+        raise PromptError(
+            f"{where}a dialog needs at least one user message, got an empty list"
+        )
+    for i, msg in enumerate(dialog):
+        if not isinstance(msg, dict):
+            raise PromptError(
+                f"{where}message {i} must be a dict, got {type(msg).__name__}"
+            )
+        if msg.get("role") not in ("system", "user", "assistant"):
+            raise PromptError(
+                f"{where}message {i} has role {msg.get('role')!r}; "
+                "roles must be 'system', 'user' or 'assistant'"
+            )
+        if not isinstance(msg.get("content"), str):
+            raise PromptError(
+                f"{where}message {i} ({msg['role']}) needs a 'content' string, "
+                f"got {msg.get('content')!r:.80}"
+            )
+        dest = msg.get("destination")
+        if dest is not None and not isinstance(dest, str):
+            raise PromptError(
+                f"{where}message {i} has a non-string destination {dest!r:.80}"
+            )
+    turns = list(dialog[1:] if dialog[0]["role"] == "system" else dialog)
+    for i, msg in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            raise PromptError(
+                f"{where}roles out of order at {msg['role']!r} message "
+                f"{i + len(dialog) - len(turns)}: an optional 'system' message comes first, then "
+                "'user' and 'assistant' alternate, starting and ending with 'user'"
+            )
+    if not turns or turns[-1]["role"] != "user":
+        last = dialog[-1]["role"]
+        raise PromptError(f"{where}the last message must be from 'user', got {last!r}")
+
+
+def chat_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
+    """Token ids of a dialog in the format the tokenizer's model was trained on."""
+    validate_dialog(dialog)
+    if tokenizer.step_id is not None:
+        return _step_format_tokens(tokenizer, dialog)
+    return _inst_format_tokens(tokenizer, dialog)
+
+
+def _inst_format_tokens(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
+    """``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>...``"""
+    msgs = [(m["role"], m["content"]) for m in dialog]
+    if msgs[0][0] == "system":
+        msgs = [(msgs[1][0], B_SYS + msgs[0][1] + E_SYS + msgs[1][1])] + msgs[2:]
+    tokens: list[int] = []
+    for (_, prompt), (_, answer) in zip(msgs[0:-1:2], msgs[1::2]):
+        text = f"{B_INST} {prompt.strip()} {E_INST} {answer.strip()} "
+        tokens += tokenizer.encode(text, bos=True, eos=True)
+    tokens += tokenizer.encode(
+        f"{B_INST} {msgs[-1][1].strip()} {E_INST}", bos=True, eos=False
+    )
+    return tokens
+
+
+def _step_format_tokens(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
+    """70B Instruct: `` Source: {role}[\\nDestination: {dest}]\\n\\n {content}<step>`` turns."""
+    assert tokenizer.step_id is not None
+    if dialog[0]["role"] != "system":
+        dialog = [Message(role="system", content=""), *dialog]
+    tokens = [tokenizer.bos_id]
+    for msg in dialog:
+        header = f" Source: {msg['role'].strip()}"
+        if msg.get("destination") is not None:
+            header += f"\nDestination: {msg['destination'].strip()}"
+        tokens += tokenizer.encode(header, bos=False, eos=False)
+        if msg["content"]:
+            tokens += tokenizer.encode(
+                "\n\n " + msg["content"].strip(), bos=False, eos=False
+            )
+        tokens.append(tokenizer.step_id)
+    tokens += tokenizer.encode(
+        " Source: assistant\nDestination: user", bos=False, eos=False
+    )
+    tokens += tokenizer.encode("\n\n ", bos=False, eos=False)
+    return tokens

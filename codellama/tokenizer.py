@@ -1,0 +1,92 @@
+"""SentencePiece tokenizer with Code Llama's infilling and dialog-step pieces."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from sentencepiece import SentencePieceProcessor
+
+from .errors import CheckpointError, CheckpointNotFoundError, PromptError
+
+_SMILEY = (
+    "☺"  # a piece that encodes on its own, used to drop SentencePiece's leading space
+)
+
+
+class Tokenizer:
+    """Meta's Code Llama tokenizer interface over a SentencePiece model file.
+
+    ``prefix_id``/``middle_id``/``suffix_id``/``eot_id`` are None for vocabularies without
+    infilling pieces (Code Llama - Python, 34B, 70B); ``step_id`` is set only for the 70B
+    Instruct vocabulary.
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str]):
+        path = os.fspath(model_path)
+        if not os.path.isfile(path):
+            raise CheckpointNotFoundError(
+                f"tokenizer file {path!r} does not exist; pass the tokenizer.model that came "
+                "with the checkpoint (e.g. CodeLlama-7b/tokenizer.model)"
+            )
+        self.model_path = path
+        try:
+            self.sp_model = SentencePieceProcessor(model_file=path)
+        except Exception as exc:  # sentencepiece raises RuntimeError/OSError variants
+            raise CheckpointError(
+                f"{path!r} is not a SentencePiece model ({exc}); pass tokenizer.model"
+            ) from exc
+        self.n_words: int = self.sp_model.vocab_size()
+        self.bos_id: int = self.sp_model.bos_id()
+        self.eos_id: int = self.sp_model.eos_id()
+        self.pad_id: int = self.sp_model.pad_id()
+        self.prefix_id: int | None = self._piece_id("▁<PRE>")
+        self.middle_id: int | None = self._piece_id("▁<MID>")
+        self.suffix_id: int | None = self._piece_id("▁<SUF>")
+        self.eot_id: int | None = self._piece_id("▁<EOT>")
+        self.step_id: int | None = self._piece_id("<step>")
+        self._smiley_id = self._piece_id(_SMILEY)
+
+    def _piece_id(self, piece: str) -> int | None:
+        """Id of ``piece``, or None when the vocabulary lacks it (it maps to unk)."""
+        idx = self.sp_model.piece_to_id(piece)
+        if idx == self.sp_model.unk_id() or idx == 0:
+            return None
+        return int(idx)
+
+    @property
+    def supports_infilling(self) -> bool:
+        return None not in (self.prefix_id, self.middle_id, self.suffix_id, self.eot_id)
+
+    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
+        """Token ids of ``s``, optionally framed by BOS/EOS."""
+        if not isinstance(s, str):
+            raise PromptError(
+                f"expected a str to encode, got {type(s).__name__}: {s!r:.80}"
+            )
+        t: list[int] = self.sp_model.encode(s)
+        if bos:
+            t = [self.bos_id] + t
+        if eos:
+            t = t + [self.eos_id]
+        return t
+
+    def decode(self, t: Sequence[int]) -> str:
+        """Text of ``t`` (ids of -1, Meta's padding, are dropped)."""
+        return self.sp_model.decode([int(x) for x in t if x != -1])
+
+    def token_piece(self, t: int) -> str:
+        return self.sp_model.id_to_piece(int(t))
+
+    def encode_infilling(self, s: str) -> list[int]:
+        """Encode without SentencePiece's implicit leading space (Meta's ☺ trick)."""
+        if not isinstance(s, str):
+            raise PromptError(
+                f"expected a str to encode, got {type(s).__name__}: {s!r:.80}"
+            )
+        return self.sp_model.encode(_SMILEY + s)[2:]
+
+    def decode_infilling(self, t: Sequence[int]) -> str:
+        """Decode without SentencePiece's implicit leading space."""
+        smiley = self.sp_model.piece_to_id(_SMILEY)
+        return self.sp_model.decode([smiley] + [int(x) for x in t if x != -1])[1:]

@@ -1,0 +1,32 @@
+"""Packaging for codellama."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def requirements() -> list[str]:
+    lines = (HERE / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="codellama",
+    version="0.1.0",
+    description="Inference for Meta's Code Llama models, compatible with Meta's reference code",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8")
+    if (HERE / "README.md").exists()
+    else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["codellama", "codellama.*"]),
+    package_data={"codellama": ["py.typed"]},
+    install_requires=requirements(),
+    extras_require={
+        "hf": ["safetensors"],
+        "test": ["pytest", "hypothesis", "transformers", "safetensors", "psutil"],
+        "dev": ["ruff", "mypy"],
+    },
+)
