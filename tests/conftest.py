@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny tokenizers, random-weight checkpoints in Meta's layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from codellama import Llama, ModelArgs, Tokenizer
+from codellama.demo import train_tokenizer, write_random_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SentencePiece model with Code Llama's infilling pieces."""
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def step_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SentencePiece model with the 70B Instruct ``<step>`` piece."""
+    return train_tokenizer(
+        tmp_path_factory.mktemp("tok_step") / "tokenizer.model", infilling=False, step=True
+    )
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SentencePiece model without infilling pieces (like Code Llama - Python)."""
+    return train_tokenizer(tmp_path_factory.mktemp("tok_plain") / "tokenizer.model", infilling=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_path: Path) -> Tokenizer:
+    return Tokenizer(tokenizer_path)
+
+
+def _env_tokenizer(var: str) -> Tokenizer:
+    path = os.environ.get(var)
+    if not path:
+        pytest.skip(f"{var} is not set; .ci/run points it at ../shared/fixtures (Meta's tokenizer)")
+    if not os.path.isfile(path):
+        pytest.skip(f"{var}={path!r} does not exist")
+    return Tokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def meta_tokenizer() -> Tokenizer:
+    """Meta's Code Llama 7B/13B tokenizer (vocab 32016), from CODELLAMA_TOKENIZER."""
+    return _env_tokenizer("CODELLAMA_TOKENIZER")
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer() -> Tokenizer:
+    """Meta's Llama 2 / Code Llama - Python tokenizer (no infilling), from LLAMA2_TOKENIZER."""
+    return _env_tokenizer("LLAMA2_TOKENIZER")
+
+
+# Small configs with every structural feature: GQA, ffn_dim_multiplier, rope_theta 1e6.
+MHA_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, multiple_of=16, rope_theta=10000.0)
+GQA_ARGS = ModelArgs(
+    dim=64, n_layers=2, n_heads=8, n_kv_heads=4, multiple_of=16, ffn_dim_multiplier=1.3,
+    rope_theta=1e6,
+)  # fmt: skip
+
+CheckpointFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path
+) -> CheckpointFactory:
+    """Write (once per distinct request) a random checkpoint in Meta's layout; returns its dir.
+
+    The directory holds ``tokenizer.model`` too. ``std`` scales the weights: a large value
+    makes a "peaky" model whose greedy choices are far from ties.
+    """
+    cache: dict[tuple, Path] = {}
+
+    def make(
+        args: ModelArgs = GQA_ARGS,
+        n_shards: int = 1,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        std: float = 0.5,
+        tokenizer: Path | None = None,
+    ) -> Path:
+        tok = Path(tokenizer or tokenizer_path)
+        key = (dataclasses.astuple(args), n_shards, seed, dtype, std, str(tok))
+        if key not in cache:
+            vocab = Tokenizer(tok).n_words
+            full = dataclasses.replace(args, vocab_size=vocab)
+            d = tmp_path_factory.mktemp("ckpt")
+            write_random_checkpoint(
+                d, full, n_shards=n_shards, seed=seed, dtype=dtype, std=std,
+                tokenizer_path=tok, overwrite=True,
+            )  # fmt: skip
+            cache[key] = d
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def build() -> Callable[..., Llama]:
+    """``build(ckpt_dir, max_seq_len=128, max_batch_size=4, **kw)`` on CPU in fp32."""
+
+    def _build(ckpt: Path, max_seq_len: int = 128, max_batch_size: int = 4, **kw) -> Llama:
+        kw.setdefault("device", "cpu")
+        kw.setdefault("dtype", "float32")
+        return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len, max_batch_size, **kw)
+
+    return _build

@@ -1,0 +1,104 @@
+"""The transformer against Hugging Face's LlamaForCausalLM, and its KV-cache arithmetic."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from codellama.checkpoint import load_shard, merge_shards, shard_paths
+from codellama.model import ModelArgs
+
+from .conftest import GQA_ARGS, MHA_ARGS
+
+transformers = pytest.importorskip("transformers", reason="the HF oracle needs `transformers`")
+
+
+def _permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved rotary pairs -> HF's rotate_half halves (per head)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _hf_model(ckpt, args: ModelArgs, vocab: int):
+    sd = merge_shards(load_shard(p) for p in shard_paths(ckpt))
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.kv_heads,
+        rms_norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    config.rope_parameters = {"rope_type": "default", "rope_theta": args.rope_theta}
+    hf = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
+          "lm_head.weight": sd["output.weight"]}  # fmt: skip
+    for i in range(args.n_layers):
+        p, q = f"layers.{i}.", f"model.layers.{i}."
+        hf[q + "self_attn.q_proj.weight"] = _permute_for_hf(sd[p + "attention.wq.weight"], args.n_heads)
+        hf[q + "self_attn.k_proj.weight"] = _permute_for_hf(sd[p + "attention.wk.weight"], args.kv_heads)
+        hf[q + "self_attn.v_proj.weight"] = sd[p + "attention.wv.weight"]
+        hf[q + "self_attn.o_proj.weight"] = sd[p + "attention.wo.weight"]
+        hf[q + "mlp.gate_proj.weight"] = sd[p + "feed_forward.w1.weight"]
+        hf[q + "mlp.up_proj.weight"] = sd[p + "feed_forward.w3.weight"]
+        hf[q + "mlp.down_proj.weight"] = sd[p + "feed_forward.w2.weight"]
+        hf[q + "input_layernorm.weight"] = sd[p + "attention_norm.weight"]
+        hf[q + "post_attention_layernorm.weight"] = sd[p + "ffn_norm.weight"]
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.load_state_dict(hf, strict=True)
+    return model
+
+
+@pytest.mark.parametrize("args", [MHA_ARGS, GQA_ARGS], ids=["mha", "gqa-ffnmult-theta1e6"])
+def test_logits_match_hugging_face(make_checkpoint, build, args):
+    ckpt = make_checkpoint(args, std=0.05)
+    llama = build(ckpt, max_seq_len=64)
+    vocab = llama.model.params.vocab_size
+    hf = _hf_model(ckpt, dataclasses.replace(args, vocab_size=vocab), vocab)
+    tokens = torch.randint(0, vocab, (2, 40), generator=torch.Generator().manual_seed(0))
+    ours = llama.model.forward(tokens, 0)
+    with torch.no_grad():
+        theirs = hf(tokens).logits.float()
+    assert ours.dtype == torch.float32
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_incremental_decoding_equals_full_forward(make_checkpoint, build):
+    llama = build(make_checkpoint(GQA_ARGS), max_seq_len=64)
+    tokens = torch.randint(0, llama.model.params.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    full = llama.model.forward(tokens, 0)
+    pieces = [llama.model.forward(tokens[:, :10], 0)]
+    pieces += [llama.model.forward(tokens[:, i : i + 1], i) for i in range(10, 24)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_chunks_at_nonzero_start_pos_equal_full_forward(make_checkpoint, build):
+    """Meta's square mask is wrong here (start_pos > 0 with several tokens)."""
+    llama = build(make_checkpoint(GQA_ARGS), max_seq_len=64)
+    tokens = torch.randint(0, llama.model.params.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
+    full = llama.model.forward(tokens, 0)
+    pieces = [llama.model.forward(tokens[:, s : s + 7], s) for s in range(0, 30, 7)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_per_row_positions_equal_shared_positions(make_checkpoint, build):
+    llama = build(make_checkpoint(GQA_ARGS), max_seq_len=64)
+    model = llama.model
+    tokens = torch.randint(0, model.params.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    full = model.forward(tokens, 0)
+    model.forward_tokens(tokens[:, :8], 0)
+    positions = torch.tensor([[8], [8]])
+    step = model.forward_tokens(tokens[:, 8:9], positions=positions, kv_len=9)
+    torch.testing.assert_close(step[:, 0], full[:, 8], atol=1e-4, rtol=1e-4)
+
+
+def test_ffn_hidden_size_follows_meta_formula():
+    assert ModelArgs(dim=4096).ffn_hidden_dim == 11008  # 7B
+    assert ModelArgs(dim=5120).ffn_hidden_dim == 13824  # 13B
+    assert ModelArgs(dim=8192, ffn_dim_multiplier=1.0).ffn_hidden_dim == 22016  # 34B
+    assert ModelArgs(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3).ffn_hidden_dim == 28672  # 70B
