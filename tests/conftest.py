@@ -33,7 +33,9 @@ def step_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def plain_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SentencePiece model without infilling pieces (like Code Llama - Python)."""
-    return train_tokenizer(tmp_path_factory.mktemp("tok_plain") / "tokenizer.model", infilling=False)
+    return train_tokenizer(
+        tmp_path_factory.mktemp("tok_plain") / "tokenizer.model", infilling=False
+    )
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +116,8 @@ def build() -> Callable[..., Llama]:
     def _build(ckpt: Path, max_seq_len: int = 128, max_batch_size: int = 4, **kw) -> Llama:
         kw.setdefault("device", "cpu")
         kw.setdefault("dtype", "float32")
-        return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len, max_batch_size, **kw)
+        return Llama.build(
+            str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len, max_batch_size, **kw
+        )
 
     return _build

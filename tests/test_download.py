@@ -59,10 +59,10 @@ PTH_PATH = "/CodeLlama-7b/consolidated.00.pth"
 PARAMS_PATH = "/CodeLlama-7b/params.json"
 TOKENIZER_PATH = "/CodeLlama-7b/tokenizer.model"
 
-HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Access denied</title></head><body>Sign in</body></html>\n"
-FORBIDDEN_BODY = (
-    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code></Error>'
+HTML_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>Access denied</title></head><body>Sign in</body></html>\n"
 )
+FORBIDDEN_BODY = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code></Error>'
 
 # External tools download.sh runs (besides bash builtins and the md5 tool).
 # The macOS test builds a PATH holding only these, so keep it in sync.
@@ -115,9 +115,7 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass  # keep test output clean
 
-    def _send(
-        self, status: int, body: bytes, headers: dict[str, str] | None = None
-    ) -> None:
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
@@ -242,9 +240,7 @@ def assert_model_files(target: Path, model: str = "7b") -> None:
         assert (target / url_path.lstrip("/")).read_bytes() == data, url_path
 
 
-def test_clean_download_of_7b_verifies_and_exits_zero(
-    server: FakeMetaServer, target: Path
-) -> None:
+def test_clean_download_of_7b_verifies_and_exits_zero(server: FakeMetaServer, target: Path) -> None:
     result = run_download(server, target)
 
     assert result.returncode == 0, result.stdout
@@ -255,9 +251,7 @@ def test_clean_download_of_7b_verifies_and_exits_zero(
     assert "FAILED:      none" in result.stdout
 
 
-def test_rerun_after_complete_download_is_a_no_op(
-    server: FakeMetaServer, target: Path
-) -> None:
+def test_rerun_after_complete_download_is_a_no_op(server: FakeMetaServer, target: Path) -> None:
     assert run_download(server, target).returncode == 0
     server.requests.clear()
 
@@ -296,9 +290,7 @@ def test_file_corrupted_every_time_fails_naming_the_file(
     assert "FAILED:      CodeLlama-7b" in result.stdout
 
 
-def test_failed_model_does_not_stop_the_other_models(
-    server: FakeMetaServer, target: Path
-) -> None:
+def test_failed_model_does_not_stop_the_other_models(server: FakeMetaServer, target: Path) -> None:
     server.files.update(model_tree("7b-Python"))
     server.corrupt[PARAMS_PATH] = -1
 
@@ -324,9 +316,7 @@ def test_http_403_explains_url_expiry_and_leaves_no_file(
     assert not (target / "CodeLlama-7b" / "params.json").exists()
 
 
-def test_html_page_served_with_200_is_rejected(
-    server: FakeMetaServer, target: Path
-) -> None:
+def test_html_page_served_with_200_is_rejected(server: FakeMetaServer, target: Path) -> None:
     server.html.add(TOKENIZER_PATH)
 
     result = run_download(server, target)
@@ -378,9 +368,7 @@ def test_url_without_star_is_rejected_before_downloading(
     assert server.requests == []
 
 
-def test_url_and_models_can_be_typed_at_the_prompts(
-    server: FakeMetaServer, target: Path
-) -> None:
+def test_url_and_models_can_be_typed_at_the_prompts(server: FakeMetaServer, target: Path) -> None:
     result = run_download(server, target, prompt_input=f"  {server.url}  \n7b\n")
 
     assert result.returncode == 0, result.stdout
@@ -397,9 +385,7 @@ def test_closed_stdin_without_env_vars_downloads_nothing(
     assert server.requests == []
 
 
-def test_target_folder_env_var_is_honoured(
-    server: FakeMetaServer, tmp_path: Path
-) -> None:
+def test_target_folder_env_var_is_honoured(server: FakeMetaServer, tmp_path: Path) -> None:
     target = tmp_path / "nested" / "dir with spaces"
     workdir = tmp_path / "cwd"
     workdir.mkdir()
@@ -428,9 +414,7 @@ def write_fake_md5(bin_dir: Path, log: Path) -> None:
     script.chmod(0o755)
 
 
-def test_macos_md5_is_used_when_md5sum_is_missing(
-    server: FakeMetaServer, tmp_path: Path
-) -> None:
+def test_macos_md5_is_used_when_md5sum_is_missing(server: FakeMetaServer, tmp_path: Path) -> None:
     target = tmp_path / "models"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -449,9 +433,7 @@ def test_macos_md5_is_used_when_md5sum_is_missing(
     assert md5_log.read_text().count("-r ") == 3  # one per checklist entry
 
 
-def test_md5_tool_can_be_forced_with_env_var(
-    server: FakeMetaServer, tmp_path: Path
-) -> None:
+def test_md5_tool_can_be_forced_with_env_var(server: FakeMetaServer, tmp_path: Path) -> None:
     target = tmp_path / "models"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -459,9 +441,7 @@ def test_md5_tool_can_be_forced_with_env_var(
     write_fake_md5(bin_dir, md5_log)
     path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
 
-    result = run_download(
-        server, target, path=path, extra_env={"CODELLAMA_MD5_TOOL": "md5"}
-    )
+    result = run_download(server, target, path=path, extra_env={"CODELLAMA_MD5_TOOL": "md5"})
 
     assert result.returncode == 0, result.stdout
     assert md5_log.read_text().count("-r ") == 3

@@ -40,8 +40,12 @@ def _hf_model(ckpt, args: ModelArgs, vocab: int):
           "lm_head.weight": sd["output.weight"]}  # fmt: skip
     for i in range(args.n_layers):
         p, q = f"layers.{i}.", f"model.layers.{i}."
-        hf[q + "self_attn.q_proj.weight"] = _permute_for_hf(sd[p + "attention.wq.weight"], args.n_heads)
-        hf[q + "self_attn.k_proj.weight"] = _permute_for_hf(sd[p + "attention.wk.weight"], args.kv_heads)
+        hf[q + "self_attn.q_proj.weight"] = _permute_for_hf(
+            sd[p + "attention.wq.weight"], args.n_heads
+        )
+        hf[q + "self_attn.k_proj.weight"] = _permute_for_hf(
+            sd[p + "attention.wk.weight"], args.kv_heads
+        )
         hf[q + "self_attn.v_proj.weight"] = sd[p + "attention.wv.weight"]
         hf[q + "self_attn.o_proj.weight"] = sd[p + "attention.wo.weight"]
         hf[q + "mlp.gate_proj.weight"] = sd[p + "feed_forward.w1.weight"]
@@ -70,7 +74,9 @@ def test_logits_match_hugging_face(make_checkpoint, build, args):
 
 def test_incremental_decoding_equals_full_forward(make_checkpoint, build):
     llama = build(make_checkpoint(GQA_ARGS), max_seq_len=64)
-    tokens = torch.randint(0, llama.model.params.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0, llama.model.params.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1)
+    )
     full = llama.model.forward(tokens, 0)
     pieces = [llama.model.forward(tokens[:, :10], 0)]
     pieces += [llama.model.forward(tokens[:, i : i + 1], i) for i in range(10, 24)]
@@ -80,7 +86,9 @@ def test_incremental_decoding_equals_full_forward(make_checkpoint, build):
 def test_chunks_at_nonzero_start_pos_equal_full_forward(make_checkpoint, build):
     """Meta's square mask is wrong here (start_pos > 0 with several tokens)."""
     llama = build(make_checkpoint(GQA_ARGS), max_seq_len=64)
-    tokens = torch.randint(0, llama.model.params.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(
+        0, llama.model.params.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2)
+    )
     full = llama.model.forward(tokens, 0)
     pieces = [llama.model.forward(tokens[:, s : s + 7], s) for s in range(0, 30, 7)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
@@ -89,7 +97,9 @@ def test_chunks_at_nonzero_start_pos_equal_full_forward(make_checkpoint, build):
 def test_per_row_positions_equal_shared_positions(make_checkpoint, build):
     llama = build(make_checkpoint(GQA_ARGS), max_seq_len=64)
     model = llama.model
-    tokens = torch.randint(0, model.params.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(
+        0, model.params.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3)
+    )
     full = model.forward(tokens, 0)
     model.forward_tokens(tokens[:, :8], 0)
     positions = torch.tensor([[8], [8]])
@@ -101,4 +111,6 @@ def test_ffn_hidden_size_follows_meta_formula():
     assert ModelArgs(dim=4096).ffn_hidden_dim == 11008  # 7B
     assert ModelArgs(dim=5120).ffn_hidden_dim == 13824  # 13B
     assert ModelArgs(dim=8192, ffn_dim_multiplier=1.0).ffn_hidden_dim == 22016  # 34B
-    assert ModelArgs(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3).ffn_hidden_dim == 28672  # 70B
+    assert (
+        ModelArgs(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3).ffn_hidden_dim == 28672
+    )  # 70B

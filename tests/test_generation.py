@@ -1,0 +1,232 @@
+"""The generation core: batching, chunked prefill, logprobs, seeds, stopping, Meta's API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codellama import Llama, SamplingParams
+
+from .conftest import GQA_ARGS, MHA_ARGS
+
+PROMPT_LENS = [3, 17, 9, 30, 1]
+
+
+def _prompts(vocab: int, lens=PROMPT_LENS, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, vocab, (n - 1,), generator=g).tolist() for n in lens]
+
+
+def reference_greedy(llama: Llama, prompt: list[int], n: int) -> list[int]:
+    """Independent oracle: re-run the full sequence from position 0 for every new token."""
+    toks = list(prompt)
+    for _ in range(n):
+        logits = llama.model.forward(torch.tensor([toks]), 0)
+        toks.append(int(logits[0, -1].argmax()))
+    return toks[len(prompt) :]
+
+
+@pytest.fixture
+def llama(make_checkpoint, build) -> Llama:
+    return build(make_checkpoint(GQA_ARGS), max_seq_len=64, max_batch_size=8)
+
+
+def test_greedy_tokens_equal_full_recompute_oracle(llama):
+    prompt = _prompts(llama.model.params.vocab_size, [7])[0]
+    tokens, _ = llama.generate([prompt], max_gen_len=12, temperature=0, stop_token=-1)
+    assert tokens[0] == reference_greedy(llama, prompt, 12)
+
+
+def test_mixed_length_batch_equals_each_prompt_alone(llama):
+    prompts = _prompts(llama.model.params.vocab_size)
+    batched, _ = llama.generate(prompts, max_gen_len=10, temperature=0, stop_token=-1)
+    for p, got in zip(prompts, batched):
+        alone, _ = llama.generate([p], max_gen_len=10, temperature=0, stop_token=-1)
+        assert got == alone[0]
+        assert len(got) == 10
+
+
+def test_chunked_prefill_equals_unchunked(make_checkpoint, build):
+    ckpt = make_checkpoint(GQA_ARGS)
+    prompts = _prompts(build(ckpt).model.params.vocab_size)
+    whole = build(ckpt, max_seq_len=64, max_batch_size=8, prefill_chunk_size=512)
+    chunked = build(ckpt, max_seq_len=64, max_batch_size=8, prefill_chunk_size=4)
+    a, la = whole.generate(prompts, 8, temperature=0, logprobs=True, stop_token=-1)
+    b, lb = chunked.generate(prompts, 8, temperature=0, logprobs=True, stop_token=-1)
+    assert a == b
+    for x, y in zip(la, lb):
+        assert x == pytest.approx(y, abs=1e-4)
+
+
+def test_more_prompts_than_max_batch_size_run_in_order(make_checkpoint, build):
+    ckpt = make_checkpoint(GQA_ARGS)
+    small = build(ckpt, max_seq_len=64, max_batch_size=2)
+    prompts = _prompts(small.model.params.vocab_size)
+    got, _ = small.generate(prompts, 6, temperature=0, stop_token=-1)
+    assert len(got) == len(prompts)
+    for p, g in zip(prompts, got):
+        assert g == reference_greedy(small, p, 6)
+
+
+def test_logprobs_are_log_softmax_of_chosen_tokens(llama):
+    prompts = _prompts(llama.model.params.vocab_size, [5, 11])
+    tokens, logprobs = llama.generate(
+        prompts, 6, temperature=0.8, top_p=0.95, logprobs=True, stop_token=-1
+    )
+    for p, t, lp in zip(prompts, tokens, logprobs):
+        full = llama.model.forward(torch.tensor([p + t]), 0)[0]
+        want = torch.log_softmax(full[len(p) - 1 : -1], dim=-1).gather(
+            -1, torch.tensor(t)[:, None]
+        )[:, 0]
+        assert lp == pytest.approx(want.tolist(), abs=1e-4)
+        assert all(x < 0 for x in lp)  # Meta's code returns 0.0 here
+
+
+def test_echo_returns_prompt_and_its_logprobs(llama):
+    prompt = _prompts(llama.model.params.vocab_size, [9])[0]
+    tokens, logprobs = llama.generate(
+        [prompt], 4, temperature=0, logprobs=True, echo=True, stop_token=-1
+    )
+    assert tokens[0][:9] == prompt and len(tokens[0]) == 13
+    full = llama.model.forward(torch.tensor([tokens[0]]), 0)[0]
+    want = torch.log_softmax(full[:-1], dim=-1).gather(-1, torch.tensor(tokens[0][1:])[:, None])[
+        :, 0
+    ]
+    assert logprobs[0][0] == 0.0  # nothing predicts the first token
+    assert logprobs[0][1:] == pytest.approx(want.tolist(), abs=1e-4)
+
+
+def test_same_seed_gives_same_samples_and_other_seed_differs(llama):
+    prompts = _prompts(llama.model.params.vocab_size, [4, 8])
+    params = SamplingParams(temperature=1.0, top_p=1.0)
+    a = llama.generate_results(prompts, 16, params, seed=123)
+    b = llama.generate_results(prompts, 16, params, seed=123)
+    c = llama.generate_results(prompts, 16, params, seed=124)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert [r.tokens for r in a] != [r.tokens for r in c]
+
+
+def test_rebuilding_gives_same_samples_for_the_build_seed(make_checkpoint, build):
+    ckpt = make_checkpoint(GQA_ARGS)
+    first = build(ckpt, seed=7).text_completion(["def f("], temperature=1.0, max_gen_len=12)
+    second = build(ckpt, seed=7).text_completion(["def f("], temperature=1.0, max_gen_len=12)
+    assert first == second
+
+
+def test_stop_token_ends_row_and_is_excluded(llama):
+    prompt = _prompts(llama.model.params.vocab_size, [6])[0]
+    free, _ = llama.generate([prompt], 10, temperature=0, stop_token=-1)
+    stop = free[0][4]
+    first = free[0].index(stop)
+    res = llama.generate_results([prompt], 10, SamplingParams(temperature=0), stop_tokens=[stop])[0]
+    assert res.tokens == free[0][:first]
+    assert res.finish_reason == "stop"
+
+
+def test_finish_reason_length_and_budget_respects_max_seq_len(make_checkpoint, build):
+    small = build(make_checkpoint(GQA_ARGS), max_seq_len=16)
+    prompt = _prompts(small.model.params.vocab_size, [12])[0]
+    res = small.generate_results([prompt], 100, SamplingParams(temperature=0))[0]
+    assert res.finish_reason == "length"
+    assert len(res.tokens) == 16 - 12
+
+
+def test_prompt_filling_max_seq_len_generates_nothing(make_checkpoint, build):
+    small = build(make_checkpoint(GQA_ARGS), max_seq_len=16)
+    prompt = _prompts(small.model.params.vocab_size, [16])[0]
+    assert small.generate([prompt], 5, temperature=0)[0] == [[]]
+
+
+def test_top_k_one_is_greedy(llama):
+    prompts = _prompts(llama.model.params.vocab_size, [5, 7])
+    greedy, _ = llama.generate(prompts, 8, temperature=0, stop_token=-1)
+    topk, _ = llama.generate(prompts, 8, temperature=1.5, top_k=1, stop_token=-1)
+    assert greedy == topk
+
+
+def test_repetition_penalty_changes_greedy_choice_away_from_seen_tokens(llama):
+    prompt = _prompts(llama.model.params.vocab_size, [5])[0]
+    plain = llama.generate_results([prompt], 12, SamplingParams(temperature=0))[0].tokens
+    penal = llama.generate_results(
+        [prompt], 12, SamplingParams(temperature=0, repetition_penalty=1e6)
+    )[0].tokens
+    seen = set(prompt)
+    for t in penal:  # with a huge penalty no token repeats while unseen ones remain
+        assert t not in seen
+        seen.add(t)
+    assert len(plain) == len(penal) == 12
+
+
+def test_text_completion_returns_meta_shaped_dicts(llama):
+    out = llama.text_completion(["def fizzbuzz(n: int):", ""], max_gen_len=5, temperature=0)
+    assert len(out) == 2 and set(out[0]) == {"generation"}
+    out = llama.text_completion(["x = "], max_gen_len=5, temperature=0, logprobs=True)
+    assert set(out[0]) == {"generation", "tokens", "logprobs"}
+    assert len(out[0]["tokens"]) == len(out[0]["logprobs"])
+
+
+def test_text_infilling_full_text_is_prefix_middle_suffix(llama):
+    out = llama.text_infilling(
+        ["def f(a):\n    "], ["\n    return b\n"], max_gen_len=6, temperature=0
+    )
+    assert out[0]["full_text"] == "def f(a):\n    " + out[0]["generation"] + "\n    return b\n"
+
+
+def test_suffix_first_infilling_runs(llama):
+    out = llama.text_infilling(
+        ["a = "], ["\nprint(a)"], max_gen_len=4, temperature=0, suffix_first=True
+    )
+    assert out[0]["full_text"].startswith("a = ")
+
+
+def test_chat_with_special_tags_answers_meta_error(llama):
+    dialogs = [
+        [{"role": "user", "content": "hello [INST] world"}],
+        [{"role": "user", "content": "hello"}],
+    ]
+    out = llama.chat_completion(dialogs, max_gen_len=4, temperature=0)
+    assert out[0]["generation"] == {
+        "role": "assistant",
+        "content": "Error: special tags are not allowed as part of the prompt.",
+    }
+    assert out[1]["generation"]["role"] == "assistant"
+    assert "destination" not in out[1]["generation"]
+
+
+def test_step_format_chat_sets_destination(make_checkpoint, build, step_tokenizer_path):
+    llama = build(make_checkpoint(GQA_ARGS, tokenizer=step_tokenizer_path))
+    out = llama.chat_completion([[{"role": "user", "content": "hi"}]], max_gen_len=3, temperature=0)
+    assert out[0]["generation"]["destination"] == "user"
+
+
+def test_empty_batch_returns_empty_list(llama):
+    assert llama.text_completion([]) == []
+    assert llama.chat_completion([]) == []
+    assert llama.text_infilling([], []) == []
+
+
+def test_rebuild_in_same_process_with_other_max_seq_len(make_checkpoint, build):
+    ckpt = make_checkpoint(MHA_ARGS)
+    a = build(ckpt, max_seq_len=32)
+    b = build(ckpt, max_seq_len=96)
+    assert b.model.params.max_seq_len == 96
+    p = _prompts(a.model.params.vocab_size, [5])
+    assert a.generate(p, 6, temperature=0)[0] == b.generate(p, 6, temperature=0)[0]
+
+
+def test_bf16_agrees_with_fp32_on_first_greedy_tokens(make_checkpoint, build):
+    ckpt = make_checkpoint(GQA_ARGS, std=1.0)  # peaky: greedy choices are far from ties
+    prompts = _prompts(build(ckpt).model.params.vocab_size, [6, 10])
+    fp32 = build(ckpt, dtype="float32").generate(prompts, 3, temperature=0, stop_token=-1)[0]
+    bf16 = build(ckpt, dtype="bfloat16").generate(prompts, 3, temperature=0, stop_token=-1)[0]
+    assert bf16 == fp32
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager(make_checkpoint, build):
+    ckpt = make_checkpoint(GQA_ARGS)
+    eager = build(ckpt, max_seq_len=48)
+    prompts = _prompts(eager.model.params.vocab_size, [5, 9])
+    want = eager.generate(prompts, 8, temperature=0, stop_token=-1)[0]
+    compiled = build(ckpt, max_seq_len=48, compile=True)
+    assert compiled.generate(prompts, 8, temperature=0, stop_token=-1)[0] == want
