@@ -24,9 +24,7 @@ from torch import nn
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
 
 PARAMS_FILE = "params.json"
-TOLERATED_EXTRA_KEYS = frozenset(
-    {"rope.freqs"}
-)  # Llama 1 checkpoints carry this buffer
+TOLERATED_EXTRA_KEYS = frozenset({"rope.freqs"})  # Llama 1 checkpoints carry this buffer
 _PROGRESS_MIN_BYTES = 300 * 2**20
 
 # Parameter-name suffix -> the dimension Meta's model-parallel shards split (None: replicated).
@@ -74,9 +72,7 @@ def read_params(ckpt_dir: str | os.PathLike[str]) -> dict:
     """params.json of a checkpoint, as a dict."""
     path = Path(ckpt_dir) / PARAMS_FILE
     if not path.is_file():
-        raise CheckpointNotFoundError(
-            f"{str(path)!r} does not exist; every checkpoint has one"
-        )
+        raise CheckpointNotFoundError(f"{str(path)!r} does not exist; every checkpoint has one")
     try:
         params = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -97,17 +93,13 @@ def load_shard(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"could run code). Only load checkpoints from sources you trust. ({exc})"
         ) from exc
     except FileNotFoundError as exc:
-        raise CheckpointNotFoundError(
-            f"checkpoint file {str(p)!r} does not exist"
-        ) from exc
+        raise CheckpointNotFoundError(f"checkpoint file {str(p)!r} does not exist") from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(
             f"cannot read {str(p)!r}: the file is truncated or corrupt ({exc}); "
             "download it again and check it against checklist.chk"
         ) from exc
-    if not isinstance(sd, dict) or not all(
-        isinstance(v, torch.Tensor) for v in sd.values()
-    ):
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{str(p)!r} is not a state dict of tensors")
     return sd
 
@@ -164,9 +156,7 @@ def load_weights(
     unexpected: list[str] = []
     mismatched: list[str] = []
     wanted = [
-        s
-        for s in range(n)
-        if s * mp_size < (mp_rank + 1) * n and (s + 1) * mp_size > mp_rank * n
+        s for s in range(n) if s * mp_size < (mp_rank + 1) * n and (s + 1) * mp_size > mp_rank * n
     ]
     total = sum(paths[s].stat().st_size for s in wanted)
     show = progress and total >= _PROGRESS_MIN_BYTES
@@ -223,13 +213,9 @@ def load_weights(
         if missing:
             parts.append("missing keys: " + ", ".join(missing[:20]) + _more(missing))
         if unexpected:
-            parts.append(
-                "unexpected keys: " + ", ".join(unexpected[:20]) + _more(unexpected)
-            )
+            parts.append("unexpected keys: " + ", ".join(unexpected[:20]) + _more(unexpected))
         if mismatched:
-            parts.append(
-                "shape mismatches: " + "; ".join(mismatched[:20]) + _more(mismatched)
-            )
+            parts.append("shape mismatches: " + "; ".join(mismatched[:20]) + _more(mismatched))
         raise CheckpointError(
             f"checkpoint in {str(paths[0].parent)!r} does not match params.json and the "
             "tokenizer: " + " | ".join(parts)
@@ -280,9 +266,7 @@ def merge_shards(
     merged: dict[str, torch.Tensor] = {}
     for name, first in shards[0].items():
         dim = None if name in TOLERATED_EXTRA_KEYS else split_dim(name)
-        merged[name] = (
-            first if dim is None else torch.cat([sd[name] for sd in shards], dim=dim)
-        )
+        merged[name] = first if dim is None else torch.cat([sd[name] for sd in shards], dim=dim)
     return merged
 
 

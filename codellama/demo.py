@@ -51,9 +51,7 @@ def _corpus() -> str:
     import json
     import textwrap
 
-    parts = [
-        inspect.getsource(m) for m in (argparse, dataclasses, json.decoder, textwrap)
-    ]
+    parts = [inspect.getsource(m) for m in (argparse, dataclasses, json.decoder, textwrap)]
     parts.append(
         "Write a function that computes the set of sums. Provide answers in Bash. ☺ é ü ß ✓ 中文"
     )
@@ -74,9 +72,7 @@ def train_tokenizer(
     """
     import sentencepiece as spm
 
-    symbols = (
-        ["☺"] + (INFILL_PIECES if infilling else []) + ([STEP_PIECE] if step else [])
-    )
+    symbols = ["☺"] + (INFILL_PIECES if infilling else []) + ([STEP_PIECE] if step else [])
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_corpus().splitlines()),
@@ -178,9 +174,7 @@ def ensure_demo_checkpoint(directory: str | os.PathLike[str] | None = None) -> P
         from .tokenizer import Tokenizer
 
         args = ModelArgs(**{**DEMO_ARGS.__dict__, "vocab_size": Tokenizer(tok).n_words})
-        write_random_checkpoint(
-            d, args, seed=0, std=0.5, tokenizer_path=tok, overwrite=True
-        )
+        write_random_checkpoint(d, args, seed=0, std=0.5, tokenizer_path=tok, overwrite=True)
     return d
 
 
@@ -195,9 +189,7 @@ def main(
 
     print(BANNER)
     d = ensure_demo_checkpoint(ckpt_dir)
-    llama = Llama.build(
-        str(d), str(d / "tokenizer.model"), max_seq_len, 4, device=device
-    )
+    llama = Llama.build(str(d), str(d / "tokenizer.model"), max_seq_len, 4, device=device)
     prompts = ["def fizzbuzz(n: int):", "import argparse\n\ndef main(string: str):"]
     for p, r in zip(prompts, llama.text_completion(prompts, max_gen_len=max_gen_len)):
         print(f"\n[completion] {p}\n> {r['generation']!r}")
@@ -208,12 +200,8 @@ def main(
     dialog = [{"role": "system", "content": "Provide answers in Python"},
               {"role": "user", "content": "Reverse a string."}]  # fmt: skip
     answer = llama.chat_completion([dialog], max_gen_len=max_gen_len)[0]  # type: ignore[list-item]
-    print(
-        f"\n[chat] User: Reverse a string.\n> Assistant: {answer['generation']['content']!r}"
-    )
-    print(
-        "\nDemo finished: completion, infilling and chat ran on the random-weight checkpoint."
-    )
+    print(f"\n[chat] User: Reverse a string.\n> Assistant: {answer['generation']['content']!r}")
+    print("\nDemo finished: completion, infilling and chat ran on the random-weight checkpoint.")
 
 
 if __name__ == "__main__":

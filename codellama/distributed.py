@@ -31,9 +31,7 @@ _DTYPES = {
 }
 
 # Collectives give up after this long, so a failed peer cannot hang the others for ever.
-COLLECTIVE_TIMEOUT = datetime.timedelta(
-    seconds=int(os.environ.get("CODELLAMA_TIMEOUT_S", "60"))
-)
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("CODELLAMA_TIMEOUT_S", "60")))
 
 _owns_group = False  # True when codellama created the default process group
 
@@ -43,10 +41,7 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
     if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if (
-            getattr(torch.backends, "mps", None) is not None
-            and torch.backends.mps.is_available()
-        ):
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -56,17 +51,11 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
             f"device={device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'mps'"
         ) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device={device!r} but CUDA is not available; use device='cpu'"
-        )
+        raise ConfigError(f"device={device!r} but CUDA is not available; use device='cpu'")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(
-            f"device={device!r} but MPS is not available; use device='cpu'"
-        )
+        raise ConfigError(f"device={device!r} but MPS is not available; use device='cpu'")
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(
-            f"device={device!r} is not supported; use 'cpu', 'cuda' or 'mps'"
-        )
+        raise ConfigError(f"device={device!r} is not supported; use 'cpu', 'cuda' or 'mps'")
     return dev
 
 
@@ -75,9 +64,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     if dtype is None:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return (
-            torch.float32
-        )  # fp16 on CPU overflows and is slow; fp32 is the safe default
+        return torch.float32  # fp16 on CPU overflows and is slow; fp32 is the safe default
     if isinstance(dtype, torch.dtype):
         if dtype in _DTYPES.values():
             return dtype
@@ -91,9 +78,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     )
 
 
-def setup_model_parallel(
-    model_parallel_size: int | None, device: torch.device
-) -> tuple[int, int]:
+def setup_model_parallel(model_parallel_size: int | None, device: torch.device) -> tuple[int, int]:
     """Initialise torch.distributed and fairscale; return (rank, model_parallel_size).
 
     Safe to call again in the same process (a notebook rebuilding a model).
@@ -145,11 +130,7 @@ def shutdown() -> None:
 
 
 def model_parallel_world() -> int:
-    return (
-        fs_init.get_model_parallel_world_size()
-        if fs_init.model_parallel_is_initialized()
-        else 1
-    )
+    return fs_init.get_model_parallel_world_size() if fs_init.model_parallel_is_initialized() else 1
 
 
 def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from . import distributed
 from .checkpoint import load_weights, read_params, shard_paths
 from .errors import ConfigError, NumericalError, PromptError, PromptTooLongError
-from .model import ModelArgs, Transformer
+from .model import ModelArgs, Transformer, build_empty
 from .prompt_formats import (
     UNSAFE_ERROR,
     Dialog,
@@ -135,14 +135,10 @@ class Llama:
                 "checkpoint"
             )
         params = {**params, "vocab_size": tokenizer.n_words}
-        args = ModelArgs.from_params(
-            params, max_seq_len=max_seq_len, max_batch_size=max_batch_size
-        )
+        args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         args.validate(model_parallel_size=mp)
 
-        with torch.device("meta"):
-            model = Transformer(args)
-        model = model.to(dtype=dt).to_empty(device=dev)
+        model = build_empty(args, dev, dt)
         load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0)
         model.setup_cache(dtype=dt, device=dev)
         model.eval().requires_grad_(False)
@@ -165,16 +161,10 @@ class Llama:
         compile: bool = False,
         prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
     ):
-        if isinstance(prefill_chunk_size, bool) or not isinstance(
-            prefill_chunk_size, int
-        ):
-            raise ConfigError(
-                f"prefill_chunk_size must be an int, got {prefill_chunk_size!r}"
-            )
+        if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int):
+            raise ConfigError(f"prefill_chunk_size must be an int, got {prefill_chunk_size!r}")
         if prefill_chunk_size < 1:
-            raise ConfigError(
-                f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}"
-            )
+            raise ConfigError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.seed = seed
@@ -208,9 +198,7 @@ class Llama:
         )[:, 0]
 
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> list[list[int]]:
-        if isinstance(prompt_tokens, (str, bytes)) or not isinstance(
-            prompt_tokens, Sequence
-        ):
+        if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):
             raise PromptError(
                 f"prompt_tokens must be a list of token-id lists, got {type(prompt_tokens).__name__}"
             )
@@ -233,9 +221,7 @@ class Llama:
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
             ]
             if bad:
-                raise PromptError(
-                    f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}"
-                )
+                raise PromptError(f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
             if len(ids) > self.max_seq_len:
                 raise PromptTooLongError(
                     f"prompt {i} has {len(ids)} tokens but max_seq_len is {self.max_seq_len}; "
@@ -263,18 +249,10 @@ class Llama:
         tokens (``"length"``). ``seed`` gives this call its own sampling generator.
         """
         prompts = self._check_prompts(prompt_tokens)
-        if (
-            isinstance(max_gen_len, bool)
-            or not isinstance(max_gen_len, int)
-            or max_gen_len < 0
-        ):
-            raise PromptError(
-                f"max_gen_len must be an integer >= 0, got {max_gen_len!r}"
-            )
+        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
+            raise PromptError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
         if not isinstance(sampling, SamplingParams):
-            raise PromptError(
-                f"sampling must be a SamplingParams, got {type(sampling).__name__}"
-            )
+            raise PromptError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         stops = frozenset(int(t) for t in stop_tokens)
         distributed.check_same_on_all_ranks(
             "prompts or sampling parameters",
@@ -345,9 +323,7 @@ class Llama:
                 logits = model.forward_tokens(prompt[:, s:e], s)
                 targets = prompt[:, s + 1 : e + 1]
                 n_t = targets.shape[1]
-                lp = torch.log_softmax(logits[:, :n_t], dim=-1).gather(
-                    -1, targets.unsqueeze(-1)
-                )
+                lp = torch.log_softmax(logits[:, :n_t], dim=-1).gather(-1, targets.unsqueeze(-1))
                 lp_rows = lp.squeeze(-1).tolist()
                 for i, r in enumerate(rows):
                     for j in range(n_t):
@@ -363,14 +339,10 @@ class Llama:
                 picked = model.forward_tokens(prompt[:, s:e], s, logits_index=idx)
                 mask = torch.tensor(in_chunk, device=device).unsqueeze(1)
                 last_logits = (
-                    torch.where(mask, picked, last_logits)
-                    if not all(in_chunk)
-                    else picked
+                    torch.where(mask, picked, last_logits) if not all(in_chunk) else picked
                 )
             else:
-                model.forward_tokens(
-                    prompt[:, s:e], s, logits_index=torch.zeros_like(lens_t)
-                )
+                model.forward_tokens(prompt[:, s:e], s, logits_index=torch.zeros_like(lens_t))
 
         # Decode: every row one token per step at its own position.
         uniform = len(set(lens)) == 1 and not self.compiled
@@ -378,13 +350,9 @@ class Llama:
         cur_pos = list(lens)
         seen = None
         if sampling.repetition_penalty != 1.0:
-            seen = torch.zeros(
-                (bsz, model.params.vocab_size), dtype=torch.bool, device=device
-            )
+            seen = torch.zeros((bsz, model.params.vocab_size), dtype=torch.bool, device=device)
             seen.scatter_(1, prompt, True)
-            pad_cols = torch.arange(max_len, device=device).view(1, -1) >= lens_t.view(
-                -1, 1
-            )
+            pad_cols = torch.arange(max_len, device=device).view(1, -1) >= lens_t.view(-1, 1)
             if pad_cols.any():  # undo the padding id (0) where it is only padding
                 real0 = ((prompt == 0) & ~pad_cols).any(dim=1)
                 seen[:, 0] = real0
@@ -396,11 +364,7 @@ class Llama:
             finite = torch.isfinite(logits).all(dim=-1)
             packed = [next_tok.to(torch.float64), finite.to(torch.float64)]
             if want_logprobs:
-                lp = (
-                    torch.log_softmax(logits, dim=-1)
-                    .gather(-1, next_tok.view(-1, 1))
-                    .view(-1)
-                )
+                lp = torch.log_softmax(logits, dim=-1).gather(-1, next_tok.view(-1, 1)).view(-1)
                 packed.append(lp.to(torch.float64))
             host = torch.stack(packed).tolist()
             emitted = []
@@ -430,14 +394,10 @@ class Llama:
             if seen is not None:
                 seen.scatter_(1, next_tok.view(-1, 1), True)
             if uniform:
-                logits = self._decode(
-                    next_tok.view(bsz, 1), None, cur_pos[0], cur_pos[0] + 1
-                )
+                logits = self._decode(next_tok.view(bsz, 1), None, cur_pos[0], cur_pos[0] + 1)
             else:
                 kv_len = (
-                    self.max_seq_len
-                    if self.compiled
-                    else min(max(cur_pos) + 1, self.max_seq_len)
+                    self.max_seq_len if self.compiled else min(max(cur_pos) + 1, self.max_seq_len)
                 )
                 logits = self._decode(next_tok.view(bsz, 1), positions, 0, kv_len)
             cur_pos = [min(p + 1, self.max_seq_len - 1) for p in cur_pos]
@@ -555,9 +515,7 @@ class Llama:
     ) -> list[ChatPrediction]:
         """Answer each dialog as the assistant (Code Llama - Instruct formats)."""
         if isinstance(dialogs, (str, dict)) or not isinstance(dialogs, Sequence):
-            raise PromptError(
-                f"dialogs must be a list of dialogs, got {type(dialogs).__name__}"
-            )
+            raise PromptError(f"dialogs must be a list of dialogs, got {type(dialogs).__name__}")
         for i, dialog in enumerate(dialogs):
             validate_dialog(dialog, index=i)
         prompt_tokens = [chat_prompt_tokens(self.tokenizer, d) for d in dialogs]
@@ -569,9 +527,7 @@ class Llama:
         )  # fmt: skip
         out: list[ChatPrediction] = []
         for i, (dialog, t) in enumerate(zip(dialogs, tokens)):
-            content = (
-                UNSAFE_ERROR if has_special_tags(dialog) else self.tokenizer.decode(t)
-            )
+            content = UNSAFE_ERROR if has_special_tags(dialog) else self.tokenizer.decode(t)
             message = Message(role="assistant", content=content)
             if step_format:
                 message["destination"] = "user"
@@ -585,11 +541,7 @@ class Llama:
 
 def _check_str_list(name: str, values: object) -> None:
     if isinstance(values, str) or not isinstance(values, Sequence):
-        raise PromptError(
-            f"{name} must be a list of strings, got {type(values).__name__}"
-        )
+        raise PromptError(f"{name} must be a list of strings, got {type(values).__name__}")
     for i, v in enumerate(values):
         if not isinstance(v, str):
-            raise PromptError(
-                f"{name}[{i}] must be a str, got {type(v).__name__}: {v!r:.60}"
-            )
+            raise PromptError(f"{name}[{i}] must be a str, got {type(v).__name__}: {v!r:.60}")

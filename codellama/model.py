@@ -6,10 +6,13 @@ Linear layers are fairscale model-parallel layers; with one process they are pla
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import fairscale.nn.model_parallel.initialize as fs_init
+import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import (
@@ -43,9 +46,7 @@ class ModelArgs:
     def from_params(cls, params: dict[str, Any], **overrides: Any) -> ModelArgs:
         """Build from a params.json dict; unknown keys are a :class:`ConfigError`."""
         if not isinstance(params, dict):
-            raise ConfigError(
-                f"params.json must hold a JSON object, got {type(params).__name__}"
-            )
+            raise ConfigError(f"params.json must hold a JSON object, got {type(params).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
@@ -111,26 +112,15 @@ class ModelArgs:
                 f"head_dim = dim/n_heads = {self.head_dim} must be even for rotary embeddings"
             )
         kv = self.kv_heads
-        if (
-            isinstance(kv, bool)
-            or not isinstance(kv, int)
-            or kv < 1
-            or self.n_heads % kv
-        ):
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or self.n_heads % kv:
             raise ConfigError(
                 f"n_kv_heads={self.n_kv_heads!r} must be a positive divisor of "
                 f"n_heads={self.n_heads} (or omitted for multi-head attention)"
             )
-        if not isinstance(self.vocab_size, int) or (
-            self.vocab_size < 1 and self.vocab_size != -1
-        ):
-            raise ConfigError(
-                f"vocab_size must be positive (or -1), got {self.vocab_size!r}"
-            )
+        if not isinstance(self.vocab_size, int) or (self.vocab_size < 1 and self.vocab_size != -1):
+            raise ConfigError(f"vocab_size must be positive (or -1), got {self.vocab_size!r}")
         if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
-            raise ConfigError(
-                f"ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier!r}"
-            )
+            raise ConfigError(f"ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier!r}")
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps!r}")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
@@ -142,9 +132,7 @@ class ModelArgs:
                 f"use one of {[d for d in range(1, kv + 1) if kv % d == 0]}"
             )
         if self.vocab_size > 0 and self.vocab_size % mp:
-            raise ConfigError(
-                f"model_parallel_size={mp} must divide vocab_size={self.vocab_size}"
-            )
+            raise ConfigError(f"model_parallel_size={mp} must divide vocab_size={self.vocab_size}")
 
 
 class RMSNorm(nn.Module):
@@ -168,9 +156,7 @@ def rope_tables(
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles, float32, shape (max_seq_len, head_dim // 2)."""
-    exponents = (
-        torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim
-    )
+    exponents = torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
     t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
     angles = torch.outer(t, inv_freq)
@@ -221,12 +207,8 @@ class KVCache(nn.Module):
     ):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer(
-            "k", torch.zeros(shape, dtype=dtype, device=device), persistent=False
-        )
-        self.register_buffer(
-            "v", torch.zeros(shape, dtype=dtype, device=device), persistent=False
-        )
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.k: torch.Tensor
         self.v: torch.Tensor
 
@@ -278,9 +260,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         if self.cache is None:
-            raise RuntimeError(
-                "KV cache not allocated: call Transformer.setup_cache() first"
-            )
+            raise RuntimeError("KV cache not allocated: call Transformer.setup_cache() first")
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
@@ -304,9 +284,7 @@ class Attention(nn.Module):
                 is_causal=step.causal,
                 enable_gqa=self.n_rep > 1,
             )
-            out = out.transpose(1, 2).reshape(
-                bsz, seqlen, self.n_local_heads * self.head_dim
-            )
+            out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_local_heads * self.head_dim)
         return self.wo(out)
 
 
@@ -349,18 +327,12 @@ class Transformer(nn.Module):
     def __init__(self, params: ModelArgs):
         super().__init__()
         if params.vocab_size < 1:
-            raise ConfigError(
-                "vocab_size must be set (from the tokenizer) before building"
-            )
+            raise ConfigError("vocab_size must be set (from the tokenizer) before building")
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
-        self.tok_embeddings = ParallelEmbedding(
-            params.vocab_size, params.dim, init_method=_keep
-        )
-        self.layers = nn.ModuleList(
-            TransformerBlock(i, params) for i in range(params.n_layers)
-        )
+        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_keep)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(
             params.dim, params.vocab_size, bias=False, init_method=_keep
@@ -398,9 +370,7 @@ class Transformer(nn.Module):
                 p.max_batch_size, p.max_seq_len, attn.n_local_kv_heads, attn.head_dim,
                 dtype, device,
             )  # fmt: skip
-        self.rope_cos, self.rope_sin = rope_tables(
-            p.head_dim, p.max_seq_len, p.rope_theta, device
-        )
+        self.rope_cos, self.rope_sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, device)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Logits (float32) for every position of ``tokens`` placed at ``start_pos``."""
@@ -432,9 +402,7 @@ class Transformer(nn.Module):
                 return StepInputs(cos, sin, 0, end, causal=True)
             q_pos = torch.arange(start_pos, end, device=cos.device)
             mask = torch.arange(end, device=cos.device).view(1, -1) <= q_pos.view(-1, 1)
-            return StepInputs(
-                cos, sin, start_pos, end, mask=mask.view(1, 1, seqlen, end)
-            )
+            return StepInputs(cos, sin, start_pos, end, mask=mask.view(1, 1, seqlen, end))
         kv_len = max_len if kv_len is None else kv_len
         bsz = positions.shape[0]
         cos = self.rope_cos[positions].view(bsz, seqlen, 1, -1)
@@ -480,18 +448,41 @@ def _keep(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@contextlib.contextmanager
+def _no_fairscale_init() -> Iterator[None]:
+    """Skip fairscale's weight initialisation, which builds a full-size "master" weight per
+    layer on every rank (slow, memory-hungry, and impossible on the meta device)."""
+    original = fs_layers._initialize_affine_weight
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        fs_layers._initialize_affine_weight = original
+
+
+def build_empty(args: ModelArgs, device: torch.device | str, dtype: torch.dtype) -> Transformer:
+    """A Transformer whose parameters are allocated, uninitialised, on ``device`` in ``dtype``.
+
+    Nothing is allocated twice: fairscale's layers are created without initialisation and
+    each parameter is replaced by one empty tensor (the loader fills them).
+    """
+    with _no_fairscale_init(), torch.device("meta"):
+        model = Transformer(args)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            empty = torch.empty(param.shape, dtype=dtype, device=device)
+            setattr(module, name, nn.Parameter(empty, requires_grad=False))
+    return model
+
+
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def kv_cache_bytes(
-    args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 1
-) -> int:
+def kv_cache_bytes(args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 1) -> int:
     """Bytes of the KV cache per process for ``args``' batch and sequence sizes."""
-    per_token = (
-        2 * args.n_layers * (args.kv_heads // model_parallel_size) * args.head_dim
-    )
+    per_token = 2 * args.n_layers * (args.kv_heads // model_parallel_size) * args.head_dim
     elem = torch.tensor([], dtype=dtype).element_size()
     return per_token * args.max_batch_size * args.max_seq_len * elem
 

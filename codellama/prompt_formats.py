@@ -47,9 +47,7 @@ def infilling_prompt_tokens(
         )
     for name, value in (("prefix", prefix), ("suffix", suffix)):
         if not isinstance(value, str):
-            raise PromptError(
-                f"{name} must be a str, got {type(value).__name__}: {value!r:.80}"
-            )
+            raise PromptError(f"{name} must be a str, got {type(value).__name__}: {value!r:.80}")
     assert tokenizer.prefix_id is not None and tokenizer.suffix_id is not None
     assert tokenizer.middle_id is not None
     bos, pre, suf, mid = (
@@ -88,14 +86,10 @@ def validate_dialog(dialog: Dialog, *, index: int | None = None) -> None:
             f'({{"role": ..., "content": ...}}), got {type(dialog).__name__}'
         )
     if len(dialog) == 0:
-        raise PromptError(
-            f"{where}a dialog needs at least one user message, got an empty list"
-        )
+        raise PromptError(f"{where}a dialog needs at least one user message, got an empty list")
     for i, msg in enumerate(dialog):
         if not isinstance(msg, dict):
-            raise PromptError(
-                f"{where}message {i} must be a dict, got {type(msg).__name__}"
-            )
+            raise PromptError(f"{where}message {i} must be a dict, got {type(msg).__name__}")
         if msg.get("role") not in ("system", "user", "assistant"):
             raise PromptError(
                 f"{where}message {i} has role {msg.get('role')!r}; "
@@ -108,9 +102,7 @@ def validate_dialog(dialog: Dialog, *, index: int | None = None) -> None:
             )
         dest = msg.get("destination")
         if dest is not None and not isinstance(dest, str):
-            raise PromptError(
-                f"{where}message {i} has a non-string destination {dest!r:.80}"
-            )
+            raise PromptError(f"{where}message {i} has a non-string destination {dest!r:.80}")
     turns = list(dialog[1:] if dialog[0]["role"] == "system" else dialog)
     for i, msg in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
@@ -142,9 +134,7 @@ def _inst_format_tokens(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     for (_, prompt), (_, answer) in zip(msgs[0:-1:2], msgs[1::2]):
         text = f"{B_INST} {prompt.strip()} {E_INST} {answer.strip()} "
         tokens += tokenizer.encode(text, bos=True, eos=True)
-    tokens += tokenizer.encode(
-        f"{B_INST} {msgs[-1][1].strip()} {E_INST}", bos=True, eos=False
-    )
+    tokens += tokenizer.encode(f"{B_INST} {msgs[-1][1].strip()} {E_INST}", bos=True, eos=False)
     return tokens
 
 
@@ -160,12 +150,8 @@ def _step_format_tokens(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
             header += f"\nDestination: {msg['destination'].strip()}"
         tokens += tokenizer.encode(header, bos=False, eos=False)
         if msg["content"]:
-            tokens += tokenizer.encode(
-                "\n\n " + msg["content"].strip(), bos=False, eos=False
-            )
+            tokens += tokenizer.encode("\n\n " + msg["content"].strip(), bos=False, eos=False)
         tokens.append(tokenizer.step_id)
-    tokens += tokenizer.encode(
-        " Source: assistant\nDestination: user", bos=False, eos=False
-    )
+    tokens += tokenizer.encode(" Source: assistant\nDestination: user", bos=False, eos=False)
     tokens += tokenizer.encode("\n\n ", bos=False, eos=False)
     return tokens

@@ -47,9 +47,7 @@ def kv_heads_of(params: Mapping[str, object]) -> int:
     return kv
 
 
-def valid_model_parallel_sizes(
-    kv_heads: int, shapes: Mapping[str, Sequence[int]]
-) -> list[int]:
+def valid_model_parallel_sizes(kv_heads: int, shapes: Mapping[str, Sequence[int]]) -> list[int]:
     """Model-parallel sizes that divide ``kv_heads`` and every split dimension of ``shapes``.
 
     ``shapes`` maps parameter names to their consolidated (MP=1) shapes.
@@ -77,19 +75,20 @@ def check_model_parallel_size(
     return mp
 
 
-def check_distinct_dirs(
-    src: str | os.PathLike[str], out: str | os.PathLike[str]
-) -> None:
-    """Refuse an output folder that is the input folder or contains it (it would be replaced)."""
+def check_distinct_dirs(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Refuse an output folder that is, contains or lies inside the input folder.
+
+    Replacing the output would delete or change the input, which is only ever read.
+    """
     s, o = Path(src).resolve(), Path(out).resolve()
-    if s == o or o in s.parents:
+    if s == o or o in s.parents or s in o.parents:
         raise ConfigError(
-            f"out_dir {str(out)!r} is (or contains) the input folder {str(src)!r}; "
-            "write to a different folder"
+            f"out_dir {str(out)!r} is, contains or lies inside the input folder {str(src)!r}; "
+            "the input is never modified, so write to a folder beside it"
         )
 
 
-def _shard_shapes(
+def consolidated_shapes(
     shards: Sequence[Mapping[str, torch.Tensor]], paths: Sequence[Path]
 ) -> dict[str, tuple[int, ...]]:
     """Consolidated shapes of an N-shard checkpoint, checking that the shards agree."""
@@ -100,13 +99,9 @@ def _shard_shapes(
     for s, sd in enumerate(shards[1:], start=1):
         if set(sd) != set(names):
             diff = sorted(set(sd) ^ set(names))
-            problems.append(
-                f"{paths[s].name} and {paths[0].name} hold different keys: {diff[:10]}"
-            )
+            problems.append(f"{paths[s].name} and {paths[0].name} hold different keys: {diff[:10]}")
     if problems:
-        raise CheckpointError(
-            "inconsistent checkpoint shards: " + "; ".join(problems)
-        )
+        raise CheckpointError("inconsistent checkpoint shards: " + "; ".join(problems))
     for name in names:
         try:
             dim = param_split_dim(name)
@@ -129,15 +124,11 @@ def _shard_shapes(
             full[dim] *= n
             shapes[name] = tuple(full)
     if problems:
-        raise CheckpointError(
-            "inconsistent checkpoint shards: " + "; ".join(problems[:20])
-        )
+        raise CheckpointError("inconsistent checkpoint shards: " + "; ".join(problems[:20]))
     return shapes
 
 
-def _slice(
-    pieces: Sequence[torch.Tensor], dim: int, lo: int, hi: int
-) -> torch.Tensor:
+def _slice(pieces: Sequence[torch.Tensor], dim: int, lo: int, hi: int) -> torch.Tensor:
     """Rows ``[lo, hi)`` along ``dim`` of the concatenation of equal-size ``pieces``, copied."""
     size = pieces[0].shape[dim]
     parts = []
@@ -167,9 +158,7 @@ def reshard_state_dicts(
                 continue
             full = first.shape[dim] * n
             if full % m:
-                raise ConfigError(
-                    f"{name} has {full} rows along dim {dim}; not divisible by {m}"
-                )
+                raise ConfigError(f"{name} has {full} rows along dim {dim}; not divisible by {m}")
             step = full // m
             out[name] = _slice([sd[name] for sd in shards], dim, r * step, (r + 1) * step)
         yield out
@@ -202,7 +191,7 @@ def reshard(
             "overwrite=True (--overwrite)"
         )
     shards = [load_shard(p) for p in paths]
-    shapes = _shard_shapes(shards, paths)
+    shapes = consolidated_shapes(shards, paths)
     mp = check_model_parallel_size(model_parallel_size, kv, shapes)
     tokenizer = Path(ckpt_dir) / TOKENIZER_FILE
     try:

@@ -35,14 +35,8 @@ class SamplingParams:
         _check_number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise PromptError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if (
-            isinstance(self.top_k, bool)
-            or not isinstance(self.top_k, int)
-            or self.top_k < 0
-        ):
-            raise PromptError(
-                f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"
-            )
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise PromptError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         _check_number("min_p", self.min_p)
         if not 0 <= self.min_p < 1:
             raise PromptError(f"min_p must be in [0, 1) (0 = off), got {self.min_p!r}")
@@ -58,11 +52,7 @@ class SamplingParams:
 
 
 def _check_number(name: str, value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise PromptError(f"{name} must be a finite number, got {value!r}")
 
 

@@ -9,9 +9,7 @@ from sentencepiece import SentencePieceProcessor
 
 from .errors import CheckpointError, CheckpointNotFoundError, PromptError
 
-_SMILEY = (
-    "☺"  # a piece that encodes on its own, used to drop SentencePiece's leading space
-)
+_SMILEY = "☺"  # a piece that encodes on its own, used to drop SentencePiece's leading space
 
 
 class Tokenizer:
@@ -61,9 +59,7 @@ class Tokenizer:
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         """Token ids of ``s``, optionally framed by BOS/EOS."""
         if not isinstance(s, str):
-            raise PromptError(
-                f"expected a str to encode, got {type(s).__name__}: {s!r:.80}"
-            )
+            raise PromptError(f"expected a str to encode, got {type(s).__name__}: {s!r:.80}")
         t: list[int] = self.sp_model.encode(s)
         if bos:
             t = [self.bos_id] + t
@@ -81,9 +77,7 @@ class Tokenizer:
     def encode_infilling(self, s: str) -> list[int]:
         """Encode without SentencePiece's implicit leading space (Meta's ☺ trick)."""
         if not isinstance(s, str):
-            raise PromptError(
-                f"expected a str to encode, got {type(s).__name__}: {s!r:.80}"
-            )
+            raise PromptError(f"expected a str to encode, got {type(s).__name__}: {s!r:.80}")
         return self.sp_model.encode(_SMILEY + s)[2:]
 
     def decode_infilling(self, t: Sequence[int]) -> str:

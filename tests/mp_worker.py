@@ -1,0 +1,30 @@
+"""Run under torchrun by tests: build, generate, and write this rank's tokens as JSON."""
+
+import json
+import sys
+
+import fire
+
+from codellama import Llama
+
+
+def main(ckpt_dir: str, out: str, prompts: str, max_gen_len: int = 8, temperature: float = 0.0):
+    llama = Llama.build(
+        ckpt_dir, f"{ckpt_dir}/tokenizer.model", 64, 4, device="cpu", dtype="float32"
+    )
+    import torch.distributed as dist
+
+    tokens, logprobs = llama.generate(
+        prompts if isinstance(prompts, list) else json.loads(prompts),
+        max_gen_len,
+        temperature=temperature,
+        logprobs=True,
+        stop_token=-1,
+    )
+    with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
+        json.dump({"tokens": tokens, "logprobs": logprobs}, f)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

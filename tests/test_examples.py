@@ -1,0 +1,53 @@
+"""Meta's example scripts under torchrun, and the README's demo command, end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import GQA_ARGS, REPO
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _torchrun(script: str, ckpt, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(REPO / script), "--ckpt_dir", str(ckpt), "--tokenizer_path", str(ckpt / "tokenizer.model"),
+           "--max_gen_len", "6", "--max_seq_len", "512", *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV, cwd=REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script,marker",
+    [
+        ("example_completion.py", "def fizzbuzz(n: int):"),
+        ("example_infilling.py", "================= Filled text ================="),
+        ("example_instructions.py", "> Assistant:"),
+    ],
+)
+def test_example_runs_under_torchrun(make_checkpoint, script, marker):
+    proc = _torchrun(script, make_checkpoint(GQA_ARGS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker in proc.stdout
+
+
+@pytest.mark.slow
+def test_example_runs_with_two_processes(make_checkpoint):
+    proc = _torchrun("example_completion.py", make_checkpoint(GQA_ARGS, n_shards=2), nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("def fizzbuzz(n: int):") == 1  # only rank 0 prints
+
+
+def test_demo_command_runs_completion_infilling_and_chat(tmp_path):
+    env = {**ENV, "CODELLAMA_CACHE": str(tmp_path)}
+    cmd = [sys.executable, "-m", "codellama.demo", "--max_gen_len", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RANDOM weights" in proc.stdout
+    for section in ("[completion]", "[infilling]", "[chat]"):
+        assert section in proc.stdout
+    assert (tmp_path / "demo" / "consolidated.00.pth").is_file()

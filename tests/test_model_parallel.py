@@ -1,0 +1,91 @@
+"""Model parallelism on CPU (gloo): torchrun with 2 and 4 processes, any shard count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+from .test_generation import _prompts
+
+pytestmark = pytest.mark.slow
+
+# n_kv_heads 4: MP 1, 2 and 4 all divide it.
+from codellama import ModelArgs  # noqa: E402
+
+MP_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, multiple_of=16,
+                    ffn_dim_multiplier=1.3, rope_theta=1e6)  # fmt: skip
+
+
+def torchrun(
+    nproc: int, script: Path, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--standalone", str(script), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def run_mp(ckpt: Path, nproc: int, prompts, tmp_path: Path, temperature: float = 0.0) -> list[dict]:
+    out = tmp_path / f"out-{nproc}-{ckpt.name}"
+    proc = torchrun(nproc, REPO / "tests" / "mp_worker.py", "--ckpt_dir", str(ckpt), "--out", str(out),
+                    "--prompts", json.dumps(prompts), "--temperature", str(temperature))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def mp1_tokens(make_checkpoint, tokenizer_path):
+    from codellama import Llama
+
+    ckpt = make_checkpoint(MP_ARGS, n_shards=1)
+    llama = Llama.build(str(ckpt), str(tokenizer_path), 64, 4, device="cpu", dtype="float32")
+    prompts = _prompts(llama.model.params.vocab_size, [3, 11, 6])
+    tokens, logprobs = llama.generate(prompts, 8, temperature=0, logprobs=True, stop_token=-1)
+    return prompts, tokens, logprobs
+
+
+@pytest.mark.parametrize("n_shards,nproc", [(2, 2), (4, 4), (1, 2), (4, 2), (2, 4), (1, 4)],
+                         ids=["2sh-mp2", "4sh-mp4", "1sh-mp2", "4sh-mp2", "2sh-mp4", "1sh-mp4"])  # fmt: skip
+def test_torchrun_greedy_tokens_equal_mp1(make_checkpoint, mp1_tokens, tmp_path, n_shards, nproc):
+    prompts, want, want_lp = mp1_tokens
+    outs = run_mp(make_checkpoint(MP_ARGS, n_shards=n_shards), nproc, prompts, tmp_path)
+    for out in outs:  # every rank returns the same, and the same as MP=1
+        assert out["tokens"] == want
+        for a, b in zip(out["logprobs"], want_lp):
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+@pytest.mark.parametrize("n_shards", [2, 4])
+def test_multi_shard_checkpoint_loads_at_mp1(make_checkpoint, mp1_tokens, build, n_shards):
+    prompts, want, _ = mp1_tokens
+    llama = build(make_checkpoint(MP_ARGS, n_shards=n_shards), max_seq_len=64)
+    assert llama.generate(prompts, 8, temperature=0, stop_token=-1)[0] == want
+
+
+def test_every_rank_samples_the_same_tokens(make_checkpoint, mp1_tokens, tmp_path):
+    prompts, _, _ = mp1_tokens
+    outs = run_mp(make_checkpoint(MP_ARGS, n_shards=2), 2, prompts, tmp_path, temperature=1.0)
+    assert outs[0]["tokens"] == outs[1]["tokens"]
+
+
+def test_corrupt_shard_on_one_rank_fails_every_process_quickly(make_checkpoint, tmp_path):
+    import shutil
+
+    src = make_checkpoint(MP_ARGS, n_shards=2)
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    shard = bad / "consolidated.01.pth"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated
+    start = time.monotonic()
+    proc = torchrun(2, REPO / "tests" / "mp_worker.py", "--ckpt_dir", str(bad),
+                    "--out", str(tmp_path / "x"), "--prompts", "[[1, 5]]", timeout=90)  # fmt: skip
+    assert time.monotonic() - start < 60
+    assert proc.returncode != 0
+    assert "consolidated.01.pth" in proc.stderr

@@ -1,0 +1,199 @@
+"""Tests for codellama.reshard: N -> M shards, exact, atomic, input untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from codellama.checkpoint import (
+    load_shard,
+    merge_shards,
+    read_params,
+    shard_paths,
+    shard_state_dict,
+    write_checkpoint,
+)
+from codellama.demo import random_state_dict, train_tokenizer, write_random_checkpoint
+from codellama.errors import ConfigError
+from codellama.generation import Llama
+from codellama.model import ModelArgs
+from codellama.reshard import reshard, valid_model_parallel_sizes
+from codellama.tokenizer import Tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def args(tokenizer_path: Path) -> ModelArgs:
+    # 4 KV heads so that 4-way sharding is valid; ffn_dim_multiplier and rope_theta as Code Llama.
+    return ModelArgs(
+        dim=64,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=4,
+        multiple_of=16,
+        ffn_dim_multiplier=1.3,
+        rope_theta=1e6,
+        vocab_size=Tokenizer(str(tokenizer_path)).n_words,
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoints(
+    tmp_path_factory: pytest.TempPathFactory, args: ModelArgs, tokenizer_path: Path
+) -> dict[int, Path]:
+    """The same random weights written as 1, 2 and 4 shards."""
+    root = tmp_path_factory.mktemp("ckpts")
+    return {
+        n: write_random_checkpoint(
+            root / f"mp{n}", args, n_shards=n, seed=3, std=0.3, tokenizer_path=tokenizer_path
+        )
+        for n in (1, 2, 4)
+    }
+
+
+def tree_hashes(d: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_same_state_dict(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(("n", "m"), [(1, 2), (2, 1), (2, 4), (4, 2), (1, 4)])
+def test_reshard_matches_shard_state_dict(
+    checkpoints: dict[int, Path], tmp_path: Path, n: int, m: int
+) -> None:
+    src = checkpoints[n]
+    before = tree_hashes(src)
+    out = reshard(src, tmp_path / "out", m)
+    assert out == tmp_path / "out"
+    assert tree_hashes(src) == before  # the input is never modified
+
+    paths = shard_paths(out)
+    assert [p.name for p in paths] == [f"consolidated.{i:02d}.pth" for i in range(m)]
+    expected = shard_state_dict(merge_shards(load_shard(p) for p in shard_paths(src)), m)
+    for path, want in zip(paths, expected):
+        assert_same_state_dict(load_shard(path), want)
+    assert read_params(out) == read_params(src)
+    assert (out / "params.json").read_text() == (src / "params.json").read_text()
+    assert (out / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [p.name for p in paths] + ["params.json", "tokenizer.model"]
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_reshard_keeps_dtype_and_copes_without_tokenizer(tmp_path: Path, args: ModelArgs) -> None:
+    src = write_random_checkpoint(tmp_path / "bf16", args, n_shards=2, dtype=torch.bfloat16)
+    out = reshard(src, tmp_path / "out", 4)
+    shards = [load_shard(p) for p in shard_paths(out)]
+    assert {t.dtype for sd in shards for t in sd.values()} == {torch.bfloat16}
+    assert_same_state_dict(
+        merge_shards(shards), merge_shards(load_shard(p) for p in shard_paths(src))
+    )
+    assert not (out / "tokenizer.model").exists()
+
+
+def test_reshard_keeps_rope_freqs_buffer(tmp_path: Path, args: ModelArgs) -> None:
+    sd = {"rope.freqs": torch.rand(args.head_dim // 2), **random_state_dict(args, seed=4)}
+    src = write_checkpoint(tmp_path / "in", shard_state_dict(sd, 2), args.to_params())
+    for m in (1, 4):
+        out = reshard(src, tmp_path / f"mp{m}", m)
+        for path, want in zip(shard_paths(out), shard_state_dict(sd, m)):
+            assert_same_state_dict(load_shard(path), want)
+
+
+def test_resharded_checkpoint_generates_the_same(
+    checkpoints: dict[int, Path], tokenizer_path: Path, tmp_path: Path
+) -> None:
+    out = reshard(checkpoints[4], tmp_path / "mp1", 1)
+    tok = str(tokenizer_path)
+    original = Llama.build(str(checkpoints[4]), tok, 64, 2, 1, device="cpu", dtype="float32")
+    resharded = Llama.build(str(out), tok, 64, 2, 1, device="cpu", dtype="float32")
+    prompts = [[1, 40, 41, 42, 43], [1, 100, 7]]
+    ref = original.generate(prompts, max_gen_len=12, temperature=0)[0]
+    got = resharded.generate(prompts, max_gen_len=12, temperature=0)[0]
+    assert got == ref
+    assert len(set(ref[0])) > 1  # the weights are not degenerate
+    tokens = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    assert torch.equal(original.model.forward(tokens, 0), resharded.model.forward(tokens, 0))
+
+
+@pytest.mark.parametrize("bad", [3, 0, -2, 1.5, True, "2"])
+def test_invalid_model_parallel_size(tmp_path: Path, tokenizer_path: Path, bad: object) -> None:
+    gqa = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, multiple_of=16, vocab_size=64)
+    src = write_random_checkpoint(tmp_path / "gqa", gqa)
+    with pytest.raises(ConfigError, match=r"n_kv_heads=2.*valid values: \[1, 2\]"):
+        reshard(src, tmp_path / "out", bad)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["gqa"]  # no temp folder left behind
+
+
+def test_valid_sizes_follow_every_split_dimension() -> None:
+    shapes = {"tok_embeddings.weight": (32016, 8192), "output.weight": (32016, 8192)}
+    assert valid_model_parallel_sizes(8, shapes) == [1, 2, 4, 8]
+    assert valid_model_parallel_sizes(8, {"output.weight": (6, 4)}) == [1, 2]
+    assert valid_model_parallel_sizes(3, {"norm.weight": (4,)}) == [1, 3]
+
+
+def test_non_empty_out_dir_refused_unless_overwrite(
+    checkpoints: dict[int, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not empty"):
+        reshard(checkpoints[2], out, 1)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+
+    reshard(checkpoints[2], out, 1, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "consolidated.00.pth",
+        "params.json",
+        "tokenizer.model",
+    ]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    reshard(checkpoints[2], empty, 2)  # an existing empty folder is fine
+    assert len(shard_paths(empty)) == 2
+
+
+def test_out_dir_must_differ_from_input(checkpoints: dict[int, Path]) -> None:
+    src = checkpoints[2]
+    before = tree_hashes(src)
+    for out in (src, src.parent, src / "mp1"):
+        with pytest.raises(ConfigError, match="input folder"):
+            reshard(src, out, 1, overwrite=True)
+    assert tree_hashes(src) == before
+
+
+def test_cli(checkpoints: dict[int, Path], tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "codellama.reshard", "--ckpt_dir", str(checkpoints[1])]
+    cmd += ["--out_dir", str(out), "--model_parallel_size", "2"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Wrote 2 shards" in proc.stdout
+    assert len(shard_paths(out)) == 2
+    assert json.loads((out / "params.json").read_text()) == read_params(checkpoints[1])
