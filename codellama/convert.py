@@ -545,9 +545,10 @@ def _ffn_candidates() -> Iterator[tuple[int, float | None]]:
     """(multiple_of, ffn_dim_multiplier) pairs, Meta's own choices first."""
     yield from ((256, None), (4096, 1.3))
     powers = [2**k for k in range(14, -1, -1)]
-    multipliers: list[float | None] = [None]
-    multipliers += [k / 100 for k in range(100, 401, 5)] + [k / 100 for k in range(25, 100, 5)]
-    multipliers += [k / 100 for k in range(25, 401) if k % 5]
+    steps = list(range(100, 401, 5)) + list(range(25, 100, 5))  # 1.0..4.0, then 0.25..0.95
+    steps += [k for k in range(25, 401) if k % 5]
+    multipliers: list[float | None] = [None, 1.3]
+    multipliers += [k / 100 for k in steps if k != 130]
     for mult in multipliers:
         for mo in powers:
             yield mo, mult

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -46,7 +47,8 @@ from codellama.model import ModelArgs
 from codellama.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-HF_DTYPE_KW = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+HF5 = int(transformers.__version__.split(".")[0]) >= 5
+HF_FP32: dict[str, Any] = {("dtype" if HF5 else "torch_dtype"): torch.float32}
 TOKENS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 300, 301], [1, 7, 8, 9, 200, 201, 5, 6, 99]])
 
 
@@ -112,7 +114,7 @@ def tree_hashes(d: Path) -> dict[str, str]:
 
 
 def hf_logits(model_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
-    model = LlamaForCausalLM.from_pretrained(str(model_dir), **{HF_DTYPE_KW: torch.float32})
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), **HF_FP32)
     model.eval()
     with torch.no_grad():
         return model(tokens).logits.float()
@@ -254,7 +256,7 @@ def test_round_trip_keeps_rope_freqs_buffer(
     assert all(
         k.startswith(("model.", "lm_head.")) for k in st.load_file(str(hf / "model.safetensors"))
     )
-    LlamaForCausalLM.from_pretrained(str(hf), **{HF_DTYPE_KW: torch.float32})  # loads cleanly
+    LlamaForCausalLM.from_pretrained(str(hf), **HF_FP32)  # loads cleanly
     back = from_hf(hf, tmp_path / "back")
     assert_same_state_dict(load_shard(shard_paths(back)[0]), sd)
     two = from_hf(hf, tmp_path / "back2", model_parallel_size=2)
@@ -303,6 +305,11 @@ def transformers_saved(
     tmp_path_factory: pytest.TempPathFactory, args: ModelArgs, tokenizer_path: Path
 ) -> tuple[Path, torch.Tensor]:
     """A folder written by transformers itself, and its logits on TOKENS."""
+    rope_kw: dict[str, Any] = (
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+        if HF5
+        else {"rope_theta": 1e6}
+    )
     config = LlamaConfig(
         vocab_size=args.vocab_size,
         hidden_size=args.dim,
@@ -311,10 +318,10 @@ def transformers_saved(
         num_attention_heads=args.n_heads,
         num_key_value_heads=args.kv_heads,
         rms_norm_eps=1e-5,
-        rope_theta=1e6,
         max_position_embeddings=256,
         initializer_range=0.2,
         tie_word_embeddings=False,
+        **rope_kw,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
