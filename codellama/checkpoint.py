@@ -55,6 +55,11 @@ def split_dim(name: str) -> int | None:
 def shard_paths(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
     """The sorted ``*.pth`` shards of a checkpoint directory (at least one)."""
     d = Path(ckpt_dir)
+    if d.is_file():
+        raise CheckpointNotFoundError(
+            f"checkpoint directory {str(d)!r} is a file, not a directory; pass the folder that "
+            "holds consolidated.00.pth and params.json (e.g. CodeLlama-7b/), not a file in it"
+        )
     if not d.is_dir():
         raise CheckpointNotFoundError(
             f"checkpoint directory {str(d)!r} does not exist; pass the folder that holds "
@@ -72,13 +77,19 @@ def read_params(ckpt_dir: str | os.PathLike[str]) -> dict:
     """params.json of a checkpoint, as a dict."""
     path = Path(ckpt_dir) / PARAMS_FILE
     if not path.is_file():
-        raise CheckpointNotFoundError(f"{str(path)!r} does not exist; every checkpoint has one")
+        raise CheckpointNotFoundError(
+            f"{str(path)!r} does not exist; every checkpoint folder has a params.json beside its "
+            "consolidated.NN.pth files: download the model again with download.sh"
+        )
     try:
         params = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{str(path)!r} is not valid JSON: {exc}") from exc
     if not isinstance(params, dict):
-        raise ConfigError(f"{str(path)!r} must hold a JSON object")
+        raise ConfigError(
+            f"{str(path)!r} must hold a JSON object (like {{...}}), "
+            f"got a JSON {type(params).__name__}"
+        )
     return params
 
 
@@ -283,9 +294,17 @@ def iter_full_tensors(
             yield name, torch.cat([sd[name] for sd in shards], dim=dim)
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with storage of its own size (torch.save writes a view's whole storage)."""
+    t = t.contiguous()
+    if t.storage_offset() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
 def write_checkpoint(
     out_dir: str | os.PathLike[str],
-    shards: list[dict[str, torch.Tensor]],
+    shards: Iterable[Mapping[str, torch.Tensor]],
     params: Mapping[str, object],
     tokenizer_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
@@ -305,7 +324,7 @@ def write_checkpoint(
     try:
         for i, sd in enumerate(shards):
             torch.save(
-                {k: v.contiguous() for k, v in sd.items()},
+                {k: _owned(v) for k, v in sd.items()},
                 tmp / f"consolidated.{i:02d}.pth",
             )
         (tmp / PARAMS_FILE).write_text(json.dumps(dict(params), indent=2) + "\n")
@@ -314,8 +333,13 @@ def write_checkpoint(
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, backup / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(backup)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(backup / out.name, out)  # put the old output back
+                raise
+            finally:
+                shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(tmp, out)
     except BaseException:

@@ -765,7 +765,7 @@ def from_hf(
     tokenizer = src / TOKENIZER_FILE
     return write_checkpoint(
         out,
-        shards(),  # type: ignore[arg-type]  # consumed one shard at a time
+        shards(),  # consumed lazily
         params,
         tokenizer if tokenizer.is_file() else None,
         overwrite,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import shard_state_dict, write_checkpoint
+from .errors import ConfigError
 from .model import ModelArgs
 
 INFILL_PIECES = ["▁<PRE>", "▁<MID>", "▁<SUF>", "▁<EOT>"]
@@ -146,7 +147,10 @@ def write_random_checkpoint(
 ) -> Path:
     """Write a random-weight checkpoint in Meta's ``n_shards``-file layout."""
     if args.vocab_size < 1:
-        raise ValueError("args.vocab_size must be set")
+        raise ConfigError(
+            f"args.vocab_size must be set to the tokenizer's size (Tokenizer(path).n_words), "
+            f"got {args.vocab_size!r}"
+        )
     sd = random_state_dict(args, seed=seed, dtype=dtype, std=std)
     return write_checkpoint(
         ckpt_dir,

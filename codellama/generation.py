@@ -8,10 +8,11 @@ row gets exactly the tokens it would get alone.
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
@@ -19,7 +20,13 @@ import torch
 
 from . import distributed
 from .checkpoint import load_weights, read_params, shard_paths
-from .errors import ConfigError, NumericalError, PromptError, PromptTooLongError
+from .errors import (
+    ConfigError,
+    NumericalError,
+    PromptError,
+    PromptTooLongError,
+    UnsupportedError,
+)
 from .model import ModelArgs, Transformer, build_empty
 from .prompt_formats import (
     UNSAFE_ERROR,
@@ -35,6 +42,9 @@ from .tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length"]
 DEFAULT_PREFILL_CHUNK = 512
+# Cost of one pass over the weights, in prompt tokens, when grouping rows for prefill.
+PREFILL_GROUP_OVERHEAD = 64
+_SAMPLING_EXTRAS = frozenset({"top_k", "min_p", "repetition_penalty"})
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -109,12 +119,18 @@ class Llama:
         for name, value in (
             ("max_seq_len", max_seq_len),
             ("max_batch_size", max_batch_size),
+            ("prefill_chunk_size", prefill_chunk_size),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer (>= 1), got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be an integer, got {seed!r}")
         for name, path in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
             if not isinstance(path, (str, os.PathLike)):
-                raise ConfigError(f"{name} must be a path, got {type(path).__name__}")
+                raise ConfigError(
+                    f"{name} must be a path (str or os.PathLike), got {type(path).__name__}: "
+                    f"{path!r:.60}"
+                )
         start = time.time()
         dev = distributed.resolve_device(device)
         dt = distributed.resolve_dtype(dtype, dev)
@@ -200,7 +216,8 @@ class Llama:
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> list[list[int]]:
         if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):
             raise PromptError(
-                f"prompt_tokens must be a list of token-id lists, got {type(prompt_tokens).__name__}"
+                "prompt_tokens must be a list of token-id lists, got "
+                f"{type(prompt_tokens).__name__}: {prompt_tokens!r:.60}"
             )
         vocab = self.model.params.vocab_size
         out = []
@@ -208,6 +225,7 @@ class Llama:
             if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
                 raise PromptError(
                     f"prompt {i} must be a list of token ids, got {type(p).__name__}: {p!r:.60}"
+                    " (prompt_tokens is a list of prompts: wrap a single prompt as [ids])"
                 )
             if len(p) == 0:
                 raise PromptError(
@@ -215,13 +233,18 @@ class Llama:
                     f"id {self.tokenizer.bos_id})"
                 )
             ids = list(p)
-            bad = [
-                t
-                for t in ids
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
-            ]
+            not_int = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
+            if not_int:
+                raise PromptError(
+                    f"prompt {i} has token ids that are not integers: {not_int[:5]!r:.120}; "
+                    "pass lists of int ids (e.g. tokenizer.encode(text, bos=True, eos=False))"
+                )
+            bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise PromptError(f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
+                raise PromptError(
+                    f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}; "
+                    "encode prompts with this model's tokenizer"
+                )
             if len(ids) > self.max_seq_len:
                 raise PromptTooLongError(
                     f"prompt {i} has {len(ids)} tokens but max_seq_len is {self.max_seq_len}; "
@@ -253,7 +276,22 @@ class Llama:
             raise PromptError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
         if not isinstance(sampling, SamplingParams):
             raise PromptError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        stops = frozenset(int(t) for t in stop_tokens)
+        if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
+            raise PromptError(f"stop_tokens must be a list of token ids, got {stop_tokens!r:.80}")
+        stop_ids = []
+        for t in stop_tokens:
+            try:
+                stop_ids.append(operator.index(t) if not isinstance(t, bool) else None)
+            except TypeError:
+                stop_ids.append(None)
+            if stop_ids[-1] is None:
+                raise PromptError(
+                    f"stop token {t!r:.40} is not an integer token id; pass ids such as "
+                    f"tokenizer.eos_id ({self.tokenizer.eos_id}), or -1 for none"
+                )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise PromptError(f"seed must be an integer or None, got {seed!r:.40}")
+        stops = frozenset(stop_ids)
         distributed.check_same_on_all_ranks(
             "prompts or sampling parameters",
             (prompts, max_gen_len, sampling, logprobs, echo, sorted(stops), seed),
@@ -282,6 +320,55 @@ class Llama:
             tokens, lps if logprobs else None, row.finish_reason, len(row.prompt)
         )
 
+    def _prefill(
+        self, prompt: torch.Tensor, lens: list[int], rows: list[_Row], echo_lp: bool
+    ) -> torch.Tensor:
+        """Fill the KV cache with the prompts; return each row's last-position logits.
+
+        Rows (sorted longest first) are prefilled in groups of similar length so that little
+        work is spent on padding, each group in chunks of at most ``prefill_chunk_size``
+        tokens so that memory stays bounded whatever the prompt length. With ``echo_lp`` the
+        prompt tokens' logprobs are stored in ``rows``.
+        """
+        model, device = self.model, self.model.device
+        vocab = model.params.vocab_size
+        last = torch.empty((len(lens), vocab), device=device)
+        for a, b in _prefill_groups(lens, PREFILL_GROUP_OVERHEAD):
+            chunk = self.prefill_chunk_size
+            if echo_lp:  # all-position logits: bound the (rows, chunk, V) tensor to ~256 MiB
+                chunk = max(1, min(chunk, 2**26 // ((b - a) * vocab)))
+            ends = [n - 1 for n in lens[a:b]]
+            for s in range(0, lens[a], chunk):
+                e = min(s + chunk, lens[a])
+                tokens = prompt[a:b, s:e]
+                done = [i for i, n in enumerate(ends) if s <= n < e]
+                if not done and not echo_lp:
+                    model.fill_cache(tokens, s, row_offset=a)
+                    continue
+                idx = torch.tensor([min(max(n - s, 0), e - s - 1) for n in ends], device=device)
+                if echo_lp:
+                    logits = model.forward_tokens(tokens, s, row_offset=a)
+                    self._store_prompt_logprobs(logits, prompt[a:b], s, rows[a:b])
+                    picked = logits[torch.arange(b - a, device=device), idx]
+                else:
+                    picked = model.forward_tokens(tokens, s, logits_index=idx, row_offset=a)
+                for i in done:
+                    last[a + i] = picked[i]
+        return last
+
+    @staticmethod
+    def _store_prompt_logprobs(
+        logits: torch.Tensor, prompt: torch.Tensor, start: int, rows: list[_Row]
+    ) -> None:
+        """logprob of prompt token p+1 given the prefix up to p, for the chunk's positions."""
+        targets = prompt[:, start + 1 : start + 1 + logits.shape[1]]
+        n = targets.shape[1]
+        lp = torch.log_softmax(logits[:, :n], dim=-1).gather(-1, targets.unsqueeze(-1))
+        for r, values in zip(rows, lp.squeeze(-1).tolist()):
+            for j, value in enumerate(values):
+                if start + 1 + j < len(r.prompt):
+                    r.logprobs[start + 1 + j] = value
+
     def _run_batch(
         self,
         rows: list[_Row],
@@ -290,59 +377,27 @@ class Llama:
         echo: bool,
         stops: frozenset[int],
         generator: torch.Generator,
-    ) -> Iterator[list[tuple[int, int]]]:
+    ) -> Iterator[list[tuple[_Row, int]]]:
         """Prefill then decode ``rows`` together; yields the (row, token) pairs of each step."""
         model, device = self.model, self.model.device
+        rows = sorted(rows, key=lambda r: -len(r.prompt))  # longest first: see _prefill_groups
         bsz = len(rows)
         lens = [len(r.prompt) for r in rows]
-        max_len = max(lens)
+        max_len = lens[0]
         prompt = torch.zeros((bsz, max_len), dtype=torch.long)
         for i, r in enumerate(rows):
             prompt[i, : lens[i]] = torch.tensor(r.prompt, dtype=torch.long)
         prompt = prompt.to(device)
         lens_t = torch.tensor(lens, device=device)
+        echo_lp = want_logprobs and echo
         for r in rows:
-            if want_logprobs and echo:
+            if echo_lp:
                 r.logprobs = [0.0] * len(r.prompt)  # the first token has no prediction
             if r.budget == 0:
                 r.finish_reason = "length"
-        if all(r.budget == 0 for r in rows) and not (want_logprobs and echo):
+        if all(r.budget == 0 for r in rows) and not echo_lp:
             return
-
-        # Prefill all rows in chunks over the same positions (short rows are right-padded:
-        # their padding lands in cache slots that decoding overwrites before reading).
-        chunk = self.prefill_chunk_size
-        echo_lp = want_logprobs and echo
-        if echo_lp:  # all-position logits: bound the (B, chunk, V) tensor to ~256 MiB
-            chunk = max(1, min(chunk, 2**26 // (bsz * model.params.vocab_size)))
-        last_logits = torch.empty((bsz, model.params.vocab_size), device=device)
-        for s in range(0, max_len, chunk):
-            e = min(s + chunk, max_len)
-            in_chunk = [s <= n - 1 < e for n in lens]
-            if echo_lp:
-                logits = model.forward_tokens(prompt[:, s:e], s)
-                targets = prompt[:, s + 1 : e + 1]
-                n_t = targets.shape[1]
-                lp = torch.log_softmax(logits[:, :n_t], dim=-1).gather(-1, targets.unsqueeze(-1))
-                lp_rows = lp.squeeze(-1).tolist()
-                for i, r in enumerate(rows):
-                    for j in range(n_t):
-                        if s + 1 + j < lens[i]:
-                            r.logprobs[s + 1 + j] = lp_rows[i][j]
-                if any(in_chunk):
-                    idx = (lens_t - 1 - s).clamp(0, e - s - 1)
-                    picked = logits[torch.arange(bsz, device=device), idx]
-                    mask = torch.tensor(in_chunk, device=device).unsqueeze(1)
-                    last_logits = torch.where(mask, picked, last_logits)
-            elif any(in_chunk):
-                idx = (lens_t - 1 - s).clamp(0, e - s - 1)
-                picked = model.forward_tokens(prompt[:, s:e], s, logits_index=idx)
-                mask = torch.tensor(in_chunk, device=device).unsqueeze(1)
-                last_logits = (
-                    torch.where(mask, picked, last_logits) if not all(in_chunk) else picked
-                )
-            else:
-                model.forward_tokens(prompt[:, s:e], s, logits_index=torch.zeros_like(lens_t))
+        last_logits = self._prefill(prompt, lens, rows, echo_lp)
 
         # Decode: every row one token per step at its own position.
         uniform = len(set(lens)) == 1 and not self.compiled
@@ -385,7 +440,7 @@ class Llama:
                 r.tokens.append(tok)
                 if want_logprobs:
                     r.logprobs.append(host[2][i])
-                emitted.append((i, tok))
+                emitted.append((r, tok))
                 if len(r.tokens) >= r.budget:
                     r.finish_reason = "length"
             yield emitted
@@ -420,6 +475,12 @@ class Llama:
 
         Extra keyword arguments (``top_k``, ``min_p``, ``repetition_penalty``) refine sampling.
         """
+        unknown = sorted(set(sampling_kwargs) - _SAMPLING_EXTRAS)
+        if unknown:
+            raise PromptError(
+                f"unknown sampling argument(s) {unknown}; the extra keywords are "
+                f"{sorted(_SAMPLING_EXTRAS)} (see SamplingParams)"
+            )
         stop = self.tokenizer.eos_id if stop_token is None else stop_token
         results = self.generate_results(
             prompt_tokens,
@@ -476,6 +537,8 @@ class Llama:
         **sampling_kwargs: Any,
     ) -> list[InfillingPrediction]:
         """Fill the middle between each prefix and suffix (7B/13B base and Instruct)."""
+        if not self.tokenizer.supports_infilling:
+            infilling_prompt_tokens(self.tokenizer, "", "")  # raises UnsupportedError
         _check_str_list("prefixes", prefixes)
         _check_str_list("suffixes", suffixes)
         if len(prefixes) != len(suffixes):
@@ -487,10 +550,12 @@ class Llama:
             infilling_prompt_tokens(self.tokenizer, p, s, suffix_first=suffix_first)
             for p, s in zip(prefixes, suffixes)
         ]
-        assert self.tokenizer.eot_id is not None
+        eot = self.tokenizer.eot_id
+        if eot is None:  # unreachable: supports_infilling checked it
+            raise UnsupportedError("the tokenizer has no end-of-infilling piece (▁<EOT>)")
         tokens, lps = self.generate(
             prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs,
-            echo=False, stop_token=self.tokenizer.eot_id, **sampling_kwargs,
+            echo=False, stop_token=eot, **sampling_kwargs,
         )  # fmt: skip
         out: list[InfillingPrediction] = []
         for i, t in enumerate(tokens):
@@ -515,7 +580,10 @@ class Llama:
     ) -> list[ChatPrediction]:
         """Answer each dialog as the assistant (Code Llama - Instruct formats)."""
         if isinstance(dialogs, (str, dict)) or not isinstance(dialogs, Sequence):
-            raise PromptError(f"dialogs must be a list of dialogs, got {type(dialogs).__name__}")
+            raise PromptError(
+                f"dialogs must be a list of dialogs (each a list of messages), got "
+                f"{type(dialogs).__name__}: {dialogs!r:.60}"
+            )
         for i, dialog in enumerate(dialogs):
             validate_dialog(dialog, index=i)
         prompt_tokens = [chat_prompt_tokens(self.tokenizer, d) for d in dialogs]
@@ -540,8 +608,34 @@ class Llama:
 
 
 def _check_str_list(name: str, values: object) -> None:
-    if isinstance(values, str) or not isinstance(values, Sequence):
-        raise PromptError(f"{name} must be a list of strings, got {type(values).__name__}")
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        hint = f"; wrap a single one in a list: [{values!r:.40}]" if isinstance(values, str) else ""
+        raise PromptError(
+            f"{name} must be a list of strings, got {type(values).__name__}: {values!r:.60}{hint}"
+        )
     for i, v in enumerate(values):
         if not isinstance(v, str):
             raise PromptError(f"{name}[{i}] must be a str, got {type(v).__name__}: {v!r:.60}")
+
+
+def _prefill_groups(lens: list[int], overhead: int) -> list[tuple[int, int]]:
+    """Split rows sorted by decreasing length into contiguous groups [a, b) for prefill.
+
+    A group costs ``overhead`` (a pass over the weights) plus its padded tokens
+    ``(b - a) * lens[a]``; dynamic programming finds the cheapest split. Equal lengths give
+    one group; very different lengths are prefilled apart instead of padded.
+    """
+    n = len(lens)
+    best = [0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + overhead + (j - i) * lens[i]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups = []
+    j = n
+    while j > 0:
+        groups.append((cut[j], j))
+        j = cut[j]
+    return groups[::-1]

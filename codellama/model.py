@@ -117,14 +117,19 @@ class ModelArgs:
                 f"n_kv_heads={self.n_kv_heads!r} must be a positive divisor of "
                 f"n_heads={self.n_heads} (or omitted for multi-head attention)"
             )
-        if not isinstance(self.vocab_size, int) or (self.vocab_size < 1 and self.vocab_size != -1):
-            raise ConfigError(f"vocab_size must be positive (or -1), got {self.vocab_size!r}")
-        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
-            raise ConfigError(f"ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier!r}")
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps!r}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        vocab = self.vocab_size
+        if isinstance(vocab, bool) or not isinstance(vocab, int) or (vocab < 1 and vocab != -1):
+            raise ConfigError(f"vocab_size must be a positive integer (or -1), got {vocab!r}")
+        for name in ("ffn_dim_multiplier", "norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if name == "ffn_dim_multiplier" and value is None:
+                continue  # optional: omitted in most params.json files
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 < value < float("inf")
+            ):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
         mp = model_parallel_size
         if kv % mp:
             raise ConfigError(
@@ -181,7 +186,8 @@ class StepInputs:
     ``positions`` is None when every row covers ``start_pos .. start_pos+T-1`` (then the
     cache is written with a slice), else a (B, T) tensor of per-row positions.
     ``mask`` is a boolean (B|1, 1, T, kv_len) mask or None; ``causal`` asks SDPA for a
-    top-left causal mask (valid only when the pass starts at position 0).
+    top-left causal mask (valid only when the pass starts at position 0). The pass reads and
+    writes cache rows ``row_offset .. row_offset+B-1``.
     """
 
     cos: torch.Tensor
@@ -191,6 +197,7 @@ class StepInputs:
     positions: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     causal: bool = False
+    row_offset: int = 0
 
 
 class KVCache(nn.Module):
@@ -217,17 +224,18 @@ class KVCache(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, D) and return the cached (B, Hkv, kv_len, D) views."""
         bsz, n_heads, seqlen, _ = k.shape
+        lo, hi = step.row_offset, step.row_offset + bsz
         if step.positions is None:
             end = step.start_pos + seqlen
-            self.k[:bsz, :, step.start_pos : end] = k
-            self.v[:bsz, :, step.start_pos : end] = v
+            self.k[lo:hi, :, step.start_pos : end] = k
+            self.v[lo:hi, :, step.start_pos : end] = v
         else:
             rows = torch.arange(bsz, device=k.device).view(bsz, 1, 1)
             heads = torch.arange(n_heads, device=k.device).view(1, n_heads, 1)
             pos = step.positions.view(bsz, 1, seqlen)
-            self.k[:bsz].index_put_((rows, heads, pos), k)
-            self.v[:bsz].index_put_((rows, heads, pos), v)
-        return self.k[:bsz, :, : step.kv_len], self.v[:bsz, :, : step.kv_len]
+            self.k[lo:hi].index_put_((rows, heads, pos), k)
+            self.v[lo:hi].index_put_((rows, heads, pos), v)
+        return self.k[lo:hi, :, : step.kv_len], self.v[lo:hi, :, : step.kv_len]
 
 
 class Attention(nn.Module):
@@ -364,6 +372,7 @@ class Transformer(nn.Module):
         dtype = dtype or self.dtype
         device = device or self.device
         for layer in self.layers:
+            assert isinstance(layer, TransformerBlock)
             attn = layer.attention
             attn.cache = None  # free the old cache before allocating the new one
             attn.cache = KVCache(
@@ -383,9 +392,18 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         positions: torch.Tensor | None = None,
         kv_len: int | None = None,
+        row_offset: int = 0,
     ) -> StepInputs:
         """Rotary angles, cache indices and attention mask for one forward pass."""
-        assert self.rope_cos is not None and self.rope_sin is not None
+        step = self._step_inputs(seqlen, start_pos, positions, kv_len)
+        step.row_offset = row_offset
+        return step
+
+    def _step_inputs(
+        self, seqlen: int, start_pos: int, positions: torch.Tensor | None, kv_len: int | None
+    ) -> StepInputs:
+        if self.rope_cos is None or self.rope_sin is None:
+            raise RuntimeError("rotary tables not allocated: call Transformer.setup_cache() first")
         max_len = self.params.max_seq_len
         if positions is None:
             end = start_pos + seqlen
@@ -411,6 +429,16 @@ class Transformer(nn.Module):
         mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)
         return StepInputs(cos, sin, 0, kv_len, positions=positions, mask=mask)
 
+    def _hidden(self, tokens: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, step)
+        return h
+
+    def fill_cache(self, tokens: torch.Tensor, start_pos: int = 0, row_offset: int = 0) -> None:
+        """Run ``tokens`` through the layers only to store their keys and values."""
+        self._hidden(tokens, self.step_inputs(tokens.shape[1], start_pos, row_offset=row_offset))
+
     def forward_tokens(
         self,
         tokens: torch.Tensor,
@@ -419,6 +447,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         kv_len: int | None = None,
         logits_index: torch.Tensor | None = None,
+        row_offset: int = 0,
     ) -> torch.Tensor:
         """Run the decoder and return float32 logits.
 
@@ -431,12 +460,15 @@ class Transformer(nn.Module):
                 max_seq_len, a static shape for torch.compile).
             logits_index: optional (B,) index into T; then only those positions are projected
                 to the vocabulary and (B, V) is returned, else (B, T, V).
+            row_offset: first KV-cache row used by this batch (rows are independent).
         """
         bsz, seqlen = tokens.shape
-        step = self.step_inputs(seqlen, start_pos, positions, kv_len)
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, step)
+        if row_offset < 0 or row_offset + bsz > self.params.max_batch_size:
+            raise ValueError(
+                f"cache rows {row_offset}..{row_offset + bsz - 1} exceed max_batch_size="
+                f"{self.params.max_batch_size}"
+            )
+        h = self._hidden(tokens, self.step_inputs(seqlen, start_pos, positions, kv_len, row_offset))
         if logits_index is not None:
             h = h[torch.arange(bsz, device=h.device), logits_index].unsqueeze(1)
             return self.output(self.norm(h)).float().squeeze(1)

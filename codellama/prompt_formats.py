@@ -81,9 +81,14 @@ def validate_dialog(dialog: Dialog, *, index: int | None = None) -> None:
     """Raise :class:`PromptError` unless ``dialog`` is [system], user, assistant, ..., user."""
     where = "" if index is None else f"dialog {index}: "
     if isinstance(dialog, (str, bytes)) or not isinstance(dialog, Sequence):
+        hint = (
+            "; chat_completion takes a list of dialogs: pass [[message, ...]], not [message, ...]"
+            if isinstance(dialog, dict)
+            else ""
+        )
         raise PromptError(
             f"{where}a dialog must be a list of messages "
-            f'({{"role": ..., "content": ...}}), got {type(dialog).__name__}'
+            f'({{"role": ..., "content": ...}}), got {type(dialog).__name__}: {dialog!r:.60}{hint}'
         )
     if len(dialog) == 0:
         raise PromptError(f"{where}a dialog needs at least one user message, got an empty list")

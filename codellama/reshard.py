@@ -197,7 +197,7 @@ def reshard(
     try:
         return write_checkpoint(
             out,
-            reshard_state_dicts(shards, mp),  # type: ignore[arg-type]  # consumed lazily
+            reshard_state_dicts(shards, mp),  # consumed lazily
             params,
             tokenizer if tokenizer.is_file() else None,
             overwrite,

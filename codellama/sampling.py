@@ -87,11 +87,18 @@ def sample(
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return torch.argmax(logits, dim=-1)
+    best = torch.argmax(logits, dim=-1, keepdim=True)
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    # A row whose probabilities are not finite (NaN/inf logits, or a temperature so small that
+    # logits / temperature overflows) falls back to its argmax, the temperature -> 0 limit,
+    # instead of failing inside torch.multinomial; callers check the logits themselves
+    # (Llama raises NumericalError naming the step). Branch-free: no host sync.
+    ok = torch.isfinite(probs).all(dim=-1, keepdim=True)
+    probs = torch.where(ok, probs, torch.zeros_like(probs).scatter_(-1, best, 1.0))
     if params.min_p > 0:
         floor = probs.amax(dim=-1, keepdim=True) * params.min_p
         probs = probs.masked_fill(probs < floor, 0.0)

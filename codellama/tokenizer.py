@@ -22,6 +22,11 @@ class Tokenizer:
 
     def __init__(self, model_path: str | os.PathLike[str]):
         path = os.fspath(model_path)
+        if os.path.isdir(path):
+            raise CheckpointNotFoundError(
+                f"tokenizer path {path!r} is a directory, not a file; pass the tokenizer.model "
+                f"file itself (e.g. {os.path.join(path, 'tokenizer.model')!r})"
+            )
         if not os.path.isfile(path):
             raise CheckpointNotFoundError(
                 f"tokenizer file {path!r} does not exist; pass the tokenizer.model that came "

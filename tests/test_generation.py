@@ -230,3 +230,13 @@ def test_compiled_decode_equals_eager(make_checkpoint, build):
     want = eager.generate(prompts, 8, temperature=0, stop_token=-1)[0]
     compiled = build(ckpt, max_seq_len=48, compile=True)
     assert compiled.generate(prompts, 8, temperature=0, stop_token=-1)[0] == want
+
+
+def test_prefill_groups_equal_lengths_together_and_split_far_apart_ones():
+    from codellama.generation import _prefill_groups
+
+    assert _prefill_groups([32] * 8, 64) == [(0, 8)]
+    groups = _prefill_groups([512, 400, 300, 200, 128, 80, 48, 16], 64)
+    assert groups[0] == (0, 1)  # the longest prompt is not padded with the short ones
+    assert groups[-1][1] == 8 and all(a < b for a, b in groups)
+    assert [b for _, b in groups[:-1]] == [a for a, _ in groups[1:]]  # contiguous cover

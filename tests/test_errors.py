@@ -1,0 +1,743 @@
+"""Every bad input gets a typed error naming the bad value; graceful edge cases just work.
+
+Each table row is (call, exception type, regex the message must match). The calls take a
+``Ctx`` holding a built model (max_seq_len 32, max_batch_size 2), its tokenizer, a model whose
+tokenizer has no infilling pieces, and helpers that write broken checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from codellama import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CodeLlamaError,
+    ConfigError,
+    DistributedError,
+    Llama,
+    NumericalError,
+    PromptError,
+    PromptTooLongError,
+    SamplingParams,
+    Tokenizer,
+    UnsupportedError,
+    chat_prompt_tokens,
+    infilling_prompt_tokens,
+)
+from codellama.demo import train_tokenizer
+
+from .conftest import GQA_ARGS
+
+MAX_SEQ_LEN = 32
+MAX_BATCH = 2
+VOCAB = 512  # the tiny test tokenizers' vocabulary
+
+
+def _build(ckpt: Path, tokenizer: Path | None = None, **kw: Any) -> Llama:
+    kw.setdefault("device", "cpu")
+    kw.setdefault("dtype", "float32")
+    tok = tokenizer or ckpt / "tokenizer.model"
+    return Llama.build(str(ckpt), str(tok), MAX_SEQ_LEN, MAX_BATCH, **kw)
+
+
+@dataclass
+class Ctx:
+    ckpt: Path  # a good checkpoint (GQA_ARGS, vocab 512)
+    tmp: Path
+    llama: Llama
+    plain: Llama  # its tokenizer has no infilling pieces (like Code Llama - Python)
+    small_tokenizer: Path  # a tokenizer with 400 pieces
+
+    @property
+    def tok(self) -> Tokenizer:
+        return self.llama.tokenizer
+
+    def copy(self, name: str) -> Path:
+        """A copy of the good checkpoint (shards linked, not copied) to break."""
+        d = self.tmp / name
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir()
+        for f in self.ckpt.iterdir():
+            if f.suffix == ".pth":
+                (d / f.name).symlink_to(f)
+            else:
+                shutil.copyfile(f, d / f.name)
+        return d
+
+    def with_params(self, name: str, text: str | None = None, **changes: Any) -> Path:
+        """A checkpoint whose params.json is ``text``, or the good one with ``changes``
+        (a value of ``...`` deletes the key)."""
+        d = self.copy(name)
+        if text is None:
+            params = json.loads((d / "params.json").read_text())
+            for k, v in changes.items():
+                if v is ...:
+                    params.pop(k, None)
+                else:
+                    params[k] = v
+            text = json.dumps(params)
+        (d / "params.json").write_text(text)
+        return d
+
+    def kwargs(self, **override: Any) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(
+            ckpt_dir=str(self.ckpt),
+            tokenizer_path=str(self.ckpt / "tokenizer.model"),
+            max_seq_len=MAX_SEQ_LEN,
+            max_batch_size=MAX_BATCH,
+            device="cpu",
+            dtype="float32",
+        )
+        kw.update(override)
+        return kw
+
+
+@pytest.fixture(scope="module")
+def ctx(make_checkpoint, plain_tokenizer_path, tmp_path_factory) -> Ctx:
+    ckpt = make_checkpoint(GQA_ARGS)
+    plain_ckpt = make_checkpoint(GQA_ARGS, tokenizer=plain_tokenizer_path)
+    tmp = tmp_path_factory.mktemp("broken")
+    (tmp / "empty").mkdir()
+    small = train_tokenizer(tmp / "small" / "tokenizer.model", vocab_size=400)
+    return Ctx(ckpt, tmp, _build(ckpt), _build(plain_ckpt), small)
+
+
+def esc(*parts: str) -> str:
+    """A regex matching the literal ``parts`` in this order, anything between them."""
+    return ".*".join(re.escape(p) for p in parts)
+
+
+def _raises(call: Callable[[Ctx], object], ctx: Ctx, exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc, match=match) as info:
+        call(ctx)
+    assert isinstance(info.value, CodeLlamaError)
+
+
+# --------------------------------------------------------------------------- Llama.build
+
+
+def _build_with(**override: Any) -> Callable[[Ctx], object]:
+    """Build with the good checkpoint except for ``override`` (values may be callables of ctx)."""
+
+    def call(c: Ctx) -> object:
+        kw = {k: (v(c) if callable(v) else v) for k, v in override.items()}
+        return Llama.build(**c.kwargs(**kw))
+
+    return call
+
+
+def _params_case(text: str | None = None, **changes: Any) -> Callable[[Ctx], object]:
+    def call(c: Ctx) -> object:
+        d = c.with_params("params", text, **changes)
+        return _build(d)
+
+    return call
+
+
+def _remove(name: str) -> Callable[[Ctx], object]:
+    def call(c: Ctx) -> object:
+        d = c.copy(f"without-{name}")
+        (d / name).unlink()
+        return _build(d)
+
+    return call
+
+
+def _bad_shard(kind: str) -> Callable[[Ctx], object]:
+    """A checkpoint whose consolidated.00.pth is truncated / unsafe / missing a key."""
+
+    def call(c: Ctx) -> object:
+        d = c.copy(f"shard-{kind}")
+        shard = d / "consolidated.00.pth"
+        good = (c.ckpt / "consolidated.00.pth").read_bytes()
+        shard.unlink()
+        if kind == "truncated":
+            shard.write_bytes(good[: len(good) // 2])
+        elif kind == "unsafe":
+            torch.save({"norm.weight": torch.ones(2), "code": _NotATensor()}, shard)
+        elif kind == "missing-key":
+            sd = torch.load(c.ckpt / "consolidated.00.pth", weights_only=True)
+            del sd["norm.weight"]
+            torch.save(sd, shard)
+        return _build(d)
+
+    return call
+
+
+class _NotATensor:
+    """Pickled into a shard: loading it would need to run code, so it is refused."""
+
+
+def _vocab_mismatch(vocab_in_params: object) -> Callable[[Ctx], object]:
+    """A 512-row checkpoint opened with a 400-piece tokenizer."""
+
+    def call(c: Ctx) -> object:
+        d = c.with_params(f"vocab-{vocab_in_params}", vocab_size=vocab_in_params)
+        return _build(d, tokenizer=c.small_tokenizer)
+
+    return call
+
+
+def _non_int_cases(name: str, values: list[object]) -> list[Any]:
+    return [
+        pytest.param(
+            _build_with(**{name: v}),
+            ConfigError,
+            re.escape(f"{name} must be a positive integer (>= 1), got {v!r}"),
+            id=f"{name}={v!r}",
+        )
+        for v in values
+    ]
+
+
+BUILD_CASES = [
+    # paths
+    pytest.param(
+        _build_with(ckpt_dir=lambda c: str(c.tmp / "no-such-ckpt")),
+        CheckpointNotFoundError, esc("no-such-ckpt", "does not exist"),
+        id="ckpt_dir-missing",
+    ),
+    pytest.param(
+        _build_with(ckpt_dir=lambda c: str(c.ckpt / "consolidated.00.pth")),
+        CheckpointNotFoundError, esc("consolidated.00.pth", "is a file, not a directory"),
+        id="ckpt_dir-is-a-file",
+    ),
+    pytest.param(
+        _build_with(ckpt_dir=lambda c: str(c.tmp / "empty")),
+        CheckpointNotFoundError, esc("no checkpoint files (*.pth) in", "empty"),
+        id="ckpt_dir-without-shards",
+    ),
+    pytest.param(
+        _build_with(ckpt_dir=None), ConfigError, esc("ckpt_dir must be a path", "None"),
+        id="ckpt_dir-None",
+    ),
+    pytest.param(
+        _build_with(tokenizer_path=lambda c: str(c.tmp / "no-such.model")),
+        CheckpointNotFoundError, esc("no-such.model", "does not exist"),
+        id="tokenizer_path-missing",
+    ),
+    pytest.param(
+        _build_with(tokenizer_path=lambda c: str(c.ckpt)),
+        CheckpointNotFoundError, esc("is a directory, not a file", "tokenizer.model"),
+        id="tokenizer_path-is-a-dir",
+    ),
+    pytest.param(
+        _build_with(tokenizer_path=lambda c: str(c.ckpt / "params.json")),
+        CheckpointError, esc("params.json", "is not a SentencePiece model"),
+        id="tokenizer_path-not-sentencepiece",
+    ),
+    pytest.param(
+        _build_with(tokenizer_path=42), ConfigError, esc("tokenizer_path must be a path", "42"),
+        id="tokenizer_path-int",
+    ),
+    pytest.param(
+        _remove("params.json"), CheckpointNotFoundError, esc("params.json", "does not exist"),
+        id="params.json-missing",
+    ),
+    # sizes
+    *_non_int_cases("max_seq_len", [0, -5, 1.5, "128", None, True]),
+    *_non_int_cases("max_batch_size", [0, -1, 2.0]),
+    *_non_int_cases("prefill_chunk_size", [0, -1, "512"]),
+    # model parallelism
+    pytest.param(
+        _build_with(model_parallel_size=2), ConfigError,
+        esc("model_parallel_size=2 but 1 process(es) are running", "model_parallel_size=1"),
+        id="model_parallel_size-exceeds-world",
+    ),
+    pytest.param(
+        _build_with(model_parallel_size=0), ConfigError,
+        re.escape("model_parallel_size must be a positive integer, got 0"),
+        id="model_parallel_size=0",
+    ),
+    pytest.param(
+        _build_with(model_parallel_size="1"), ConfigError,
+        re.escape("model_parallel_size must be a positive integer, got '1'"),
+        id="model_parallel_size-str",
+    ),
+    # device and dtype
+    pytest.param(
+        _build_with(device="gpu"), ConfigError, esc("device='gpu' is not a device", "'cpu'"),
+        id="device=gpu",
+    ),
+    pytest.param(
+        _build_with(device="meta"), ConfigError, esc("device='meta' is not supported", "'cpu'"),
+        id="device=meta",
+    ),
+    pytest.param(
+        _build_with(device=3.5), ConfigError, re.escape("device=3.5 is not a device"),
+        id="device-float",
+    ),
+    pytest.param(
+        _build_with(device="cuda"), ConfigError, esc("device='cuda'", "device='cpu'"),
+        id="device=cuda-without-cuda",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+    ),
+    *[
+        pytest.param(
+            _build_with(dtype=v), ConfigError,
+            esc(f"dtype={v!r} is not supported", "'float32', 'bfloat16', 'float16'"),
+            id=f"dtype={v!r}",
+        )
+        for v in ["float64", "int8", "fp8", torch.int64, 16]
+    ],
+    pytest.param(
+        _build_with(seed="x"), ConfigError, re.escape("seed must be an integer, got 'x'"),
+        id="seed-str",
+    ),
+]  # fmt: skip
+
+PARAMS_CASES = [
+    pytest.param(_params_case("{dim: 64"), ConfigError, esc("params.json", "is not valid JSON"),
+                 id="invalid-json"),
+    pytest.param(_params_case("[64, 2]"), ConfigError,
+                 esc("params.json", "must hold a JSON object", "got a JSON list"), id="json-list"),
+    pytest.param(_params_case(foo=1, bar=2), ConfigError,
+                 esc("unknown keys ['bar', 'foo']", "known keys are"), id="unknown-keys"),
+    pytest.param(_params_case(n_heads=5), ConfigError,
+                 esc("n_heads=5 must divide dim=64", "divisors of 64"), id="n_heads-not-dividing-dim"),
+    pytest.param(_params_case(n_kv_heads=16), ConfigError,
+                 re.escape("n_kv_heads=16 must be a positive divisor of n_heads=8"),
+                 id="n_kv_heads-above-n_heads"),
+    pytest.param(_params_case(n_kv_heads=3), ConfigError,
+                 re.escape("n_kv_heads=3 must be a positive divisor of n_heads=8"),
+                 id="n_kv_heads-not-dividing-n_heads"),
+    pytest.param(_params_case(n_kv_heads=-4), ConfigError, re.escape("n_kv_heads=-4 must be"),
+                 id="n_kv_heads-negative"),
+    pytest.param(_params_case(n_kv_heads="4"), ConfigError, re.escape("n_kv_heads='4' must be"),
+                 id="n_kv_heads-str"),
+    pytest.param(_params_case(dim=-64), ConfigError,
+                 re.escape("dim must be a positive integer, got -64"), id="dim-negative"),
+    pytest.param(_params_case(dim="64"), ConfigError,
+                 re.escape("dim must be a positive integer, got '64'"), id="dim-str"),
+    pytest.param(_params_case(dim=60, n_heads=4, n_kv_heads=...), ConfigError,
+                 re.escape("head_dim = dim/n_heads = 15 must be even"), id="head_dim-odd"),
+    pytest.param(_params_case(n_layers=0), ConfigError,
+                 re.escape("n_layers must be a positive integer, got 0"), id="n_layers-zero"),
+    pytest.param(_params_case(n_heads=8.0), ConfigError,
+                 re.escape("n_heads must be a positive integer, got 8.0"), id="n_heads-float"),
+    pytest.param(_params_case(multiple_of=-16), ConfigError,
+                 re.escape("multiple_of must be a positive integer, got -16"),
+                 id="multiple_of-negative"),
+    pytest.param(_params_case(norm_eps=-1e-5), ConfigError,
+                 re.escape("norm_eps must be a finite number > 0, got -1e-05"),
+                 id="norm_eps-negative"),
+    pytest.param(_params_case(norm_eps="1e-5"), ConfigError,
+                 re.escape("norm_eps must be a finite number > 0, got '1e-5'"), id="norm_eps-str"),
+    pytest.param(_params_case(rope_theta=0), ConfigError,
+                 re.escape("rope_theta must be a finite number > 0, got 0"), id="rope_theta-zero"),
+    pytest.param(_params_case(rope_theta=float("inf")), ConfigError,
+                 re.escape("rope_theta must be a finite number > 0, got inf"), id="rope_theta-inf"),
+    pytest.param(_params_case(ffn_dim_multiplier="1.3"), ConfigError,
+                 re.escape("ffn_dim_multiplier must be a finite number > 0, got '1.3'"),
+                 id="ffn_dim_multiplier-str"),
+    pytest.param(_params_case(ffn_dim_multiplier=-1.3), ConfigError,
+                 re.escape("ffn_dim_multiplier must be a finite number > 0, got -1.3"),
+                 id="ffn_dim_multiplier-negative"),
+    pytest.param(_params_case(vocab_size=1000), ConfigError,
+                 esc("vocab_size=1000", f"has {VOCAB} pieces", "use the tokenizer.model"),
+                 id="vocab_size-differs-from-tokenizer"),
+    pytest.param(_params_case(vocab_size=-7), ConfigError, esc("vocab_size=-7", f"{VOCAB} pieces"),
+                 id="vocab_size-negative"),
+]  # fmt: skip
+
+CHECKPOINT_CASES = [
+    pytest.param(
+        _vocab_mismatch(...), CheckpointError,
+        esc("shape mismatches", "tok_embeddings.weight in consolidated.00.pth",
+            f"({VOCAB}, 64), expected (400, 64)"),
+        id="embedding-rows-differ-from-tokenizer",
+    ),
+    pytest.param(
+        _vocab_mismatch(-1), CheckpointError,
+        esc("output.weight in consolidated.00.pth", f"({VOCAB}, 64), expected (400, 64)"),
+        id="embedding-rows-differ-vocab_size=-1",
+    ),
+    pytest.param(_bad_shard("truncated"), CheckpointError,
+                 esc("consolidated.00.pth", "truncated or corrupt"), id="shard-truncated"),
+    pytest.param(_bad_shard("unsafe"), CheckpointError,
+                 esc("refusing to load", "consolidated.00.pth"), id="shard-with-code"),
+    pytest.param(_bad_shard("missing-key"), CheckpointError,
+                 esc("missing keys: norm.weight (not in consolidated.00.pth)"),
+                 id="shard-missing-key"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call, exc, match", BUILD_CASES + PARAMS_CASES + CHECKPOINT_CASES)
+def test_build_rejects_bad_input(ctx, call, exc, match):
+    _raises(call, ctx, exc, match)
+
+
+# --------------------------------------------------------------------------- generation APIs
+
+
+def _prompts_case(prompts: object) -> Callable[[Ctx], object]:
+    return lambda c: c.llama.text_completion(prompts, max_gen_len=2)  # type: ignore[arg-type]
+
+
+def _sampling_case(**kw: Any) -> Callable[[Ctx], object]:
+    return lambda c: c.llama.text_completion(["x"], **{"max_gen_len": 2, **kw})
+
+
+def _tokens_case(prompt_tokens: object, **kw: Any) -> Callable[[Ctx], object]:
+    return lambda c: c.llama.generate(prompt_tokens, 2, **kw)  # type: ignore[arg-type]
+
+
+def _results_case(**kw: Any) -> Callable[[Ctx], object]:
+    return lambda c: c.llama.generate_results([[1, 5]], 2, **kw)
+
+
+def _chat_case(dialogs: object) -> Callable[[Ctx], object]:
+    return lambda c: c.llama.chat_completion(dialogs, max_gen_len=2)  # type: ignore[arg-type]
+
+
+def _infill_case(prefixes: object, suffixes: object, plain: bool = False) -> Callable:
+    def call(c: Ctx) -> object:
+        llama = c.plain if plain else c.llama
+        return llama.text_infilling(prefixes, suffixes, max_gen_len=2)  # type: ignore[arg-type]
+
+    return call
+
+
+U = {"role": "user", "content": "hi"}
+A = {"role": "assistant", "content": "hello"}
+S = {"role": "system", "content": "be brief"}
+
+PROMPT_CASES = [
+    pytest.param(_prompts_case("def f("), PromptError,
+                 esc("prompts must be a list of strings, got str: 'def f('",
+                     "wrap a single one in a list: ['def f(']"), id="completion-str"),
+    pytest.param(_prompts_case(None), PromptError,
+                 re.escape("prompts must be a list of strings, got NoneType: None"),
+                 id="completion-None"),
+    pytest.param(_prompts_case(42), PromptError,
+                 re.escape("prompts must be a list of strings, got int: 42"), id="completion-int"),
+    pytest.param(_prompts_case([1]), PromptError,
+                 re.escape("prompts[0] must be a str, got int: 1"), id="completion-int-item"),
+    pytest.param(_prompts_case(["ok", None]), PromptError,
+                 re.escape("prompts[1] must be a str, got NoneType: None"),
+                 id="completion-None-item"),
+    pytest.param(_prompts_case([b"x = 1"]), PromptError,
+                 re.escape("prompts[0] must be a str, got bytes: b'x = 1'"),
+                 id="completion-bytes-item"),
+]  # fmt: skip
+
+SAMPLING_CASES = [
+    pytest.param(_sampling_case(temperature=-0.1), PromptError,
+                 re.escape("temperature must be >= 0 (0 means greedy), got -0.1"),
+                 id="temperature-negative"),
+    pytest.param(_sampling_case(temperature=float("nan")), PromptError,
+                 re.escape("temperature must be a finite number, got nan"), id="temperature-nan"),
+    pytest.param(_sampling_case(temperature="hot"), PromptError,
+                 re.escape("temperature must be a finite number, got 'hot'"), id="temperature-str"),
+    *[
+        pytest.param(_sampling_case(top_p=v), PromptError,
+                     re.escape(f"top_p must be in (0, 1], got {v!r}"), id=f"top_p={v!r}")
+        for v in [0, 0.0, 1.5, -0.2]
+    ],
+    pytest.param(_sampling_case(top_p=None), PromptError,
+                 re.escape("top_p must be a finite number, got None"), id="top_p-None"),
+    pytest.param(_sampling_case(top_k=-1), PromptError,
+                 re.escape("top_k must be an integer >= 0 (0 = off), got -1"), id="top_k-negative"),
+    pytest.param(_sampling_case(top_k=2.5), PromptError,
+                 re.escape("top_k must be an integer >= 0 (0 = off), got 2.5"), id="top_k-float"),
+    pytest.param(_sampling_case(min_p=1.0), PromptError,
+                 re.escape("min_p must be in [0, 1) (0 = off), got 1.0"), id="min_p-one"),
+    pytest.param(_sampling_case(min_p=-0.1), PromptError,
+                 re.escape("min_p must be in [0, 1) (0 = off), got -0.1"), id="min_p-negative"),
+    pytest.param(_sampling_case(repetition_penalty=0), PromptError,
+                 re.escape("repetition_penalty must be > 0 (1 = off), got 0"),
+                 id="repetition_penalty-zero"),
+    pytest.param(_sampling_case(top_q=0.5), PromptError,
+                 esc("unknown sampling argument(s) ['top_q']", "'top_k'"), id="unknown-kwarg"),
+    *[
+        pytest.param(_sampling_case(max_gen_len=v), PromptError,
+                     re.escape(f"max_gen_len must be an integer >= 0, got {v!r}"),
+                     id=f"max_gen_len={v!r}")
+        for v in [-1, 2.5, "8", True]
+    ],
+    pytest.param(lambda c: c.llama.text_completion([], temperature=-1), PromptError,
+                 re.escape("temperature must be >= 0 (0 means greedy), got -1"),
+                 id="bad-temperature-with-empty-batch"),
+    pytest.param(lambda c: c.llama.text_completion([], max_gen_len=-3), PromptError,
+                 re.escape("max_gen_len must be an integer >= 0, got -3"),
+                 id="bad-max_gen_len-with-empty-batch"),
+]  # fmt: skip
+
+TOKEN_CASES = [
+    pytest.param(_tokens_case("abc"), PromptError,
+                 re.escape("prompt_tokens must be a list of token-id lists, got str: 'abc'"),
+                 id="tokens-str"),
+    pytest.param(_tokens_case(None), PromptError,
+                 re.escape("prompt_tokens must be a list of token-id lists, got NoneType: None"),
+                 id="tokens-None"),
+    pytest.param(_tokens_case([1, 5, 9]), PromptError,
+                 esc("prompt 0 must be a list of token ids, got int: 1", "wrap a single prompt"),
+                 id="tokens-flat-list"),
+    pytest.param(_tokens_case([[1, "a"]]), PromptError,
+                 re.escape("prompt 0 has token ids that are not integers: ['a']"),
+                 id="tokens-str-id"),
+    pytest.param(_tokens_case([[1, 2.0]]), PromptError,
+                 re.escape("prompt 0 has token ids that are not integers: [2.0]"),
+                 id="tokens-float-id"),
+    pytest.param(_tokens_case([[1, True]]), PromptError,
+                 re.escape("prompt 0 has token ids that are not integers: [True]"),
+                 id="tokens-bool-id"),
+    pytest.param(_tokens_case([[1, VOCAB]]), PromptError,
+                 re.escape(f"prompt 0 has token ids outside the vocabulary [0, {VOCAB}): [{VOCAB}]"),
+                 id="tokens-id-too-large"),
+    pytest.param(_tokens_case([[1], [1, -1]]), PromptError,
+                 re.escape(f"prompt 1 has token ids outside the vocabulary [0, {VOCAB}): [-1]"),
+                 id="tokens-id-negative"),
+    pytest.param(_tokens_case([[]]), PromptError,
+                 esc("prompt 0 is empty", "BOS, id 1"), id="tokens-empty-prompt"),
+    pytest.param(_tokens_case([[1] * (MAX_SEQ_LEN + 1)]), PromptTooLongError,
+                 re.escape(f"prompt 0 has {MAX_SEQ_LEN + 1} tokens but max_seq_len is "
+                           f"{MAX_SEQ_LEN}; shorten it by 1 tokens or build with max_seq_len >= "
+                           f"{MAX_SEQ_LEN + 1}"),
+                 id="tokens-too-long"),
+    pytest.param(_tokens_case([[1, 5]], stop_token="eos"), PromptError,
+                 esc("stop token 'eos' is not an integer token id", "eos_id (2)"),
+                 id="stop_token-str"),
+    pytest.param(_tokens_case([[1, 5]], stop_token=1.5), PromptError,
+                 re.escape("stop token 1.5 is not an integer token id"), id="stop_token-float"),
+    pytest.param(_results_case(stop_tokens="2"), PromptError,
+                 re.escape("stop_tokens must be a list of token ids, got '2'"),
+                 id="stop_tokens-str"),
+    pytest.param(_results_case(sampling={"temperature": 0}), PromptError,
+                 re.escape("sampling must be a SamplingParams, got dict"), id="sampling-dict"),
+    pytest.param(_results_case(seed="x"), PromptError,
+                 re.escape("seed must be an integer or None, got 'x'"), id="seed-str"),
+]  # fmt: skip
+
+CHAT_CASES = [
+    pytest.param(_chat_case("hi"), PromptError,
+                 re.escape("dialogs must be a list of dialogs (each a list of messages), got str: 'hi'"),
+                 id="chat-str"),
+    pytest.param(_chat_case(None), PromptError,
+                 re.escape("dialogs must be a list of dialogs (each a list of messages), got NoneType"),
+                 id="chat-None"),
+    pytest.param(_chat_case([U]), PromptError,
+                 esc("dialog 0: a dialog must be a list of messages", "got dict",
+                     "pass [[message, ...]]"),
+                 id="chat-unwrapped-dialog"),
+    pytest.param(_chat_case([[]]), PromptError,
+                 re.escape("dialog 0: a dialog needs at least one user message, got an empty list"),
+                 id="chat-empty-dialog"),
+    pytest.param(_chat_case([[{"role": "bot", "content": "x"}]]), PromptError,
+                 esc("dialog 0: message 0 has role 'bot'", "'system', 'user' or 'assistant'"),
+                 id="chat-unknown-role"),
+    pytest.param(_chat_case([[{"content": "x"}]]), PromptError,
+                 re.escape("message 0 has role None"), id="chat-no-role"),
+    pytest.param(_chat_case([[U, U]]), PromptError,
+                 esc("roles out of order at 'user' message 1", "alternate"),
+                 id="chat-user-user"),
+    pytest.param(_chat_case([[A, U]]), PromptError,
+                 re.escape("roles out of order at 'assistant' message 0"),
+                 id="chat-starts-with-assistant"),
+    pytest.param(_chat_case([[S, S, U]]), PromptError,
+                 re.escape("roles out of order at 'system' message 1"), id="chat-two-systems"),
+    pytest.param(_chat_case([[U, A]]), PromptError,
+                 re.escape("the last message must be from 'user', got 'assistant'"),
+                 id="chat-ends-with-assistant"),
+    pytest.param(_chat_case([[S]]), PromptError,
+                 re.escape("the last message must be from 'user', got 'system'"),
+                 id="chat-system-only"),
+    pytest.param(_chat_case([[{"role": "user"}]]), PromptError,
+                 re.escape("message 0 (user) needs a 'content' string, got None"),
+                 id="chat-no-content"),
+    pytest.param(_chat_case([[{"role": "user", "content": 42}]]), PromptError,
+                 re.escape("message 0 (user) needs a 'content' string, got 42"),
+                 id="chat-int-content"),
+    pytest.param(_chat_case([[{"role": "user", "content": ["a"]}]]), PromptError,
+                 re.escape("needs a 'content' string, got ['a']"), id="chat-list-content"),
+    pytest.param(_chat_case([["hi"]]), PromptError,
+                 re.escape("dialog 0: message 0 must be a dict, got str"), id="chat-str-message"),
+    pytest.param(_chat_case([[{**U, "destination": 5}]]), PromptError,
+                 re.escape("message 0 has a non-string destination 5"),
+                 id="chat-int-destination"),
+    pytest.param(_chat_case([[U], [U, A]]), PromptError,
+                 re.escape("dialog 1: the last message must be from 'user'"),
+                 id="chat-second-dialog-bad"),
+    pytest.param(_chat_case([[{"role": "user", "content": "x " * 40}]]), PromptTooLongError,
+                 esc("prompt 0 has", f"tokens but max_seq_len is {MAX_SEQ_LEN}"),
+                 id="chat-too-long"),
+]  # fmt: skip
+
+INFILL_CASES = [
+    pytest.param(_infill_case(["a"], ["b"], plain=True), UnsupportedError,
+                 esc("has no infilling pieces", "infilling is supported by Code Llama 7B and 13B "
+                     "(base and Instruct)"), id="infill-unsupported"),
+    pytest.param(_infill_case([], [], plain=True), UnsupportedError,
+                 esc("infilling is supported by Code Llama 7B and 13B"),
+                 id="infill-unsupported-empty-batch"),
+    pytest.param(lambda c: infilling_prompt_tokens(c.plain.tokenizer, "a", "b"), UnsupportedError,
+                 esc("infilling is supported by Code Llama 7B and 13B"),
+                 id="infill-tokens-unsupported"),
+    pytest.param(_infill_case(["a", "b"], ["c"]), PromptError,
+                 re.escape("got 2 prefixes but 1 suffixes; pass one suffix per prefix"),
+                 id="infill-count-mismatch"),
+    pytest.param(_infill_case("a", ["b"]), PromptError,
+                 re.escape("prefixes must be a list of strings, got str: 'a'"),
+                 id="infill-prefixes-str"),
+    pytest.param(_infill_case(["a"], [None]), PromptError,
+                 re.escape("suffixes[0] must be a str, got NoneType: None"),
+                 id="infill-None-suffix"),
+    pytest.param(_infill_case([1], ["b"]), PromptError,
+                 re.escape("prefixes[0] must be a str, got int: 1"), id="infill-int-prefix"),
+    pytest.param(_infill_case(["x " * 40], [""]), PromptTooLongError,
+                 esc("prompt 0 has", f"tokens but max_seq_len is {MAX_SEQ_LEN}"),
+                 id="infill-too-long"),
+    pytest.param(lambda c: infilling_prompt_tokens(c.tok, 1, "b"), PromptError,  # type: ignore[arg-type]
+                 re.escape("prefix must be a str, got int: 1"), id="infill-tokens-int-prefix"),
+    pytest.param(lambda c: chat_prompt_tokens(c.tok, [A]), PromptError,
+                 re.escape("roles out of order at 'assistant' message 0"),
+                 id="chat-tokens-bad-dialog"),
+    pytest.param(lambda c: c.tok.encode(None, bos=True, eos=False), PromptError,  # type: ignore[arg-type]
+                 re.escape("expected a str to encode, got NoneType: None"), id="encode-None"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "call, exc, match", PROMPT_CASES + SAMPLING_CASES + TOKEN_CASES + CHAT_CASES + INFILL_CASES
+)
+def test_generation_rejects_bad_input(ctx, call, exc, match):
+    _raises(call, ctx, exc, match)
+
+
+def test_too_long_text_prompt_names_both_lengths(ctx):
+    text = "def add(a, b):\n    return a + b\n" * 4
+    n = len(ctx.tok.encode(text, bos=True, eos=False))
+    assert n > MAX_SEQ_LEN
+    with pytest.raises(PromptTooLongError) as info:
+        ctx.llama.text_completion(["short", text], max_gen_len=4)
+    assert str(info.value) == (
+        f"prompt 1 has {n} tokens but max_seq_len is {MAX_SEQ_LEN}; shorten it by "
+        f"{n - MAX_SEQ_LEN} tokens or build with max_seq_len >= {n}"
+    )
+    assert isinstance(info.value, PromptError) and isinstance(info.value, ValueError)
+
+
+def test_every_error_is_a_codellama_error_and_a_builtin():
+    for cls, builtin in [
+        (ConfigError, ValueError),
+        (CheckpointError, ValueError),
+        (CheckpointNotFoundError, FileNotFoundError),
+        (PromptError, ValueError),
+        (PromptTooLongError, PromptError),
+        (UnsupportedError, ValueError),
+        (NumericalError, RuntimeError),
+        (DistributedError, RuntimeError),
+    ]:
+        assert issubclass(cls, CodeLlamaError) and issubclass(cls, builtin)
+
+
+# --------------------------------------------------------------------------- graceful cases
+
+
+def test_empty_batches_return_empty_lists(ctx):
+    llama = ctx.llama
+    assert llama.text_completion([]) == []
+    assert llama.text_completion([], logprobs=True, echo=True) == []
+    assert llama.chat_completion([]) == []
+    assert llama.text_infilling([], []) == []
+    assert llama.generate([], 4) == ([], None)
+    assert llama.generate([], 4, logprobs=True) == ([], [])
+    assert llama.generate_results([], 4) == []
+
+
+def test_empty_prompt_generates_from_bos(ctx):
+    llama = ctx.llama
+    out = llama.text_completion([""], temperature=0, max_gen_len=6, logprobs=True)
+    from_bos, _ = llama.generate([[llama.tokenizer.bos_id]], 6, temperature=0)
+    assert out[0]["generation"] == llama.tokenizer.decode(from_bos[0])
+    assert len(out[0]["tokens"]) == len(from_bos[0]) == len(out[0]["logprobs"])
+    echoed = llama.text_completion([""], temperature=0, max_gen_len=6, echo=True)
+    assert echoed[0]["generation"] == out[0]["generation"]  # BOS decodes to nothing
+
+
+def test_empty_strings_are_valid_in_infilling_and_chat(ctx):
+    out = ctx.llama.text_infilling([""], [""], max_gen_len=3, temperature=0)
+    assert out[0]["full_text"] == out[0]["generation"]
+    chat = ctx.llama.chat_completion([[{"role": "user", "content": ""}]], max_gen_len=3)
+    assert chat[0]["generation"]["role"] == "assistant"
+
+
+def test_more_prompts_than_max_batch_size_keep_caller_order(ctx):
+    llama = ctx.llama
+    prompts = ["def f(", "", "import os\n", "x = [1, 2", "class A:\n    pass", "# é ü ✓"]
+    assert len(prompts) > llama.max_batch_size
+    together = llama.text_completion(prompts, temperature=0, max_gen_len=5, logprobs=True)
+    assert len(together) == len(prompts)
+    for p, got in zip(prompts, together):
+        alone = llama.text_completion([p], temperature=0, max_gen_len=5, logprobs=True)[0]
+        assert got["tokens"] == alone["tokens"]
+        assert got["generation"] == alone["generation"]
+    tokens = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    results = llama.generate_results(tokens, 4, SamplingParams(temperature=0))
+    assert [r.prompt_len for r in results] == [len(t) for t in tokens]
+
+
+def test_stop_tokens_accept_any_iterable_of_ints(ctx):
+    llama = ctx.llama
+    a = llama.generate_results([[1, 5]], 4, SamplingParams(temperature=0), stop_tokens={-1})
+    b = llama.generate_results([[1, 5]], 4, SamplingParams(temperature=0), stop_tokens=(-1,))
+    assert a == b and len(a[0].tokens) == 4
+
+
+# --------------------------------------------------------------------------- numerical faults
+
+
+@pytest.fixture
+def fresh(ctx) -> Llama:
+    """A model of its own, to corrupt."""
+    return _build(ctx.ckpt)
+
+
+SAMPLERS = [
+    pytest.param({"temperature": 0}, id="greedy"),
+    pytest.param({"temperature": 0.8, "top_p": 0.9}, id="top_p"),
+    pytest.param({"temperature": 1.0, "top_p": 1.0, "top_k": 5, "min_p": 0.1}, id="top_k-min_p"),
+    pytest.param({"temperature": 0.7, "repetition_penalty": 1.3}, id="repetition_penalty"),
+]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("sampling", SAMPLERS)
+def test_non_finite_logits_raise_numerical_error(fresh, sampling, bad):
+    fresh.model.output.weight.data[0, 0] = bad
+    with pytest.raises(NumericalError, match=esc("non-finite logits", "generation step 0")) as e:
+        fresh.text_completion(["def f(", "x"], max_gen_len=4, **sampling)
+    assert "multinomial" not in str(e.value) and "probability tensor" not in str(e.value)
+    assert isinstance(e.value, RuntimeError)
+
+
+def test_numerical_error_names_the_step_it_happened_at(fresh):
+    prompt = fresh.tokenizer.encode("def f(", bos=True, eos=False)
+    first = fresh.generate([prompt], 1, temperature=0, stop_token=-1)[0][0][0]
+    assert first not in prompt
+    fresh.model.tok_embeddings.weight.data[first] = float("nan")  # poisons step 1 only
+    with pytest.raises(NumericalError, match=esc("row 0", "generation step 1")):
+        fresh.generate([prompt], 4, temperature=0, stop_token=-1)
+
+
+def test_sampling_never_fails_inside_multinomial():
+    from codellama.sampling import sample
+
+    logits = torch.randn(3, 50)
+    logits[1, 7] = float("nan")
+    params = SamplingParams(temperature=1.0, top_p=0.5)
+    assert sample(logits, params).shape == (3,)
+    # A temperature so small that logits / temperature overflows: the argmax (T -> 0 limit).
+    tiny = SamplingParams(temperature=5e-324, top_p=1.0)
+    assert sample(logits[[0, 2]], tiny).tolist() == logits[[0, 2]].argmax(-1).tolist()

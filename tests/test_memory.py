@@ -1,0 +1,95 @@
+"""Memory bounds, measured as peak RSS in fresh subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from codellama import ModelArgs
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _linux_only():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("peak RSS is read from /proc/self/status (Linux)")
+
+
+def _run(code: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# VmHWM (peak RSS of this process image; ru_maxrss would include the forking parent's).
+PEAK = """
+import json
+def peak_mib():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+"""
+
+
+def test_build_peak_rss_stays_within_1_2x_model_and_cache(make_checkpoint):
+    """A bf16 checkpoint of ~180 MB built in fp32 (356 MB): no double allocation, and the
+    checkpoint's pages are released as they are copied."""
+    args = ModelArgs(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, multiple_of=256)
+    ckpt = make_checkpoint(args, dtype=torch.bfloat16, std=0.02)
+    out = _run(
+        PEAK
+        + f"""
+import torch
+from codellama import Llama
+from codellama.model import parameter_bytes, kv_cache_bytes
+torch.ones(1) @ torch.ones(1)  # runtime warm-up
+base = peak_mib()
+llama = Llama.build({str(ckpt)!r}, {str(ckpt / "tokenizer.model")!r}, 256, 1, device="cpu", dtype="float32")
+after = peak_mib()
+need = (parameter_bytes(llama.model) + kv_cache_bytes(llama.model.params, torch.float32)) / 2**20
+print(json.dumps({{"base": base, "after": after, "need": need}}))
+"""
+    )
+    growth = out["after"] - out["base"]
+    assert out["need"] > 300
+    assert growth <= 1.2 * out["need"], out
+
+
+def test_long_prompt_peak_rss_growth_is_bounded():
+    """A 16K-token prompt needs no more memory beyond the KV cache than a 1K-token one."""
+    out = _run(
+        PEAK
+        + """
+import tempfile, torch
+from pathlib import Path
+from codellama import Llama, ModelArgs, Tokenizer
+from codellama.demo import train_tokenizer, write_random_checkpoint
+d = Path(tempfile.mkdtemp())
+tok = train_tokenizer(d / "tokenizer.model")
+args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=Tokenizer(tok).n_words)
+write_random_checkpoint(d / "ckpt", args, tokenizer_path=tok)
+llama = Llama.build(str(d / "ckpt"), str(tok), 16500, 1, device="cpu", dtype="float32")
+g = torch.Generator().manual_seed(0)
+def prompt(n):
+    return [[1] + torch.randint(3, 500, (n - 1,), generator=g).tolist()]
+llama.generate(prompt(64), 2, temperature=0)
+base = peak_mib()
+llama.generate(prompt(1024), 2, temperature=0)
+short = peak_mib()
+llama.generate(prompt(16384), 2, temperature=0)
+long = peak_mib()
+print(json.dumps({"base": base, "short": short, "long": long}))
+"""
+    )
+    assert out["long"] - out["base"] < 512, out
+    assert out["long"] - out["short"] < 128, out
