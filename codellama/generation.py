@@ -116,13 +116,9 @@ class Llama:
             compile: torch.compile the decode step (static shapes; CUDA graphs on GPU).
             prefill_chunk_size: prompt tokens processed per forward pass; bounds memory.
         """
-        for name, value in (
-            ("max_seq_len", max_seq_len),
-            ("max_batch_size", max_batch_size),
-            ("prefill_chunk_size", prefill_chunk_size),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer (>= 1), got {value!r}")
+        _check_positive_int("max_seq_len", max_seq_len)
+        _check_positive_int("max_batch_size", max_batch_size)
+        _check_positive_int("prefill_chunk_size", prefill_chunk_size)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
         for name, path in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
@@ -177,10 +173,7 @@ class Llama:
         compile: bool = False,
         prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
     ):
-        if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int):
-            raise ConfigError(f"prefill_chunk_size must be an int, got {prefill_chunk_size!r}")
-        if prefill_chunk_size < 1:
-            raise ConfigError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
+        _check_positive_int("prefill_chunk_size", prefill_chunk_size)
         self.model = model
         self.tokenizer = tokenizer
         self.seed = seed
@@ -278,20 +271,9 @@ class Llama:
             raise PromptError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
             raise PromptError(f"stop_tokens must be a list of token ids, got {stop_tokens!r:.80}")
-        stop_ids = []
-        for t in stop_tokens:
-            try:
-                stop_ids.append(operator.index(t) if not isinstance(t, bool) else None)
-            except TypeError:
-                stop_ids.append(None)
-            if stop_ids[-1] is None:
-                raise PromptError(
-                    f"stop token {t!r:.40} is not an integer token id; pass ids such as "
-                    f"tokenizer.eos_id ({self.tokenizer.eos_id}), or -1 for none"
-                )
+        stops = frozenset(self._stop_id(t) for t in stop_tokens)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise PromptError(f"seed must be an integer or None, got {seed!r:.40}")
-        stops = frozenset(stop_ids)
         distributed.check_same_on_all_ranks(
             "prompts or sampling parameters",
             (prompts, max_gen_len, sampling, logprobs, echo, sorted(stops), seed),
@@ -310,6 +292,17 @@ class Llama:
                 pass
             results += [self._result(r, logprobs, echo) for r in rows]
         return results
+
+    def _stop_id(self, t: object) -> int:
+        if not isinstance(t, bool):
+            try:
+                return operator.index(t)  # type: ignore[arg-type]
+            except TypeError:
+                pass
+        raise PromptError(
+            f"stop token {t!r:.40} is not an integer token id; pass ids such as "
+            f"tokenizer.eos_id ({self.tokenizer.eos_id}), or -1 for none"
+        )
 
     def _result(self, row: _Row, logprobs: bool, echo: bool) -> GenerationResult:
         assert row.finish_reason is not None
@@ -605,6 +598,11 @@ class Llama:
                 pred["logprobs"] = lps[i]
             out.append(pred)
         return out
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer (>= 1), got {value!r}")
 
 
 def _check_str_list(name: str, values: object) -> None:
