@@ -154,6 +154,8 @@ class Llama:
         load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0)
         model.setup_cache(dtype=dt, device=dev)
         model.eval().requires_grad_(False)
+        if not compile:  # torch.compile prepacks by itself (inductor freezing)
+            model.prepack_cpu_weights()
         if rank == 0:
             print(f"Loaded in {time.time() - start:.2f} seconds")
         return Llama(

@@ -7,7 +7,9 @@ Linear layers are fairscale model-parallel layers; with one process they are pla
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import ctypes
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -19,6 +21,10 @@ from fairscale.nn.model_parallel.layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
     RowParallelLinear,
+)
+from fairscale.nn.model_parallel.mappings import (
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
 )
 from torch import nn
 
@@ -270,9 +276,9 @@ class Attention(nn.Module):
         if self.cache is None:
             raise RuntimeError("KV cache not allocated: call Transformer.setup_cache() first")
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q = linear(self.wq, x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = linear(self.wk, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = linear(self.wv, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q = apply_rotary(q, step.cos, step.sin).transpose(1, 2)
         k = apply_rotary(k, step.cos, step.sin).transpose(1, 2)
         keys, values = self.cache.update(k, v.transpose(1, 2), step)
@@ -293,7 +299,7 @@ class Attention(nn.Module):
                 enable_gqa=self.n_rep > 1,
             )
             out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_local_heads * self.head_dim)
-        return self.wo(out)
+        return linear(self.wo, out)
 
 
 class FeedForward(nn.Module):
@@ -312,7 +318,7 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x))
 
 
 class TransformerBlock(nn.Module):
@@ -350,11 +356,31 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.output.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.output.weight.dtype
+        return self.norm.weight.dtype
+
+    def prepack_cpu_weights(self) -> bool:
+        """Store every linear weight in oneDNN's blocked layout (CPU only, in place).
+
+        oneDNN's prepacked matrix multiplication is 1.5-4x faster than ``F.linear`` on CPU
+        for the small batches of decoding and somewhat faster for prefill; the plain weight
+        is freed, so memory does not grow. Returns False (and changes nothing) where oneDNN
+        cannot do it: not on CPU, fp16, or a torch build without mkldnn.
+        """
+        if not _can_prepack(self.device, self.dtype):
+            return False
+        hint = self.params.max_batch_size  # the decode batch: the layout is tuned for it
+        for module in self.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                if module.weight.is_mkldnn:
+                    continue
+                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), hint)
+                module.weight = nn.Parameter(packed, requires_grad=False)
+                _return_freed_memory()  # else the freed plain weights stay in the heap
+        return True
 
     def setup_cache(
         self,
@@ -471,8 +497,47 @@ class Transformer(nn.Module):
         h = self._hidden(tokens, self.step_inputs(seqlen, start_pos, positions, kv_len, row_offset))
         if logits_index is not None:
             h = h[torch.arange(bsz, device=h.device), logits_index].unsqueeze(1)
-            return self.output(self.norm(h)).float().squeeze(1)
-        return self.output(self.norm(h)).float()
+            return linear(self.output, self.norm(h)).float().squeeze(1)
+        return linear(self.output, self.norm(h)).float()
+
+
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a fairscale parallel linear layer, through oneDNN if its weight is prepacked."""
+    weight = layer.weight
+    if not isinstance(weight, torch.Tensor) or not weight.is_mkldnn:
+        return layer(x)
+    out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    if isinstance(layer, RowParallelLinear):
+        return reduce_from_model_parallel_region(out)  # sum the ranks' partial products
+    if isinstance(layer, ColumnParallelLinear) and layer.gather_output:
+        return gather_from_model_parallel_region(out)
+    return out
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def _return_freed_memory() -> None:
+    """Give free heap pages back to the OS (glibc), so RSS follows what is really in use."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
 
 
 def _keep(x: torch.Tensor) -> torch.Tensor:
@@ -508,7 +573,7 @@ def build_empty(args: ModelArgs, device: torch.device | str, dtype: torch.dtype)
 
 
 def parameter_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters."""
+    """Bytes held by the model's parameters (prepacked ones included)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 

@@ -1,0 +1,576 @@
+"""Generation speed and memory of ``codellama`` against Hugging Face ``LlamaForCausalLM``.
+
+Random weights of a real Code Llama shape are written once in Meta's layout (bf16 on disk,
+as Meta's checkpoints; cached under ``$CODELLAMA_CACHE/bench`` or ``~/.cache/codellama/bench``).
+Each library runs in its own subprocess (so peak RSS is per library) on the same weights,
+device and dtype, with greedy decoding and no stop token. Both stay loaded and take turns
+run by run, so that load from other processes hits both alike (``--sequential`` runs one
+library at a time instead: for models of which two copies do not fit in memory). The big
+shapes write big checkpoints (7b/13b/34b: 13/26/68 GB); shrink them with --n_layers.
+
+    python benchmarks/bench_generate.py --shape small --dtype float32
+    python benchmarks/bench_generate.py --shape tiny --runs 1             # a quick smoke test
+    python benchmarks/bench_generate.py --shape 7b --device cuda --dtype bfloat16 \\
+        --bandwidth_gbs 3350 --out 7b.json                                 # H100 SXM
+    python benchmarks/bench_generate.py --shape 34b --n_layers 4 --peers none
+
+Options: --shape tiny|small|7b|13b|34b, --n_layers N (shrink a shape), --dtype float32|
+bfloat16|float16, --device cpu|cuda, --runs 3 (median after one warm-up), --peers hf|none,
+--compile False (ours only; HF always runs eagerly), --bandwidth_gbs (skip measuring it),
+--threads (default: the CPUs this process may use), --prefill_chunk_size 512, --sequential,
+--out FILE (JSON with every timing).
+
+Figures: batch-1 and batch-8 decode tok/s (new tokens after the first / (time - time to
+first token)), prefill tok/s of one 1024-token prompt, wall time of a mixed batch (8 prompts
+of 16..512 tokens, 64 new tokens each), time to first token, build time, peak RSS (and peak
+GPU memory on CUDA), and the fraction of the memory-bandwidth bound reached at batch-1
+decode (bandwidth / bytes read per token: weights except the embedding table, plus KV).
+Tokenizer: ``$CODELLAMA_TOKENIZER`` (Meta's tokenizer.model) if set; else a small one is
+trained and padded with unused pieces to 32016 (the prompt ids are random in [3, 32000)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+VOCAB = 32016
+BASE = {"multiple_of": 256, "rope_theta": 1e6, "norm_eps": 1e-5, "vocab_size": VOCAB}
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {"dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2},
+    "small": {"dim": 1024, "n_layers": 8, "n_heads": 16, "n_kv_heads": 4},
+    "7b": {"dim": 4096, "n_layers": 32, "n_heads": 32},
+    "13b": {"dim": 5120, "n_layers": 40, "n_heads": 40},
+    "34b": {"dim": 8192, "n_layers": 48, "n_heads": 64, "n_kv_heads": 8, "ffn_dim_multiplier": 1.0},
+}
+PROMPT_LEN, NEW_TOKENS, BATCH, PREFILL_LEN = 32, 64, 8, 1024
+MIXED_LENS = [16, 48, 80, 128, 200, 300, 400, 512]
+MAX_SEQ_LEN = PREFILL_LEN + NEW_TOKENS
+GenFn = Callable[[list[list[int]], int], list[list[int]]]
+try:
+    HF_VERSION: str | None = version("transformers")
+except PackageNotFoundError:
+    HF_VERSION = None
+
+# (key, label, higher is better); the table shows them in this order.
+METRICS = [
+    ("decode_b1_tok_s", "decode tok/s, batch 1 (32-token prompt)", True),
+    ("decode_b8_tok_s", "decode tok/s, batch 8 (aggregate)", True),
+    ("e2e_b8_tok_s", "end-to-end tok/s, batch 8 (incl. prefill)", True),
+    ("prefill_tok_s", f"prefill tok/s ({PREFILL_LEN}-token prompt)", True),
+    ("mixed_batch_s", "mixed batch wall s (8 prompts 16..512, +64)", False),
+    ("ttft_b1_s", "time to first token s (batch 1)", False),
+    ("build_s", "build/load s", False),
+    ("rss_before_build_mb", "RSS before build MB (imports)", False),
+    ("peak_rss_build_mb", "peak RSS after build MB", False),
+    ("build_rss_over_weights", "build RSS growth / (params + KV)", False),
+    ("peak_rss_mb", "peak RSS MB (whole run)", False),
+    ("cuda_build_peak_mb", "peak GPU memory after build MB", False),
+    ("cuda_peak_mb", "peak GPU memory MB (whole run)", False),
+    ("bw_fraction_b1", "fraction of bandwidth bound, batch-1 decode", True),
+]
+
+
+def _threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _maxrss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (2**20 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _cache_dir() -> Path:
+    from codellama.demo import demo_dir
+
+    return demo_dir().parent / "bench"
+
+
+# --------------------------------------------------------------------- tokenizer, checkpoint
+
+
+def _pad_tokenizer(model: bytes, have: int, want: int) -> bytes:
+    """Append pieces of type UNUSED (5) to a serialized SentencePiece ModelProto: each is a
+    field-1 message {1: piece, 2: score (float), 3: type}; lengths < 128 fit in one byte."""
+    out = bytearray(model)
+    for i in range(have, want):
+        piece = f"<unused_{i}>".encode()
+        body = bytes([0x0A, len(piece)]) + piece + b"\x15" + struct.pack("<f", 0.0) + b"\x18\x05"
+        out += bytes([0x0A, len(body)]) + body
+    return bytes(out)
+
+
+def ensure_tokenizer() -> tuple[str, int, str]:
+    """(tokenizer path, n_words, where it came from)."""
+    from codellama.tokenizer import Tokenizer
+
+    env = os.environ.get("CODELLAMA_TOKENIZER")
+    if env:
+        return env, Tokenizer(env).n_words, f"$CODELLAMA_TOKENIZER ({env})"
+    path = _cache_dir() / f"tokenizer-{VOCAB}.model"
+    if not path.is_file():
+        from codellama.demo import train_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            small = train_tokenizer(Path(tmp) / "t.model")
+            have = Tokenizer(small).n_words
+            padded = Path(tmp) / "padded.model"
+            padded.write_bytes(_pad_tokenizer(small.read_bytes(), have, VOCAB))
+            try:
+                ok = Tokenizer(padded).n_words == VOCAB
+            except Exception:
+                ok = False
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes((padded if ok else small).read_bytes())
+    n = Tokenizer(path).n_words
+    how = "padded with unused pieces" if n == VOCAB else f"{n} pieces: padding failed"
+    return str(path), n, f"trained demo tokenizer, {how} ({path})"
+
+
+def write_checkpoint(spec: dict[str, Any]) -> None:
+    from codellama.demo import write_random_checkpoint
+    from codellama.model import ModelArgs
+
+    args = ModelArgs(**spec["args"])
+    d = Path(spec["ckpt"])
+    params = d / "params.json"
+    want = json.loads(json.dumps(args.to_params()))
+    have = json.loads(params.read_text()) if params.is_file() else None
+    if (d / "consolidated.00.pth").is_file() and have == want:
+        return
+    print(f"writing a random {spec['shape']} checkpoint to {d} ...", flush=True)
+    dtype = getattr(torch, spec["disk_dtype"])
+    write_random_checkpoint(d, args, seed=0, dtype=dtype, std=0.02, overwrite=True)
+
+
+def measure_bandwidth(device: str) -> float:
+    """Read bandwidth in GB/s: x.sum() over a 1 GiB float32 tensor, median of 5."""
+    dev = torch.device(device)
+    x = torch.ones(2**28, device=dev)
+    times = []
+    for _ in range(6):  # the first is a warm-up
+        t = time.perf_counter()
+        x.sum().item()
+        times.append(time.perf_counter() - t)
+    return x.numel() * x.element_size() / statistics.median(times[1:]) / 1e9
+
+
+def _build_ours(spec: dict[str, Any]) -> tuple[GenFn, int, int]:
+    from codellama import Llama, SamplingParams
+    from codellama.model import kv_cache_bytes, parameter_bytes
+
+    llama = Llama.build(
+        spec["ckpt"], spec["tokenizer"], MAX_SEQ_LEN, BATCH,
+        device=spec["device"], dtype=spec["dtype"], seed=1, compile=spec["compile"],
+        prefill_chunk_size=spec["prefill_chunk_size"],
+    )  # fmt: skip
+    greedy = SamplingParams(temperature=0.0)
+
+    def gen(ps: list[list[int]], n: int) -> list[list[int]]:
+        return [r.tokens for r in llama.generate_results(ps, n, greedy, stop_tokens=())]
+
+    model = llama.model
+    return gen, parameter_bytes(model), kv_cache_bytes(model.params, model.dtype)
+
+
+def _permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved rotary pairs -> HF's rotate_half halves (per head)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _build_hf(spec: dict[str, Any]) -> tuple[GenFn, int, int]:
+    """LlamaForCausalLM (sdpa) from the same Meta checkpoint, mapped tensor by tensor."""
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    from codellama.checkpoint import iter_full_tensors
+    from codellama.model import ModelArgs
+
+    a = ModelArgs(**spec["args"])
+    dev, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    rope: dict[str, Any] = {"rope_theta": a.rope_theta}  # transformers 4
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        rope = {"rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta}}
+    config = transformers.LlamaConfig(
+        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim,
+        num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads,
+        num_key_value_heads=a.kv_heads, rms_norm_eps=a.norm_eps, max_position_embeddings=16384,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=None, pad_token_id=0, **rope,
+    )  # fmt: skip
+    with no_init_weights(), dev:
+        model = transformers.LlamaForCausalLM._from_config(
+            config, dtype=dtype, attn_implementation="sdpa"
+        )
+    model.eval().requires_grad_(False)
+    params = dict(model.named_parameters())
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight",
+             "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}  # fmt: skip
+    local = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+             "ffn_norm": "post_attention_layernorm"}  # fmt: skip
+    loaded = set()
+    with torch.no_grad():
+        for name, t in iter_full_tensors(spec["ckpt"]):
+            if name.startswith("layers."):
+                _, i, rest = name.split(".", 2)
+                mod, suffix = rest.rsplit(".", 1)
+                hf_name = f"model.layers.{i}.{local[mod]}.{suffix}"
+                if mod in ("attention.wq", "attention.wk"):
+                    t = _permute_for_hf(t, a.n_heads if mod == "attention.wq" else a.kv_heads)
+            else:
+                hf_name = names[name]
+            params[hf_name].copy_(t)
+            loaded.add(hf_name)
+    assert loaded == set(params), f"unloaded HF parameters: {sorted(set(params) - loaded)[:5]}"
+    model.generation_config = transformers.GenerationConfig(
+        do_sample=False, eos_token_id=None, pad_token_id=0, bos_token_id=1
+    )
+
+    def gen(ps: list[list[int]], n: int) -> list[list[int]]:
+        width = max(len(p) for p in ps)
+        ids = torch.zeros((len(ps), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(ps):  # left padding
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=n,
+            min_new_tokens=n, do_sample=False, use_cache=True,
+        )  # fmt: skip
+        return out[:, width:].tolist()
+
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return gen, nbytes, 0  # the dynamic cache grows during generation
+
+
+# --------------------------------------------------------------------- workers
+
+MARK = "@@bench@@ "  # prefixes a worker's replies on its stdout (other lines are echoed)
+# Timed figures: name -> (prompts, new tokens). The first run of each is a warm-up.
+MEASURES = {
+    "ttft_b1": ("b1", 1),
+    "b1": ("b1", NEW_TOKENS),
+    "ttft_b8": ("b8", 1),
+    "b8": ("b8", NEW_TOKENS),
+    "prefill": ("long", 1),
+    "mixed": ("mixed", NEW_TOKENS),
+}
+
+
+def _reply(obj: dict[str, Any]) -> None:
+    print(MARK + json.dumps(obj), flush=True)
+
+
+def serve(spec: dict[str, Any]) -> None:
+    """A worker: one task (write, bandwidth), or build one library and time on request."""
+    torch.set_num_threads(spec["threads"])
+    if spec["task"] == "write":
+        write_checkpoint(spec)
+        return _reply({})
+    if spec["task"] == "bandwidth":
+        return _reply({"bandwidth_gbs": measure_bandwidth(spec["device"])})
+    cuda = torch.device(spec["device"]).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # Imports are not part of the build: resolve them (and transformers' lazy ones) first.
+    if spec["task"] == "hf":
+        from transformers import GenerationConfig, LlamaForCausalLM  # noqa: F401
+    import codellama.generation  # noqa: F401
+
+    rss0 = _rss_mb()
+    t = time.perf_counter()
+    gen, param_bytes, kv_bytes = (_build_ours if spec["task"] == "ours" else _build_hf)(spec)
+    sync()
+    res: dict[str, Any] = {"build_s": time.perf_counter() - t, "param_bytes": param_bytes}
+    res.update(kv_bytes=kv_bytes, rss_before_build_mb=rss0, peak_rss_build_mb=_maxrss_mb())
+    if cuda:
+        res["cuda_build_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        res["gpu"] = torch.cuda.get_device_name()
+    else:
+        grown = (res["peak_rss_build_mb"] - rss0) * 2**20
+        res["build_rss_over_weights"] = grown / (param_bytes + kv_bytes)
+    _reply(res)
+    p = spec["prompts"]
+    batches = {"b1": [p["b1"]], "b8": p["b8"], "long": [p["long"]], "mixed": p["mixed"]}
+    with torch.inference_mode():
+        for line in sys.stdin:
+            name = json.loads(line)["op"]
+            if name == "done":
+                res = {"peak_rss_mb": _maxrss_mb()}
+                if cuda:
+                    res["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                return _reply(res)
+            prompts, n = MEASURES[name]
+            sync()
+            t = time.perf_counter()
+            tokens = gen(batches[prompts], n)
+            sync()
+            dt = time.perf_counter() - t
+            got = {len(r) for r in tokens}
+            assert got == {n}, f"{name}: expected {n} new tokens per row, got {got}"
+            _reply({"s": dt, "tokens": tokens[0] if name == "b1" else None})
+
+
+class Worker:
+    """A subprocess running :func:`serve`; ``ask`` sends a request (if any), returns a reply."""
+
+    def __init__(self, spec: dict[str, Any]):
+        cmd = [sys.executable, __file__, "--worker", "True"]
+        self.task = spec["task"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ask(spec, wait=False)  # its first reply: the task's result, or the build's
+
+    def ask(self, request: dict[str, Any] | None = None, wait: bool = True) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if request is not None:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        if not wait:
+            return {}
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK) :])
+            sys.stdout.write(line)
+        raise SystemExit(f"the {self.task} worker failed (exit {self.proc.wait()})")
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run a one-reply task (write, bandwidth) in a subprocess."""
+    w = Worker(spec)
+    reply = w.ask()
+    w.close()
+    return reply
+
+
+def benchmark(
+    base: dict[str, Any], libs: list[str], runs: int, paired: bool
+) -> dict[str, dict[str, Any]]:
+    """Time every figure for ``libs``; ``paired`` keeps all workers alive and alternates them
+    run by run, so that load from other processes hits every library alike."""
+    results: dict[str, dict[str, Any]] = {}
+    for group in [libs] if paired else [[lib] for lib in libs]:
+        workers = {}
+        for lib in group:  # builds one after the other, each timed alone
+            print(f"--- building {lib}", flush=True)
+            workers[lib] = w = Worker({**base, "task": lib})
+            results[lib] = {**w.ask(), "loadavg": [os.getloadavg()[0]]}
+            results[lib]["times"] = {name: [] for name in MEASURES}
+        for name in MEASURES:
+            print(f"--- timing {name} ({', '.join(group)})", flush=True)
+            for run in range(runs + 1):
+                for lib, w in workers.items():
+                    reply = w.ask({"op": name})
+                    if run:
+                        results[lib]["times"][name].append(reply["s"])
+                    if reply["tokens"] is not None:
+                        results[lib]["tokens_b1"] = reply["tokens"]
+        for lib, w in workers.items():
+            results[lib].update(w.ask({"op": "done"}))
+            results[lib]["loadavg"].append(os.getloadavg()[0])
+            w.close()
+    for res in results.values():
+        med = {k: statistics.median(v) for k, v in res["times"].items()}
+        res.update(
+            ttft_b1_s=med["ttft_b1"],
+            decode_b1_tok_s=(NEW_TOKENS - 1) / max(med["b1"] - med["ttft_b1"], 1e-9),
+            decode_b8_tok_s=BATCH * (NEW_TOKENS - 1) / max(med["b8"] - med["ttft_b8"], 1e-9),
+            e2e_b8_tok_s=BATCH * NEW_TOKENS / med["b8"],
+            prefill_tok_s=PREFILL_LEN / med["prefill"],
+            mixed_batch_s=med["mixed"],
+        )
+    return results
+
+
+# --------------------------------------------------------------------- report
+
+
+def machine_info(device: str, dtype: str, threads: int, gpu: str | None) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": threads, "device": device,
+            "gpu": gpu, "dtype": dtype, "torch": torch.__version__,
+            "transformers": HF_VERSION, "python": platform.python_version()}  # fmt: skip
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    ours, hf = results.get("ours", {}), results.get("hf", {})
+    lines = ["| metric | ours | HF | ours/HF | better |", "|---|---|---|---|---|"]
+    for key, label, higher in METRICS:
+        a, b = ours.get(key), hf.get(key)
+        if a is None and b is None:
+            continue
+        ratio, better = None, "-"
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+            ratio = a / b
+            better = "=" if a == b else ("ours" if (ratio > 1) == higher else "HF")
+        lines.append(f"| {label} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio)} | {better} |")
+    return "\n".join(lines)
+
+
+def main(
+    shape: str = "small",
+    dtype: str = "float32",
+    device: str = "cpu",
+    runs: int = 3,
+    peers: str = "hf",
+    compile: bool = False,
+    out: str | None = None,
+    n_layers: int | None = None,
+    bandwidth_gbs: float | None = None,
+    threads: int | None = None,
+    prefill_chunk_size: int = 512,
+    disk_dtype: str = "bfloat16",
+    sequential: bool = False,
+    worker: bool = False,
+) -> None:
+    """Benchmark generation; see the module docstring."""
+    if worker:  # internal: this process is a worker; its spec is the first line of stdin
+        return serve(json.loads(sys.stdin.readline()))
+    if shape not in SHAPES:
+        raise SystemExit(f"--shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    dtype = str(dtype).removeprefix("torch.")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if isinstance(peers, (list, tuple)):  # fire parses "--peers hf,x" as a tuple
+        peers = " ".join(map(str, peers))
+    peer_list = [p for p in str(peers).replace(",", " ").split() if p not in ("none", "")]
+    unknown = set(peer_list) - {"hf"}
+    if unknown:
+        raise SystemExit(f"--peers knows only 'hf' (or 'none'), got {sorted(unknown)}")
+    threads = threads or _threads()
+    notes: list[str] = []
+    tok_path, n_words, tok_src = ensure_tokenizer()
+    args = {**BASE, **SHAPES[shape]}
+    if n_layers:
+        args["n_layers"] = int(n_layers)
+    if n_words != VOCAB:
+        notes.append(f"tokenizer has {n_words} pieces, not {VOCAB}: vocab_size set to {n_words}")
+        args["vocab_size"] = n_words
+    tag = f"{shape}-L{args['n_layers']}-V{args['vocab_size']}-{disk_dtype}"
+    ckpt = str(_cache_dir() / tag)
+    rng = random.Random(0)
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(3, min(32000, args["vocab_size"])) for _ in range(n)]
+
+    prompts = {"b1": prompt(PROMPT_LEN), "b8": [prompt(PROMPT_LEN) for _ in range(BATCH)],
+               "long": prompt(PREFILL_LEN), "mixed": [prompt(n) for n in MIXED_LENS]}  # fmt: skip
+    base = {"args": args, "ckpt": ckpt, "tokenizer": tok_path, "shape": shape, "device": device,
+            "dtype": dtype, "threads": threads, "runs": int(runs), "compile": bool(compile),
+            "prefill_chunk_size": prefill_chunk_size, "disk_dtype": disk_dtype,
+            "prompts": prompts}  # fmt: skip
+    run_one({**base, "task": "write"})
+    if bandwidth_gbs is None:
+        bandwidth_gbs = run_one({**base, "task": "bandwidth"})["bandwidth_gbs"]
+        bw_src = "measured: x.sum() over 1 GiB float32"
+    else:
+        bw_src = "given with --bandwidth_gbs"
+    libs = ["ours"] + (["hf"] if "hf" in peer_list and HF_VERSION else [])
+    if "hf" in peer_list and not HF_VERSION:
+        notes.append("transformers is not installed: no HF comparison")
+    print(f"--- {shape} {dtype} on {device}: {runs} runs of each figure", flush=True)
+    results = benchmark(base, libs, int(runs), paired=not sequential)
+
+    # Bytes read per batch-1 decode token: every weight but the embedding table (one row
+    # is read), plus the K and V of the average context (prompt + half the new tokens).
+    elem = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+    dim, heads = args["dim"], args["n_heads"]
+    kv_heads = args.get("n_kv_heads") or heads
+    kv_per_pos = 2 * args["n_layers"] * kv_heads * (dim // heads) * elem
+    param_bytes = results["ours"]["param_bytes"]
+    read = (
+        param_bytes - args["vocab_size"] * dim * elem + kv_per_pos * (PROMPT_LEN + NEW_TOKENS // 2)
+    )
+    bound = bandwidth_gbs * 1e9 / read
+    for res in results.values():
+        res["bw_fraction_b1"] = res["decode_b1_tok_s"] / bound
+    loads = [x for res in results.values() for x in res["loadavg"]]
+    if max(loads) > threads + 0.5:
+        notes.append(
+            f"the 1-min load average reached {max(loads):.1f} on {threads} threads: other work "
+            "competed for the CPU, so the figures are noisy"
+        )
+    agree = None
+    if "hf" in results:
+        a, b = results["ours"]["tokens_b1"], results["hf"]["tokens_b1"]
+        agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+
+    info = machine_info(device, dtype, threads, results["ours"].get("gpu"))
+    n_params = param_bytes // elem
+    print(f"\n## codellama generate benchmark: {shape} ({n_params / 1e6:.0f}M params), {dtype}")
+    print(", ".join(f"{k}: {v}" for k, v in info.items()))
+    print(f"shape: {json.dumps(args)}; tokenizer: {tok_src}")
+    how = "one library at a time" if sequential else "the libraries alternating run by run"
+    print(f"runs: median of {runs} after 1 warm-up, {how}; ours compile={bool(compile)}, HF eager")
+    print(f"memory bandwidth: {bandwidth_gbs:.1f} GB/s ({bw_src}); batch-1 bytes/token "
+          f"{read / 1e6:.0f} MB -> bound {bound:.1f} tok/s")  # fmt: skip
+    print(f"ours: params {param_bytes / 2**20:.0f} MiB, KV cache {results['ours']['kv_bytes'] / 2**20:.0f} "
+          f"MiB (preallocated {BATCH} x {MAX_SEQ_LEN}); HF's cache grows dynamically")  # fmt: skip
+    if agree is not None:
+        same = "all agree" if agree == NEW_TOKENS else f"first difference at token {agree}"
+        print(f"greedy batch-1 tokens ours vs HF: {min(agree, NEW_TOKENS)}/{NEW_TOKENS} "
+              f"({same}){'' if dtype == 'float32' else ' (low precision: may diverge)'}")  # fmt: skip
+    for note in notes:
+        print(f"note: {note}")
+    print()
+    print(table(results))
+    if out:
+        doc = {"machine": info, "shape": shape, "args": args, "runs": runs, "notes": notes,
+               "bandwidth_gbs": bandwidth_gbs, "bandwidth_source": bw_src,
+               "bytes_per_token_b1": read, "bound_tok_s_b1": bound,
+               "greedy_agree_tokens": agree, "results": results}  # fmt: skip
+        Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    main.__doc__ = __doc__  # so that --help shows the usage
+    fire.Fire(main)
