@@ -153,8 +153,10 @@ def check_same_on_all_ranks(what: str, value: Any) -> None:
     if model_parallel_world() == 1:
         return
     digest = hashlib.sha256(pickle.dumps(value, protocol=4)).digest()[:8]
-    mine = torch.tensor(list(digest), dtype=torch.int64)
     group = fs_init.get_model_parallel_group()
+    on_gpu = dist.get_backend(group) == "nccl"  # nccl only moves CUDA tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    mine = torch.tensor(list(digest), dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
     if any(not torch.equal(g, gathered[0]) for g in gathered):

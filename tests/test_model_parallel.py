@@ -89,3 +89,13 @@ def test_corrupt_shard_on_one_rank_fails_every_process_quickly(make_checkpoint, 
     assert time.monotonic() - start < 60
     assert proc.returncode != 0
     assert "consolidated.01.pth" in proc.stderr
+
+
+def test_prompts_that_differ_between_ranks_fail_every_process(make_checkpoint, tmp_path):
+    start = time.monotonic()
+    proc = torchrun(2, REPO / "tests" / "mp_worker.py", "--ckpt_dir", str(make_checkpoint(MP_ARGS, n_shards=2)),
+                    "--out", str(tmp_path / "x"), "--prompts", "[[1, 5]]", "--per_rank_prompts", "True",
+                    timeout=90)  # fmt: skip
+    assert time.monotonic() - start < 60
+    assert proc.returncode != 0
+    assert "differ between model-parallel ranks" in proc.stderr
