@@ -15,7 +15,7 @@ import pickle
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -115,8 +115,9 @@ def load_shard(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _release_pages(t: torch.Tensor) -> None:
-    """Drop the mmap'd file pages behind ``t`` from this process's memory (Linux only)."""
+def release_pages(t: torch.Tensor) -> None:
+    """Drop the mmap'd file pages behind ``t`` (loaded by :func:`load_shard`) from this
+    process's memory once they are copied (Linux only; they are re-read if touched again)."""
     if _madvise is None or t.device.type != "cpu":
         return
     storage = t.untyped_storage()
@@ -152,6 +153,7 @@ def load_weights(
     mp_rank: int = 0,
     mp_size: int = 1,
     progress: bool = False,
+    store: Callable[[str, torch.Tensor], bool] | None = None,
 ) -> None:
     """Copy this rank's slices of an N-shard checkpoint into ``model``'s parameters.
 
@@ -159,6 +161,10 @@ def load_weights(
     ``s`` holds rows ``[s*F/N, (s+1)*F/N)`` of each split dimension F; rank ``r`` needs
     ``[r*F/M, (r+1)*F/M)``, so only overlapping shards are opened. Keys are checked
     strictly; every problem is reported at once with the file it came from.
+
+    ``store(name, tensor)``, when given, is offered a parameter's whole slice when one
+    source tensor holds it (a view of the mapped file); if it returns True it has stored
+    the weights itself (e.g. prepacked) and the parameter is not copied.
     """
     n = len(paths)
     params = dict(model.named_parameters())
@@ -210,11 +216,12 @@ def load_weights(
                             dst_lo,
                             dst_lo + dst.shape[dim],
                         )
-                        dst.narrow(dim, lo - dst_lo, hi - lo).copy_(
-                            src.narrow(dim, lo - src_lo, hi - lo)
-                        )
+                        piece = src.narrow(dim, lo - src_lo, hi - lo)
+                        whole = hi - lo == dst.shape[dim]
+                        if not (whole and store is not None and store(name, piece)):
+                            dst.narrow(dim, lo - dst_lo, hi - lo).copy_(piece)
             seen[name] += 1
-            _release_pages(src)
+            release_pages(src)
         del sd
         done_bytes += path.stat().st_size
         if show:

@@ -35,9 +35,9 @@ import torch
 
 from .checkpoint import (
     TOLERATED_EXTRA_KEYS,
-    _release_pages,
     load_shard,
     read_params,
+    release_pages,
     shard_paths,
     write_checkpoint,
 )
@@ -389,7 +389,7 @@ def to_hf(
             del tensors
             for k in group:  # drop the input's mmap'd pages once copied
                 for sd in shards:
-                    _release_pages(sd[k])
+                    release_pages(sd[k])
             weight_map.update({meta_to_hf_name(k): fname for k in group})
         if len(groups) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}

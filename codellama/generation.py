@@ -151,7 +151,8 @@ class Llama:
         args.validate(model_parallel_size=mp)
 
         model = build_empty(args, dev, dt)
-        load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0)
+        store = None if compile else model.store_prepacked  # torch.compile packs by itself
+        load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0, store=store)
         model.setup_cache(dtype=dt, device=dev)
         model.eval().requires_grad_(False)
         if not compile:  # torch.compile prepacks by itself (inductor freezing)

@@ -28,6 +28,7 @@ from fairscale.nn.model_parallel.mappings import (
 )
 from torch import nn
 
+from .checkpoint import release_pages
 from .errors import ConfigError
 
 
@@ -361,6 +362,31 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
+
+    def store_prepacked(self, name: str, weight: torch.Tensor) -> bool:
+        """Prepack ``weight`` (a checkpoint slice) straight into linear layer ``name``.
+
+        For :func:`codellama.checkpoint.load_weights`: the plain weight is never written,
+        so loading reads the file once and allocates each weight once. Returns False for
+        anything that is not a linear weight, or where prepacking is unavailable.
+        """
+        module_name, _, attr = name.rpartition(".")
+        module = self.get_submodule(module_name) if module_name else self
+        if attr != "weight" or not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            return False
+        if not _can_prepack(self.device, self.dtype) or tuple(weight.shape) != tuple(
+            module.weight.shape
+        ):
+            return False
+        plain = weight.to(self.dtype).contiguous()
+        if plain is not weight:
+            release_pages(weight)  # the file's pages are copied: drop them before packing
+        packed = torch.ops.mkldnn._reorder_linear_weight(plain, self.params.max_batch_size)
+        module.weight = nn.Parameter(packed, requires_grad=False)
+        if plain is not weight:
+            del plain
+            _return_freed_memory()
+        return True
 
     def prepack_cpu_weights(self) -> bool:
         """Store every linear weight in oneDNN's blocked layout (CPU only, in place).

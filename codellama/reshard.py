@@ -17,9 +17,9 @@ import torch
 
 from .checkpoint import (
     TOLERATED_EXTRA_KEYS,
-    _release_pages,
     load_shard,
     read_params,
+    release_pages,
     shard_paths,
     split_dim,
     write_checkpoint,
@@ -205,7 +205,7 @@ def reshard(
     finally:
         for sd in shards:
             for t in sd.values():
-                _release_pages(t)
+                release_pages(t)
         del shards
 
 

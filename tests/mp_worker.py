@@ -4,22 +4,27 @@ import json
 import sys
 
 import fire
+import torch.distributed as dist
 
 from codellama import Llama
 
 
-def main(ckpt_dir: str, out: str, prompts: str, max_gen_len: int = 8, temperature: float = 0.0):
+def main(
+    ckpt_dir: str,
+    out: str,
+    prompts: str,
+    max_gen_len: int = 8,
+    temperature: float = 0.0,
+    per_rank_prompts: bool = False,
+):
     llama = Llama.build(
         ckpt_dir, f"{ckpt_dir}/tokenizer.model", 64, 4, device="cpu", dtype="float32"
     )
-    import torch.distributed as dist
-
+    batch = prompts if isinstance(prompts, list) else json.loads(prompts)
+    if per_rank_prompts:  # a caller's bug: every rank reads its own prompts
+        batch = [p + [dist.get_rank() + 3] for p in batch]
     tokens, logprobs = llama.generate(
-        prompts if isinstance(prompts, list) else json.loads(prompts),
-        max_gen_len,
-        temperature=temperature,
-        logprobs=True,
-        stop_token=-1,
+        batch, max_gen_len, temperature=temperature, logprobs=True, stop_token=-1
     )
     with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
         json.dump({"tokens": tokens, "logprobs": logprobs}, f)
