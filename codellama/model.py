@@ -354,6 +354,7 @@ class Transformer(nn.Module):
         )
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
+        self.key_positions = torch.arange(0)
 
     @property
     def device(self) -> torch.device:
@@ -432,6 +433,7 @@ class Transformer(nn.Module):
                 dtype, device,
             )  # fmt: skip
         self.rope_cos, self.rope_sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, device)
+        self.key_positions = torch.arange(p.max_seq_len, device=device)  # sliced by masks
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Logits (float32) for every position of ``tokens`` placed at ``start_pos``."""
@@ -477,7 +479,7 @@ class Transformer(nn.Module):
         bsz = positions.shape[0]
         cos = self.rope_cos[positions].view(bsz, seqlen, 1, -1)
         sin = self.rope_sin[positions].view(bsz, seqlen, 1, -1)
-        keys = torch.arange(kv_len, device=positions.device).view(1, 1, kv_len)
+        keys = self.key_positions[:kv_len].view(1, 1, kv_len)
         mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)
         return StepInputs(cos, sin, 0, kv_len, positions=positions, mask=mask)
 

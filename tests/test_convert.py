@@ -40,7 +40,7 @@ from codellama.convert import (
     to_hf,
     unpermute_rotary,
 )
-from codellama.demo import random_state_dict, train_tokenizer, write_random_checkpoint
+from codellama.demo import random_state_dict, write_random_checkpoint
 from codellama.errors import ConfigError
 from codellama.generation import Llama
 from codellama.model import ModelArgs
@@ -50,11 +50,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 HF5 = int(transformers.__version__.split(".")[0]) >= 5
 HF_FP32: dict[str, Any] = {("dtype" if HF5 else "torch_dtype"): torch.float32}
 TOKENS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 300, 301], [1, 7, 8, 9, 200, 201, 5, 6, 99]])
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
 
 
 @pytest.fixture(scope="module")

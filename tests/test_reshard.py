@@ -19,7 +19,7 @@ from codellama.checkpoint import (
     shard_state_dict,
     write_checkpoint,
 )
-from codellama.demo import random_state_dict, train_tokenizer, write_random_checkpoint
+from codellama.demo import random_state_dict, write_random_checkpoint
 from codellama.errors import ConfigError
 from codellama.generation import Llama
 from codellama.model import ModelArgs
@@ -27,11 +27,6 @@ from codellama.reshard import reshard, valid_model_parallel_sizes
 from codellama.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
 
 
 @pytest.fixture(scope="module")
