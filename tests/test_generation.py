@@ -240,3 +240,12 @@ def test_prefill_groups_equal_lengths_together_and_split_far_apart_ones():
     assert groups[0] == (0, 1)  # the longest prompt is not padded with the short ones
     assert groups[-1][1] == 8 and all(a < b for a, b in groups)
     assert [b for _, b in groups[:-1]] == [a for a, _ in groups[1:]]  # contiguous cover
+
+
+def test_echo_logprobs_of_mixed_batch_equal_each_prompt_alone(llama):
+    prompts = _prompts(llama.model.params.vocab_size, [4, 13, 7])
+    tokens, lps = llama.generate(prompts, 3, temperature=0, logprobs=True, echo=True, stop_token=-1)
+    for p, t, lp in zip(prompts, tokens, lps):
+        t1, lp1 = llama.generate([p], 3, temperature=0, logprobs=True, echo=True, stop_token=-1)
+        assert t == t1[0] and t[: len(p)] == p
+        assert lp == pytest.approx(lp1[0], abs=1e-4)
