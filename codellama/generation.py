@@ -83,6 +83,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    index: int = 0  # position in the caller's list
 
 
 class Llama:
@@ -250,7 +251,6 @@ class Llama:
             out.append(ids)
         return out
 
-    @torch.inference_mode()
     def generate_results(
         self,
         prompt_tokens: Sequence[Sequence[int]],
@@ -267,6 +267,43 @@ class Llama:
         ``finish_reason == "stop"``) or after ``min(max_gen_len, max_seq_len - prompt length)``
         tokens (``"length"``). ``seed`` gives this call its own sampling generator.
         """
+        rows: list[_Row] = []
+        for _ in self._generate(
+            prompt_tokens, max_gen_len, sampling, logprobs, echo, stop_tokens, seed, rows
+        ):
+            pass
+        return [self._result(r, logprobs, echo) for r in rows]
+
+    def generate_stream(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        sampling: SamplingParams = SamplingParams(),
+        stop_tokens: Sequence[int] = (),
+        seed: int | None = None,
+    ) -> Iterator[tuple[int, int]]:
+        """Yield ``(prompt index, token id)`` as soon as each token is generated.
+
+        Same core, arguments and tokens as :meth:`generate_results`; stop tokens are not
+        yielded. Rows of one batch advance together, one token each per step.
+        """
+        yield from self._generate(
+            prompt_tokens, max_gen_len, sampling, False, False, stop_tokens, seed, []
+        )
+
+    @torch.inference_mode()
+    def _generate(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        sampling: SamplingParams,
+        logprobs: bool,
+        echo: bool,
+        stop_tokens: Sequence[int],
+        seed: int | None,
+        rows_out: list[_Row],
+    ) -> Iterator[tuple[int, int]]:
+        """Validate, then run the prompts batch by batch; rows are appended to ``rows_out``."""
         prompts = self._check_prompts(prompt_tokens)
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise PromptError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
@@ -284,17 +321,16 @@ class Llama:
         generator = self._generator
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        results: list[GenerationResult] = []
         step = self.max_batch_size
         for lo in range(0, len(prompts), step):
             rows = [
-                _Row(p, min(max_gen_len, self.max_seq_len - len(p)))
-                for p in prompts[lo : lo + step]
+                _Row(p, min(max_gen_len, self.max_seq_len - len(p)), index=lo + i)
+                for i, p in enumerate(prompts[lo : lo + step])
             ]
-            for _ in self._run_batch(rows, sampling, logprobs, echo, stops, generator):
-                pass
-            results += [self._result(r, logprobs, echo) for r in rows]
-        return results
+            rows_out += rows
+            for emitted in self._run_batch(rows, sampling, logprobs, echo, stops, generator):
+                for row, token in emitted:
+                    yield row.index, token
 
     def _stop_id(self, t: object) -> int:
         if not isinstance(t, bool):

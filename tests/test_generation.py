@@ -249,3 +249,24 @@ def test_echo_logprobs_of_mixed_batch_equal_each_prompt_alone(llama):
         t1, lp1 = llama.generate([p], 3, temperature=0, logprobs=True, echo=True, stop_token=-1)
         assert t == t1[0] and t[: len(p)] == p
         assert lp == pytest.approx(lp1[0], abs=1e-4)
+
+
+def test_stream_yields_the_same_tokens_as_generate_as_they_come(llama):
+    prompts = _prompts(llama.model.params.vocab_size, [5, 12, 3])
+    want, _ = llama.generate(prompts, 7, temperature=0, stop_token=-1)
+    got: list[list[int]] = [[] for _ in prompts]
+    steps = 0
+    for index, token in llama.generate_stream(prompts, 7, SamplingParams(temperature=0)):
+        got[index].append(token)
+        steps += 1
+    assert got == want and steps == sum(len(t) for t in want)
+
+
+def test_stream_stops_at_stop_tokens_without_yielding_them(llama):
+    prompt = _prompts(llama.model.params.vocab_size, [6])[0]
+    free, _ = llama.generate([prompt], 10, temperature=0, stop_token=-1)
+    stop = free[0][3]
+    streamed = [
+        t for _, t in llama.generate_stream([prompt], 10, SamplingParams(temperature=0), [stop])
+    ]
+    assert streamed == free[0][: free[0].index(stop)]
