@@ -438,11 +438,8 @@ class Llama:
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros((bsz, model.params.vocab_size), dtype=torch.bool, device=device)
-            seen.scatter_(1, prompt, True)
-            pad_cols = torch.arange(max_len, device=device).view(1, -1) >= lens_t.view(-1, 1)
-            if pad_cols.any():  # undo the padding id (0) where it is only padding
-                real0 = ((prompt == 0) & ~pad_cols).any(dim=1)
-                seen[:, 0] = real0
+            for i, n in enumerate(lens):  # the prompt's tokens, not its padding
+                seen[i, prompt[i, :n]] = True
         logits = last_logits
         max_steps = max(r.budget for r in rows)
         for step in range(max_steps):
@@ -460,7 +457,7 @@ class Llama:
                     continue
                 if not host[1][i]:
                     raise NumericalError(
-                        f"the model produced non-finite logits (NaN/inf) for row {i} at "
+                        f"the model produced non-finite logits (NaN/inf) for row {r.index} at "
                         f"generation step {step} (position {cur_pos[i]}); the weights or the "
                         "dtype are broken (fp16 overflows easily: try dtype='bfloat16' or "
                         "'float32')"
