@@ -3,9 +3,10 @@
 Random weights of a real Code Llama shape are written once in Meta's layout (bf16 on disk,
 as Meta's checkpoints; cached under ``$CODELLAMA_CACHE/bench`` or ``~/.cache/codellama/bench``).
 Each library runs in its own subprocess (so peak RSS is per library) on the same weights,
-device and dtype, with greedy decoding and no stop token. Both stay loaded and take turns
-run by run, so that load from other processes hits both alike (``--sequential`` runs one
-library at a time instead: for models of which two copies do not fit in memory). The big
+device and dtype, with greedy decoding and no stop token, one library at a time (the
+default, ``--sequential``). ``--sequential False`` keeps both loaded and alternates them run
+by run, so that load from other processes hits both alike; on a 2-core machine the resident
+peer then slows the other down (our batch-1 decode measured 19 instead of 32 tok/s). The big
 shapes write big checkpoints (7b/13b/34b: 13/26/68 GB); shrink them with --n_layers.
 
     python benchmarks/bench_generate.py --shape small --dtype float32
@@ -17,7 +18,7 @@ shapes write big checkpoints (7b/13b/34b: 13/26/68 GB); shrink them with --n_lay
 Options: --shape tiny|small|7b|13b|34b, --n_layers N (shrink a shape), --dtype float32|
 bfloat16|float16, --device cpu|cuda, --runs 3 (median after one warm-up), --peers hf|none,
 --compile False (ours only; HF always runs eagerly), --bandwidth_gbs (skip measuring it),
---threads (default: the CPUs this process may use), --prefill_chunk_size 512, --sequential,
+--threads (default: the CPUs this process may use), --prefill_chunk_size 512, --sequential True,
 --out FILE (JSON with every timing).
 
 Figures: batch-1 and batch-8 decode tok/s (new tokens after the first / (time - time to
@@ -466,7 +467,7 @@ def main(
     threads: int | None = None,
     prefill_chunk_size: int = 512,
     disk_dtype: str = "bfloat16",
-    sequential: bool = False,
+    sequential: bool = True,
     worker: bool = False,
 ) -> None:
     """Benchmark generation; see the module docstring."""
