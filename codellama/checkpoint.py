@@ -45,7 +45,12 @@ _SPLIT_DIMS = {
 
 
 def split_dim(name: str) -> int | None:
-    """Dimension along which ``name`` is sharded in Meta's layout; None if replicated."""
+    """Dimension along which ``name`` is sharded in Meta's layout; None if replicated.
+
+    Unknown names raise ``KeyError``; the tolerated Llama 1 ``rope.freqs`` is replicated.
+    """
+    if name in TOLERATED_EXTRA_KEYS:
+        return None
     for suffix, dim in _SPLIT_DIMS.items():
         if name == suffix or name.endswith("." + suffix):
             return dim
@@ -262,7 +267,7 @@ def shard_state_dict(
     """Split a consolidated (MP=1) state dict into Meta's ``n``-shard layout."""
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     for name, t in state_dict.items():
-        dim = None if name in TOLERATED_EXTRA_KEYS else split_dim(name)
+        dim = split_dim(name)
         if dim is None:
             for sd in shards:
                 sd[name] = t.clone()
@@ -283,7 +288,7 @@ def merge_shards(
     shards = list(shards)
     merged: dict[str, torch.Tensor] = {}
     for name, first in shards[0].items():
-        dim = None if name in TOLERATED_EXTRA_KEYS else split_dim(name)
+        dim = split_dim(name)
         merged[name] = first if dim is None else torch.cat([sd[name] for sd in shards], dim=dim)
     return merged
 
@@ -294,7 +299,7 @@ def iter_full_tensors(
     """Yield (name, consolidated tensor) of a checkpoint one parameter at a time."""
     shards = [load_shard(p) for p in shard_paths(ckpt_dir)]
     for name in shards[0]:
-        dim = None if name in TOLERATED_EXTRA_KEYS else split_dim(name)
+        dim = split_dim(name)
         if dim is None:
             yield name, shards[0][name]
         else:

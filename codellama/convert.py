@@ -39,6 +39,7 @@ from .checkpoint import (
     read_params,
     release_pages,
     shard_paths,
+    split_dim,
     write_checkpoint,
 )
 from .distributed import resolve_dtype
@@ -54,7 +55,6 @@ from .reshard import (
     check_distinct_dirs,
     check_model_parallel_size,
     consolidated_shapes,
-    param_split_dim,
 )
 
 CONFIG_FILE = "config.json"
@@ -359,7 +359,7 @@ def to_hf(
     n = len(shards)
 
     def full(name: str) -> torch.Tensor:
-        dim = param_split_dim(name)
+        dim = split_dim(name)
         if dim is None or n == 1:
             t = shards[0][name]
         else:
@@ -755,7 +755,7 @@ def from_hf(
             sd: dict[str, torch.Tensor] = {}
             for name in names:
                 t = full(name)
-                dim = param_split_dim(name)
+                dim = split_dim(name)
                 if dim is not None and mp > 1:
                     t = torch.chunk(t, mp, dim=dim)[r]
                 sd[name] = t.clone(memory_format=torch.contiguous_format)

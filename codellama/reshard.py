@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (
-    TOLERATED_EXTRA_KEYS,
     load_shard,
     read_params,
     release_pages,
@@ -27,11 +26,6 @@ from .checkpoint import (
 from .errors import CheckpointError, ConfigError
 
 TOKENIZER_FILE = "tokenizer.model"
-
-
-def param_split_dim(name: str) -> int | None:
-    """Like :func:`split_dim`, but replicated for the tolerated extra buffers (rope.freqs)."""
-    return None if name in TOLERATED_EXTRA_KEYS else split_dim(name)
 
 
 def kv_heads_of(params: Mapping[str, object]) -> int:
@@ -54,7 +48,7 @@ def valid_model_parallel_sizes(kv_heads: int, shapes: Mapping[str, Sequence[int]
     """
     sizes = [d for d in range(1, kv_heads + 1) if kv_heads % d == 0]
     for name, shape in shapes.items():
-        dim = param_split_dim(name)
+        dim = split_dim(name)
         if dim is not None:
             sizes = [d for d in sizes if shape[dim] % d == 0]
     return sizes
@@ -104,7 +98,7 @@ def consolidated_shapes(
         raise CheckpointError("inconsistent checkpoint shards: " + "; ".join(problems))
     for name in names:
         try:
-            dim = param_split_dim(name)
+            dim = split_dim(name)
         except KeyError:
             raise CheckpointError(
                 f"unexpected parameter {name!r} in {paths[0].name}; not a Code Llama weight"
@@ -152,7 +146,7 @@ def reshard_state_dicts(
     for r in range(m):
         out: dict[str, torch.Tensor] = {}
         for name, first in shards[0].items():
-            dim = param_split_dim(name)
+            dim = split_dim(name)
             if dim is None:
                 out[name] = first.clone()
                 continue
