@@ -198,18 +198,13 @@ def _build_ours(spec: dict[str, Any]) -> tuple[GenFn, int, int]:
     return gen, parameter_bytes(model), kv_cache_bytes(model.params, model.dtype)
 
 
-def _permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved rotary pairs -> HF's rotate_half halves (per head)."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def _build_hf(spec: dict[str, Any]) -> tuple[GenFn, int, int]:
     """LlamaForCausalLM (sdpa) from the same Meta checkpoint, mapped tensor by tensor."""
     import transformers
     from transformers.initialization import no_init_weights
 
     from codellama.checkpoint import iter_full_tensors
+    from codellama.convert import meta_to_hf_name, permute_rotary
     from codellama.model import ModelArgs
 
     a = ModelArgs(**spec["args"])
@@ -229,24 +224,14 @@ def _build_hf(spec: dict[str, Any]) -> tuple[GenFn, int, int]:
         )
     model.eval().requires_grad_(False)
     params = dict(model.named_parameters())
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight",
-             "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}  # fmt: skip
-    local = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}  # fmt: skip
+    heads = {"attention.wq.weight": a.n_heads, "attention.wk.weight": a.kv_heads}
     loaded = set()
     with torch.no_grad():
         for name, t in iter_full_tensors(spec["ckpt"]):
-            if name.startswith("layers."):
-                _, i, rest = name.split(".", 2)
-                mod, suffix = rest.rsplit(".", 1)
-                hf_name = f"model.layers.{i}.{local[mod]}.{suffix}"
-                if mod in ("attention.wq", "attention.wk"):
-                    t = _permute_for_hf(t, a.n_heads if mod == "attention.wq" else a.kv_heads)
-            else:
-                hf_name = names[name]
+            hf_name = meta_to_hf_name(name)
+            n = next((h for suffix, h in heads.items() if name.endswith(suffix)), None)
+            if n is not None:
+                t = permute_rotary(t, n)  # Meta's interleaved rotary pairs -> HF's halves
             params[hf_name].copy_(t)
             loaded.add(hf_name)
     assert loaded == set(params), f"unloaded HF parameters: {sorted(set(params) - loaded)[:5]}"

@@ -7,6 +7,7 @@ copied). Any shard count N loads at any model-parallel size M whose slices line 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -314,34 +315,28 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def write_checkpoint(
-    out_dir: str | os.PathLike[str],
-    shards: Iterable[Mapping[str, torch.Tensor]],
-    params: Mapping[str, object],
-    tokenizer_path: str | os.PathLike[str] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write Meta's layout atomically: a temporary folder beside ``out_dir``, renamed at the end.
-
-    Refuses a non-empty ``out_dir`` unless ``overwrite``; nothing is left half-written.
-    """
-    out = Path(out_dir)
+def refuse_non_empty(out: Path, overwrite: bool) -> None:
+    """Raise ``FileExistsError`` if ``out`` holds anything, unless ``overwrite``."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(
             f"{str(out)!r} exists and is not empty; choose another folder or pass overwrite=True "
             "(--overwrite)"
         )
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out_dir`` that replaces it when the block succeeds.
+
+    Refuses a non-empty ``out_dir`` unless ``overwrite``; on failure nothing is left
+    half-written and an existing ``out_dir`` is kept as it was.
+    """
+    out = Path(out_dir)
+    refuse_non_empty(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        for i, sd in enumerate(shards):
-            torch.save(
-                {k: _owned(v) for k, v in sd.items()},
-                tmp / f"consolidated.{i:02d}.pth",
-            )
-        (tmp / PARAMS_FILE).write_text(json.dumps(dict(params), indent=2) + "\n")
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        yield tmp
         if out.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, backup / out.name)
@@ -357,4 +352,20 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike[str],
+    shards: Iterable[Mapping[str, torch.Tensor]],
+    params: Mapping[str, object],
+    tokenizer_path: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write Meta's layout atomically (see :func:`atomic_dir`); shards are saved one by one."""
+    with atomic_dir(out_dir, overwrite) as tmp:
+        for i, sd in enumerate(shards):
+            torch.save({k: _owned(v) for k, v in sd.items()}, tmp / f"consolidated.{i:02d}.pth")
+        (tmp / PARAMS_FILE).write_text(json.dumps(dict(params), indent=2) + "\n")
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+    return Path(out_dir)

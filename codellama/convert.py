@@ -24,10 +24,8 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +33,10 @@ import torch
 
 from .checkpoint import (
     TOLERATED_EXTRA_KEYS,
+    atomic_dir,
     load_shard,
     read_params,
+    refuse_non_empty,
     release_pages,
     shard_paths,
     split_dim,
@@ -213,34 +213,6 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-@contextmanager
-def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out`` that replaces ``out`` on success."""
-    _refuse_non_empty(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, backup / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(backup)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _refuse_non_empty(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"{str(out)!r} exists and is not empty; choose another folder or pass "
-            "overwrite=True (--overwrite)"
-        )
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -339,7 +311,7 @@ def to_hf(
     params = read_params(ckpt_dir)
     out = Path(out_dir)
     check_distinct_dirs(ckpt_dir, out)
-    _refuse_non_empty(out, overwrite)
+    refuse_non_empty(out, overwrite)
 
     shards = [load_shard(p) for p in paths]
     shapes = consolidated_shapes(shards, paths)
@@ -376,7 +348,7 @@ def to_hf(
     total = sum(math.prod(expected[k]) * item for k in names)
     config = _hf_config(args, params, out_dtype, max_position_embeddings)
     tokenizer = Path(ckpt_dir) / TOKENIZER_FILE
-    with _atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         weight_map: dict[str, str] = {}
         for i, group in enumerate(groups):
             fname = (
@@ -697,7 +669,7 @@ def from_hf(
     target = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))
     out = Path(out_dir)
     check_distinct_dirs(src, out)
-    _refuse_non_empty(out, overwrite)
+    refuse_non_empty(out, overwrite)
     config = _read_hf_config(src)
     weights = _HFWeights(src)
     where = repr(str(src))
