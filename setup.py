@@ -21,8 +21,8 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["codellama", "codellama.*"]),
-    package_data={"codellama": ["py.typed"]},
+    packages=find_packages(include=["codellama", "codellama.*", "llama"]),
+    package_data={"codellama": ["py.typed"], "llama": ["py.typed"]},
     install_requires=requirements(),
     extras_require={
         "hf": ["safetensors"],

@@ -175,13 +175,31 @@ def rope_tables(
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the given angles.
+def rope_table(
+    head_dim: int,
+    max_seq_len: int,
+    theta: float,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """(cos, sin) pairs of the rotary angles, float32, shape (max_seq_len, head_dim // 2, 2):
+    the layout of a complex tensor, so :func:`apply_rotary` views it as one for free."""
+    return torch.stack(rope_tables(head_dim, max_seq_len, theta, device), dim=-1)
 
-    ``cos``/``sin`` broadcast against (B, T, 1, D/2). Meta's layout (complex pairs), in fp32.
+
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the angles in ``rotation``.
+
+    ``rotation`` holds (cos, sin) pairs, (B|1, T, 1, D/2, 2) (see :func:`rope_table`). Meta's
+    layout (complex pairs), in fp32. Eagerly on CPU/CUDA one complex multiply is 3-20x faster
+    than the real formula; torch.compile (which cannot generate complex code) and MPS use the
+    real formula, which gives the same numbers.
     """
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
+    xf = x.float()
+    if x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        xc = torch.view_as_complex(xf.contiguous().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * torch.view_as_complex(rotation)).flatten(-2).type_as(x)
+    cos, sin = rotation[..., 0], rotation[..., 1]
+    x0, x1 = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
 
@@ -197,8 +215,7 @@ class StepInputs:
     writes cache rows ``row_offset .. row_offset+B-1``.
     """
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    rotation: torch.Tensor  # (cos, sin) pairs, (B|1, T, 1, head_dim/2, 2): apply_rotary's
     start_pos: int
     kv_len: int
     positions: torch.Tensor | None = None
@@ -280,8 +297,8 @@ class Attention(nn.Module):
         q = linear(self.wq, x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         k = linear(self.wk, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = linear(self.wv, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q = apply_rotary(q, step.cos, step.sin).transpose(1, 2)
-        k = apply_rotary(k, step.cos, step.sin).transpose(1, 2)
+        q = apply_rotary(q, step.rotation).transpose(1, 2)
+        k = apply_rotary(k, step.rotation).transpose(1, 2)
         keys, values = self.cache.update(k, v.transpose(1, 2), step)
 
         if self.n_rep > 1 and seqlen == 1:
@@ -352,9 +369,9 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(
             params.dim, params.vocab_size, bias=False, init_method=_keep
         )
-        self.rope_cos: torch.Tensor | None = None
-        self.rope_sin: torch.Tensor | None = None
-        self.key_positions = torch.arange(0)
+        self.rope: torch.Tensor | None = None  # rope_table(): (max_seq_len, head_dim/2, 2)
+        self.key_positions = torch.zeros(0, dtype=torch.long)  # (arange on meta imports sympy)
+        self._pack_buffer: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -379,15 +396,21 @@ class Transformer(nn.Module):
             module.weight.shape
         ):
             return False
-        plain = weight.to(self.dtype).contiguous()
-        if plain is not weight:
+        if weight.dtype == self.dtype and weight.is_contiguous():
+            plain = weight
+        else:  # convert into one reused buffer: fresh memory costs a page fault per 4 KiB
+            plain = self._scratch(weight.numel()).view(weight.shape).copy_(weight)
             release_pages(weight)  # the file's pages are copied: drop them before packing
         packed = torch.ops.mkldnn._reorder_linear_weight(plain, self._pack_hint())
         module.weight = nn.Parameter(packed, requires_grad=False)
-        if plain is not weight:
-            del plain
-            _return_freed_memory()
         return True
+
+    def _scratch(self, numel: int) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` elements, kept until prepacking ends."""
+        if self._pack_buffer is None or self._pack_buffer.numel() < numel:
+            self._pack_buffer = None  # free the smaller one first
+            self._pack_buffer = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self._pack_buffer[:numel]
 
     def _pack_hint(self) -> int:
         """Batch size oneDNN tunes the packed layout for. Measured here: in fp32 the decode
@@ -402,7 +425,9 @@ class Transformer(nn.Module):
         is freed, so memory does not grow. Returns False (and changes nothing) where oneDNN
         cannot do it: not on CPU, fp16, or a torch build without mkldnn.
         """
+        self._pack_buffer = None  # store_prepacked's conversion buffer: loading is over
         if not _can_prepack(self.device, self.dtype):
+            _return_freed_memory()
             return False
         hint = self._pack_hint()
         for module in self.modules():
@@ -412,6 +437,7 @@ class Transformer(nn.Module):
                 packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), hint)
                 module.weight = nn.Parameter(packed, requires_grad=False)
                 _return_freed_memory()  # else the freed plain weights stay in the heap
+        _return_freed_memory()
         return True
 
     def setup_cache(
@@ -437,7 +463,7 @@ class Transformer(nn.Module):
                 p.max_batch_size, p.max_seq_len, attn.n_local_kv_heads, attn.head_dim,
                 dtype, device,
             )  # fmt: skip
-        self.rope_cos, self.rope_sin = rope_tables(p.head_dim, p.max_seq_len, p.rope_theta, device)
+        self.rope = rope_table(p.head_dim, p.max_seq_len, p.rope_theta, device)
         self.key_positions = torch.arange(p.max_seq_len, device=device)  # sliced by masks
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
@@ -461,7 +487,7 @@ class Transformer(nn.Module):
     def _step_inputs(
         self, seqlen: int, start_pos: int, positions: torch.Tensor | None, kv_len: int | None
     ) -> StepInputs:
-        if self.rope_cos is None or self.rope_sin is None:
+        if self.rope is None:
             raise RuntimeError("rotary tables not allocated: call Transformer.setup_cache() first")
         max_len = self.params.max_seq_len
         if positions is None:
@@ -471,22 +497,20 @@ class Transformer(nn.Module):
                     f"positions {start_pos}..{end - 1} exceed max_seq_len={max_len}; "
                     "build with a larger max_seq_len"
                 )
-            cos = self.rope_cos[start_pos:end].view(1, seqlen, 1, -1)
-            sin = self.rope_sin[start_pos:end].view(1, seqlen, 1, -1)
+            rot = self.rope[start_pos:end].view(1, seqlen, 1, -1, 2)
             if seqlen == 1:
-                return StepInputs(cos, sin, start_pos, end)
+                return StepInputs(rot, start_pos, end)
             if start_pos == 0:
-                return StepInputs(cos, sin, 0, end, causal=True)
-            q_pos = torch.arange(start_pos, end, device=cos.device)
-            mask = torch.arange(end, device=cos.device).view(1, -1) <= q_pos.view(-1, 1)
-            return StepInputs(cos, sin, start_pos, end, mask=mask.view(1, 1, seqlen, end))
+                return StepInputs(rot, 0, end, causal=True)
+            q_pos = torch.arange(start_pos, end, device=rot.device)
+            mask = torch.arange(end, device=rot.device).view(1, -1) <= q_pos.view(-1, 1)
+            return StepInputs(rot, start_pos, end, mask=mask.view(1, 1, seqlen, end))
         kv_len = max_len if kv_len is None else kv_len
         bsz = positions.shape[0]
-        cos = self.rope_cos[positions].view(bsz, seqlen, 1, -1)
-        sin = self.rope_sin[positions].view(bsz, seqlen, 1, -1)
+        rot = self.rope[positions].view(bsz, seqlen, 1, -1, 2)
         keys = self.key_positions[:kv_len].view(1, 1, kv_len)
         mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)
-        return StepInputs(cos, sin, 0, kv_len, positions=positions, mask=mask)
+        return StepInputs(rot, 0, kv_len, positions=positions, mask=mask)
 
     def _hidden(self, tokens: torch.Tensor, step: StepInputs) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
@@ -631,5 +655,6 @@ __all__ = [
     "apply_rotary",
     "kv_cache_bytes",
     "parameter_bytes",
+    "rope_table",
     "rope_tables",
 ]

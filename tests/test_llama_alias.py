@@ -1,0 +1,64 @@
+"""``import llama``: scripts written for Meta's package run unchanged."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import codellama
+import codellama.model
+import llama
+import llama.generation
+import llama.model
+import llama.tokenizer
+
+from .conftest import GQA_ARGS, REPO
+
+
+def test_llama_top_level_names_are_codellamas():
+    assert llama.Llama is codellama.Llama
+    assert llama.ModelArgs is codellama.ModelArgs
+    assert llama.Transformer is codellama.Transformer
+    assert llama.Tokenizer is codellama.Tokenizer
+
+
+def test_llama_submodules_expose_metas_names():
+    assert llama.model.RMSNorm is codellama.model.RMSNorm
+    assert llama.tokenizer.Tokenizer is codellama.Tokenizer
+    for name in ("B_INST", "E_INST", "B_SYS", "E_SYS", "SPECIAL_TAGS", "UNSAFE_ERROR", "Dialog",
+                 "sample_top_p", "infilling_prompt_tokens", "dialog_prompt_tokens"):  # fmt: skip
+        assert hasattr(llama.generation, name), name
+
+
+def test_metas_infilling_keywords_give_the_same_tokens(tokenizer):
+    ours = codellama.infilling_prompt_tokens(tokenizer, "def f(", "    return x", suffix_first=True)
+    metas = llama.generation.infilling_prompt_tokens(
+        tokenizer, pre="def f(", suf="    return x", suffix_first=True
+    )
+    assert metas == ours
+
+
+def test_dialog_prompt_tokens_is_chat_prompt_tokens(tokenizer):
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ours = codellama.chat_prompt_tokens(tokenizer, dialog)
+    assert llama.generation.dialog_prompt_tokens(tokenizer, dialog) == ours
+
+
+def test_a_script_importing_llama_runs_in_a_fresh_process(make_checkpoint, tmp_path):
+    ckpt = make_checkpoint(GQA_ARGS)
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import sys\n"
+        "from llama import Llama\n"
+        "g = Llama.build(ckpt_dir=sys.argv[1], tokenizer_path=sys.argv[1] + '/tokenizer.model',\n"
+        "                max_seq_len=64, max_batch_size=2)\n"
+        "out = g.text_completion(['def add(a, b):'], max_gen_len=4, temperature=0.0)\n"
+        "print('GENERATION', type(out[0]['generation']).__name__)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), str(ckpt)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "GENERATION str" in proc.stdout
