@@ -25,7 +25,9 @@ Figures: batch-1 and batch-8 decode tok/s (new tokens after the first / (time - 
 first token)), prefill tok/s of one 1024-token prompt, wall time of a mixed batch (8 prompts
 of 16..512 tokens, 64 new tokens each), time to first token, build time, peak RSS (and peak
 GPU memory on CUDA), and the fraction of the memory-bandwidth bound reached at batch-1
-decode (bandwidth / bytes read per token: weights except the embedding table, plus KV).
+decode (bandwidth / bytes read per token: weights except the embedding table, plus KV) and
+of the matrix-vector-pass bound (one pass of the fastest matrix-vector kernel torch has here
+over the same weight shapes: what decoding would reach with no other work at all).
 Tokenizer: ``$CODELLAMA_TOKENIZER`` (Meta's tokenizer.model) if set; else a small one is
 trained and padded with unused pieces to 32016 (the prompt ids are random in [3, 32000)).
 """
@@ -84,6 +86,7 @@ METRICS = [
     ("cuda_build_peak_mb", "peak GPU memory after build MB", False),
     ("cuda_peak_mb", "peak GPU memory MB (whole run)", False),
     ("bw_fraction_b1", "fraction of bandwidth bound, batch-1 decode", True),
+    ("gemv_fraction_b1", "fraction of matrix-vector-pass bound, batch-1 decode", True),
 ]
 
 
@@ -178,6 +181,49 @@ def measure_bandwidth(device: str) -> float:
         x.sum().item()
         times.append(time.perf_counter() - t)
     return x.numel() * x.element_size() / statistics.median(times[1:]) / 1e9
+
+
+def measure_gemv_pass(spec: dict[str, Any]) -> dict[str, Any]:
+    """Tokens/s of one pass of matrix-vector products over the shape's linear weights (every
+    one but the embedding), the issue's "limit" column: the fastest kernel torch offers here
+    (F.linear, and on CPU oneDNN's prepacked linear), median of 5 passes after a warm-up.
+    It bounds batch-1 decode from above with this torch build, on this machine."""
+    from codellama.model import ModelArgs
+
+    a = ModelArgs(**{k: v for k, v in spec["args"].items() if k != "n_layers"}, n_layers=1)
+    dev, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    q, kv, hid = a.n_heads * a.head_dim, a.kv_heads * a.head_dim, a.ffn_hidden_dim
+    layer = [(q, a.dim), (kv, a.dim), (kv, a.dim), (a.dim, q), (hid, a.dim), (hid, a.dim),
+             (a.dim, hid)]  # fmt: skip
+    shapes = layer * spec["args"]["n_layers"] + [(a.vocab_size, a.dim)]
+    weights = [torch.empty(s, device=dev, dtype=dtype).uniform_(-0.02, 0.02) for s in shapes]
+    kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "F.linear": torch.nn.functional.linear
+    }
+    packed: list[torch.Tensor] = []
+    if dev.type == "cpu" and torch.backends.mkldnn.is_available() and dtype != torch.float16:
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+        kernels["oneDNN prepacked"] = lambda x, w: torch.ops.mkldnn._linear_pointwise(
+            x, w, None, "none", [], ""
+        )
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    best: dict[str, Any] = {"gemv_tok_s": 0.0, "gemv_kernel": ""}
+    with torch.inference_mode():
+        for name, fn in kernels.items():
+            ws = packed if name == "oneDNN prepacked" else weights
+            xs = {n: torch.ones(1, n, device=dev, dtype=dtype) for n in {s[1] for s in shapes}}
+            times = []
+            for _ in range(6):  # the first is a warm-up
+                sync()
+                t = time.perf_counter()
+                for (_, n), w in zip(shapes, ws):
+                    fn(xs[n], w)
+                sync()
+                times.append(time.perf_counter() - t)
+            tok_s = 1 / statistics.median(times[1:])
+            if tok_s > best["gemv_tok_s"]:
+                best = {"gemv_tok_s": tok_s, "gemv_kernel": name}
+    return best
 
 
 def _build_ours(spec: dict[str, Any]) -> tuple[GenFn, int, int]:
@@ -275,13 +321,15 @@ def _reply(obj: dict[str, Any]) -> None:
 
 
 def serve(spec: dict[str, Any]) -> None:
-    """A worker: one task (write, bandwidth), or build one library and time on request."""
+    """A worker: one task (write, bandwidth, gemv), or build one library and time on request."""
     torch.set_num_threads(spec["threads"])
     if spec["task"] == "write":
         write_checkpoint(spec)
         return _reply({})
     if spec["task"] == "bandwidth":
         return _reply({"bandwidth_gbs": measure_bandwidth(spec["device"])})
+    if spec["task"] == "gemv":
+        return _reply(measure_gemv_pass(spec))
     cuda = torch.device(spec["device"]).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     # Imports are not part of the build: resolve them (and transformers' lazy ones) first.
@@ -352,7 +400,7 @@ class Worker:
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run a one-reply task (write, bandwidth) in a subprocess."""
+    """Run a one-reply task (write, bandwidth, gemv) in a subprocess."""
     w = Worker(spec)
     reply = w.ask()
     w.close()
@@ -497,6 +545,7 @@ def main(
         bw_src = "measured: x.sum() over 1 GiB float32"
     else:
         bw_src = "given with --bandwidth_gbs"
+    gemv = run_one({**base, "task": "gemv"})
     libs = ["ours"] + (["hf"] if "hf" in peer_list and HF_VERSION else [])
     if "hf" in peer_list and not HF_VERSION:
         notes.append("transformers is not installed: no HF comparison")
@@ -516,6 +565,7 @@ def main(
     bound = bandwidth_gbs * 1e9 / read
     for res in results.values():
         res["bw_fraction_b1"] = res["decode_b1_tok_s"] / bound
+        res["gemv_fraction_b1"] = res["decode_b1_tok_s"] / gemv["gemv_tok_s"]
     loads = [x for res in results.values() for x in res["loadavg"]]
     if max(loads) > threads + 0.5:
         notes.append(
@@ -536,6 +586,9 @@ def main(
     print(f"runs: median of {runs} after 1 warm-up, {how}; ours compile={bool(compile)}, HF eager")
     print(f"memory bandwidth: {bandwidth_gbs:.1f} GB/s ({bw_src}); batch-1 bytes/token "
           f"{read / 1e6:.0f} MB -> bound {bound:.1f} tok/s")  # fmt: skip
+    print(f"matrix-vector pass over the weights: {gemv['gemv_tok_s']:.1f} tok/s "
+          f"({gemv['gemv_kernel']}, the fastest kernel here; "
+          f"{gemv['gemv_tok_s'] / bound:.2f} of the bandwidth bound)")  # fmt: skip
     print(f"ours: params {param_bytes / 2**20:.0f} MiB, KV cache {results['ours']['kv_bytes'] / 2**20:.0f} "
           f"MiB (preallocated {BATCH} x {MAX_SEQ_LEN}); HF's cache grows dynamically")  # fmt: skip
     if agree is not None:
@@ -549,7 +602,7 @@ def main(
     if out:
         doc = {"machine": info, "shape": shape, "args": args, "runs": runs, "notes": notes,
                "bandwidth_gbs": bandwidth_gbs, "bandwidth_source": bw_src,
-               "bytes_per_token_b1": read, "bound_tok_s_b1": bound,
+               "bytes_per_token_b1": read, "bound_tok_s_b1": bound, **gemv,
                "greedy_agree_tokens": agree, "results": results}  # fmt: skip
         Path(out).write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nwrote {out}")

@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    OutputExistsError,
+    UnknownWeightError,
+)
 
 PARAMS_FILE = "params.json"
 TOLERATED_EXTRA_KEYS = frozenset({"rope.freqs"})  # Llama 1 checkpoints carry this buffer
@@ -48,14 +54,15 @@ _SPLIT_DIMS = {
 def split_dim(name: str) -> int | None:
     """Dimension along which ``name`` is sharded in Meta's layout; None if replicated.
 
-    Unknown names raise ``KeyError``; the tolerated Llama 1 ``rope.freqs`` is replicated.
+    Unknown names raise :class:`UnknownWeightError` (a ``KeyError``); the tolerated Llama 1
+    ``rope.freqs`` is replicated.
     """
     if name in TOLERATED_EXTRA_KEYS:
         return None
     for suffix, dim in _SPLIT_DIMS.items():
         if name == suffix or name.endswith("." + suffix):
             return dim
-    raise KeyError(name)
+    raise UnknownWeightError(f"{name!r} is not a Code Llama parameter name")
 
 
 def shard_paths(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
@@ -316,9 +323,10 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
 
 
 def refuse_non_empty(out: Path, overwrite: bool) -> None:
-    """Raise ``FileExistsError`` if ``out`` holds anything, unless ``overwrite``."""
+    """Raise :class:`OutputExistsError` (a ``FileExistsError``) if ``out`` holds anything,
+    unless ``overwrite``."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{str(out)!r} exists and is not empty; choose another folder or pass overwrite=True "
             "(--overwrite)"
         )

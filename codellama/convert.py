@@ -47,6 +47,7 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
+    UnknownWeightError,
     UnsupportedError,
 )
 from .model import ModelArgs
@@ -116,7 +117,7 @@ def meta_to_hf_name(name: str) -> str:
     m = _META_LAYER_RE.match(name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    raise KeyError(name)
+    raise UnknownWeightError(f"{name!r} is not a Code Llama (Meta) parameter name")
 
 
 def hf_to_meta_name(name: str) -> str:
@@ -126,7 +127,7 @@ def hf_to_meta_name(name: str) -> str:
     m = _HF_LAYER_RE.match(name)
     if m and m.group(2) in _HF_LAYER_NAMES:
         return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}"
-    raise KeyError(name)
+    raise UnknownWeightError(f"{name!r} is not a Hugging Face Llama parameter name")
 
 
 def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -78,6 +78,49 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     )
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that new allocations on ``device`` can still get; None where unknown.
+
+    CUDA: the driver's free memory. CPU (Linux): MemAvailable plus free swap, capped by a
+    cgroup (container) limit; divided among the processes torchrun started on this host.
+    """
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    info = _read_kib_fields("/proc/meminfo")
+    if "MemAvailable" not in info:
+        return None
+    free = (info["MemAvailable"] + info.get("SwapFree", 0)) * 1024
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:
+        free = min(free, max(limit - used, 0))
+    return free // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+
+def _read_kib_fields(path: str) -> dict[str, int]:
+    fields: dict[str, int] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    fields[key] = int(parts[0])
+    except OSError:
+        pass
+    return fields
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" means no limit
+
+
 def setup_model_parallel(model_parallel_size: int | None, device: torch.device) -> tuple[int, int]:
     """Initialise torch.distributed and fairscale; return (rank, model_parallel_size).
 

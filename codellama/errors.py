@@ -20,6 +20,17 @@ class CheckpointError(CodeLlamaError, ValueError):
     """A checkpoint file is missing, truncated, unsafe, or does not match the model."""
 
 
+class UnknownWeightError(CheckpointError, KeyError):
+    """A parameter name is not one of Code Llama's (Meta's or Hugging Face's naming)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+class OutputExistsError(CodeLlamaError, FileExistsError):
+    """An output folder already holds files; nothing is overwritten unless asked."""
+
+
 class CheckpointNotFoundError(CodeLlamaError, FileNotFoundError):
     """A checkpoint directory, shard, params.json or tokenizer file does not exist."""
 
@@ -30,6 +41,10 @@ class PromptError(CodeLlamaError, ValueError):
 
 class PromptTooLongError(PromptError):
     """A prompt does not fit in the model's ``max_seq_len``."""
+
+
+class OutOfMemoryError(ConfigError, MemoryError):
+    """The weights and KV cache asked for do not fit in the device's free memory."""
 
 
 class UnsupportedError(CodeLlamaError, ValueError):

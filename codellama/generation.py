@@ -8,6 +8,7 @@ row gets exactly the tokens it would get alone.
 
 from __future__ import annotations
 
+import numbers
 import operator
 import os
 import sys
@@ -23,11 +24,12 @@ from .checkpoint import load_weights, read_params, shard_paths
 from .errors import (
     ConfigError,
     NumericalError,
+    OutOfMemoryError,
     PromptError,
     PromptTooLongError,
     UnsupportedError,
 )
-from .model import ModelArgs, Transformer, build_empty
+from .model import ModelArgs, Transformer, build_empty, kv_cache_bytes, weight_bytes
 from .prompt_formats import (
     UNSAFE_ERROR,
     Dialog,
@@ -151,6 +153,7 @@ class Llama:
         args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         args.validate(model_parallel_size=mp)
 
+        _check_memory(args, dt, dev, mp)
         model = build_empty(args, dev, dt)
         store = None if compile else model.store_prepacked  # torch.compile packs by itself
         load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0, store=store)
@@ -211,6 +214,7 @@ class Llama:
         )[:, 0]
 
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> list[list[int]]:
+        prompt_tokens = _as_lists(prompt_tokens)
         if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):
             raise PromptError(
                 "prompt_tokens must be a list of token-id lists, got "
@@ -219,6 +223,7 @@ class Llama:
         vocab = self.model.params.vocab_size
         out = []
         for i, p in enumerate(prompt_tokens):
+            p = _as_lists(p)
             if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
                 raise PromptError(
                     f"prompt {i} must be a list of token ids, got {type(p).__name__}: {p!r:.60}"
@@ -230,12 +235,13 @@ class Llama:
                     f"id {self.tokenizer.bos_id})"
                 )
             ids = list(p)
-            not_int = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
+            not_int = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
             if not_int:
                 raise PromptError(
                     f"prompt {i} has token ids that are not integers: {not_int[:5]!r:.120}; "
                     "pass lists of int ids (e.g. tokenizer.encode(text, bos=True, eos=False))"
                 )
+            ids = [int(t) for t in ids]  # numpy integers too
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise PromptError(
@@ -634,6 +640,40 @@ class Llama:
                 pred["logprobs"] = lps[i]
             out.append(pred)
         return out
+
+
+def _as_lists(value: Any) -> Any:
+    """numpy arrays and torch tensors of token ids, as (nested) lists; anything else as is."""
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+        return value.tolist()
+    return value
+
+
+def _check_memory(args: ModelArgs, dtype: torch.dtype, device: torch.device, mp: int) -> None:
+    """Refuse sizes whose weights and KV cache cannot fit, before allocating anything
+    (else the allocator fails late or the OS kills the process)."""
+    free = distributed.available_memory(device)
+    if free is None:
+        return
+    weights = weight_bytes(args, dtype, mp)
+    cache = kv_cache_bytes(args, dtype, mp)
+    if weights + cache <= free:
+        return
+    gib = 2**30
+    where = f"{device.type} has {free / gib:.1f} GiB free"
+    if weights > free:
+        raise OutOfMemoryError(
+            f"the weights need {weights / gib:.1f} GiB per process but {where}; use a machine "
+            "with more memory, more model-parallel processes, or a smaller dtype"
+        )
+    per_row_token = cache // (args.max_batch_size * args.max_seq_len)
+    fits = (free - weights) // (per_row_token * args.max_batch_size)
+    raise OutOfMemoryError(
+        f"max_seq_len={args.max_seq_len} x max_batch_size={args.max_batch_size} needs a "
+        f"{cache / gib:.1f} GiB KV cache ({per_row_token * 1024 / 2**20:.0f} MiB per 1K "
+        f"tokens per batch row) on top of {weights / gib:.1f} GiB of weights, but {where}; "
+        f"lower max_seq_len (at most {fits} fits at this batch size) or max_batch_size"
+    )
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -29,7 +29,7 @@ from fairscale.nn.model_parallel.mappings import (
 from torch import nn
 
 from .checkpoint import release_pages
-from .errors import ConfigError
+from .errors import ConfigError, PromptTooLongError
 
 
 @dataclass
@@ -493,7 +493,7 @@ class Transformer(nn.Module):
         if positions is None:
             end = start_pos + seqlen
             if start_pos < 0 or end > max_len:
-                raise ValueError(
+                raise PromptTooLongError(
                     f"positions {start_pos}..{end - 1} exceed max_seq_len={max_len}; "
                     "build with a larger max_seq_len"
                 )
@@ -547,7 +547,7 @@ class Transformer(nn.Module):
         """
         bsz, seqlen = tokens.shape
         if row_offset < 0 or row_offset + bsz > self.params.max_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"cache rows {row_offset}..{row_offset + bsz - 1} exceed max_batch_size="
                 f"{self.params.max_batch_size}"
             )
@@ -636,6 +636,14 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def weight_bytes(args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 1) -> int:
+    """Bytes of the weights one process holds for ``args`` (vocab_size must be set)."""
+    q, kv, hid = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
+    per_layer = args.dim * (2 * q + 2 * kv + 3 * hid) // model_parallel_size + 2 * args.dim
+    total = args.n_layers * per_layer + 2 * args.vocab_size * args.dim // model_parallel_size
+    return (total + args.dim) * torch.tensor([], dtype=dtype).element_size()
+
+
 def kv_cache_bytes(args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 1) -> int:
     """Bytes of the KV cache per process for ``args``' batch and sequence sizes."""
     per_token = 2 * args.n_layers * (args.kv_heads // model_parallel_size) * args.head_dim
@@ -654,6 +662,7 @@ __all__ = [
     "TransformerBlock",
     "apply_rotary",
     "kv_cache_bytes",
+    "weight_bytes",
     "parameter_bytes",
     "rope_table",
     "rope_tables",

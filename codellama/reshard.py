@@ -23,7 +23,7 @@ from .checkpoint import (
     split_dim,
     write_checkpoint,
 )
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, OutputExistsError
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -180,7 +180,7 @@ def reshard(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         # Checked early (write_checkpoint checks again) to fail before any work is done.
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{str(out)!r} exists and is not empty; choose another folder or pass "
             "overwrite=True (--overwrite)"
         )

@@ -26,10 +26,13 @@ from codellama import (
     DistributedError,
     Llama,
     NumericalError,
+    OutOfMemoryError,
+    OutputExistsError,
     PromptError,
     PromptTooLongError,
     SamplingParams,
     Tokenizer,
+    UnknownWeightError,
     UnsupportedError,
     chat_prompt_tokens,
     infilling_prompt_tokens,
@@ -249,6 +252,16 @@ BUILD_CASES = [
     *_non_int_cases("max_seq_len", [0, -5, 1.5, "128", None, True]),
     *_non_int_cases("max_batch_size", [0, -1, 2.0]),
     *_non_int_cases("prefill_chunk_size", [0, -1, "512"]),
+    pytest.param(
+        _build_with(max_seq_len=10**9), OutOfMemoryError,
+        esc("max_seq_len=1000000000 x max_batch_size=2 needs a", "KV cache", "GiB free",
+            "lower max_seq_len (at most"),
+        id="max_seq_len-beyond-memory",
+    ),
+    pytest.param(
+        _build_with(max_batch_size=10**8), OutOfMemoryError,
+        esc("max_batch_size=100000000", "or max_batch_size"), id="max_batch_size-beyond-memory",
+    ),
     # model parallelism
     pytest.param(
         _build_with(model_parallel_size=2), ConfigError,
@@ -638,11 +651,50 @@ def test_every_error_is_a_codellama_error_and_a_builtin():
         (UnsupportedError, ValueError),
         (NumericalError, RuntimeError),
         (DistributedError, RuntimeError),
+        (OutOfMemoryError, MemoryError),
+        (OutOfMemoryError, ValueError),
+        (OutputExistsError, FileExistsError),
+        (UnknownWeightError, KeyError),
+        (UnknownWeightError, CheckpointError),
     ]:
         assert issubclass(cls, CodeLlamaError) and issubclass(cls, builtin)
 
 
+def test_unknown_weight_name_is_named_in_the_error():
+    from codellama.checkpoint import split_dim
+
+    with pytest.raises(UnknownWeightError) as info:
+        split_dim("layers.0.attention.wqkv.weight")
+    assert str(info.value) == "'layers.0.attention.wqkv.weight' is not a Code Llama parameter name"
+
+
+def test_writing_into_a_non_empty_folder_raises_output_exists(tmp_path):
+    from codellama.checkpoint import refuse_non_empty
+
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=esc(str(tmp_path), "overwrite=True")):
+        refuse_non_empty(tmp_path, overwrite=False)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_forward_beyond_max_seq_len_is_a_prompt_too_long_error(ctx):
+    tokens = torch.ones((1, 4), dtype=torch.long)
+    with pytest.raises(
+        PromptTooLongError, match=esc("exceed max_seq_len=32", "larger max_seq_len")
+    ):
+        ctx.llama.model.forward(tokens, start_pos=MAX_SEQ_LEN - 2)
+
+
 # --------------------------------------------------------------------------- graceful cases
+
+
+def test_numpy_and_tensor_prompts_give_the_same_tokens_as_lists(ctx):
+    np = pytest.importorskip("numpy")
+    prompts = [[1, 20, 30, 40], [1, 50, 60]]
+    want = ctx.llama.generate(prompts, 4, temperature=0.0)
+    assert ctx.llama.generate([np.array(p) for p in prompts], 4, temperature=0.0) == want
+    assert ctx.llama.generate([[np.int64(t) for t in p] for p in prompts], 4, temperature=0) == want
+    assert ctx.llama.generate(torch.tensor([prompts[0]]), 4, temperature=0.0)[0] == want[0][:1]
 
 
 def test_empty_batches_return_empty_lists(ctx):
@@ -741,3 +793,11 @@ def test_sampling_never_fails_inside_multinomial():
     # A temperature so small that logits / temperature overflows: the argmax (T -> 0 limit).
     tiny = SamplingParams(temperature=5e-324, top_p=1.0)
     assert sample(logits[[0, 2]], tiny).tolist() == logits[[0, 2]].argmax(-1).tolist()
+
+
+def test_weights_larger_than_free_memory_are_refused_before_loading(ctx, monkeypatch):
+    import codellama.distributed
+
+    monkeypatch.setattr(codellama.distributed, "available_memory", lambda device: 1000)
+    with pytest.raises(OutOfMemoryError, match=esc("the weights need", "cpu has 0.0 GiB free")):
+        _build(ctx.ckpt)

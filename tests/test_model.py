@@ -114,3 +114,16 @@ def test_ffn_hidden_size_follows_meta_formula():
     assert (
         ModelArgs(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3).ffn_hidden_dim == 28672
     )  # 70B
+
+
+@pytest.mark.parametrize("mp", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_bytes_matches_a_checkpoints_tensors(make_checkpoint, mp, dtype):
+    from codellama.model import weight_bytes
+
+    ckpt = make_checkpoint(GQA_ARGS, n_shards=mp)
+    shards = [load_shard(p) for p in shard_paths(ckpt)]
+    per_rank = sum(t.numel() for t in shards[0].values()) * dtype.itemsize
+    vocab = shards[0]["tok_embeddings.weight"].shape[0]  # the embedding is split along dim 1
+    args = dataclasses.replace(GQA_ARGS, vocab_size=vocab)
+    assert weight_bytes(args, dtype, mp) == per_rank
