@@ -406,10 +406,16 @@ class Transformer(nn.Module):
         return True
 
     def _scratch(self, numel: int) -> torch.Tensor:
-        """A flat buffer of at least ``numel`` elements, kept until prepacking ends."""
-        if self._pack_buffer is None or self._pack_buffer.numel() < numel:
-            self._pack_buffer = None  # free the smaller one first
-            self._pack_buffer = torch.empty(numel, dtype=self.dtype, device=self.device)
+        """A flat buffer for ``numel`` elements. Up to the size of a layer's largest weight
+        one buffer is reused until prepacking ends; bigger ones (the output matrix) are
+        temporary, so that they do not add to the memory peak while the rest loads."""
+        p = self.params
+        mp = fs_init.get_model_parallel_world_size()
+        reuse = p.dim * max(p.n_heads * p.head_dim, p.ffn_hidden_dim) // mp
+        if numel > reuse:
+            return torch.empty(numel, dtype=self.dtype, device=self.device)
+        if self._pack_buffer is None:
+            self._pack_buffer = torch.empty(reuse, dtype=self.dtype, device=self.device)
         return self._pack_buffer[:numel]
 
     def _pack_hint(self) -> int | None:
