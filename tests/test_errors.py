@@ -801,3 +801,16 @@ def test_weights_larger_than_free_memory_are_refused_before_loading(ctx, monkeyp
     monkeypatch.setattr(codellama.distributed, "available_memory", lambda device: 1000)
     with pytest.raises(OutOfMemoryError, match=esc("the weights need", "cpu has 0.0 GiB free")):
         _build(ctx.ckpt)
+
+
+def test_every_error_class_is_documented():
+    import codellama.errors
+
+    doc = (Path(__file__).parent.parent / "docs" / "errors.md").read_text()
+    classes = [
+        name
+        for name, obj in vars(codellama.errors).items()
+        if isinstance(obj, type) and issubclass(obj, CodeLlamaError)
+    ]
+    assert len(classes) >= 10
+    assert [c for c in classes if f"`{c}`" not in doc] == []
