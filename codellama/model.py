@@ -194,10 +194,20 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     than the real formula; torch.compile (which cannot generate complex code) and MPS use the
     real formula, which gives the same numbers.
     """
-    xf = x.float()
     if x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
-        xc = torch.view_as_complex(xf.contiguous().unflatten(-1, (-1, 2)))
-        return torch.view_as_real(xc * torch.view_as_complex(rotation)).flatten(-2).type_as(x)
+        return rotate_complex(x, rotation)
+    return rotate_real(x, rotation)
+
+
+def rotate_complex(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` as one complex multiply."""
+    xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * torch.view_as_complex(rotation)).flatten(-2).type_as(x)
+
+
+def rotate_real(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` with real arithmetic only."""
+    xf = x.float()
     cos, sin = rotation[..., 0], rotation[..., 1]
     x0, x1 = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
@@ -670,8 +680,10 @@ __all__ = [
     "TransformerBlock",
     "apply_rotary",
     "kv_cache_bytes",
-    "weight_bytes",
     "parameter_bytes",
     "rope_table",
     "rope_tables",
+    "rotate_complex",
+    "rotate_real",
+    "weight_bytes",
 ]

@@ -127,3 +127,25 @@ def test_weight_bytes_matches_a_checkpoints_tensors(make_checkpoint, mp, dtype):
     vocab = shards[0]["tok_embeddings.weight"].shape[0]  # the embedding is split along dim 1
     args = dataclasses.replace(GQA_ARGS, vocab_size=vocab)
     assert weight_bytes(args, dtype, mp) == per_rank
+
+
+def _metas_rotary(x: torch.Tensor, theta: float, start: int) -> torch.Tensor:
+    """Meta's formulation: complex frequencies from torch.polar, multiplied in complex64."""
+    d = x.shape[-1]
+    freqs = 1.0 / (theta ** (torch.arange(0, d, 2)[: d // 2].float() / d))
+    t = torch.arange(start, start + x.shape[1], dtype=torch.float32)
+    cis = torch.polar(torch.ones(x.shape[1], d // 2), torch.outer(t, freqs))
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * cis.view(1, x.shape[1], 1, -1)).flatten(3).type_as(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("start", [0, 4090])
+def test_both_rotary_formulas_equal_metas(dtype, start):
+    from codellama.model import rope_table, rotate_complex, rotate_real
+
+    x = torch.randn(2, 5, 3, 16).to(dtype)
+    rot = rope_table(16, 4096 + 8, 1e6)[start : start + 5].view(1, 5, 1, 8, 2)
+    want = _metas_rotary(x, 1e6, start)
+    torch.testing.assert_close(rotate_complex(x, rot), want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(rotate_real(x, rot), want, rtol=0, atol=2e-6)
