@@ -76,6 +76,7 @@ class GenerationResult:
     logprobs: list[float] | None
     finish_reason: FinishReason
     prompt_len: int
+    stop_string: str | None = None  # the stop string that ended generation, if one did
 
 
 @dataclass
@@ -86,6 +87,8 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     index: int = 0  # position in the caller's list
+    stop_string: str | None = None
+    searched: int = 0  # generated text before this offset holds no stop string
 
 
 class Llama:
@@ -266,17 +269,21 @@ class Llama:
         echo: bool = False,
         stop_tokens: Sequence[int] = (),
         seed: int | None = None,
+        stop_strings: str | Sequence[str] = (),
     ) -> list[GenerationResult]:
         """The generation core: batches of at most ``max_batch_size``, results in order.
 
         Generation of a row ends at the first of ``stop_tokens`` (excluded from the output,
-        ``finish_reason == "stop"``) or after ``min(max_gen_len, max_seq_len - prompt length)``
-        tokens (``"length"``). ``seed`` gives this call its own sampling generator.
+        ``finish_reason == "stop"``), as soon as its decoded text contains one of
+        ``stop_strings`` (the token that completes it is kept; ``stop_string`` says which),
+        or after ``min(max_gen_len, max_seq_len - prompt length)`` tokens (``"length"``).
+        ``seed`` gives this call its own sampling generator.
         """
         rows: list[_Row] = []
         for _ in self._generate(
-            prompt_tokens, max_gen_len, sampling, logprobs, echo, stop_tokens, seed, rows
-        ):
+            prompt_tokens, max_gen_len, sampling, logprobs, echo, stop_tokens, seed, rows,
+            stop_strings,
+        ):  # fmt: skip
             pass
         return [self._result(r, logprobs, echo) for r in rows]
 
@@ -287,15 +294,18 @@ class Llama:
         sampling: SamplingParams = SamplingParams(),
         stop_tokens: Sequence[int] = (),
         seed: int | None = None,
+        stop_strings: str | Sequence[str] = (),
     ) -> Iterator[tuple[int, int]]:
         """Yield ``(prompt index, token id)`` as soon as each token is generated.
 
         Same core, arguments and tokens as :meth:`generate_results`; stop tokens are not
-        yielded. Rows of one batch advance together, one token each per step.
+        yielded (the token completing a stop string is). Rows of one batch advance
+        together, one token each per step.
         """
         yield from self._generate(
-            prompt_tokens, max_gen_len, sampling, False, False, stop_tokens, seed, []
-        )
+            prompt_tokens, max_gen_len, sampling, False, False, stop_tokens, seed, [],
+            stop_strings,
+        )  # fmt: skip
 
     @torch.inference_mode()
     def _generate(
@@ -308,6 +318,7 @@ class Llama:
         stop_tokens: Sequence[int],
         seed: int | None,
         rows_out: list[_Row],
+        stop_strings: str | Sequence[str] = (),
     ) -> Iterator[tuple[int, int]]:
         """Validate, then run the prompts batch by batch; rows are appended to ``rows_out``."""
         prompts = self._check_prompts(prompt_tokens)
@@ -318,11 +329,12 @@ class Llama:
         if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
             raise PromptError(f"stop_tokens must be a list of token ids, got {stop_tokens!r:.80}")
         stops = frozenset(self._stop_id(t) for t in stop_tokens)
+        texts = _check_stop_strings(stop_strings)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise PromptError(f"seed must be an integer or None, got {seed!r:.40}")
         distributed.check_same_on_all_ranks(
             "prompts or sampling parameters",
-            (prompts, max_gen_len, sampling, logprobs, echo, sorted(stops), seed),
+            (prompts, max_gen_len, sampling, logprobs, echo, sorted(stops), seed, texts),
         )
         generator = self._generator
         if seed is not None:
@@ -334,7 +346,8 @@ class Llama:
                 for i, p in enumerate(prompts[lo : lo + step])
             ]
             rows_out += rows
-            for emitted in self._run_batch(rows, sampling, logprobs, echo, stops, generator):
+            batch = self._run_batch(rows, sampling, logprobs, echo, stops, texts, generator)
+            for emitted in batch:
                 for row, token in emitted:
                     yield row.index, token
 
@@ -349,13 +362,26 @@ class Llama:
             f"tokenizer.eos_id ({self.tokenizer.eos_id}), or -1 for none"
         )
 
+    def _found_stop_string(self, row: _Row, texts: tuple[str, ...]) -> bool:
+        """Whether ``row``'s generated text now holds one of ``texts`` (searching only
+        where a new occurrence can be); records the earliest one."""
+        text = self.tokenizer.decode(row.tokens)
+        hit = first_stop(text, texts, row.searched)
+        # A stop string can only start in the last (longest - 1) characters; 3 more because
+        # an unfinished UTF-8 character decodes to up to 3 U+FFFD, 1 once complete.
+        row.searched = max(len(text) - max(map(len, texts)) - 3, 0)
+        if hit is None:
+            return False
+        row.stop_string = texts[hit[1]]
+        return True
+
     def _result(self, row: _Row, logprobs: bool, echo: bool) -> GenerationResult:
         assert row.finish_reason is not None
         tokens, lps = row.tokens, row.logprobs
         if echo:
             tokens = row.prompt + tokens
         return GenerationResult(
-            tokens, lps if logprobs else None, row.finish_reason, len(row.prompt)
+            tokens, lps if logprobs else None, row.finish_reason, len(row.prompt), row.stop_string
         )
 
     def _prefill(
@@ -414,6 +440,7 @@ class Llama:
         want_logprobs: bool,
         echo: bool,
         stops: frozenset[int],
+        texts: tuple[str, ...],
         generator: torch.Generator,
     ) -> Iterator[list[tuple[_Row, int]]]:
         """Prefill then decode ``rows`` together; yields the (row, token) pairs of each step."""
@@ -478,6 +505,8 @@ class Llama:
                 emitted.append((r, tok))
                 if len(r.tokens) >= r.budget:
                     r.finish_reason = "length"
+                if texts and self._found_stop_string(r, texts):
+                    r.finish_reason = "stop"
             yield emitted
             if all(r.finish_reason is not None for r in rows):
                 break
@@ -504,11 +533,13 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         stop_token: int | None = None,
+        stop_strings: str | Sequence[str] = (),
         **sampling_kwargs: Any,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Meta's ``generate``: (tokens, logprobs or None) per prompt.
 
-        Extra keyword arguments (``top_k``, ``min_p``, ``repetition_penalty``) refine sampling.
+        Extra keyword arguments (``top_k``, ``min_p``, ``repetition_penalty``) refine sampling;
+        ``stop_strings`` end a row once its text holds one (see :meth:`generate_results`).
         """
         unknown = sorted(set(sampling_kwargs) - _SAMPLING_EXTRAS)
         if unknown:
@@ -524,6 +555,7 @@ class Llama:
             logprobs=logprobs,
             echo=echo,
             stop_tokens=(stop,),
+            stop_strings=stop_strings,
         )
         tokens = [r.tokens for r in results]
         return tokens, ([r.logprobs or [] for r in results] if logprobs else None)
@@ -542,18 +574,23 @@ class Llama:
         max_gen_len: int | None = None,
         logprobs: bool = False,
         echo: bool = False,
+        stop: str | Sequence[str] | None = None,
         **sampling_kwargs: Any,
     ) -> list[CompletionPrediction]:
-        """Continue each prompt; an empty string generates from BOS."""
+        """Continue each prompt; an empty string generates from BOS. With ``stop`` (a string
+        or a list), a generation ends at the first stop string, which is cut from the text."""
         _check_str_list("prompts", prompts)
+        stops = _check_stop_strings(stop)
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         tokens, lps = self.generate(
             prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, echo,
-            **sampling_kwargs,
+            stop_strings=stops, **sampling_kwargs,
         )  # fmt: skip
         out: list[CompletionPrediction] = []
         for i, t in enumerate(tokens):
-            pred = CompletionPrediction(generation=self.tokenizer.decode(t))
+            start = len(self.tokenizer.decode(prompt_tokens[i])) if echo else 0
+            text = cut_at_stop(self.tokenizer.decode(t), stops, start)
+            pred = CompletionPrediction(generation=text)
             if lps is not None:
                 pred["tokens"] = self._pieces(t)
                 pred["logprobs"] = lps[i]
@@ -569,6 +606,7 @@ class Llama:
         max_gen_len: int | None = None,
         logprobs: bool = False,
         suffix_first: bool = False,
+        stop: str | Sequence[str] | None = None,
         **sampling_kwargs: Any,
     ) -> list[InfillingPrediction]:
         """Fill the middle between each prefix and suffix (7B/13B base and Instruct)."""
@@ -581,6 +619,7 @@ class Llama:
                 f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; pass one suffix "
                 "per prefix"
             )
+        stops = _check_stop_strings(stop)
         prompt_tokens = [
             infilling_prompt_tokens(self.tokenizer, p, s, suffix_first=suffix_first)
             for p, s in zip(prefixes, suffixes)
@@ -590,11 +629,11 @@ class Llama:
             raise UnsupportedError("the tokenizer has no end-of-infilling piece (▁<EOT>)")
         tokens, lps = self.generate(
             prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs,
-            echo=False, stop_token=eot, **sampling_kwargs,
+            echo=False, stop_token=eot, stop_strings=stops, **sampling_kwargs,
         )  # fmt: skip
         out: list[InfillingPrediction] = []
         for i, t in enumerate(tokens):
-            middle = self.tokenizer.decode_infilling(t)
+            middle = cut_at_stop(self.tokenizer.decode_infilling(t), stops)
             pred = InfillingPrediction(
                 generation=middle, full_text=prefixes[i] + middle + suffixes[i]
             )
@@ -611,9 +650,11 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: int | None = None,
         logprobs: bool = False,
+        stop: str | Sequence[str] | None = None,
         **sampling_kwargs: Any,
     ) -> list[ChatPrediction]:
-        """Answer each dialog as the assistant (Code Llama - Instruct formats)."""
+        """Answer each dialog as the assistant (Code Llama - Instruct formats); ``stop`` as
+        in :meth:`text_completion`."""
         if isinstance(dialogs, (str, dict)) or not isinstance(dialogs, Sequence):
             raise PromptError(
                 f"dialogs must be a list of dialogs (each a list of messages), got "
@@ -621,16 +662,18 @@ class Llama:
             )
         for i, dialog in enumerate(dialogs):
             validate_dialog(dialog, index=i)
+        stops = _check_stop_strings(stop)
         prompt_tokens = [chat_prompt_tokens(self.tokenizer, d) for d in dialogs]
         step_format = self.tokenizer.step_id is not None
-        stop = self.tokenizer.step_id if step_format else self.tokenizer.eos_id
+        stop_id = self.tokenizer.step_id if step_format else self.tokenizer.eos_id
         tokens, lps = self.generate(
             prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs,
-            stop_token=stop, **sampling_kwargs,
+            stop_token=stop_id, stop_strings=stops, **sampling_kwargs,
         )  # fmt: skip
         out: list[ChatPrediction] = []
         for i, (dialog, t) in enumerate(zip(dialogs, tokens)):
-            content = UNSAFE_ERROR if has_special_tags(dialog) else self.tokenizer.decode(t)
+            answer = cut_at_stop(self.tokenizer.decode(t), stops)
+            content = UNSAFE_ERROR if has_special_tags(dialog) else answer
             message = Message(role="assistant", content=content)
             if step_format:
                 message["destination"] = "user"
@@ -640,6 +683,35 @@ class Llama:
                 pred["logprobs"] = lps[i]
             out.append(pred)
         return out
+
+
+def first_stop(text: str, stops: Sequence[str], start: int = 0) -> tuple[int, int] | None:
+    """(offset, index into ``stops``) of the earliest stop string in ``text[start:]``."""
+    found = [(i, k) for k, stop in enumerate(stops) if (i := text.find(stop, start)) >= 0]
+    return min(found) if found else None
+
+
+def cut_at_stop(text: str, stops: Sequence[str], start: int = 0) -> str:
+    """``text`` up to (not including) its earliest stop string at or after ``start``."""
+    hit = first_stop(text, stops, start)
+    return text if hit is None else text[: hit[0]]
+
+
+def _check_stop_strings(stop: object) -> tuple[str, ...]:
+    """A stop string or a list of them, as a tuple of non-empty strings."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, Iterable) or isinstance(stop, (bytes, dict)):
+        raise PromptError(f"stop strings must be a str or a list of str, got {stop!r:.80}")
+    texts = tuple(stop)
+    bad = [t for t in texts if not isinstance(t, str) or not t]
+    if bad:
+        raise PromptError(
+            f"stop strings must be non-empty strings, got {bad[:3]!r:.80} in {texts!r:.80}"
+        )
+    return texts
 
 
 def _as_lists(value: Any) -> Any:

@@ -1,0 +1,123 @@
+"""Stop strings: a row ends once its generated text holds one; text APIs cut it off."""
+
+from __future__ import annotations
+
+import pytest
+
+from codellama import Llama, PromptError, SamplingParams
+
+from .conftest import GQA_ARGS
+
+GREEDY = SamplingParams(temperature=0.0)
+N = 24
+
+
+@pytest.fixture(scope="module")
+def llama(make_checkpoint) -> Llama:
+    ckpt = make_checkpoint(GQA_ARGS)
+    return Llama.build(
+        str(ckpt), str(ckpt / "tokenizer.model"), 64, 4, device="cpu", dtype="float32"
+    )
+
+
+def _free_run(llama: Llama, text: str) -> tuple[list[int], list[int], str]:
+    """Prompt ids, the unconstrained greedy tokens and their text."""
+    ids = llama.tokenizer.encode(text, bos=True, eos=False)
+    tokens = llama.generate_results([ids], N, GREEDY, stop_tokens=())[0].tokens
+    return ids, tokens, llama.tokenizer.decode(tokens)
+
+
+def _stop_in(text: str) -> str:
+    """A 2-character piece of ``text`` whose first occurrence is past its first quarter."""
+    for a in range(len(text) // 4, len(text) - 2):
+        piece = text[a : a + 2]
+        if text.find(piece) == a:
+            return piece
+    pytest.skip(f"the free run's text has no usable stop string: {text!r}")
+
+
+def _shortest_prefix_holding(llama: Llama, tokens: list[int], stop: str) -> list[int]:
+    for k in range(1, len(tokens) + 1):
+        if stop in llama.tokenizer.decode(tokens[:k]):
+            return tokens[:k]
+    raise AssertionError(f"{stop!r} never appears")
+
+
+def test_generation_ends_with_the_token_that_completes_the_stop_string(llama):
+    ids, tokens, text = _free_run(llama, "def add(a, b):")
+    stop = _stop_in(text)
+    res = llama.generate_results([ids], N, GREEDY, stop_tokens=(), stop_strings=[stop])[0]
+    assert res.tokens == _shortest_prefix_holding(llama, tokens, stop)
+    assert res.finish_reason == "stop"
+    assert res.stop_string == stop
+
+
+def test_text_completion_cuts_the_text_before_the_stop_string(llama):
+    _, _, text = _free_run(llama, "class Stack:")
+    stop = _stop_in(text)
+    out = llama.text_completion(["class Stack:"], temperature=0.0, max_gen_len=N, stop=stop)
+    assert out[0]["generation"] == text[: text.find(stop)]
+
+
+def test_the_earliest_of_several_stop_strings_wins(llama):
+    ids, tokens, text = _free_run(llama, "import os")
+    early = _stop_in(text)
+    late = text[-2:] if text.find(text[-2:]) > text.find(early) else "\x00never"
+    res = llama.generate_results([ids], N, GREEDY, stop_tokens=(), stop_strings=[late, early])
+    assert res[0].stop_string == early
+    assert res[0].tokens == _shortest_prefix_holding(llama, tokens, early)
+
+
+def test_absent_stop_string_changes_nothing(llama):
+    ids, tokens, _ = _free_run(llama, "for i in range(10):")
+    res = llama.generate_results([ids], N, GREEDY, stop_tokens=(), stop_strings=["\x00absent"])
+    assert res[0].tokens == tokens
+    assert res[0].finish_reason == "length" and res[0].stop_string is None
+
+
+def test_rows_of_a_batch_stop_independently(llama):
+    texts = ["def add(a, b):", "class Stack:", "import os"]
+    runs = [_free_run(llama, t) for t in texts]
+    stop = _stop_in(runs[0][2])
+    batch = llama.generate_results(
+        [r[0] for r in runs], N, GREEDY, stop_tokens=(), stop_strings=[stop]
+    )
+    for (_, tokens, text), res in zip(runs, batch):
+        want = _shortest_prefix_holding(llama, tokens, stop) if stop in text else tokens
+        assert res.tokens == want
+
+
+def test_stream_yields_the_completing_token_then_ends(llama):
+    ids, _, text = _free_run(llama, "def add(a, b):")
+    stop = _stop_in(text)
+    streamed = [t for _, t in llama.generate_stream([ids], N, GREEDY, stop_strings=[stop])]
+    res = llama.generate_results([ids], N, GREEDY, stop_strings=[stop])
+    assert streamed == res[0].tokens
+
+
+def test_infilling_and_chat_cut_their_text_at_the_stop_string(llama):
+    free_fill = llama.text_infilling(["def f(x):\n    "], ["\n"], temperature=0.0, max_gen_len=N)
+    middle = free_fill[0]["generation"]
+    if len(middle) < 8:
+        pytest.skip(f"the free infilling is too short to cut: {middle!r}")
+    stop = _stop_in(middle)
+    cut = llama.text_infilling(
+        ["def f(x):\n    "], ["\n"], temperature=0.0, max_gen_len=N, stop=[stop]
+    )
+    assert cut[0]["generation"] == middle[: middle.find(stop)]
+    assert cut[0]["full_text"] == "def f(x):\n    " + cut[0]["generation"] + "\n"
+
+    dialog = [{"role": "user", "content": "Write hello world in C."}]
+    free_chat = llama.chat_completion([dialog], temperature=0.0, max_gen_len=N)
+    answer = free_chat[0]["generation"]["content"]
+    if len(answer) < 8:
+        pytest.skip(f"the free answer is too short to cut: {answer!r}")
+    stop = _stop_in(answer)
+    cut_chat = llama.chat_completion([dialog], temperature=0.0, max_gen_len=N, stop=stop)
+    assert cut_chat[0]["generation"]["content"] == answer[: answer.find(stop)]
+
+
+@pytest.mark.parametrize("bad", ["", [""], [3], [None], b"\n", {"a": 1}])
+def test_bad_stop_strings_are_refused(llama, bad):
+    with pytest.raises(PromptError, match="stop strings must be"):
+        llama.text_completion(["x"], max_gen_len=2, stop=bad)
