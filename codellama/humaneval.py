@@ -93,10 +93,7 @@ def generate_samples(
 def write_samples(samples: Iterable[dict[str, str]], out: Path, overwrite: bool = False) -> int:
     """Write samples as JSON lines to ``out`` via ``out.partial`` (renamed when complete, so
     a crash never leaves a truncated file under the final name); returns how many."""
-    if out.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{str(out)!r} exists; choose another --out or pass --overwrite to replace it"
-        )
+    _refuse_existing(out, overwrite)
     partial = out.with_name(out.name + ".partial")
     count = 0
     with open(partial, "w", encoding="utf-8") as f:
@@ -106,6 +103,13 @@ def write_samples(samples: Iterable[dict[str, str]], out: Path, overwrite: bool 
             count += 1
     os.replace(partial, out)
     return count
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{str(out)!r} exists; choose another --out or pass --overwrite to replace it"
+        )
 
 
 def main(
@@ -127,10 +131,7 @@ def main(
     """Sample completions for every problem and write them to ``out`` (rank 0 writes)."""
     items = read_problems(problems)
     target = Path(out)
-    if target.exists() and not overwrite:  # before the slow build
-        raise OutputExistsError(
-            f"{str(target)!r} exists; choose another --out or pass --overwrite to replace it"
-        )
+    _refuse_existing(target, overwrite)  # before the slow build
     llama = Llama.build(
         ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
         device=device, dtype=dtype, seed=seed,
