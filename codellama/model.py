@@ -510,7 +510,9 @@ class Transformer(nn.Module):
         max_len = self.params.max_seq_len
         if positions is None:
             end = start_pos + seqlen
-            if start_pos < 0 or end > max_len:
+            if start_pos < 0:
+                raise ConfigError(f"start_pos must be >= 0, got {start_pos}")
+            if end > max_len:
                 raise PromptTooLongError(
                     f"positions {start_pos}..{end - 1} exceed max_seq_len={max_len}; "
                     "build with a larger max_seq_len"
