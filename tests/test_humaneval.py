@@ -13,7 +13,10 @@ import pytest
 from codellama import DataNotFoundError, Llama, OutputExistsError, PromptError
 from codellama.humaneval import (
     HUMANEVAL_STOP,
+    finished_samples,
     generate_samples,
+    main,
+    partial_path,
     read_problems,
     write_samples,
 )
@@ -92,6 +95,32 @@ def test_samples_are_written_as_json_lines_and_existing_output_is_kept(tmp_path)
     with pytest.raises(OutputExistsError, match="--overwrite"):
         write_samples(iter(rows), out)
     assert json.loads(out.read_text()) == rows[0]
+
+
+def test_finished_samples_are_the_complete_lines_in_problem_order(tmp_path):
+    out = tmp_path / "samples.jsonl"
+    good = [{"task_id": t, "completion": f"c{i}"} for i, t in enumerate(["T/0", "T/0", "T/1"])]
+    lines = [json.dumps(x) + "\n" for x in good]
+    partial_path(out).write_text("".join(lines) + '{"task_id": "T/1", "compl')  # cut short
+    assert finished_samples(out, PROBLEMS, n_samples=2) == good
+    partial_path(out).write_text(lines[0] + json.dumps({"task_id": "T/2", "completion": ""}))
+    assert finished_samples(out, PROBLEMS, n_samples=2) == good[:1]
+    assert finished_samples(tmp_path / "other.jsonl", PROBLEMS, n_samples=2) == []
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(make_checkpoint, llama, tmp_path):
+    ckpt = make_checkpoint(GQA_ARGS)
+    problems = _write(tmp_path / "p.jsonl", PROBLEMS)
+    full = list(generate_samples(llama, PROBLEMS, n_samples=2, temperature=0.0, max_gen_len=8))
+    out = tmp_path / "samples.jsonl"
+    kept = full[:3]
+    partial_path(out).write_text("".join(json.dumps(x) + "\n" for x in kept) + '{"task')
+    assert list(generate_samples(llama, PROBLEMS, 2, 0.0, max_gen_len=8, skip=3)) == full[3:]
+    main(str(ckpt), str(ckpt / "tokenizer.model"), str(problems), out=str(out), n_samples=2,
+         temperature=0.0, max_gen_len=8, max_seq_len=128, max_batch_size=2, device="cpu",
+         dtype="float32")  # fmt: skip
+    assert [json.loads(line) for line in out.read_text().splitlines()] == full
+    assert not partial_path(out).exists()
 
 
 @pytest.mark.slow
