@@ -208,10 +208,10 @@ def measure_gemv_pass(spec: dict[str, Any]) -> dict[str, Any]:
         )
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     best: dict[str, Any] = {"gemv_tok_s": 0.0, "gemv_kernel": ""}
+    xs = {n: torch.ones(1, n, device=dev, dtype=dtype) for n in {s[1] for s in shapes}}
     with torch.inference_mode():
         for name, fn in kernels.items():
             ws = packed if name == "oneDNN prepacked" else weights
-            xs = {n: torch.ones(1, n, device=dev, dtype=dtype) for n in {s[1] for s in shapes}}
             times = []
             for _ in range(6):  # the first is a warm-up
                 sync()

@@ -327,8 +327,8 @@ def refuse_non_empty(out: Path, overwrite: bool) -> None:
     unless ``overwrite``."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutputExistsError(
-            f"{str(out)!r} exists and is not empty; choose another folder or pass overwrite=True "
-            "(--overwrite)"
+            f"{str(out)!r} exists and is not empty; choose another output or pass "
+            "overwrite=True (--overwrite)"
         )
 
 

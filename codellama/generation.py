@@ -588,7 +588,7 @@ class Llama:
         )  # fmt: skip
         out: list[CompletionPrediction] = []
         for i, t in enumerate(tokens):
-            start = len(self.tokenizer.decode(prompt_tokens[i])) if echo else 0
+            start = len(self.tokenizer.decode(prompt_tokens[i])) if echo and stops else 0
             text = cut_at_stop(self.tokenizer.decode(t), stops, start)
             pred = CompletionPrediction(generation=text)
             if lps is not None:

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import DataNotFoundError, OutputExistsError, PromptError
+from .checkpoint import refuse_non_empty
+from .errors import DataNotFoundError, PromptError
 from .generation import Llama
 
 # A completion ends where the next top-level statement would begin (Codex/HumanEval practice).
@@ -137,7 +138,7 @@ def write_samples(
     """Write ``done`` then ``samples`` as JSON lines to ``out`` via ``out.partial`` (renamed
     when complete, so a crash never leaves a truncated file under the final name, and a
     rerun can resume from it); returns how many lines were written."""
-    _refuse_existing(out, overwrite)
+    refuse_non_empty(out, overwrite)
     partial = partial_path(out)
     count = 0
     with open(partial, "w", encoding="utf-8") as f:
@@ -147,13 +148,6 @@ def write_samples(
             count += 1
     os.replace(partial, out)
     return count
-
-
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{str(out)!r} exists; choose another --out or pass --overwrite to replace it"
-        )
 
 
 def main(
@@ -175,7 +169,7 @@ def main(
     """Sample completions for every problem and write them to ``out`` (rank 0 writes)."""
     items = read_problems(problems)
     target = Path(out)
-    _refuse_existing(target, overwrite)  # before the slow build
+    refuse_non_empty(target, overwrite)  # before the slow build
     done = [] if overwrite else finished_samples(target, items, n_samples)
     if done:
         print(f"resuming: {len(done)} samples found in {partial_path(target)}")

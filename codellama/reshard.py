@@ -18,12 +18,13 @@ import torch
 from .checkpoint import (
     load_shard,
     read_params,
+    refuse_non_empty,
     release_pages,
     shard_paths,
     split_dim,
     write_checkpoint,
 )
-from .errors import CheckpointError, ConfigError, OutputExistsError
+from .errors import CheckpointError, ConfigError
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -177,13 +178,9 @@ def reshard(
     params = read_params(ckpt_dir)
     kv = kv_heads_of(params)
     check_distinct_dirs(ckpt_dir, out_dir)
+    # Checked early (write_checkpoint checks again) to fail before any work is done.
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        # Checked early (write_checkpoint checks again) to fail before any work is done.
-        raise OutputExistsError(
-            f"{str(out)!r} exists and is not empty; choose another folder or pass "
-            "overwrite=True (--overwrite)"
-        )
+    refuse_non_empty(out, overwrite)
     shards = [load_shard(p) for p in paths]
     shapes = consolidated_shapes(shards, paths)
     mp = check_model_parallel_size(model_parallel_size, kv, shapes)

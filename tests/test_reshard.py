@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -26,22 +27,15 @@ from codellama.model import ModelArgs
 from codellama.reshard import reshard, valid_model_parallel_sizes
 from codellama.tokenizer import Tokenizer
 
+from .conftest import GQA_ARGS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def args(tokenizer_path: Path) -> ModelArgs:
-    # 4 KV heads so that 4-way sharding is valid; ffn_dim_multiplier and rope_theta as Code Llama.
-    return ModelArgs(
-        dim=64,
-        n_layers=2,
-        n_heads=8,
-        n_kv_heads=4,
-        multiple_of=16,
-        ffn_dim_multiplier=1.3,
-        rope_theta=1e6,
-        vocab_size=Tokenizer(str(tokenizer_path)).n_words,
-    )
+    # GQA_ARGS has 4 KV heads, so 4-way sharding is valid.
+    return dataclasses.replace(GQA_ARGS, vocab_size=Tokenizer(str(tokenizer_path)).n_words)
 
 
 @pytest.fixture(scope="module")
