@@ -22,7 +22,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["codellama", "codellama.*", "llama"]),
-    package_data={"codellama": ["py.typed"], "llama": ["py.typed"]},
+    package_data={"codellama": ["py.typed", "native_linear.c"], "llama": ["py.typed"]},
     install_requires=requirements(),
     extras_require={
         "hf": ["safetensors"],

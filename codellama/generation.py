@@ -19,7 +19,7 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
-from . import distributed
+from . import distributed, native
 from .checkpoint import load_weights, read_params, shard_paths
 from .errors import (
     ConfigError,
@@ -158,6 +158,8 @@ class Llama:
 
         _check_memory(args, dt, dev, mp)
         model = build_empty(args, dev, dt)
+        if not compile and dev.type == "cpu" and native.worth_using(dt, max_batch_size):
+            model.use_native_kernel(native.load())
         store = None if compile else model.store_prepacked  # torch.compile packs by itself
         load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0, store=store)
         model.setup_cache(dtype=dt, device=dev)

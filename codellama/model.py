@@ -30,6 +30,7 @@ from torch import nn
 
 from .checkpoint import release_pages
 from .errors import ConfigError, PromptTooLongError
+from .native import NativeLinear
 
 
 @dataclass
@@ -382,6 +383,7 @@ class Transformer(nn.Module):
         self.rope: torch.Tensor | None = None  # rope_table(): (max_seq_len, head_dim/2, 2)
         self.key_positions = torch.zeros(0, dtype=torch.long)  # (arange on meta imports sympy)
         self._pack_buffer: torch.Tensor | None = None
+        self.native_kernel: NativeLinear | None = None
 
     @property
     def device(self) -> torch.device:
@@ -398,6 +400,8 @@ class Transformer(nn.Module):
         so loading reads the file once and allocates each weight once. Returns False for
         anything that is not a linear weight, or where prepacking is unavailable.
         """
+        if self.native_kernel is not None:
+            return False  # the native kernel reads plain weights
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name) if module_name else self
         if attr != "weight" or not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
@@ -435,6 +439,25 @@ class Transformer(nn.Module):
         faster. So: batch 1 when the model only ever decodes one row, else the general one."""
         return 1 if self.params.max_batch_size == 1 else None
 
+    def use_native_kernel(self, kernel: NativeLinear | None) -> bool:
+        """Run small-batch linear layers through ``kernel`` on plain weights, instead of
+        prepacking the weights for oneDNN. Call before loading; returns whether it is used
+        (CPU, fp32 or bf16, no weight prepacked yet)."""
+        linears = [
+            m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+        ]
+        if (
+            kernel is None
+            or self.device.type != "cpu"
+            or not kernel.supports(self.dtype)
+            or any(m.weight.is_mkldnn for m in linears)
+        ):
+            kernel = None
+        self.native_kernel = kernel
+        for module in linears:
+            module.native_kernel = kernel
+        return kernel is not None
+
     def prepack_cpu_weights(self) -> bool:
         """Store every linear weight in oneDNN's blocked layout (CPU only, in place).
 
@@ -444,7 +467,7 @@ class Transformer(nn.Module):
         cannot do it: not on CPU, fp16, or a torch build without mkldnn.
         """
         self._pack_buffer = None  # store_prepacked's conversion buffer: loading is over
-        if not _can_prepack(self.device, self.dtype):
+        if self.native_kernel is not None or not _can_prepack(self.device, self.dtype):
             _return_freed_memory()
             return False
         hint = self._pack_hint()
@@ -579,11 +602,16 @@ class Transformer(nn.Module):
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a fairscale parallel linear layer, through oneDNN if its weight is prepacked."""
+    """Apply a fairscale parallel linear layer: through oneDNN if its weight is prepacked,
+    through the native kernel (:mod:`codellama.native`) for a few rows if it has one."""
     weight = layer.weight
-    if not isinstance(weight, torch.Tensor) or not weight.is_mkldnn:
-        return layer(x)
-    out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    kernel = layer.__dict__.get("native_kernel")
+    if weight.is_mkldnn:
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    elif kernel is not None and kernel.accepts(x, weight):
+        out = kernel(x, weight)
+    else:
+        return layer(x)  # type: ignore[no-any-return]
     if fs_init.get_model_parallel_world_size() == 1:
         return out  # nothing to reduce or gather (and fairscale's wrappers cost ~2%)
     if isinstance(layer, RowParallelLinear):
