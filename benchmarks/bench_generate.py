@@ -73,13 +73,11 @@ except PackageNotFoundError:
 # (key, label, higher is better); the table shows them in this order.
 METRICS = [
     ("decode_b1_tok_s", "decode tok/s, batch 1 (32-token prompt)", True),
-    ("decode_b1_single_tok_s", "decode tok/s, batch 1, ours built with max_batch_size=1", True),
     ("decode_b8_tok_s", "decode tok/s, batch 8 (aggregate)", True),
     ("e2e_b8_tok_s", "end-to-end tok/s, batch 8 (incl. prefill)", True),
     ("prefill_tok_s", f"prefill tok/s ({PREFILL_LEN}-token prompt)", True),
     ("mixed_batch_s", "mixed batch wall s (8 prompts 16..512, +64)", False),
     ("ttft_b1_s", "time to first token s (batch 1)", False),
-    ("ttft_b1_single_s", "time to first token s (batch 1, max_batch_size=1 build)", False),
     ("build_s", "build/load s", False),
     ("rss_before_build_mb", "RSS before build MB (imports)", False),
     ("peak_rss_build_mb", "peak RSS after build MB", False),
@@ -88,7 +86,6 @@ METRICS = [
     ("cuda_build_peak_mb", "peak GPU memory after build MB", False),
     ("cuda_peak_mb", "peak GPU memory MB (whole run)", False),
     ("bw_fraction_b1", "fraction of bandwidth bound, batch-1 decode", True),
-    ("bw_fraction_b1_single", "fraction of bandwidth bound, batch 1, max_batch_size=1", True),
     ("gemv_fraction_b1", "fraction of matrix-vector-pass bound, batch-1 decode", True),
 ]
 
@@ -201,27 +198,26 @@ def measure_gemv_pass(spec: dict[str, Any]) -> dict[str, Any]:
              (a.dim, hid)]  # fmt: skip
     shapes = layer * spec["args"]["n_layers"] + [(a.vocab_size, a.dim)]
     weights = [torch.empty(s, device=dev, dtype=dtype).uniform_(-0.02, 0.02) for s in shapes]
-    kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-        "F.linear": torch.nn.functional.linear
-    }
-    packed: list[torch.Tensor] = []
-    if dev.type == "cpu":
+    Fn = Callable[[torch.Tensor, torch.Tensor], Any]
+    kernels: dict[str, tuple[Fn, list[Any]]] = {"F.linear": (torch.nn.functional.linear, weights)}
+    if dev.type == "cpu" and torch.backends.mkldnn.is_available() and dtype != torch.float16:
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+        kernels["oneDNN prepacked"] = (
+            lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+            packed,
+        )
         from codellama import native
 
         kernel = native.load()
-        if kernel is not None and kernel.supports(dtype):
-            kernels["codellama native"] = kernel
-    if dev.type == "cpu" and torch.backends.mkldnn.is_available() and dtype != torch.float16:
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
-        kernels["oneDNN prepacked"] = lambda x, w: torch.ops.mkldnn._linear_pointwise(
-            x, w, None, "none", [], ""
-        )
+        general = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+        plans = [kernel.plan(w, None) for w in general] if kernel is not None else []
+        if plans and all(p is not None for p in plans):  # as the model runs it
+            kernels["codellama native on oneDNN-packed weights"] = (lambda x, p: p(x), plans)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     best: dict[str, Any] = {"gemv_tok_s": 0.0, "gemv_kernel": ""}
     xs = {n: torch.ones(1, n, device=dev, dtype=dtype) for n in {s[1] for s in shapes}}
     with torch.inference_mode():
-        for name, fn in kernels.items():
-            ws = packed if name == "oneDNN prepacked" else weights
+        for name, (fn, ws) in kernels.items():
             times = []
             for _ in range(6):  # the first is a warm-up
                 sync()
@@ -251,10 +247,9 @@ def _build_ours(spec: dict[str, Any]) -> tuple[GenFn, int, int]:
         return [r.tokens for r in llama.generate_results(ps, n, greedy, stop_tokens=())]
 
     model = llama.model
-    packed = any(p.is_mkldnn for p in model.parameters())
-    spec["linear_kernel"] = (
-        "codellama native" if model.native_kernel else "oneDNN prepacked" if packed else "F.linear"
-    )
+    packed = "oneDNN prepacked" if any(p.is_mkldnn for p in model.parameters()) else "F.linear"
+    planned = [m for m in model.modules() if m.__dict__.get("native_plan") is not None]
+    spec["linear_kernel"] = f"codellama native ({len(planned)} layers)" if planned else packed
     return gen, parameter_bytes(model), kv_cache_bytes(model.params, model.dtype)
 
 
@@ -328,7 +323,6 @@ MEASURES = {
     "prefill": ("long", 1),
     "mixed": ("mixed", NEW_TOKENS),
 }
-B1_MEASURES = ("ttft_b1", "b1")  # all that "ours_b1" (a max_batch_size=1 build) times
 
 
 def _reply(obj: dict[str, Any]) -> None:
@@ -354,8 +348,6 @@ def serve(spec: dict[str, Any]) -> None:
 
     rss0 = _rss_mb()
     t = time.perf_counter()
-    if spec["task"] == "ours_b1":  # ours built for batch-1 decoding (max_batch_size=1)
-        spec = {**spec, "max_batch_size": 1}
     build = _build_hf if spec["task"] == "hf" else _build_ours
     gen, param_bytes, kv_bytes = build(spec)
     sync()
@@ -438,15 +430,11 @@ def benchmark(
             print(f"--- building {lib}", flush=True)
             workers[lib] = w = Worker({**base, "task": lib})
             results[lib] = {**w.ask(), "loadavg": [os.getloadavg()[0]]}
-            names = B1_MEASURES if lib == "ours_b1" else MEASURES
-            results[lib]["times"] = {name: [] for name in names}
+            results[lib]["times"] = {name: [] for name in MEASURES}
         for name in MEASURES:
-            timed = {lib: w for lib, w in workers.items() if name in results[lib]["times"]}
-            if not timed:
-                continue
-            print(f"--- timing {name} ({', '.join(timed)})", flush=True)
+            print(f"--- timing {name} ({', '.join(group)})", flush=True)
             for run in range(runs + 1):
-                for lib, w in timed.items():
+                for lib, w in workers.items():
                     reply = w.ask({"op": name})
                     if run:
                         results[lib]["times"][name].append(reply["s"])
@@ -461,10 +449,6 @@ def benchmark(
         res.update(
             ttft_b1_s=med["ttft_b1"],
             decode_b1_tok_s=(NEW_TOKENS - 1) / max(med["b1"] - med["ttft_b1"], 1e-9),
-        )
-        if "b8" not in med:
-            continue
-        res.update(
             decode_b8_tok_s=BATCH * (NEW_TOKENS - 1) / max(med["b8"] - med["ttft_b8"], 1e-9),
             e2e_b8_tok_s=BATCH * NEW_TOKENS / med["b8"],
             prefill_tok_s=PREFILL_LEN / med["prefill"],
@@ -528,7 +512,6 @@ def main(
     prefill_chunk_size: int = 512,
     disk_dtype: str = "bfloat16",
     sequential: bool = True,
-    batch1_build: bool = True,
     worker: bool = False,
 ) -> None:
     """Benchmark generation; see the module docstring."""
@@ -574,8 +557,7 @@ def main(
     else:
         bw_src = "given with --bandwidth_gbs"
     gemv = run_one({**base, "task": "gemv"})
-    libs = ["ours"] + (["ours_b1"] if batch1_build else [])
-    libs += ["hf"] if "hf" in peer_list and HF_VERSION else []
+    libs = ["ours"] + (["hf"] if "hf" in peer_list and HF_VERSION else [])
     if "hf" in peer_list and not HF_VERSION:
         notes.append("transformers is not installed: no HF comparison")
     print(f"--- {shape} {dtype} on {device}: {runs} runs of each figure", flush=True)
@@ -595,21 +577,6 @@ def main(
     for res in results.values():
         res["bw_fraction_b1"] = res["decode_b1_tok_s"] / bound
         res["gemv_fraction_b1"] = res["decode_b1_tok_s"] / gemv["gemv_tok_s"]
-    single = results.pop("ours_b1", None)
-    if single is not None:  # its batch-1 rows go next to the shared build's; HF has one build
-        results["ours"].update(
-            decode_b1_single_tok_s=single["decode_b1_tok_s"],
-            ttft_b1_single_s=single["ttft_b1_s"],
-            bw_fraction_b1_single=single["bw_fraction_b1"],
-            kernel_b1_single=single.get("linear_kernel"),
-        )
-        for res in results.values():
-            if res is not results["ours"]:
-                res.update(
-                    decode_b1_single_tok_s=res["decode_b1_tok_s"],
-                    ttft_b1_single_s=res["ttft_b1_s"],
-                    bw_fraction_b1_single=res["bw_fraction_b1"],
-                )
     loads = [x for res in results.values() for x in res["loadavg"]]
     if max(loads) > threads + 0.5:
         notes.append(
@@ -633,10 +600,7 @@ def main(
     print(f"matrix-vector pass over the weights: {gemv['gemv_tok_s']:.1f} tok/s "
           f"({gemv['gemv_kernel']}, the fastest kernel here; "
           f"{gemv['gemv_tok_s'] / bound:.2f} of the bandwidth bound)")  # fmt: skip
-    kernels = f"linear kernel for decoding: {results['ours'].get('linear_kernel')}"
-    if results["ours"].get("kernel_b1_single"):
-        kernels += f"; {results['ours']['kernel_b1_single']} in the max_batch_size=1 build"
-    print(f"ours: {kernels}")
+    print(f"ours: linear kernel for decoding: {results['ours'].get('linear_kernel')}")
     print(f"ours: params {param_bytes / 2**20:.0f} MiB, KV cache {results['ours']['kv_bytes'] / 2**20:.0f} "
           f"MiB (preallocated {BATCH} x {MAX_SEQ_LEN}); HF's cache grows dynamically")  # fmt: skip
     if agree is not None:

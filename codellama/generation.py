@@ -158,14 +158,14 @@ class Llama:
 
         _check_memory(args, dt, dev, mp)
         model = build_empty(args, dev, dt)
-        if not compile and dev.type == "cpu" and native.worth_using(dt, max_batch_size):
-            model.use_native_kernel(native.load())
         store = None if compile else model.store_prepacked  # torch.compile packs by itself
         load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0, store=store)
         model.setup_cache(dtype=dt, device=dev)
         model.eval().requires_grad_(False)
         if not compile:  # torch.compile prepacks by itself (inductor freezing)
             model.prepack_cpu_weights()
+            if dev.type == "cpu":
+                model.use_native_kernel(native.load())
         if rank == 0:
             print(f"Loaded in {time.time() - start:.2f} seconds")
         return Llama(

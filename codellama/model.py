@@ -400,8 +400,6 @@ class Transformer(nn.Module):
         so loading reads the file once and allocates each weight once. Returns False for
         anything that is not a linear weight, or where prepacking is unavailable.
         """
-        if self.native_kernel is not None:
-            return False  # the native kernel reads plain weights
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name) if module_name else self
         if attr != "weight" or not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
@@ -439,24 +437,18 @@ class Transformer(nn.Module):
         faster. So: batch 1 when the model only ever decodes one row, else the general one."""
         return 1 if self.params.max_batch_size == 1 else None
 
-    def use_native_kernel(self, kernel: NativeLinear | None) -> bool:
-        """Run small-batch linear layers through ``kernel`` on plain weights, instead of
-        prepacking the weights for oneDNN. Call before loading; returns whether it is used
-        (CPU, fp32 or bf16, no weight prepacked yet)."""
-        linears = [
-            m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
-        ]
-        if (
-            kernel is None
-            or self.device.type != "cpu"
-            or not kernel.supports(self.dtype)
-            or any(m.weight.is_mkldnn for m in linears)
-        ):
-            kernel = None
+    def use_native_kernel(self, kernel: NativeLinear | None) -> int:
+        """Run the linear layers of decoding (up to 8 rows) through ``kernel`` where it can
+        read their weights, prepacked or plain; call after loading and prepacking, and again
+        if weights are replaced. ``None`` turns it off. Returns the layers it serves."""
         self.native_kernel = kernel
-        for module in linears:
-            module.native_kernel = kernel
-        return kernel is not None
+        served, hint = 0, self._pack_hint()
+        for module in self.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                plan = kernel.plan(module.weight, hint) if kernel is not None else None
+                module.native_plan = plan
+                served += plan is not None
+        return served
 
     def prepack_cpu_weights(self) -> bool:
         """Store every linear weight in oneDNN's blocked layout (CPU only, in place).
@@ -467,7 +459,7 @@ class Transformer(nn.Module):
         cannot do it: not on CPU, fp16, or a torch build without mkldnn.
         """
         self._pack_buffer = None  # store_prepacked's conversion buffer: loading is over
-        if self.native_kernel is not None or not _can_prepack(self.device, self.dtype):
+        if not _can_prepack(self.device, self.dtype):
             _return_freed_memory()
             return False
         hint = self._pack_hint()
@@ -602,14 +594,14 @@ class Transformer(nn.Module):
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a fairscale parallel linear layer: through oneDNN if its weight is prepacked,
-    through the native kernel (:mod:`codellama.native`) for a few rows if it has one."""
+    """Apply a fairscale parallel linear layer: through the native kernel for a few rows
+    (:mod:`codellama.native`), else through oneDNN if its weight is prepacked."""
     weight = layer.weight
-    kernel = layer.__dict__.get("native_kernel")
-    if weight.is_mkldnn:
+    plan = layer.__dict__.get("native_plan")
+    if plan is not None and plan.accepts(x, weight):
+        out = plan(x)
+    elif weight.is_mkldnn:
         out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    elif kernel is not None and kernel.accepts(x, weight):
-        out = kernel(x, weight)
     else:
         return layer(x)  # type: ignore[no-any-return]
     if fs_init.get_model_parallel_world_size() == 1:

@@ -1,11 +1,13 @@
-"""Native CPU kernel for the linear layers of decoding, compiled for this CPU on first use.
+"""Native CPU kernels for the linear layers of decoding, compiled for this CPU on first use.
 
-Decoding a few rows reads every weight once per token, so it runs at the speed of a
-matrix-vector product. ``native_linear.c`` does that product 1.2-1.5x faster than oneDNN's
-prepacked kernels (bf16, 2-core AVX512-BF16 EPYC; see the README), on weights kept in the
-checkpoint's plain layout. It is built with the system C compiler into a per-CPU cache and
-loaded with ctypes: no build step at install time, and no effect where it cannot be built
-(no compiler, not Linux, ``CODELLAMA_NATIVE_KERNELS=0``): the model then uses oneDNN.
+Decoding reads every weight once per step for a handful of rows, so it runs at the speed of
+a matrix-vector product, which is bound by memory bandwidth. ``native_linear.c`` does that
+product 1.1-1.5x faster than oneDNN on the same prepacked weights (1-8 rows; 2-core
+AVX512-BF16 EPYC, see the README), and also works on plain weights where oneDNN cannot pack
+them. It is built with the system C compiler into a per-CPU cache and loaded with ctypes: no
+build step at install time, and nothing changes where it cannot be built (no compiler, not
+Linux, ``CODELLAMA_NATIVE_KERNELS=0``): the model then uses oneDNN or ``F.linear``.
+Prefill (many rows) always stays on oneDNN's GEMM.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,70 +29,130 @@ import torch
 SOURCE = Path(__file__).with_name("native_linear.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 ENV_SWITCH = "CODELLAMA_NATIVE_KERNELS"
-MAX_ROWS = 8  # beyond this many rows a blocked GEMM (oneDNN, BLAS) is faster
-MAX_BATCH = 2  # models that decode more rows at once are faster on oneDNN (see worth_using)
+MAX_ROWS = 8  # beyond this many rows of x a blocked GEMM (oneDNN, BLAS) is faster
+BLOCK = 64  # output rows per block in oneDNN's prepacked layout (see native_linear.c)
 
 _last_error: str | None = None
+_NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
-class NativeLinear:
-    """``x @ weight.T`` for up to :data:`MAX_ROWS` rows of ``x`` (fp32 or bf16, on CPU)."""
+@dataclass(eq=False)
+class LinearPlan:
+    """How one weight is multiplied natively: its layout, data pointer and kernel."""
 
-    max_rows = MAX_ROWS
+    weight: torch.Tensor  # kept so that the pointer stays valid; checked by identity
+    fn: ctypes._CFuncPtr  # type: ignore[name-defined]
+    ptr: int
+    n: int
+    k: int
+    padded_k: int  # 0: row-major; else K rounded up inside oneDNN's 64-row blocks
+    dtype: torch.dtype = field(init=False)
 
-    def __init__(self, library: ctypes.CDLL, path: Path):
-        self.path = path
-        signature = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
-        self._fns = {}
-        for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
-            fn = getattr(library, f"codellama_linear_{name}")
-            fn.argtypes = signature
-            fn.restype = ctypes.c_int
-            self._fns[dtype] = fn
-        self.bf16_dot_product = bool(library.codellama_bf16_dot_product())
-
-    def supports(self, dtype: torch.dtype) -> bool:
-        return dtype in self._fns
+    def __post_init__(self) -> None:
+        self.dtype = self.weight.dtype
+        self._max_numel = MAX_ROWS * self.k
 
     def accepts(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether :meth:`__call__` handles this input (else use a general GEMM)."""
+        """Whether :meth:`__call__` should handle ``x`` (else use oneDNN / F.linear)."""
         return (
-            x.numel() <= self.max_rows * x.shape[-1]
-            and x.dtype == weight.dtype
-            and x.device.type == "cpu"
+            weight is self.weight
+            and x.numel() <= self._max_numel
+            and x.dtype == self.dtype
             and not torch.compiler.is_compiling()
         )
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        n, k = weight.shape
-        if x.shape[-1] != k or not weight.is_contiguous() or weight.dtype not in self._fns:
-            raise ValueError(
-                f"native linear needs a contiguous fp32/bf16 weight with {x.shape[-1]} "
-                f"columns, got {weight.dtype} {tuple(weight.shape)}"
-            )
-        rows = x.reshape(-1, k).contiguous()
-        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-        status = self._fns[weight.dtype](
-            rows.data_ptr(),
-            weight.data_ptr(),
-            out.data_ptr(),
-            rows.shape[0],
-            n,
-            k,
-            torch.get_num_threads(),
-        )
-        if status != 0:
-            raise MemoryError("native linear: out of memory for a copy of the input")
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.k:
+            raise ValueError(f"expected inputs with {self.k} features, got {tuple(x.shape)}")
+        rows = x.reshape(-1, self.k).contiguous()
+        out = torch.empty(*x.shape[:-1], self.n, dtype=self.dtype)
+        args = [rows.data_ptr(), self.ptr, out.data_ptr(), rows.shape[0], self.n, self.k]
+        if self.padded_k:
+            args.append(self.padded_k)
+        if self.fn(*args, torch.get_num_threads()) != 0:
+            raise MemoryError("native linear: out of memory for an fp32 copy of the input")
         return out
 
 
-def worth_using(dtype: torch.dtype, max_batch_size: int) -> bool:
-    """Whether a CPU model is faster overall with this kernel on plain weights than with
-    oneDNN on prepacked ones. Measured on a 2-core AVX512-BF16 EPYC: decoding 1-2 rows it is
-    1.2-1.8x faster; 4-8 rows, 0.6-0.95x; prefill on plain weights costs 3-5% in bf16 but
-    20-35% in fp32 (BLAS on plain fp32 weights against oneDNN's prepacked GEMM). So: bf16
-    models built for at most :data:`MAX_BATCH` rows."""
-    return dtype == torch.bfloat16 and max_batch_size <= MAX_BATCH
+class NativeLinear:
+    """The compiled library: plans per weight, each checked against torch before use."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path):
+        self.path = path
+        self.bf16_dot_product = bool(library.codellama_bf16_dot_product())
+        row_major = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        blocked = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4 + [ctypes.c_int]
+        self._row_major = {}
+        self._blocked = {}
+        for dtype, name in _NAMES.items():
+            self._row_major[dtype] = self._function(library, f"codellama_linear_{name}", row_major)
+            if dtype == torch.float32 or self.bf16_dot_product:
+                fn = self._function(library, f"codellama_linear_{name}_blocked", blocked)
+                self._blocked[dtype] = fn
+        self._layouts: dict[tuple, int | None] = {}
+
+    @staticmethod
+    def _function(library: ctypes.CDLL, name: str, argtypes: list) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+        fn = getattr(library, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+        return fn
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        return dtype in self._row_major
+
+    def plan(self, weight: torch.Tensor, pack_hint: int | None = None) -> LinearPlan | None:
+        """A plan for an (N, K) CPU weight, plain or prepacked by oneDNN with ``pack_hint``
+        (the batch size given to ``_reorder_linear_weight``, which picks the layout); None
+        if its layout is not one these kernels read. The first weight of each shape and
+        hint is checked against oneDNN; the others of that shape share its layout."""
+        if weight.dim() != 2 or weight.device.type != "cpu" or not self.supports(weight.dtype):
+            return None
+        n, k = weight.shape
+        if not weight.is_mkldnn:
+            if not weight.is_contiguous():
+                return None
+            return LinearPlan(weight, self._row_major[weight.dtype], weight.data_ptr(), n, k, 0)
+        nbytes = int(torch.ops.mkldnn._nbytes(weight))
+        key = (weight.dtype, n, k, nbytes, pack_hint)
+        if key not in self._layouts:
+            self._layouts[key] = self._find_layout(weight, nbytes)
+        padded_k = self._layouts[key]
+        if padded_k is None:
+            return None
+        ptr = int(torch.ops.mkldnn.data_ptr(weight))
+        fn = self._blocked[weight.dtype] if padded_k else self._row_major[weight.dtype]
+        return LinearPlan(weight, fn, ptr, n, k, padded_k)
+
+    def _find_layout(self, weight: torch.Tensor, nbytes: int) -> int | None:
+        """oneDNN's layout of ``weight``: padded K of the 64-row blocks, 0 for row-major
+        (fp32 packed for batch 1), None for anything else. Each candidate is checked by
+        multiplying with the real weight against oneDNN itself."""
+        n, k = weight.shape
+        size = weight.element_size()
+        candidates = []
+        rows = -(-n // BLOCK) * BLOCK
+        if weight.dtype in self._blocked and nbytes % (size * rows) == 0:
+            padded_k = nbytes // (size * rows)
+            if padded_k >= k and (weight.dtype != torch.bfloat16 or padded_k % 2 == 0):
+                candidates.append(padded_k)
+        if nbytes == n * k * size:
+            candidates.append(0)
+        ptr = int(torch.ops.mkldnn.data_ptr(weight))
+        x = torch.randn(3, k, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        want = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "").double()
+        for padded_k in candidates:
+            fn = self._blocked[weight.dtype] if padded_k else self._row_major[weight.dtype]
+            got = LinearPlan(weight, fn, ptr, n, k, padded_k)(x).double()
+            if _close(got, want, weight.dtype):
+                return padded_k
+        return None
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    scale = max(want.abs().max().item(), 1e-30)
+    return bool(torch.isfinite(got).all()) and (got - want).abs().max().item() <= tol * scale
 
 
 def enabled_by_environment() -> bool:
@@ -103,7 +166,7 @@ def last_error() -> str | None:
 
 @functools.cache
 def load() -> NativeLinear | None:
-    """The kernel for this CPU, compiled on first use; None where it cannot be had."""
+    """The kernels for this CPU, compiled on first use; None where they cannot be had."""
     global _last_error
     if not enabled_by_environment():
         _last_error = f"disabled by {ENV_SWITCH}"
@@ -118,10 +181,10 @@ def load() -> NativeLinear | None:
 def build(
     compiler: str | None = None, flags: tuple[str, ...] = FLAGS, cache_dir: Path | None = None
 ) -> NativeLinear:
-    """Compile (or reuse from the cache) and load the kernel; raises if any step fails.
+    """Compile (or reuse from the cache) and load the kernels; raises if any step fails.
 
-    The result is checked against torch on a small product before it is returned, so a
-    miscompiled kernel is refused rather than used.
+    The row-major kernels are checked against float64 on small products before they are
+    returned, so a miscompiled library is refused rather than used.
     """
     if not sys.platform.startswith("linux"):
         raise RuntimeError("native kernels are built only on Linux")
@@ -159,13 +222,11 @@ def build(
 
 def _self_test(kernel: NativeLinear) -> None:
     gen = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in _NAMES:
         w = torch.randn(37, 70, generator=gen).to(dtype)
         x = torch.randn(3, 70, generator=gen).to(dtype)
-        want = x.double() @ w.double().T
-        got = kernel(x, w).double()
-        tol = 1e-4 if dtype == torch.float32 else 0.1
-        if not torch.allclose(got, want, atol=tol, rtol=tol):
+        plan = kernel.plan(w)
+        if plan is None or not _close(plan(x).double(), x.double() @ w.double().T, dtype):
             raise RuntimeError(f"native kernel failed its {dtype} self-test")
 
 

@@ -1,19 +1,23 @@
-"""The native small-batch linear kernel: exact against float64, optional, and invisible in output."""
+"""The native decoding kernels: exact against float64 and oneDNN, optional, invisible in output."""
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from codellama import Llama, ModelArgs, Tokenizer, native
-from codellama.checkpoint import load_weights, read_params, shard_paths
-from codellama.model import build_empty
+from codellama import native
+from codellama.model import linear
 
 from .conftest import GQA_ARGS
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+LAYOUTS = ["plain", "packed", "packed-batch-1"]  # oneDNN packs for any batch, or batch 1
 
 
 @pytest.fixture(scope="module")
@@ -25,79 +29,114 @@ def kernel() -> native.NativeLinear:
     return got
 
 
-def _linears(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+@pytest.fixture
+def native_off(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """CODELLAMA_NATIVE_KERNELS=0 for the test, with load()'s cache reset around it."""
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    native.load.cache_clear()
+    yield
+    monkeypatch.delenv(native.ENV_SWITCH)
+    native.load.cache_clear()
 
 
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+def _weight(n: int, k: int, dtype: torch.dtype, layout: str, seed: int = 0):
+    """A random weight and its stored form; None when this CPU cannot pack ``dtype``."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    if layout == "plain":
+        return w, w, None
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN cannot pack bf16 on this CPU")
+    hint = 1 if layout == "packed-batch-1" else None
+    return w, torch.ops.mkldnn._reorder_linear_weight(w, hint), hint
 
 
-def _check_against_float64(kernel: native.NativeLinear, dtype: torch.dtype, m: int, n: int, k: int):
-    gen = torch.Generator().manual_seed(m * 1000 + n + k)
-    w = torch.randn(n, k, generator=gen).to(dtype)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    want = x.double() @ w.double().T
-    got = kernel(x, w)
+def _check(kernel: native.NativeLinear, dtype, layout, m: int, n: int, k: int) -> None:
+    w, stored, hint = _weight(n, k, dtype, layout, seed=m * 1000 + n + k)
+    plan = kernel.plan(stored, hint)
+    if plan is None and dtype == torch.bfloat16 and not kernel.bf16_dot_product:
+        return  # without bf16 dot products oneDNN's packed bf16 stays with oneDNN
+    assert plan is not None
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    got = plan(x)
     assert got.dtype == dtype and got.shape == (m, n)
-    # bf16 outputs carry bf16 rounding (relative 2^-8); sums are fp32 either way.
+    want = x.double() @ w.double().T  # bf16 outputs carry one bf16 rounding (2^-8)
     torch.testing.assert_close(got.double(), want, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])
-@pytest.mark.parametrize(("n", "k"), [(64, 128), (37, 70), (5, 33), (1, 1)])
-def test_kernel_matches_float64_reference(kernel, dtype, m, n, k):
-    _check_against_float64(kernel, dtype, m, n, k)
+@pytest.mark.parametrize(("n", "k"), [(64, 128), (100, 70), (5, 33), (1, 1)])
+def test_kernel_matches_float64_reference(kernel, layout, dtype, m, n, k):
+    _check(kernel, dtype, layout, m, n, k)
+
+
+@pytest.mark.parametrize("layout", ["packed", "packed-batch-1"])
+def test_packed_bf16_results_equal_onednn_bit_for_bit(kernel, layout):
+    if not kernel.bf16_dot_product:
+        pytest.skip("this CPU has no AVX512-BF16: packed bf16 stays with oneDNN")
+    _, stored, hint = _weight(300, 1000, torch.bfloat16, layout)
+    x = torch.randn(4, 1000).bfloat16()
+    plan = kernel.plan(stored, hint)
+    assert plan is not None
+    onednn = torch.ops.mkldnn._linear_pointwise(x, stored, None, "none", [], "")
+    assert (plan(x) == onednn).float().mean().item() > 0.999  # same products, same order
+
+
+def test_layout_is_checked_against_onednn_not_assumed(kernel):
+    """fp32 packed for batch 1 is row-major and, at this shape, exactly as big as the
+    64-row blocked layout: only multiplying tells them apart."""
+    w, stored, _ = _weight(64, 96, torch.float32, "packed-batch-1")
+    fresh = native.NativeLinear(ctypes.CDLL(str(kernel.path)), kernel.path)  # empty cache
+    plan = fresh.plan(stored, pack_hint=None)  # a wrong claim: the check finds row-major
+    assert plan is not None and plan.padded_k == 0
+    x = torch.randn(2, 96)
+    torch.testing.assert_close(plan(x), x @ w.T, rtol=1e-4, atol=1e-4)
 
 
 def test_kernel_keeps_leading_dimensions(kernel):
     w = torch.randn(12, 16)
     x = torch.randn(2, 1, 16)
-    out = kernel(x, w)
+    out = kernel.plan(w)(x)
     assert out.shape == (2, 1, 12)
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w))
 
 
-def test_kernel_rounds_bf16_like_torch(kernel):
-    w = torch.randn(256, 512).bfloat16()
-    x = torch.randn(1, 512).bfloat16()
-    exact = (x.float() @ w.float().T).bfloat16()  # fp32 sum, then one rounding to bf16
-    mismatched = (kernel(x, w) != exact).float().mean().item()
-    assert mismatched < 0.05  # only ties between fp32 summation orders may differ
-
-
-def test_portable_bf16_path_matches_reference(tmp_path: Path, kernel):
+def test_portable_code_matches_reference(tmp_path: Path, kernel):
     """CPUs without AVX512-BF16 get the portable code: build it here and check it too."""
     flags = tuple(f for f in native.FLAGS if f != "-march=native")
     portable = native.build(flags=flags, cache_dir=tmp_path)
     assert not portable.bf16_dot_product
-    for m in (1, 3, 8):
-        _check_against_float64(portable, torch.bfloat16, m, 37, 70)
-        _check_against_float64(portable, torch.float32, m, 37, 70)
+    for layout in LAYOUTS:
+        for m in (1, 3, 8):
+            _check(portable, torch.float32, layout, m, 100, 70)
+            _check(portable, torch.bfloat16, layout, m, 100, 70)
 
 
-def test_accepts_only_small_batches_of_matching_dtype(kernel):
+def test_plans_only_small_batches_of_the_planned_weight(kernel):
     w = torch.randn(8, 16)
-    assert kernel.accepts(torch.randn(8, 16), w)
-    assert kernel.accepts(torch.randn(2, 4, 16), w)
-    assert not kernel.accepts(torch.randn(9, 16), w)  # a GEMM is faster there
-    assert not kernel.accepts(torch.randn(1, 16).bfloat16(), w)
+    plan = kernel.plan(w)
+    assert plan.accepts(torch.randn(8, 16), w)
+    assert plan.accepts(torch.randn(2, 4, 16), w)
+    assert not plan.accepts(torch.randn(9, 16), w)  # a GEMM is faster there
+    assert not plan.accepts(torch.randn(1, 16).bfloat16(), w)
+    assert not plan.accepts(torch.randn(1, 16), torch.randn(8, 16))  # a replaced weight
 
 
-def test_refuses_a_weight_of_the_wrong_width(kernel):
-    with pytest.raises(ValueError, match="16 columns"):
-        kernel(torch.randn(1, 16), torch.randn(8, 12))
+def test_refuses_inputs_of_the_wrong_width(kernel):
+    with pytest.raises(ValueError, match="16 features"):
+        kernel.plan(torch.randn(8, 16))(torch.randn(1, 12))
 
 
-def test_environment_switch_turns_the_kernel_off(monkeypatch):
-    monkeypatch.setenv(native.ENV_SWITCH, "0")
-    native.load.cache_clear()
-    try:
-        assert native.load() is None
-        assert native.ENV_SWITCH in (native.last_error() or "")
-    finally:
-        monkeypatch.delenv(native.ENV_SWITCH)
-        native.load.cache_clear()
+def test_no_plan_for_what_it_cannot_read(kernel):
+    assert kernel.plan(torch.randn(8, 16).half()) is None
+    assert kernel.plan(torch.randn(16, 8).T) is None  # not contiguous
+    assert kernel.plan(torch.randn(2, 8, 16)) is None
+
+
+def test_environment_switch_turns_the_kernel_off(native_off):
+    assert native.load() is None
+    assert native.ENV_SWITCH in (native.last_error() or "")
 
 
 def test_a_failing_compiler_is_reported_not_raised(tmp_path: Path, monkeypatch):
@@ -113,66 +152,62 @@ def test_a_failing_compiler_is_reported_not_raised(tmp_path: Path, monkeypatch):
         native.load.cache_clear()
 
 
-def test_bf16_model_for_small_batches_keeps_plain_weights_for_the_kernel(
-    kernel, make_checkpoint, build
+def _linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "max_batch_size"), [("float32", 4), ("bfloat16", 4), ("float32", 1)]
+)
+def test_built_cpu_model_keeps_onednn_weights_and_plans_every_linear(
+    kernel, make_checkpoint, build, dtype, max_batch_size
 ):
-    model = build(make_checkpoint(GQA_ARGS), dtype="bfloat16", max_batch_size=1).model
-    assert isinstance(model.native_kernel, native.NativeLinear)
+    model = build(make_checkpoint(GQA_ARGS), dtype=dtype, max_batch_size=max_batch_size).model
     linears = _linears(model)
     assert len(linears) == 7 * GQA_ARGS.n_layers + 1
-    assert all(m.native_kernel is model.native_kernel for m in linears)
-    assert not any(p.is_mkldnn for p in model.parameters())
-    assert not model.prepack_cpu_weights()  # plain weights stay plain
-
-
-@pytest.mark.parametrize(("dtype", "max_batch_size"), [("bfloat16", 4), ("float32", 1)])
-def test_other_cpu_models_use_onednn(kernel, make_checkpoint, build, dtype, max_batch_size):
-    """Where oneDNN's prepacked GEMM is faster overall (see native.worth_using)."""
-    model = build(make_checkpoint(GQA_ARGS), dtype=dtype, max_batch_size=max_batch_size).model
-    assert model.native_kernel is None
-    assert all(m.weight.is_mkldnn for m in _linears(model))
+    assert all(m.weight.is_mkldnn for m in linears)  # prefill stays on oneDNN's GEMM
+    if dtype == "bfloat16" and not kernel.bf16_dot_product:
+        return
+    assert all(m.native_plan is not None for m in linears)
 
 
 def test_compiled_model_does_not_use_the_kernel(kernel, make_checkpoint, build):
-    ckpt = make_checkpoint(GQA_ARGS)
-    assert build(ckpt, dtype="bfloat16", max_batch_size=1, compile=True).model.native_kernel is None
+    model = build(make_checkpoint(GQA_ARGS), compile=True).model
+    assert model.native_kernel is None
+    assert all(m.__dict__.get("native_plan") is None for m in _linears(model))
 
 
-def _build_with_kernel(ckpt: Path, dtype: torch.dtype, kernel: native.NativeLinear) -> Llama:
-    """A Llama whose linear layers use ``kernel`` whatever the build policy would choose."""
-    args = ModelArgs.from_params(read_params(ckpt), max_seq_len=128, max_batch_size=8)
-    tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
-    args.vocab_size = tokenizer.n_words
-    model = build_empty(args, "cpu", dtype)
-    assert model.use_native_kernel(kernel)
-    load_weights(model, shard_paths(ckpt))
-    model.setup_cache(dtype=dtype, device="cpu")
-    assert not model.prepack_cpu_weights()
-    return Llama(model.eval(), tokenizer)
+def test_a_replaced_weight_is_not_read_through_a_stale_plan(kernel, make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS)).model
+    layer = model.layers[0].attention.wq
+    new = torch.randn(layer.weight.shape)
+    layer.weight = torch.nn.Parameter(new, requires_grad=False)
+    x = torch.randn(1, 1, new.shape[1])
+    torch.testing.assert_close(linear(layer, x), x @ new.T)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_and_onednn_models_agree_on_greedy_tokens(kernel, make_checkpoint, build, dtype):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("lens", [(3, 7, 5, 9, 4), (9,)])
+def test_native_and_onednn_models_agree_on_greedy_tokens(
+    kernel, make_checkpoint, build, monkeypatch, dtype, lens
+):
     ckpt = make_checkpoint(GQA_ARGS, std=1.0)  # peaky: greedy choices are far from ties
-    onednn = build(ckpt, dtype=str(dtype).removeprefix("torch."), max_batch_size=8)
+    with_kernel = build(ckpt, dtype=dtype, max_batch_size=8)
+    assert with_kernel.model.native_kernel is not None
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    native.load.cache_clear()
+    try:
+        onednn = build(ckpt, dtype=dtype, max_batch_size=8)
+    finally:
+        monkeypatch.delenv(native.ENV_SWITCH)
+        native.load.cache_clear()
     assert onednn.model.native_kernel is None
-    with_kernel = _build_with_kernel(ckpt, dtype, kernel)
     vocab = onednn.model.params.vocab_size
     gen = torch.Generator().manual_seed(3)
-    # five rows: decoding runs the kernel on 5 rows, then fewer as none stop early (all 5)
-    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (3, 7, 5, 9, 4)]
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lens]
     want = onednn.generate(prompts, 6, temperature=0, stop_token=-1, logprobs=True)
     got = with_kernel.generate(prompts, 6, temperature=0, stop_token=-1, logprobs=True)
     assert got[0] == want[0]
-    tol = 1e-4 if dtype == torch.float32 else 0.1
+    tol = 1e-4 if dtype == "float32" else 0.1
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=tol, rtol=tol)
-
-
-def test_single_row_decoding_with_the_kernel_equals_onednn(kernel, make_checkpoint, build):
-    ckpt = make_checkpoint(GQA_ARGS, std=1.0)
-    onednn = build(ckpt, dtype="float32", max_batch_size=1)
-    with_kernel = _build_with_kernel(ckpt, torch.float32, kernel)
-    prompt = [list(range(3, 12))]
-    want = onednn.generate(prompt, 8, temperature=0, stop_token=-1)[0]
-    assert with_kernel.generate(prompt, 8, temperature=0, stop_token=-1)[0] == want
