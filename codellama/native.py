@@ -171,11 +171,15 @@ def load() -> NativeLinear | None:
     if not enabled_by_environment():
         _last_error = f"disabled by {ENV_SWITCH}"
         return None
-    try:
-        return build()
-    except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
-        _last_error = str(exc)
-        return None
+    errors = []
+    portable = tuple(f for f in FLAGS if f != "-march=native")
+    for flags in (FLAGS, portable):  # some compilers (or CPUs) know no -march=native
+        try:
+            return build(flags=flags)
+        except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
+            errors.append(str(exc))
+    _last_error = "; ".join(errors)
+    return None
 
 
 def build(
@@ -242,7 +246,17 @@ def _cache_root() -> Path:
             return root
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"codellama-kernels-{os.getuid()}"
+    # A shared temp folder is used only if it is ours and closed to others: a library that
+    # another user could plant there would run in this process.
+    shared = Path(tempfile.gettempdir()) / f"codellama-kernels-{os.getuid()}"
+    try:
+        shared.mkdir(mode=0o700, exist_ok=True)
+        st = shared.stat()
+        if st.st_uid == os.getuid() and not st.st_mode & 0o022:
+            return shared
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="codellama-kernels-"))
 
 
 def _cpu_signature() -> str:
