@@ -1,13 +1,16 @@
-/* Small-batch linear layers for CPU decoding: y[M, N] = x[M, K] @ W[N, K]^T, M small.
+/* Linear layers of CPU decoding: y[M, N] = x[M, K] @ W[N, K]^T for M <= 8 rows of x.
  *
- * Decoding one token reads every weight once, so its speed is that of a matrix-vector
- * product, bound by memory bandwidth. oneDNN's bf16 matrix-vector kernel reads at about
- * two thirds of the bandwidth that a plain row-by-row dot product reaches, so this file
- * provides that dot product. codellama/native.py compiles it for the running CPU
- * (-O3 -march=native -fopenmp) on first use and falls back to oneDNN when it cannot.
- *
- * W is row-major (the checkpoint's layout); x and y have W's dtype; sums are fp32.
- * bf16 uses AVX512-BF16 dot products where the CPU has them, else portable vector code.
+ * Decoding reads every weight once per step, so it runs at the speed of a matrix-vector
+ * product, bound by memory bandwidth. On a 2-core AVX512-BF16 EPYC, oneDNN's kernels read
+ * its prepacked weights at 14-25 GB/s at batch 1 where a plain sequential pass reaches 25-35.
+ * Two weight layouts are read here:
+ * - oneDNN's prepacked blocks of 64 output rows (the model's weights on CPU; prefill keeps
+ *   using oneDNN's GEMM on them): the "blocked" kernels at the end of this file;
+ * - row-major (plain weights where oneDNN cannot pack, and fp32 packed for batch 1).
+ * codellama/native.py compiles this file for the running CPU (-O3 -march=native -fopenmp)
+ * on first use, checks each layout against oneDNN before use, and keeps oneDNN otherwise.
+ * x and y have W's dtype (fp32 or bf16); sums are fp32. bf16 uses AVX512-BF16 dot products
+ * where the CPU has them, else portable vector code (blocked bf16 then stays with oneDNN).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -21,7 +24,7 @@
 #define MB 4   /* rows of x per pass over a block of W */
 #define ROWS 4 /* rows of W per block when 3 or more rows of x are multiplied */
 
-/* Two loop orders, measured on a 2-core AVX512-BF16 EPYC against oneDNN's prepacked kernels:
+/* Row-major weights: two loop orders, measured on a 2-core AVX512-BF16 EPYC against oneDNN:
  * - 1-2 rows of x ("row" kernels): the rows of W are read one after another, a single
  *   sequential stream per thread that the hardware prefetcher follows best: 23-35 GB/s,
  *   where oneDNN reads 14-25 GB/s.
