@@ -64,12 +64,17 @@ class LinearPlan:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.k:
             raise ValueError(f"expected inputs with {self.k} features, got {tuple(x.shape)}")
-        rows = x.reshape(-1, self.k).contiguous()
-        out = torch.empty(*x.shape[:-1], self.n, dtype=self.dtype)
-        args = [rows.data_ptr(), self.ptr, out.data_ptr(), rows.shape[0], self.n, self.k]
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = x.new_empty((*x.shape[:-1], self.n))
+        rows, threads = x.numel() // self.k, torch.get_num_threads()
         if self.padded_k:
-            args.append(self.padded_k)
-        if self.fn(*args, torch.get_num_threads()) != 0:
+            status = self.fn(
+                x.data_ptr(), self.ptr, out.data_ptr(), rows, self.n, self.k, self.padded_k, threads
+            )
+        else:
+            status = self.fn(x.data_ptr(), self.ptr, out.data_ptr(), rows, self.n, self.k, threads)
+        if status != 0:
             raise MemoryError("native linear: out of memory for an fp32 copy of the input")
         return out
 
