@@ -118,14 +118,17 @@ class NativeLinear:
             if not weight.is_contiguous():
                 return None
             return LinearPlan(weight, self._row_major[weight.dtype], weight.data_ptr(), n, k, 0)
-        nbytes = int(torch.ops.mkldnn._nbytes(weight))
-        key = (weight.dtype, n, k, nbytes, pack_hint)
-        if key not in self._layouts:
-            self._layouts[key] = self._find_layout(weight, nbytes)
-        padded_k = self._layouts[key]
-        if padded_k is None:
+        try:  # private ops of torch's oneDNN integration: absent, they leave it to oneDNN
+            nbytes = int(torch.ops.mkldnn._nbytes(weight))
+            key = (weight.dtype, n, k, nbytes, pack_hint)
+            if key not in self._layouts:
+                self._layouts[key] = self._find_layout(weight, nbytes)
+            padded_k = self._layouts[key]
+            if padded_k is None:
+                return None
+            ptr = int(torch.ops.mkldnn.data_ptr(weight))
+        except (AttributeError, RuntimeError):
             return None
-        ptr = int(torch.ops.mkldnn.data_ptr(weight))
         fn = self._blocked[weight.dtype] if padded_k else self._row_major[weight.dtype]
         return LinearPlan(weight, fn, ptr, n, k, padded_k)
 

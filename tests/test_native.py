@@ -94,6 +94,17 @@ def test_layout_is_checked_against_onednn_not_assumed(kernel):
     torch.testing.assert_close(plan(x), x @ w.T, rtol=1e-4, atol=1e-4)
 
 
+def test_no_plan_when_torch_lacks_the_packed_buffer_ops(kernel, monkeypatch):
+    _, stored, hint = _weight(64, 96, torch.float32, "packed")
+    fresh = native.NativeLinear(ctypes.CDLL(str(kernel.path)), kernel.path)
+
+    def missing(*args):
+        raise RuntimeError("No such operator mkldnn::_nbytes")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_nbytes", missing)
+    assert fresh.plan(stored, hint) is None  # oneDNN keeps the layer
+
+
 def test_kernel_keeps_leading_dimensions(kernel):
     w = torch.randn(12, 16)
     x = torch.randn(2, 1, 16)
