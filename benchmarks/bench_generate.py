@@ -65,6 +65,7 @@ PROMPT_LEN, NEW_TOKENS, BATCH, PREFILL_LEN = 32, 64, 8, 1024
 MIXED_LENS = [16, 48, 80, 128, 200, 300, 400, 512]
 MAX_SEQ_LEN = PREFILL_LEN + NEW_TOKENS
 GenFn = Callable[[list[list[int]], int], list[list[int]]]
+Built = tuple[GenFn, int, int, str]  # generate, parameter bytes, KV bytes, decode kernel
 try:
     HF_VERSION: str | None = version("transformers")
 except PackageNotFoundError:
@@ -198,26 +199,37 @@ def measure_gemv_pass(spec: dict[str, Any]) -> dict[str, Any]:
              (a.dim, hid)]  # fmt: skip
     shapes = layer * spec["args"]["n_layers"] + [(a.vocab_size, a.dim)]
     weights = [torch.empty(s, device=dev, dtype=dtype).uniform_(-0.02, 0.02) for s in shapes]
-    Fn = Callable[[torch.Tensor, torch.Tensor], Any]
-    kernels: dict[str, tuple[Fn, list[Any]]] = {"F.linear": (torch.nn.functional.linear, weights)}
+    Fn = Callable[[torch.Tensor, Any], Any]
+    # name -> (kernel, its form of the weights); forms are made only while timed (memory)
+    kernels: dict[str, tuple[Fn, Callable[[], list[Any]]]] = {
+        "F.linear": (torch.nn.functional.linear, lambda: weights)
+    }
     if dev.type == "cpu" and torch.backends.mkldnn.is_available() and dtype != torch.float16:
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
-        kernels["oneDNN prepacked"] = (
-            lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
-            packed,
-        )
         from codellama import native
 
+        def packed(hint: int | None) -> list[torch.Tensor]:
+            return [torch.ops.mkldnn._reorder_linear_weight(w, hint) for w in weights]
+
+        kernels["oneDNN prepacked"] = (
+            lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+            lambda: packed(1),
+        )
         kernel = native.load()
-        general = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
-        plans = [kernel.plan(w, None) for w in general] if kernel is not None else []
-        if plans and all(p is not None for p in plans):  # as the model runs it
+        if kernel is not None:  # as the model runs it: on the general packed layout
+
+            def plans() -> list[Any]:
+                found = [kernel.plan(w, None) for w in packed(None)]
+                return found if all(p is not None for p in found) else []
+
             kernels["codellama native on oneDNN-packed weights"] = (lambda x, p: p(x), plans)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     best: dict[str, Any] = {"gemv_tok_s": 0.0, "gemv_kernel": ""}
     xs = {n: torch.ones(1, n, device=dev, dtype=dtype) for n in {s[1] for s in shapes}}
     with torch.inference_mode():
-        for name, (fn, ws) in kernels.items():
+        for name, (fn, make) in kernels.items():
+            ws = make()
+            if not ws:
+                continue
             times = []
             for _ in range(6):  # the first is a warm-up
                 sync()
@@ -226,18 +238,19 @@ def measure_gemv_pass(spec: dict[str, Any]) -> dict[str, Any]:
                     fn(xs[n], w)
                 sync()
                 times.append(time.perf_counter() - t)
+            del ws
             tok_s = 1 / statistics.median(times[1:])
             if tok_s > best["gemv_tok_s"]:
                 best = {"gemv_tok_s": tok_s, "gemv_kernel": name}
     return best
 
 
-def _build_ours(spec: dict[str, Any]) -> tuple[GenFn, int, int]:
+def _build_ours(spec: dict[str, Any]) -> Built:
     from codellama import Llama, SamplingParams
     from codellama.model import kv_cache_bytes, parameter_bytes
 
     llama = Llama.build(
-        spec["ckpt"], spec["tokenizer"], MAX_SEQ_LEN, spec.get("max_batch_size", BATCH),
+        spec["ckpt"], spec["tokenizer"], MAX_SEQ_LEN, BATCH,
         device=spec["device"], dtype=spec["dtype"], seed=1, compile=spec["compile"],
         prefill_chunk_size=spec["prefill_chunk_size"],
     )  # fmt: skip
@@ -249,11 +262,11 @@ def _build_ours(spec: dict[str, Any]) -> tuple[GenFn, int, int]:
     model = llama.model
     packed = "oneDNN prepacked" if any(p.is_mkldnn for p in model.parameters()) else "F.linear"
     planned = [m for m in model.modules() if m.__dict__.get("native_plan") is not None]
-    spec["linear_kernel"] = f"codellama native ({len(planned)} layers)" if planned else packed
-    return gen, parameter_bytes(model), kv_cache_bytes(model.params, model.dtype)
+    kernel = f"codellama native ({len(planned)} layers)" if planned else packed
+    return gen, parameter_bytes(model), kv_cache_bytes(model.params, model.dtype), kernel
 
 
-def _build_hf(spec: dict[str, Any]) -> tuple[GenFn, int, int]:
+def _build_hf(spec: dict[str, Any]) -> Built:
     """LlamaForCausalLM (sdpa) from the same Meta checkpoint, mapped tensor by tensor."""
     import transformers
     from transformers.initialization import no_init_weights
@@ -308,7 +321,7 @@ def _build_hf(spec: dict[str, Any]) -> tuple[GenFn, int, int]:
         return out[:, width:].tolist()
 
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return gen, nbytes, 0  # the dynamic cache grows during generation
+    return gen, nbytes, 0, "F.linear"  # 0: the dynamic cache grows during generation
 
 
 # --------------------------------------------------------------------- workers
@@ -349,10 +362,10 @@ def serve(spec: dict[str, Any]) -> None:
     rss0 = _rss_mb()
     t = time.perf_counter()
     build = _build_hf if spec["task"] == "hf" else _build_ours
-    gen, param_bytes, kv_bytes = build(spec)
+    gen, param_bytes, kv_bytes, kernel = build(spec)
     sync()
     res: dict[str, Any] = {"build_s": time.perf_counter() - t, "param_bytes": param_bytes}
-    res["linear_kernel"] = spec.get("linear_kernel")
+    res["linear_kernel"] = kernel
     res.update(kv_bytes=kv_bytes, rss_before_build_mb=rss0, peak_rss_build_mb=_maxrss_mb())
     if cuda:
         res["cuda_build_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20

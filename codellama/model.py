@@ -443,12 +443,17 @@ class Transformer(nn.Module):
         if weights are replaced. ``None`` turns it off. Returns the layers it serves."""
         self.native_kernel = kernel
         served, hint = 0, self._pack_hint()
+        for module in self.linear_layers():
+            plan = kernel.plan(module.weight, hint) if kernel is not None else None
+            module.native_plan = plan
+            served += plan is not None
+        return served
+
+    def linear_layers(self) -> Iterator[ColumnParallelLinear | RowParallelLinear]:
+        """Every fairscale linear layer (attention, feed-forward, output)."""
         for module in self.modules():
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                plan = kernel.plan(module.weight, hint) if kernel is not None else None
-                module.native_plan = plan
-                served += plan is not None
-        return served
+                yield module
 
     def prepack_cpu_weights(self) -> bool:
         """Store every linear weight in oneDNN's blocked layout (CPU only, in place).
@@ -463,13 +468,12 @@ class Transformer(nn.Module):
             _return_freed_memory()
             return False
         hint = self._pack_hint()
-        for module in self.modules():
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                if module.weight.is_mkldnn:
-                    continue
-                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), hint)
-                module.weight = nn.Parameter(packed, requires_grad=False)
-                _return_freed_memory()  # else the freed plain weights stay in the heap
+        for module in self.linear_layers():
+            if module.weight.is_mkldnn:
+                continue
+            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), hint)
+            module.weight = nn.Parameter(packed, requires_grad=False)
+            _return_freed_memory()  # else the freed plain weights stay in the heap
         _return_freed_memory()
         return True
 

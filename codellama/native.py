@@ -68,12 +68,9 @@ class LinearPlan:
             x = x.contiguous()
         out = x.new_empty((*x.shape[:-1], self.n))
         rows, threads = x.numel() // self.k, torch.get_num_threads()
-        if self.padded_k:
-            status = self.fn(
-                x.data_ptr(), self.ptr, out.data_ptr(), rows, self.n, self.k, self.padded_k, threads
-            )
-        else:
-            status = self.fn(x.data_ptr(), self.ptr, out.data_ptr(), rows, self.n, self.k, threads)
+        status = self.fn(
+            x.data_ptr(), self.ptr, out.data_ptr(), rows, self.n, self.k, self.padded_k, threads
+        )
         if status != 0:
             raise MemoryError("native linear: out of memory for an fp32 copy of the input")
         return out
@@ -85,23 +82,25 @@ class NativeLinear:
     def __init__(self, library: ctypes.CDLL, path: Path):
         self.path = path
         self.bf16_dot_product = bool(library.codellama_bf16_dot_product())
-        row_major = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
-        blocked = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4 + [ctypes.c_int]
         self._row_major = {}
         self._blocked = {}
         for dtype, name in _NAMES.items():
-            self._row_major[dtype] = self._function(library, f"codellama_linear_{name}", row_major)
+            self._row_major[dtype] = self._function(library, f"codellama_linear_{name}")
             if dtype == torch.float32 or self.bf16_dot_product:
-                fn = self._function(library, f"codellama_linear_{name}_blocked", blocked)
-                self._blocked[dtype] = fn
+                self._blocked[dtype] = self._function(library, f"codellama_linear_{name}_blocked")
         self._layouts: dict[tuple, int | None] = {}
 
     @staticmethod
-    def _function(library: ctypes.CDLL, name: str, argtypes: list) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+    def _function(library: ctypes.CDLL, name: str) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+        """(x, W, y, M, N, K, Kp, threads) -> status: the signature of every linear kernel."""
         fn = getattr(library, name)
-        fn.argtypes = argtypes
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 4 + [ctypes.c_int]
         fn.restype = ctypes.c_int
         return fn
+
+    def _plan(self, weight: torch.Tensor, ptr: int, padded_k: int) -> LinearPlan:
+        fn = self._blocked[weight.dtype] if padded_k else self._row_major[weight.dtype]
+        return LinearPlan(weight, fn, ptr, weight.shape[0], weight.shape[1], padded_k)
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self._row_major
@@ -113,26 +112,20 @@ class NativeLinear:
         hint is checked against oneDNN; the others of that shape share its layout."""
         if weight.dim() != 2 or weight.device.type != "cpu" or not self.supports(weight.dtype):
             return None
-        n, k = weight.shape
         if not weight.is_mkldnn:
-            if not weight.is_contiguous():
-                return None
-            return LinearPlan(weight, self._row_major[weight.dtype], weight.data_ptr(), n, k, 0)
+            return self._plan(weight, weight.data_ptr(), 0) if weight.is_contiguous() else None
         try:  # private ops of torch's oneDNN integration: absent, they leave it to oneDNN
             nbytes = int(torch.ops.mkldnn._nbytes(weight))
-            key = (weight.dtype, n, k, nbytes, pack_hint)
-            if key not in self._layouts:
-                self._layouts[key] = self._find_layout(weight, nbytes)
-            padded_k = self._layouts[key]
-            if padded_k is None:
-                return None
             ptr = int(torch.ops.mkldnn.data_ptr(weight))
         except (AttributeError, RuntimeError):
             return None
-        fn = self._blocked[weight.dtype] if padded_k else self._row_major[weight.dtype]
-        return LinearPlan(weight, fn, ptr, n, k, padded_k)
+        key = (weight.dtype, *weight.shape, nbytes, pack_hint)
+        if key not in self._layouts:
+            self._layouts[key] = self._find_layout(weight, ptr, nbytes)
+        padded_k = self._layouts[key]
+        return None if padded_k is None else self._plan(weight, ptr, padded_k)
 
-    def _find_layout(self, weight: torch.Tensor, nbytes: int) -> int | None:
+    def _find_layout(self, weight: torch.Tensor, ptr: int, nbytes: int) -> int | None:
         """oneDNN's layout of ``weight``: padded K of the 64-row blocks, 0 for row-major
         (fp32 packed for batch 1), None for anything else. Each candidate is checked by
         multiplying with the real weight against oneDNN itself."""
@@ -146,13 +139,10 @@ class NativeLinear:
                 candidates.append(padded_k)
         if nbytes == n * k * size:
             candidates.append(0)
-        ptr = int(torch.ops.mkldnn.data_ptr(weight))
         x = torch.randn(3, k, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
         want = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "").double()
         for padded_k in candidates:
-            fn = self._blocked[weight.dtype] if padded_k else self._row_major[weight.dtype]
-            got = LinearPlan(weight, fn, ptr, n, k, padded_k)(x).double()
-            if _close(got, want, weight.dtype):
+            if _close(self._plan(weight, ptr, padded_k)(x).double(), want, weight.dtype):
                 return padded_k
         return None
 

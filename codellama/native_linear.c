@@ -210,16 +210,19 @@ AI void block_bf16_dp(const uint16_t* W, const uint16_t* x, float* out, long K, 
         }                                                                                      \
     }
 
-/* Returns 0 on success, -1 if the fp32 copy of x could not be allocated. */
+/* Row-major W. Kp is unused: the signature is the blocked kernels', so that one call serves
+ * both. Returns 0, or -1 if the fp32 copy of x (portable bf16 only) cannot be allocated. */
 int codellama_linear_f32(const float* x, const float* W, float* y, long M, long N, long K,
-                         int threads) {
+                         long Kp, int threads) {
+    (void)Kp;
     const float* xs = x;
     LINEAR_BODY(row_f32, block_f32, float, float, f32_id)
     return 0;
 }
 
 int codellama_linear_bf16(const uint16_t* x, const uint16_t* W, uint16_t* y, long M, long N,
-                          long K, int threads) {
+                          long K, long Kp, int threads) {
+    (void)Kp;
 #if defined(__AVX512BF16__)
     const uint16_t* xs = x;
     LINEAR_BODY(row_bf16_dp, block_bf16_dp, uint16_t, uint16_t, f32_to_bf16)

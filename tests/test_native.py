@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from codellama import native
 from codellama.model import linear
@@ -163,10 +162,6 @@ def test_a_failing_compiler_is_reported_not_raised(tmp_path: Path, monkeypatch):
         native.load.cache_clear()
 
 
-def _linears(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
-
-
 @pytest.mark.parametrize(
     ("dtype", "max_batch_size"), [("float32", 4), ("bfloat16", 4), ("float32", 1)]
 )
@@ -174,7 +169,7 @@ def test_built_cpu_model_keeps_onednn_weights_and_plans_every_linear(
     kernel, make_checkpoint, build, dtype, max_batch_size
 ):
     model = build(make_checkpoint(GQA_ARGS), dtype=dtype, max_batch_size=max_batch_size).model
-    linears = _linears(model)
+    linears = list(model.linear_layers())
     assert len(linears) == 7 * GQA_ARGS.n_layers + 1
     assert all(m.weight.is_mkldnn for m in linears)  # prefill stays on oneDNN's GEMM
     if dtype == "bfloat16" and not kernel.bf16_dot_product:
@@ -185,7 +180,7 @@ def test_built_cpu_model_keeps_onednn_weights_and_plans_every_linear(
 def test_compiled_model_does_not_use_the_kernel(kernel, make_checkpoint, build):
     model = build(make_checkpoint(GQA_ARGS), compile=True).model
     assert model.native_kernel is None
-    assert all(m.__dict__.get("native_plan") is None for m in _linears(model))
+    assert all(m.__dict__.get("native_plan") is None for m in list(model.linear_layers()))
 
 
 def test_a_replaced_weight_is_not_read_through_a_stale_plan(kernel, make_checkpoint, build):
