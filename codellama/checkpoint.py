@@ -308,7 +308,7 @@ def iter_full_tensors(
     shards = [load_shard(p) for p in shard_paths(ckpt_dir)]
     for name in shards[0]:
         dim = split_dim(name)
-        if dim is None:
+        if dim is None or len(shards) == 1:  # one shard: the tensor itself, not a copy
             yield name, shards[0][name]
         else:
             yield name, torch.cat([sd[name] for sd in shards], dim=dim)

@@ -8,6 +8,8 @@ row gets exactly the tokens it would get alone.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import numbers
 import operator
 import os
@@ -157,15 +159,16 @@ class Llama:
         args.validate(model_parallel_size=mp)
 
         _check_memory(args, dt, dev, mp)
-        model = build_empty(args, dev, dt)
-        store = None if compile else model.store_prepacked  # torch.compile packs by itself
-        load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0, store=store)
-        model.setup_cache(dtype=dt, device=dev)
-        model.eval().requires_grad_(False)
-        if not compile:  # torch.compile prepacks by itself (inductor freezing)
-            model.prepack_cpu_weights()
-            if dev.type == "cpu":
-                model.use_native_kernel(native.load())
+        with _cyclic_gc_paused():
+            model = build_empty(args, dev, dt)
+            store = None if compile else model.store_prepacked  # torch.compile packs by itself
+            load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0, store=store)
+            model.setup_cache(dtype=dt, device=dev)
+            model.eval().requires_grad_(False)
+            if not compile:  # torch.compile prepacks by itself (inductor freezing)
+                model.prepack_cpu_weights()
+                if dev.type == "cpu":
+                    model.use_native_kernel(native.load())
         if rank == 0:
             print(f"Loaded in {time.time() - start:.2f} seconds")
         return Llama(
@@ -748,6 +751,23 @@ def _check_memory(args: ModelArgs, dtype: torch.dtype, device: torch.device, mp:
         f"tokens per batch row) on top of {weights / gib:.1f} GiB of weights, but {where}; "
         f"lower max_seq_len (at most {fits} fits at this batch size) or max_batch_size"
     )
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Hold off Python's cyclic garbage collector while the model is built.
+
+    Building creates a few thousand objects, enough to trigger a full collection, which
+    walks every object torch (and any other big library) created at import: 0.1 s of a
+    0.6 s build on a 2-core CPU. The build makes no reference cycles worth collecting.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _check_positive_int(name: str, value: object) -> None:

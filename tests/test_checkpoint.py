@@ -127,3 +127,13 @@ def test_llama_build_is_usable_without_torchrun_environment(make_checkpoint, mon
     d = make_checkpoint(GQA_ARGS)
     llama = Llama.build(str(d), str(d / "tokenizer.model"), 32, 1, device="cpu")
     assert llama.model.dtype == torch.float32  # CPU default
+
+
+def test_iter_full_tensors_gives_the_same_tensors_from_one_or_two_shards(make_checkpoint):
+    from codellama.checkpoint import iter_full_tensors
+
+    one = dict(iter_full_tensors(make_checkpoint(GQA_ARGS, n_shards=1)))
+    two = dict(iter_full_tensors(make_checkpoint(GQA_ARGS, n_shards=2)))
+    assert one.keys() == two.keys()
+    for name, t in one.items():
+        assert torch.equal(t, two[name]), name

@@ -270,3 +270,16 @@ def test_stream_stops_at_stop_tokens_without_yielding_them(llama):
         t for _, t in llama.generate_stream([prompt], 10, SamplingParams(temperature=0), [stop])
     ]
     assert streamed == free[0][: free[0].index(stop)]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_build_leaves_the_garbage_collector_as_it_found_it(make_checkpoint, build, enabled):
+    import gc
+
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        build(make_checkpoint(GQA_ARGS))
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
