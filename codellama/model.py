@@ -30,7 +30,7 @@ from torch import nn
 
 from .checkpoint import release_pages
 from .errors import ConfigError, PromptTooLongError
-from .native import NativeLinear
+from .native import LAYER_LINEARS, MAX_ROWS, DecoderLayer, DecoderPlan, NativeLinear
 
 
 @dataclass
@@ -384,6 +384,8 @@ class Transformer(nn.Module):
         self.key_positions = torch.zeros(0, dtype=torch.long)  # (arange on meta imports sympy)
         self._pack_buffer: torch.Tensor | None = None
         self.native_kernel: NativeLinear | None = None
+        self.native_decoder: DecoderPlan | None = None
+        self._decoder_owns: list[tuple[dict[str, Any], str, object]] = []
 
     @property
     def device(self) -> torch.device:
@@ -447,7 +449,71 @@ class Transformer(nn.Module):
             plan = kernel.plan(module.weight, hint) if kernel is not None else None
             module.native_plan = plan
             served += plan is not None
+        self._plan_native_decoder()
         return served
+
+    def _plan_native_decoder(self) -> None:
+        """Plan whole decoding steps natively (:class:`codellama.native.DecoderPlan`) where
+        every linear of every layer has a native plan; one process only (model parallel
+        layers reduce across processes inside a layer)."""
+        self.native_decoder, self._decoder_owns = None, []
+        kernel = self.native_kernel
+        if kernel is None or self.rope is None or fs_init.get_model_parallel_world_size() != 1:
+            return
+        layers, owns = [], []
+        for block in self.layers:
+            assert isinstance(block, TransformerBlock)
+            attn, ffn = block.attention, block.feed_forward
+            modules = [getattr(attn if n[1] in "qkvo" else ffn, n) for n in LAYER_LINEARS]
+            plans = [m.__dict__.get("native_plan") for m in modules]
+            if attn.cache is None or any(p is None for p in plans):
+                return
+            norms = (block.attention_norm, block.ffn_norm)
+            layers.append(
+                DecoderLayer(
+                    tuple(plans),
+                    norms[0].weight,
+                    norms[1].weight,
+                    attn.cache.k,
+                    attn.cache.v,
+                    attn.n_local_heads,
+                    norms[0].eps,
+                )  # fmt: skip
+            )
+            # What the plan read pointers from: checked by identity before every use.
+            owns += [(m._parameters, "weight", p.weight) for m, p in zip(modules, plans)]
+            owns += [(n._parameters, "weight", n.weight) for n in norms]
+            owns += [(attn._modules, "cache", attn.cache)]
+            owns += [(attn.cache._buffers, b, getattr(attn.cache, b)) for b in ("k", "v")]
+        self.native_decoder = kernel.decoder(layers, self.rope)
+        self._decoder_owns = owns + [(self.__dict__, "rope", self.rope)]
+
+    def _native_decode(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int,
+        positions: torch.Tensor | None,
+        kv_len: int | None,
+        row_offset: int,
+    ) -> torch.Tensor | None:
+        """Hidden states after the last layer for one decoding step through the native
+        decoder, or None where it does not apply (then the torch layers run)."""
+        decoder = self.native_decoder
+        bsz, seqlen = tokens.shape
+        if decoder is None or seqlen != 1 or bsz > MAX_ROWS or torch.compiler.is_compiling():
+            return None
+        if not all(d.get(k) is v for d, k, v in self._decoder_owns):
+            return None  # a weight, norm or cache was replaced: plan again to use it
+        h = self.tok_embeddings(tokens)
+        if h.dtype != decoder.dtype or not h.is_contiguous() or h.requires_grad:
+            return None
+        if positions is None:
+            self._check_span(start_pos, seqlen)
+            decoder(h, start_pos, start_pos + seqlen, row_offset)
+        else:
+            kv_len = self.params.max_seq_len if kv_len is None else kv_len
+            decoder(h, positions, kv_len, row_offset)
+        return h
 
     def linear_layers(self) -> Iterator[ColumnParallelLinear | RowParallelLinear]:
         """Every fairscale linear layer (attention, feed-forward, output)."""
@@ -502,6 +568,7 @@ class Transformer(nn.Module):
             )  # fmt: skip
         self.rope = rope_table(p.head_dim, p.max_seq_len, p.rope_theta, device)
         self.key_positions = torch.arange(p.max_seq_len, device=device)  # sliced by masks
+        self._plan_native_decoder()  # the caches moved
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Logits (float32) for every position of ``tokens`` placed at ``start_pos``."""
@@ -529,13 +596,7 @@ class Transformer(nn.Module):
         max_len = self.params.max_seq_len
         if positions is None:
             end = start_pos + seqlen
-            if start_pos < 0:
-                raise ConfigError(f"start_pos must be >= 0, got {start_pos}")
-            if end > max_len:
-                raise PromptTooLongError(
-                    f"positions {start_pos}..{end - 1} exceed max_seq_len={max_len}; "
-                    "build with a larger max_seq_len"
-                )
+            self._check_span(start_pos, seqlen)
             rot = self.rope[start_pos:end].view(1, seqlen, 1, -1, 2)
             if seqlen == 1:
                 return StepInputs(rot, start_pos, end)
@@ -550,6 +611,16 @@ class Transformer(nn.Module):
         keys = self.key_positions[:kv_len].view(1, 1, kv_len)
         mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)
         return StepInputs(rot, 0, kv_len, positions=positions, mask=mask)
+
+    def _check_span(self, start_pos: int, seqlen: int) -> None:
+        max_len = self.params.max_seq_len
+        if start_pos < 0:
+            raise ConfigError(f"start_pos must be >= 0, got {start_pos}")
+        if start_pos + seqlen > max_len:
+            raise PromptTooLongError(
+                f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={max_len}; "
+                "build with a larger max_seq_len"
+            )
 
     def _hidden(self, tokens: torch.Tensor, step: StepInputs) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
@@ -590,7 +661,10 @@ class Transformer(nn.Module):
                 f"cache rows {row_offset}..{row_offset + bsz - 1} exceed max_batch_size="
                 f"{self.params.max_batch_size}"
             )
-        h = self._hidden(tokens, self.step_inputs(seqlen, start_pos, positions, kv_len, row_offset))
+        h = self._native_decode(tokens, start_pos, positions, kv_len, row_offset)
+        if h is None:
+            step = self.step_inputs(seqlen, start_pos, positions, kv_len, row_offset)
+            h = self._hidden(tokens, step)
         if logits_index is not None:
             h = h[torch.arange(bsz, device=h.device), logits_index].unsqueeze(1)
             return linear(self.output, self.norm(h)).float().squeeze(1)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import PromptTooLongError
+
 SOURCE = Path(__file__).with_name("native_linear.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 ENV_SWITCH = "CODELLAMA_NATIVE_KERNELS"
@@ -89,6 +91,14 @@ class NativeLinear:
             if dtype == torch.float32 or self.bf16_dot_product:
                 self._blocked[dtype] = self._function(library, f"codellama_linear_{name}_blocked")
         self._layouts: dict[tuple, int | None] = {}
+        self._decoders = {torch.float32: library.codellama_decode_layers_f32}
+        if self.bf16_dot_product:
+            self._decoders[torch.bfloat16] = library.codellama_decode_layers_bf16
+        for fn in self._decoders.values():
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_long]
+            fn.argtypes += [ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
+            fn.argtypes += [ctypes.c_int]
+            fn.restype = ctypes.c_int
 
     @staticmethod
     def _function(library: ctypes.CDLL, name: str) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
@@ -125,6 +135,33 @@ class NativeLinear:
         padded_k = self._layouts[key]
         return None if padded_k is None else self._plan(weight, ptr, padded_k)
 
+    def decoder(self, layers: list[DecoderLayer], rope: torch.Tensor) -> DecoderPlan | None:
+        """A plan that runs ``layers`` natively for decoding, or None where it cannot:
+        a dtype without a fused decoder here (bf16 without the bf16 dot product), or
+        weights, norms or caches that are not plain, contiguous and of one dtype."""
+        if not layers:
+            return None
+        dtype = layers[0].attn_norm.dtype
+        if dtype not in self._decoders or rope.dtype != torch.float32 or not rope.is_contiguous():
+            return None
+        shape = layers[0].cache_k.shape
+        for layer in layers:
+            tensors = (layer.attn_norm, layer.ffn_norm, layer.cache_k, layer.cache_v)
+            if len(layer.linears) != len(LAYER_LINEARS) or any(
+                p.dtype != dtype for p in layer.linears
+            ):
+                return None
+            if any(
+                t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors
+            ):
+                return None
+            if layer.cache_k.shape != shape or layer.cache_v.shape != shape:
+                return None
+            kv_heads, head_dim = shape[1], shape[3]
+            if layer.n_heads % kv_heads or layer.n_heads // kv_heads > 64 or head_dim % 2:
+                return None
+        return DecoderPlan(self._decoders[dtype], layers, rope)
+
     def _find_layout(self, weight: torch.Tensor, ptr: int, nbytes: int) -> int | None:
         """oneDNN's layout of ``weight``: padded K of the 64-row blocks, 0 for row-major
         (fp32 packed for batch 1), None for anything else. Each candidate is checked by
@@ -145,6 +182,101 @@ class NativeLinear:
             if _close(self._plan(weight, ptr, padded_k)(x).double(), want, weight.dtype):
                 return padded_k
         return None
+
+
+LAYER_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # cl_layer's order
+
+
+class _CLinear(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("n", ctypes.c_long), ("k", ctypes.c_long)]
+    _fields_ += [("kp", ctypes.c_long)]
+
+
+class _CLayer(ctypes.Structure):
+    """native_linear.c's cl_layer: one decoder layer's weights, norms and KV cache."""
+
+    _fields_ = [(name, _CLinear) for name in LAYER_LINEARS]
+    _fields_ += [
+        (name, ctypes.c_void_p) for name in ("attn_norm", "ffn_norm", "cache_k", "cache_v")
+    ]
+    _fields_ += [
+        (name, ctypes.c_long)
+        for name in ("n_heads", "n_kv_heads", "head_dim", "dim", "hidden", "max_seq", "cache_rows")
+    ]
+    _fields_ += [("eps", ctypes.c_float)]
+
+
+@dataclass(eq=False)
+class DecoderLayer:
+    """What the native decoder reads of one transformer layer; the tensors are kept so that
+    their pointers stay valid (the model checks that they are still its own)."""
+
+    linears: tuple[LinearPlan, ...]  # LAYER_LINEARS, in that order
+    attn_norm: torch.Tensor  # (dim,)
+    ffn_norm: torch.Tensor
+    cache_k: torch.Tensor  # (rows, n_kv_heads, max_seq_len, head_dim)
+    cache_v: torch.Tensor
+    n_heads: int
+    eps: float
+
+
+class DecoderPlan:
+    """Every decoder layer of one decoding step in one native call (see native_linear.c):
+    RMSNorm, q/k/v, rotary embedding, KV-cache store, attention, output projection and the
+    SwiGLU feed-forward with both residual adds, for 1-8 rows of one token each."""
+
+    def __init__(self, fn: ctypes._CFuncPtr, layers: list[DecoderLayer], rope: torch.Tensor):  # type: ignore[name-defined]
+        self.fn, self.layers, self.rope = fn, layers, rope
+        self.dtype = layers[0].attn_norm.dtype
+        self._structs = (_CLayer * len(layers))()
+        for struct, layer in zip(self._structs, layers):
+            for name, plan in zip(LAYER_LINEARS, layer.linears):
+                setattr(struct, name, _CLinear(plan.ptr, plan.n, plan.k, plan.padded_k))
+            rows, kv_heads, max_seq, head_dim = layer.cache_k.shape
+            struct.attn_norm, struct.ffn_norm = (
+                layer.attn_norm.data_ptr(),
+                layer.ffn_norm.data_ptr(),
+            )
+            struct.cache_k, struct.cache_v = layer.cache_k.data_ptr(), layer.cache_v.data_ptr()
+            struct.n_heads, struct.n_kv_heads, struct.head_dim = layer.n_heads, kv_heads, head_dim
+            struct.dim, struct.hidden = layer.linears[0].k, layer.linears[4].n
+            struct.max_seq, struct.cache_rows, struct.eps = max_seq, rows, layer.eps
+        self._positions = (ctypes.c_long * MAX_ROWS)()
+
+    def __call__(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor | int,
+        kv_len: int,
+        row_offset: int = 0,
+    ) -> None:
+        """Run ``h`` (B, 1, dim), B <= 8, through every layer in place; ``positions`` is
+        each row's position (a (B, 1) tensor) or one shared by all rows (an int)."""
+        rows = h.shape[0]
+        if not 1 <= rows <= MAX_ROWS or h.numel() != rows * self._structs[0].dim:
+            raise ValueError(
+                f"expected (1..{MAX_ROWS}, 1, dim) hidden states, got {tuple(h.shape)}"
+            )
+        if isinstance(positions, int):
+            for i in range(rows):
+                self._positions[i] = positions
+            pos_ptr: int | ctypes.Array = self._positions
+        else:
+            positions = positions.reshape(-1).to(torch.long).contiguous()
+            if positions.numel() != rows:
+                raise ValueError(f"expected {rows} positions, got {positions.numel()}")
+            pos_ptr = positions.data_ptr()
+        status = self.fn(
+            self._structs, len(self.layers), h.data_ptr(), rows, row_offset, pos_ptr, kv_len,
+            self.rope.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status == -3:
+            raise PromptTooLongError(
+                f"a position is outside the KV cache (max_seq_len={self._structs[0].max_seq}); "
+                "build with a larger max_seq_len"
+            )
+        if status != 0:
+            raise MemoryError(f"native decoder failed (status {status}): out of memory")
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:

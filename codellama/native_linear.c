@@ -348,3 +348,270 @@ int codellama_bf16_dot_product(void) {
     return 0;
 #endif
 }
+
+/* ------------------------------------------------------------------------------------
+ * Whole decoder layers for decoding (M <= 8 rows of one new token each), one call per
+ * step for every layer. Each op of a layer is small at batch 1, so run one by one from
+ * Python (~25 torch ops and 7 kernel calls per layer) their dispatch costs 2.5-3.5 ms of a
+ * 13 ms step on a 170M model; here all layers run in one OpenMP parallel region, with a
+ * barrier between the phases of a layer. The arithmetic mirrors the model's torch code op
+ * for op (fp32 sums, a rounding to the model's dtype wherever torch rounds), so the result
+ * differs from it only in the order of additions. Model parallelism (which must reduce
+ * across processes inside a layer) keeps the torch path.
+ */
+#include <math.h>
+
+typedef struct {
+    const void* w; /* weight: oneDNN blocked (kp > 0) or row-major (kp == 0) */
+    long n, k, kp;
+} cl_linear;
+
+typedef struct {
+    cl_linear wq, wk, wv, wo, w1, w2, w3;
+    const void* attn_norm; /* (dim) in the model's dtype */
+    const void* ffn_norm;
+    void* cache_k; /* (cache_rows, n_kv_heads, max_seq, head_dim) in the model's dtype */
+    void* cache_v;
+    long n_heads, n_kv_heads, head_dim, dim, hidden, max_seq, cache_rows;
+    float eps;
+} cl_layer;
+
+AI long units_of(const cl_linear* L) { return (L->n + BN - 1) / BN; }
+
+/* out[m * BN + j] = sum_k W[n0 + j, k] x[m, k] for the 64 output rows of unit u, m < M. */
+#define UNIT_FN(NAME, T, OT, BLOCKED, ROW, BLOCK, TOF_OUT)                                    \
+    static void NAME(const cl_linear* L, const T* x, long M, long u, OT* out) {               \
+        const T* W = (const T*)L->w;                                                           \
+        long K = L->k, n0 = u * BN;                                                            \
+        int nvalid = L->n - n0 < BN ? (int)(L->n - n0) : BN;                                   \
+        if (L->kp) {                                                                           \
+            const T* wb = W + n0 * L->kp;                                                      \
+            for (long m0 = 0; m0 < M; m0 += MB) {                                              \
+                int mb = M - m0 < MB ? (int)(M - m0) : MB;                                     \
+                const T* xm = x + m0 * K;                                                      \
+                OT* om = out + m0 * BN;                                                        \
+                if (mb == 1) BLOCKED(wb, xm, om, K, BN, nvalid, 1);                            \
+                else if (mb == 2) BLOCKED(wb, xm, om, K, BN, nvalid, 2);                       \
+                else if (mb == 3) BLOCKED(wb, xm, om, K, BN, nvalid, 3);                       \
+                else BLOCKED(wb, xm, om, K, BN, nvalid, MB);                                   \
+            }                                                                                  \
+        } else if (M <= 2) {                                                                   \
+            for (int r = 0; r < nvalid; r++) {                                                 \
+                float t[2];                                                                    \
+                if (M == 1) ROW(W + (n0 + r) * K, x, t, K, 1, U);                              \
+                else ROW(W + (n0 + r) * K, x, t, K, 2, 2);                                     \
+                for (long m = 0; m < M; m++) out[m * BN + r] = TOF_OUT(t[m]);                  \
+            }                                                                                  \
+        } else {                                                                               \
+            for (int r0 = 0; r0 < nvalid; r0 += ROWS) {                                        \
+                int R = nvalid - r0 < ROWS ? nvalid - r0 : ROWS;                               \
+                for (long m0 = 0; m0 < M; m0 += MB) {                                          \
+                    int mb = M - m0 < MB ? (int)(M - m0) : MB;                                 \
+                    float t[MB * ROWS];                                                        \
+                    const T* wr = W + (n0 + r0) * K;                                           \
+                    if (R == ROWS && mb == MB) BLOCK(wr, x + m0 * K, t, K, ROWS, MB);          \
+                    else BLOCK(wr, x + m0 * K, t, K, R, mb);                                   \
+                    for (int m = 0; m < mb; m++)                                               \
+                        for (int r = 0; r < R; r++)                                            \
+                            out[(m0 + m) * BN + r0 + r] = TOF_OUT(t[m * ROWS + r]);            \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+UNIT_FN(unit_f32, float, float, blocked_f32, row_f32, block_f32, f32_id)
+#if defined(__AVX512BF16__)
+UNIT_FN(unit_bf16, uint16_t, uint16_t, blocked_bf16, row_bf16_dp, block_bf16_dp, f32_to_bf16)
+#endif
+
+/* The phases of a layer, for T = float (TOF/FROMF identity) or bf16 (RNE rounding). */
+#define DECODE_FNS(SFX, T, TOF, FROMF, UNIT)                                                  \
+    /* dst[m, :] = round(round(x[m, :] * rsqrt(mean(x[m, :]^2) + eps)) * w), torch's op. */    \
+    AI void rmsnorm_##SFX(const T* x, const T* w, T* dst, long dim, float eps) {              \
+        float ss = 0.0f;                                                                       \
+        for (long i = 0; i < dim; i++) {                                                       \
+            float v = TOF(x[i]);                                                               \
+            ss += v * v;                                                                       \
+        }                                                                                      \
+        float r = 1.0f / sqrtf(ss / (float)dim + eps);                                         \
+        for (long i = 0; i < dim; i++) dst[i] = FROMF(TOF(FROMF(TOF(x[i]) * r)) * TOF(w[i]));  \
+    }                                                                                          \
+    /* Units of several linears with one input, shared out among the threads. mode 0:      \
+     * store to outs[i] (M, n); 1: outs[i] += product (the residual add, rounded once       \
+     * more as torch's add is); 2 (w1, w3 pairs): outs[0] = silu(w1 x) * (w3 x). */          \
+    static void linears_##SFX(const cl_linear* const* Ls, int nl, const T* x, long M,         \
+                              T* const* outs, int mode, T* tmp) {                              \
+        long total = 0;                                                                        \
+        for (int i = 0; i < nl; i++) total += units_of(Ls[i]);                                 \
+        _Pragma("omp for schedule(static)")                                                   \
+        for (long g = 0; g < total; g++) {                                                     \
+            long u = g;                                                                        \
+            int i = 0;                                                                         \
+            while (u >= units_of(Ls[i])) u -= units_of(Ls[i++]);                               \
+            long n = Ls[i]->n, n0 = u * BN;                                                    \
+            int nvalid = n - n0 < BN ? (int)(n - n0) : BN;                                     \
+            UNIT(Ls[i], x, M, u, tmp);                                                         \
+            if (mode == 2) {                                                                   \
+                T* up = tmp + MAX_M * BN;                                                      \
+                UNIT(Ls[1], x, M, u, up);                                                      \
+                for (long m = 0; m < M; m++)                                                   \
+                    for (int j = 0; j < nvalid; j++) {                                         \
+                        float a = TOF(tmp[m * BN + j]);                                        \
+                        float s = TOF(FROMF(a / (1.0f + expf(-a))));                           \
+                        outs[0][m * n + n0 + j] = FROMF(s * TOF(up[m * BN + j]));              \
+                    }                                                                          \
+            } else {                                                                           \
+                T* o = outs[i];                                                                \
+                for (long m = 0; m < M; m++)                                                   \
+                    for (int j = 0; j < nvalid; j++)                                           \
+                        o[m * n + n0 + j] = mode == 1                                          \
+                            ? FROMF(TOF(o[m * n + n0 + j]) + TOF(tmp[m * BN + j]))             \
+                            : tmp[m * BN + j];                                                 \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    /* Rotary embedding of q (in place) and k (into the cache), v into the cache. */         \
+    static void rope_store_##SFX(const cl_layer* L, T* q, const T* k, const T* v, long M,     \
+                                 long row0, const long* pos, const float* rope) {              \
+        long D = L->head_dim, hq = L->n_heads, hk = L->n_kv_heads;                             \
+        _Pragma("omp for schedule(static)")                                                   \
+        for (long t = 0; t < M * (hq + hk); t++) {                                             \
+            long m = t / (hq + hk), h = t % (hq + hk), p = pos[m];                             \
+            const float* rot = rope + p * D;                                                   \
+            const T* src = h < hq ? q + (m * hq + h) * D : k + (m * hk + h - hq) * D;          \
+            T* dst = h < hq ? q + (m * hq + h) * D                                             \
+                            : (T*)L->cache_k + (((row0 + m) * hk + h - hq) * L->max_seq + p) * D; \
+            for (long i = 0; i < D / 2; i++) {                                                 \
+                float x0 = TOF(src[2 * i]), x1 = TOF(src[2 * i + 1]);                          \
+                float c = rot[2 * i], s = rot[2 * i + 1];                                      \
+                dst[2 * i] = FROMF(x0 * c - x1 * s);                                           \
+                dst[2 * i + 1] = FROMF(x0 * s + x1 * c);                                       \
+            }                                                                                  \
+            if (h >= hq)                                                                       \
+                memcpy((T*)L->cache_v + (((row0 + m) * hk + h - hq) * L->max_seq + p) * D,    \
+                       v + (m * hk + h - hq) * D, sizeof(T) * D);                              \
+        }                                                                                      \
+    }                                                                                          \
+    /* Attention of each row's query to cache positions 0..min(pos, kv_len - 1); the        \
+     * n_heads / n_kv_heads query heads of a group read its keys and values once. */         \
+    static int attention_##SFX(const cl_layer* L, const T* q, T* out, long M, long row0,      \
+                               const long* pos, long kv_len) {                                 \
+        long D = L->head_dim, hq = L->n_heads, hk = L->n_kv_heads, rep = hq / hk;              \
+        float scale = 1.0f / sqrtf((float)D);                                                  \
+        int failed = 0;                                                                        \
+        _Pragma("omp for schedule(dynamic, 1)")                                               \
+        for (long t = 0; t < M * hk; t++) {                                                    \
+            long m = t / hk, g = t % hk;                                                       \
+            long len = pos[m] + 1 < kv_len ? pos[m] + 1 : kv_len;                              \
+            const T* keys = (const T*)L->cache_k + ((row0 + m) * hk + g) * L->max_seq * D;     \
+            const T* vals = (const T*)L->cache_v + ((row0 + m) * hk + g) * L->max_seq * D;     \
+            float* s = (float*)malloc(sizeof(float) * (size_t)(rep * len + rep * D + rep * D)); \
+            if (!s) {                                                                          \
+                failed = 1;                                                                    \
+                continue;                                                                      \
+            }                                                                                  \
+            float* qf = s + rep * len;                                                         \
+            float* acc = qf + rep * D;                                                         \
+            for (long r = 0; r < rep; r++)                                                     \
+                for (long i = 0; i < D; i++) qf[r * D + i] = TOF(q[(m * hq + g * rep + r) * D + i]); \
+            float mx[64], sum[64];                                                             \
+            for (long r = 0; r < rep; r++) mx[r] = -INFINITY, sum[r] = 0.0f;                   \
+            for (long j = 0; j < len; j++) {                                                   \
+                const T* kj = keys + j * D;                                                    \
+                for (long r = 0; r < rep; r++) {                                               \
+                    float d = 0.0f;                                                            \
+                    for (long i = 0; i < D; i++) d += qf[r * D + i] * TOF(kj[i]);              \
+                    d *= scale;                                                                \
+                    s[r * len + j] = d;                                                        \
+                    if (d > mx[r]) mx[r] = d;                                                  \
+                }                                                                              \
+            }                                                                                  \
+            for (long i = 0; i < rep * D; i++) acc[i] = 0.0f;                                  \
+            for (long r = 0; r < rep; r++)                                                     \
+                for (long j = 0; j < len; j++) {                                               \
+                    float e = expf(s[r * len + j] - mx[r]);                                    \
+                    s[r * len + j] = e;                                                        \
+                    sum[r] += e;                                                               \
+                }                                                                              \
+            for (long j = 0; j < len; j++) {                                                   \
+                const T* vj = vals + j * D;                                                    \
+                for (long r = 0; r < rep; r++) {                                               \
+                    float p = s[r * len + j];                                                  \
+                    for (long i = 0; i < D; i++) acc[r * D + i] += p * TOF(vj[i]);             \
+                }                                                                              \
+            }                                                                                  \
+            for (long r = 0; r < rep; r++)                                                     \
+                for (long i = 0; i < D; i++)                                                   \
+                    out[(m * hq + g * rep + r) * D + i] = FROMF(acc[r * D + i] / sum[r]);      \
+            free(s);                                                                           \
+        }                                                                                      \
+        return failed;                                                                         \
+    }                                                                                          \
+    /* h (M, dim) in place through n_layers layers; pos: each row's position. Returns 0,     \
+     * -1 out of memory, -3 a position outside the cache, -4 an unsupported shape. */         \
+    int codellama_decode_layers_##SFX(const cl_layer* layers, int n_layers, T* h, long M,     \
+                                      long row0, const long* pos, long kv_len,                 \
+                                      const float* rope, int threads) {                        \
+        if (n_layers < 1 || M < 1 || M > MAX_M) return -4;                                    \
+        const cl_layer* L0 = layers;                                                           \
+        long dim = L0->dim, D = L0->head_dim, hq = L0->n_heads, hk = L0->n_kv_heads;           \
+        if (hk < 1 || hq % hk || hq / hk > 64 || D % 2 || row0 < 0 || row0 + M > L0->cache_rows) \
+            return -4;                                                                         \
+        for (long m = 0; m < M; m++)                                                           \
+            if (pos[m] < 0 || pos[m] >= L0->max_seq) return -3;                                \
+        long widest = L0->hidden > hq * D ? L0->hidden : hq * D;                               \
+        size_t n_t = (size_t)(M * (dim + 3 * hq * D + 2 * hk * D + 2 * widest));               \
+        T* buf = (T*)malloc(sizeof(T) * n_t);                                                  \
+        if (!buf) return -1;                                                                   \
+        T *xn = buf, *q = xn + M * dim, *k = q + M * hq * D, *v = k + M * hk * D;              \
+        T *att = v + M * hk * D, *a = att + M * hq * D, *spare = a + M * widest;               \
+        (void)spare;                                                                           \
+        int failed = 0;                                                                        \
+        _Pragma("omp parallel num_threads(threads)")                                          \
+        {                                                                                      \
+            T tmp[2 * MAX_M * BN];                                                             \
+            for (int l = 0; l < n_layers; l++) {                                               \
+                const cl_layer* L = layers + l;                                                \
+                _Pragma("omp for schedule(static)")                                           \
+                for (long m = 0; m < M; m++)                                                   \
+                    rmsnorm_##SFX(h + m * dim, (const T*)L->attn_norm, xn + m * dim, dim, L->eps); \
+                const cl_linear* qkv[3] = {&L->wq, &L->wk, &L->wv};                            \
+                T* qkv_out[3] = {q, k, v};                                                     \
+                linears_##SFX(qkv, 3, xn, M, qkv_out, 0, tmp);                                 \
+                rope_store_##SFX(L, q, k, v, M, row0, pos, rope);                              \
+                if (attention_##SFX(L, q, att, M, row0, pos, kv_len)) {                        \
+                    _Pragma("omp atomic write")                                               \
+                    failed = 1;                                                                \
+                }                                                                              \
+                _Pragma("omp barrier")                                                        \
+                const cl_linear* wo[1] = {&L->wo};                                             \
+                T* h_out[1] = {h};                                                             \
+                linears_##SFX(wo, 1, att, M, h_out, 1, tmp);                                   \
+                _Pragma("omp for schedule(static)")                                           \
+                for (long m = 0; m < M; m++)                                                   \
+                    rmsnorm_##SFX(h + m * dim, (const T*)L->ffn_norm, xn + m * dim, dim, L->eps); \
+                const cl_linear* w13[2] = {&L->w1, &L->w3};                                    \
+                T* g_out[1] = {a};                                                             \
+                linears_##SFX(w13, 1, xn, M, g_out, 2, tmp);                                   \
+                const cl_linear* w2[1] = {&L->w2};                                             \
+                linears_##SFX(w2, 1, a, M, h_out, 1, tmp);                                     \
+            }                                                                                  \
+        }                                                                                      \
+        free(buf);                                                                             \
+        return failed ? -1 : 0;                                                                \
+    }
+
+#define MAX_M 8
+
+DECODE_FNS(f32, float, f32_id, f32_id, unit_f32)
+#if defined(__AVX512BF16__)
+DECODE_FNS(bf16, uint16_t, bf16_to_f32, f32_to_bf16, unit_bf16)
+#else
+int codellama_decode_layers_bf16(const cl_layer* layers, int n_layers, uint16_t* h, long M,
+                                 long row0, const long* pos, long kv_len, const float* rope,
+                                 int threads) {
+    (void)layers, (void)n_layers, (void)h, (void)M, (void)row0, (void)pos, (void)kv_len;
+    (void)rope, (void)threads;
+    return -2; /* bf16 layers need the bf16 dot product; the model keeps the torch path */
+}
+#endif
