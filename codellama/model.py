@@ -30,7 +30,14 @@ from torch import nn
 
 from .checkpoint import release_pages
 from .errors import ConfigError, PromptTooLongError
-from .native import LAYER_LINEARS, MAX_ROWS, DecoderLayer, DecoderPlan, NativeLinear
+from .native import (
+    LAYER_LINEARS,
+    MAX_ROWS,
+    DecoderHead,
+    DecoderLayer,
+    DecoderPlan,
+    NativeLinear,
+)
 
 
 @dataclass
@@ -485,7 +492,15 @@ class Transformer(nn.Module):
             owns += [(n._parameters, "weight", n.weight) for n in norms]
             owns += [(attn._modules, "cache", attn.cache)]
             owns += [(attn.cache._buffers, b, getattr(attn.cache, b)) for b in ("k", "v")]
-        self.native_decoder = kernel.decoder(layers, self.rope)
+        out_plan = self.output.__dict__.get("native_plan")
+        emb = self.tok_embeddings.weight
+        if out_plan is None or emb.is_mkldnn:
+            return
+        head = DecoderHead(emb, self.norm.weight, out_plan, self.norm.eps)
+        self.native_decoder = kernel.decoder(layers, head, self.rope)
+        owns += [(self.tok_embeddings._parameters, "weight", emb)]
+        owns += [(self.norm._parameters, "weight", self.norm.weight)]
+        owns += [(self.output._parameters, "weight", out_plan.weight)]
         self._decoder_owns = owns + [(self.__dict__, "rope", self.rope)]
 
     def _native_decode(
@@ -496,24 +511,21 @@ class Transformer(nn.Module):
         kv_len: int | None,
         row_offset: int,
     ) -> torch.Tensor | None:
-        """Hidden states after the last layer for one decoding step through the native
-        decoder, or None where it does not apply (then the torch layers run)."""
+        """float32 logits (B, V) of one decoding step through the native decoder, or None
+        where it does not apply (then the torch layers run)."""
         decoder = self.native_decoder
         bsz, seqlen = tokens.shape
         if decoder is None or seqlen != 1 or bsz > MAX_ROWS or torch.compiler.is_compiling():
             return None
+        if tokens.device.type != "cpu" or torch.is_grad_enabled():
+            return None
         if not all(d.get(k) is v for d, k, v in self._decoder_owns):
             return None  # a weight, norm or cache was replaced: plan again to use it
-        h = self.tok_embeddings(tokens)
-        if h.dtype != decoder.dtype or not h.is_contiguous() or h.requires_grad:
-            return None
         if positions is None:
             self._check_span(start_pos, seqlen)
-            decoder(h, start_pos, start_pos + seqlen, row_offset)
-        else:
-            kv_len = self.params.max_seq_len if kv_len is None else kv_len
-            decoder(h, positions, kv_len, row_offset)
-        return h
+            return decoder(tokens, start_pos, start_pos + seqlen, row_offset)
+        kv_len = self.params.max_seq_len if kv_len is None else kv_len
+        return decoder(tokens, positions, kv_len, row_offset)
 
     def linear_layers(self) -> Iterator[ColumnParallelLinear | RowParallelLinear]:
         """Every fairscale linear layer (attention, feed-forward, output)."""
@@ -661,10 +673,10 @@ class Transformer(nn.Module):
                 f"cache rows {row_offset}..{row_offset + bsz - 1} exceed max_batch_size="
                 f"{self.params.max_batch_size}"
             )
-        h = self._native_decode(tokens, start_pos, positions, kv_len, row_offset)
-        if h is None:
-            step = self.step_inputs(seqlen, start_pos, positions, kv_len, row_offset)
-            h = self._hidden(tokens, step)
+        logits = self._native_decode(tokens, start_pos, positions, kv_len, row_offset)
+        if logits is not None:  # seqlen is 1: logits_index can only pick position 0
+            return logits if logits_index is not None else logits.unsqueeze(1)
+        h = self._hidden(tokens, self.step_inputs(seqlen, start_pos, positions, kv_len, row_offset))
         if logits_index is not None:
             h = h[torch.arange(bsz, device=h.device), logits_index].unsqueeze(1)
             return linear(self.output, self.norm(h)).float().squeeze(1)

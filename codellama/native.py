@@ -91,13 +91,14 @@ class NativeLinear:
             if dtype == torch.float32 or self.bf16_dot_product:
                 self._blocked[dtype] = self._function(library, f"codellama_linear_{name}_blocked")
         self._layouts: dict[tuple, int | None] = {}
-        self._decoders = {torch.float32: library.codellama_decode_layers_f32}
+        self._decoders = {torch.float32: library.codellama_decode_step_f32}
         if self.bf16_dot_product:
-            self._decoders[torch.bfloat16] = library.codellama_decode_layers_bf16
+            self._decoders[torch.bfloat16] = library.codellama_decode_step_bf16
         for fn in self._decoders.values():
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_long]
-            fn.argtypes += [ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
-            fn.argtypes += [ctypes.c_int]
+            # layers, n_layers, head, tokens, M, row0, pos, kv_len, rope, logits, threads
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+            fn.argtypes += [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
+            fn.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             fn.restype = ctypes.c_int
 
     @staticmethod
@@ -135,14 +136,23 @@ class NativeLinear:
         padded_k = self._layouts[key]
         return None if padded_k is None else self._plan(weight, ptr, padded_k)
 
-    def decoder(self, layers: list[DecoderLayer], rope: torch.Tensor) -> DecoderPlan | None:
-        """A plan that runs ``layers`` natively for decoding, or None where it cannot:
-        a dtype without a fused decoder here (bf16 without the bf16 dot product), or
-        weights, norms or caches that are not plain, contiguous and of one dtype."""
+    def decoder(
+        self, layers: list[DecoderLayer], head: DecoderHead, rope: torch.Tensor
+    ) -> DecoderPlan | None:
+        """A plan that runs decoding steps natively, or None where it cannot: a dtype
+        without a native step here (bf16 without the bf16 dot product), or weights, norms
+        or caches that are not plain, contiguous and of one dtype."""
         if not layers:
             return None
         dtype = layers[0].attn_norm.dtype
         if dtype not in self._decoders or rope.dtype != torch.float32 or not rope.is_contiguous():
+            return None
+        emb, dim = head.embedding, layers[0].linears[0].k
+        if head.output.dtype != dtype or head.output.k != dim or head.norm.dtype != dtype:
+            return None
+        if emb.dtype != dtype or emb.dim() != 2 or emb.shape != (head.output.n, dim):
+            return None
+        if not (emb.is_contiguous() and head.norm.is_contiguous()) or emb.device.type != "cpu":
             return None
         shape = layers[0].cache_k.shape
         for layer in layers:
@@ -160,7 +170,7 @@ class NativeLinear:
             kv_heads, head_dim = shape[1], shape[3]
             if layer.n_heads % kv_heads or layer.n_heads // kv_heads > 64 or head_dim % 2:
                 return None
-        return DecoderPlan(self._decoders[dtype], layers, rope)
+        return DecoderPlan(self._decoders[dtype], layers, head, rope)
 
     def _find_layout(self, weight: torch.Tensor, ptr: int, nbytes: int) -> int | None:
         """oneDNN's layout of ``weight``: padded K of the 64-row blocks, 0 for row-major
@@ -206,6 +216,13 @@ class _CLayer(ctypes.Structure):
     _fields_ += [("eps", ctypes.c_float)]
 
 
+class _CHead(ctypes.Structure):
+    """native_linear.c's cl_head: the embedding, final norm and output layer."""
+
+    _fields_ = [("embedding", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("output", _CLinear)]
+    _fields_ += [("vocab", ctypes.c_long), ("eps", ctypes.c_float)]
+
+
 @dataclass(eq=False)
 class DecoderLayer:
     """What the native decoder reads of one transformer layer; the tensors are kept so that
@@ -220,14 +237,39 @@ class DecoderLayer:
     eps: float
 
 
-class DecoderPlan:
-    """Every decoder layer of one decoding step in one native call (see native_linear.c):
-    RMSNorm, q/k/v, rotary embedding, KV-cache store, attention, output projection and the
-    SwiGLU feed-forward with both residual adds, for 1-8 rows of one token each."""
+@dataclass(eq=False)
+class DecoderHead:
+    """What the native decoder reads around the layers: token embedding, final norm and
+    output layer (kept, like :class:`DecoderLayer`'s tensors, for their pointers)."""
 
-    def __init__(self, fn: ctypes._CFuncPtr, layers: list[DecoderLayer], rope: torch.Tensor):  # type: ignore[name-defined]
-        self.fn, self.layers, self.rope = fn, layers, rope
+    embedding: torch.Tensor  # (vocab, dim)
+    norm: torch.Tensor  # (dim,)
+    output: LinearPlan  # (vocab, dim)
+    eps: float
+
+
+class DecoderPlan:
+    """A whole decoding step in one native call (see native_linear.c): the embedding, then
+    per layer RMSNorm, q/k/v, rotary embedding, KV-cache store, attention, output projection
+    and the SwiGLU feed-forward with both residual adds, then the final norm and the logits,
+    for 1-8 rows of one token each. Between torch ops the CPU caches go cold after each
+    pass over the weights (a ~10-op RMSNorm then costs 0.3 ms), so the fewer the better."""
+
+    def __init__(
+        self,
+        fn: ctypes._CFuncPtr,  # type: ignore[name-defined]
+        layers: list[DecoderLayer],
+        head: DecoderHead,
+        rope: torch.Tensor,
+    ):
+        self.fn, self.layers, self.head, self.rope = fn, layers, head, rope
         self.dtype = layers[0].attn_norm.dtype
+        self.vocab_size = head.output.n
+        out = head.output
+        self._head = _CHead(
+            head.embedding.data_ptr(), head.norm.data_ptr(),
+            _CLinear(out.ptr, out.n, out.k, out.padded_k), out.n, head.eps,
+        )  # fmt: skip
         self._structs = (_CLayer * len(layers))()
         for struct, layer in zip(self._structs, layers):
             for name, plan in zip(LAYER_LINEARS, layer.linears):
@@ -245,18 +287,17 @@ class DecoderPlan:
 
     def __call__(
         self,
-        h: torch.Tensor,
+        tokens: torch.Tensor,
         positions: torch.Tensor | int,
         kv_len: int,
         row_offset: int = 0,
-    ) -> None:
-        """Run ``h`` (B, 1, dim), B <= 8, through every layer in place; ``positions`` is
-        each row's position (a (B, 1) tensor) or one shared by all rows (an int)."""
-        rows = h.shape[0]
-        if not 1 <= rows <= MAX_ROWS or h.numel() != rows * self._structs[0].dim:
-            raise ValueError(
-                f"expected (1..{MAX_ROWS}, 1, dim) hidden states, got {tuple(h.shape)}"
-            )
+    ) -> torch.Tensor:
+        """float32 logits (B, vocab) of ``tokens`` (B, 1), B <= 8, each written to the KV
+        cache at its position: ``positions`` per row (a (B, 1) tensor) or shared (an int)."""
+        rows = tokens.shape[0]
+        if tokens.dim() != 2 or tokens.shape[1] != 1 or not 1 <= rows <= MAX_ROWS:
+            raise ValueError(f"expected (1..{MAX_ROWS}, 1) tokens, got {tuple(tokens.shape)}")
+        tokens = tokens.reshape(-1).to(torch.long).contiguous()
         if isinstance(positions, int):
             for i in range(rows):
                 self._positions[i] = positions
@@ -266,17 +307,25 @@ class DecoderPlan:
             if positions.numel() != rows:
                 raise ValueError(f"expected {rows} positions, got {positions.numel()}")
             pos_ptr = positions.data_ptr()
+        logits = torch.empty((rows, self.vocab_size), dtype=torch.float32)
         status = self.fn(
-            self._structs, len(self.layers), h.data_ptr(), rows, row_offset, pos_ptr, kv_len,
-            self.rope.data_ptr(), torch.get_num_threads(),
+            self._structs, len(self.layers), ctypes.byref(self._head), tokens.data_ptr(), rows,
+            row_offset, pos_ptr, kv_len, self.rope.data_ptr(), logits.data_ptr(),
+            torch.get_num_threads(),
         )  # fmt: skip
         if status == -3:
             raise PromptTooLongError(
                 f"a position is outside the KV cache (max_seq_len={self._structs[0].max_seq}); "
                 "build with a larger max_seq_len"
             )
+        if status == -5:
+            raise IndexError(
+                f"a token id is outside the vocabulary (0..{self.vocab_size - 1}): "
+                f"{tokens.tolist()}"
+            )
         if status != 0:
             raise MemoryError(f"native decoder failed (status {status}): out of memory")
+        return logits
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:

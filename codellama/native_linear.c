@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -69,9 +69,15 @@ AI vf load_bf16(const uint16_t* p) {
 }
 
 AI float hsum(vf v) {
+#if defined(__AVX512F__)
+    __m512 m;
+    memcpy(&m, &v, sizeof m);
+    return _mm512_reduce_add_ps(m);
+#else
     float s = 0.0f;
     for (int i = 0; i < VL; i++) s += v[i];
     return s;
+#endif
 }
 
 /* out[m] = sum_k w[k] * x[m * K + k] for m < M (M <= MB); x is fp32; UN accumulators
@@ -361,6 +367,113 @@ int codellama_bf16_dot_product(void) {
  */
 #include <math.h>
 
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+
+/* exp of 16 floats: Cephes' expf (range reduction by ln 2, degree-6 polynomial), within
+ * 2 ulp of expf; NaN stays NaN, results under ~1e-38 are flushed towards 0. */
+AI vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+AI vf vexp(vf x) {
+    const vf hi = (vf){0} + 88.3762626647949f, lo = (vf){0} - 87.3365478515625f;
+    x = vsel(x > hi, hi, x);
+    vi small = x < lo;
+    x = vsel(small, lo, x);
+    vf t = x * 1.44269504088896341f + 0.5f;
+    vi n = __builtin_convertvector(t, vi);
+    n += __builtin_convertvector(n, vf) > t; /* true is -1: rounds down */
+    vf nf = __builtin_convertvector(n, vf);
+    x = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf z = x * x;
+    vf y = (vf){0} + 1.9875691500E-4f;
+    y = y * x + 1.3981999507E-3f;
+    y = y * x + 8.3334519073E-3f;
+    y = y * x + 4.1665795894E-2f;
+    y = y * x + 1.6666665459E-1f;
+    y = y * x + 5.0000001201E-1f;
+    y = y * z + x + 1.0f;
+    vi bits = (n + 127) << 23;
+    return vsel(small, (vf){0}, y * (vf)bits);
+}
+
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector) && VL == 16
+#define HAVE_REDUCE16 1
+/* The sums of 16 vectors, as one vector: a transposing tree of shuffles and adds (46
+ * operations where 16 horizontal sums take ~128). */
+AI vf reduce16(const vf* v) {
+    vf w[8], x[4], y[2];
+    for (int i = 0; i < 8; i++)
+        w[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17,
+                                       18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24,
+                                       25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        x[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9,
+                                       10, 11, 24, 25, 26, 27) +
+               __builtin_shufflevector(w[2 * i], w[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13,
+                                       14, 15, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9,
+                                       24, 25, 12, 13, 28, 29) +
+               __builtin_shufflevector(x[2 * i], x[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11,
+                                       26, 27, 14, 15, 30, 31);
+    vf z = __builtin_shufflevector(y[0], y[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28,
+                                   14, 30) +
+           __builtin_shufflevector(y[0], y[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29,
+                                   15, 31);
+    return __builtin_shufflevector(z, z, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+#endif
+#endif
+
+AI float sexp(float x) {
+    vf v = (vf){0} + x;
+    return vexp(v)[0];
+}
+
+#include <pthread.h>
+
+/* Grow-only scratch memory per thread and slot, freed when the thread exits: a decoding
+ * step at a long context needs a few MB per thread, and fresh memory from malloc (mmap)
+ * costs a page fault per 4 KiB on every call. */
+enum { SCRATCH_STEP, SCRATCH_ATTENTION, SCRATCH_SLOTS };
+typedef struct {
+    void* p;
+    size_t cap;
+} scratch_slot;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok;
+
+static void scratch_free(void* arg) {
+    scratch_slot* slots = (scratch_slot*)arg;
+    for (int i = 0; i < SCRATCH_SLOTS; i++) free(slots[i].p);
+    free(slots);
+}
+
+static void scratch_init(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0; }
+
+/* At least `bytes` for this thread's `slot` (valid until its next call), or NULL. */
+static void* scratch(int slot, size_t bytes) {
+    pthread_once(&scratch_once, scratch_init);
+    if (!scratch_key_ok) return NULL;
+    scratch_slot* slots = (scratch_slot*)pthread_getspecific(scratch_key);
+    if (!slots) {
+        slots = (scratch_slot*)calloc(SCRATCH_SLOTS, sizeof *slots);
+        if (!slots || pthread_setspecific(scratch_key, slots) != 0) {
+            free(slots);
+            return NULL;
+        }
+    }
+    scratch_slot* sl = slots + slot;
+    if (bytes > sl->cap) {
+        free(sl->p);
+        sl->p = malloc(bytes);
+        sl->cap = sl->p ? bytes : 0;
+    }
+    return sl->p;
+}
+
 typedef struct {
     const void* w; /* weight: oneDNN blocked (kp > 0) or row-major (kp == 0) */
     long n, k, kp;
@@ -375,6 +488,14 @@ typedef struct {
     long n_heads, n_kv_heads, head_dim, dim, hidden, max_seq, cache_rows;
     float eps;
 } cl_layer;
+
+typedef struct {
+    const void* embedding; /* (vocab, dim) in the model's dtype */
+    const void* norm;      /* (dim) */
+    cl_linear output;      /* (vocab, dim) */
+    long vocab;
+    float eps;
+} cl_head;
 
 AI long units_of(const cl_linear* L) { return (L->n + BN - 1) / BN; }
 
@@ -424,23 +545,57 @@ UNIT_FN(unit_f32, float, float, blocked_f32, row_f32, block_f32, f32_id)
 UNIT_FN(unit_bf16, uint16_t, uint16_t, blocked_bf16, row_bf16_dp, block_bf16_dp, f32_to_bf16)
 #endif
 
+/* Scores of whole blocks of 16 keys (head_dim a multiple of 16), reduced together;
+ * sets j_vec to the first key left for the one-by-one loop. */
+#if defined(HAVE_REDUCE16)
+#define SCORES16(T, LOADV)                                                                    \
+    if (D % VL == 0) {                                                                         \
+        for (long r = 0; r < rep; r++) {                                                       \
+            const float* qr = qf + r * D;                                                      \
+            vf mxv = (vf){0} - INFINITY;                                                       \
+            long j0 = 0;                                                                       \
+            for (; j0 + VL <= len; j0 += VL) {                                                 \
+                vf part[VL];                                                                   \
+                for (int jj = 0; jj < VL; jj++) {                                              \
+                    const T* kj = keys + (j0 + jj) * D;                                        \
+                    vf dv = load_f32(qr) * LOADV(kj);                                          \
+                    for (long i = VL; i < D; i += VL) dv += load_f32(qr + i) * LOADV(kj + i);  \
+                    part[jj] = dv;                                                             \
+                }                                                                              \
+                vf sc = reduce16(part) * scale;                                                \
+                memcpy(s + r * len + j0, &sc, sizeof sc);                                      \
+                mxv = vsel(sc > mxv, sc, mxv);                                                 \
+            }                                                                                  \
+            for (int l = 0; l < VL; l++)                                                       \
+                if (mxv[l] > mx[r]) mx[r] = mxv[l];                                            \
+            j_vec = j0;                                                                        \
+        }                                                                                      \
+    }
+#else
+#define SCORES16(T, LOADV)
+#endif
+
 /* The phases of a layer, for T = float (TOF/FROMF identity) or bf16 (RNE rounding). */
-#define DECODE_FNS(SFX, T, TOF, FROMF, UNIT)                                                  \
+#define DECODE_FNS(SFX, T, TOF, FROMF, LOADV, UNIT)                                                  \
     /* dst[m, :] = round(round(x[m, :] * rsqrt(mean(x[m, :]^2) + eps)) * w), torch's op. */    \
     AI void rmsnorm_##SFX(const T* x, const T* w, T* dst, long dim, float eps) {              \
-        float ss = 0.0f;                                                                       \
-        for (long i = 0; i < dim; i++) {                                                       \
-            float v = TOF(x[i]);                                                               \
-            ss += v * v;                                                                       \
+        vf acc = (vf){0};                                                                      \
+        long i = 0;                                                                            \
+        for (; i + VL <= dim; i += VL) {                                                       \
+            vf v = LOADV(x + i);                                                               \
+            acc += v * v;                                                                      \
         }                                                                                      \
+        float ss = hsum(acc);                                                                  \
+        for (; i < dim; i++) ss += TOF(x[i]) * TOF(x[i]);                                      \
         float r = 1.0f / sqrtf(ss / (float)dim + eps);                                         \
-        for (long i = 0; i < dim; i++) dst[i] = FROMF(TOF(FROMF(TOF(x[i]) * r)) * TOF(w[i]));  \
+        for (i = 0; i < dim; i++) dst[i] = FROMF(TOF(FROMF(TOF(x[i]) * r)) * TOF(w[i]));       \
     }                                                                                          \
     /* Units of several linears with one input, shared out among the threads. mode 0:      \
      * store to outs[i] (M, n); 1: outs[i] += product (the residual add, rounded once       \
-     * more as torch's add is); 2 (w1, w3 pairs): outs[0] = silu(w1 x) * (w3 x). */          \
+     * more as torch's add is); 2 (w1, w3 pairs): outs[0] = silu(w1 x) * (w3 x); 3: fout   \
+     * (M, n) = the product rounded to T, in fp32 (logits, as torch's .float()). */        \
     static void linears_##SFX(const cl_linear* const* Ls, int nl, const T* x, long M,         \
-                              T* const* outs, int mode, T* tmp) {                              \
+                              T* const* outs, int mode, T* tmp, float* fout) {                 \
         long total = 0;                                                                        \
         for (int i = 0; i < nl; i++) total += units_of(Ls[i]);                                 \
         _Pragma("omp for schedule(static)")                                                   \
@@ -455,11 +610,20 @@ UNIT_FN(unit_bf16, uint16_t, uint16_t, blocked_bf16, row_bf16_dp, block_bf16_dp,
                 T* up = tmp + MAX_M * BN;                                                      \
                 UNIT(Ls[1], x, M, u, up);                                                      \
                 for (long m = 0; m < M; m++)                                                   \
-                    for (int j = 0; j < nvalid; j++) {                                         \
-                        float a = TOF(tmp[m * BN + j]);                                        \
-                        float s = TOF(FROMF(a / (1.0f + expf(-a))));                           \
-                        outs[0][m * n + n0 + j] = FROMF(s * TOF(up[m * BN + j]));              \
+                    for (int j0 = 0; j0 < nvalid; j0 += VL) {                                  \
+                        float sl[VL];                                                          \
+                        int c = nvalid - j0 < VL ? nvalid - j0 : VL;                           \
+                        for (int l = 0; l < VL; l++) sl[l] = l < c ? TOF(tmp[m * BN + j0 + l]) : 0.0f; \
+                        vf a = load_f32(sl);                                                   \
+                        a = a / (1.0f + vexp(-a));                                             \
+                        memcpy(sl, &a, sizeof sl);                                             \
+                        for (int l = 0; l < c; l++)                                            \
+                            outs[0][m * n + n0 + j0 + l] =                                     \
+                                FROMF(TOF(FROMF(sl[l])) * TOF(up[m * BN + j0 + l]));           \
                     }                                                                          \
+            } else if (mode == 3) {                                                            \
+                for (long m = 0; m < M; m++)                                                   \
+                    for (int j = 0; j < nvalid; j++) fout[m * n + n0 + j] = TOF(tmp[m * BN + j]); \
             } else {                                                                           \
                 T* o = outs[i];                                                                \
                 for (long m = 0; m < M; m++)                                                   \
@@ -505,7 +669,7 @@ UNIT_FN(unit_bf16, uint16_t, uint16_t, blocked_bf16, row_bf16_dp, block_bf16_dp,
             long len = pos[m] + 1 < kv_len ? pos[m] + 1 : kv_len;                              \
             const T* keys = (const T*)L->cache_k + ((row0 + m) * hk + g) * L->max_seq * D;     \
             const T* vals = (const T*)L->cache_v + ((row0 + m) * hk + g) * L->max_seq * D;     \
-            float* s = (float*)malloc(sizeof(float) * (size_t)(rep * len + rep * D + rep * D)); \
+            float* s = (float*)scratch(SCRATCH_ATTENTION, sizeof(float) * (size_t)(rep * (len + 2 * D))); \
             if (!s) {                                                                          \
                 failed = 1;                                                                    \
                 continue;                                                                      \
@@ -515,61 +679,109 @@ UNIT_FN(unit_bf16, uint16_t, uint16_t, blocked_bf16, row_bf16_dp, block_bf16_dp,
             for (long r = 0; r < rep; r++)                                                     \
                 for (long i = 0; i < D; i++) qf[r * D + i] = TOF(q[(m * hq + g * rep + r) * D + i]); \
             float mx[64], sum[64];                                                             \
-            for (long r = 0; r < rep; r++) mx[r] = -INFINITY, sum[r] = 0.0f;                   \
-            for (long j = 0; j < len; j++) {                                                   \
+            for (long r = 0; r < rep; r++) mx[r] = -INFINITY;                                  \
+            long j_vec = 0;                                                                    \
+            SCORES16(T, LOADV)                                                                 \
+            for (long j = j_vec; j < len; j++) {                                               \
                 const T* kj = keys + j * D;                                                    \
                 for (long r = 0; r < rep; r++) {                                               \
-                    float d = 0.0f;                                                            \
-                    for (long i = 0; i < D; i++) d += qf[r * D + i] * TOF(kj[i]);              \
+                    const float* qr = qf + r * D;                                              \
+                    vf dv = (vf){0};                                                           \
+                    long i = 0;                                                                \
+                    for (; i + VL <= D; i += VL) dv += load_f32(qr + i) * LOADV(kj + i);       \
+                    float d = hsum(dv);                                                        \
+                    for (; i < D; i++) d += qr[i] * TOF(kj[i]);                                \
                     d *= scale;                                                                \
                     s[r * len + j] = d;                                                        \
                     if (d > mx[r]) mx[r] = d;                                                  \
                 }                                                                              \
             }                                                                                  \
-            for (long i = 0; i < rep * D; i++) acc[i] = 0.0f;                                  \
-            for (long r = 0; r < rep; r++)                                                     \
-                for (long j = 0; j < len; j++) {                                               \
-                    float e = expf(s[r * len + j] - mx[r]);                                    \
-                    s[r * len + j] = e;                                                        \
-                    sum[r] += e;                                                               \
+            for (long r = 0; r < rep; r++) {                                                   \
+                float* sr = s + r * len;                                                       \
+                vf sv = (vf){0};                                                               \
+                long j = 0;                                                                    \
+                for (; j + VL <= len; j += VL) {                                               \
+                    vf e = vexp(load_f32(sr + j) - mx[r]);                                     \
+                    memcpy(sr + j, &e, sizeof e);                                              \
+                    sv += e;                                                                   \
                 }                                                                              \
-            for (long j = 0; j < len; j++) {                                                   \
-                const T* vj = vals + j * D;                                                    \
+                sum[r] = hsum(sv);                                                             \
+                for (; j < len; j++) {                                                         \
+                    sr[j] = sexp(sr[j] - mx[r]);                                               \
+                    sum[r] += sr[j];                                                           \
+                }                                                                              \
+            }                                                                                  \
+            for (long i = 0; i < rep * D; i++) acc[i] = 0.0f;                                  \
+            /* p @ V in blocks of keys that stay in L1, four vectors of a head's output    \
+             * accumulated in registers (four independent sums) over each block. */          \
+            for (long j0 = 0; j0 < len; j0 += 64) {                                            \
+                long jn = len - j0 < 64 ? len - j0 : 64;                                       \
+                const T* vb = vals + j0 * D;                                                   \
                 for (long r = 0; r < rep; r++) {                                               \
-                    float p = s[r * len + j];                                                  \
-                    for (long i = 0; i < D; i++) acc[r * D + i] += p * TOF(vj[i]);             \
+                    const float* pr = s + r * len + j0;                                        \
+                    float* ar = acc + r * D;                                                   \
+                    long i = 0;                                                                \
+                    for (; i + 4 * VL <= D; i += 4 * VL) {                                     \
+                        vf o0 = load_f32(ar + i), o1 = load_f32(ar + i + VL);                  \
+                        vf o2 = load_f32(ar + i + 2 * VL), o3 = load_f32(ar + i + 3 * VL);     \
+                        for (long j = 0; j < jn; j++) {                                        \
+                            const T* vj = vb + j * D + i;                                      \
+                            float p = pr[j];                                                   \
+                            o0 += p * LOADV(vj);                                               \
+                            o1 += p * LOADV(vj + VL);                                          \
+                            o2 += p * LOADV(vj + 2 * VL);                                      \
+                            o3 += p * LOADV(vj + 3 * VL);                                      \
+                        }                                                                      \
+                        memcpy(ar + i, &o0, sizeof o0);                                        \
+                        memcpy(ar + i + VL, &o1, sizeof o1);                                   \
+                        memcpy(ar + i + 2 * VL, &o2, sizeof o2);                               \
+                        memcpy(ar + i + 3 * VL, &o3, sizeof o3);                               \
+                    }                                                                          \
+                    for (; i + VL <= D; i += VL) {                                             \
+                        vf o = load_f32(ar + i);                                               \
+                        for (long j = 0; j < jn; j++) o += pr[j] * LOADV(vb + j * D + i);      \
+                        memcpy(ar + i, &o, sizeof o);                                          \
+                    }                                                                          \
+                    for (; i < D; i++)                                                         \
+                        for (long j = 0; j < jn; j++) ar[i] += pr[j] * TOF(vb[j * D + i]);     \
                 }                                                                              \
             }                                                                                  \
             for (long r = 0; r < rep; r++)                                                     \
                 for (long i = 0; i < D; i++)                                                   \
                     out[(m * hq + g * rep + r) * D + i] = FROMF(acc[r * D + i] / sum[r]);      \
-            free(s);                                                                           \
         }                                                                                      \
         return failed;                                                                         \
     }                                                                                          \
-    /* h (M, dim) in place through n_layers layers; pos: each row's position. Returns 0,     \
-     * -1 out of memory, -3 a position outside the cache, -4 an unsupported shape. */         \
-    int codellama_decode_layers_##SFX(const cl_layer* layers, int n_layers, T* h, long M,     \
-                                      long row0, const long* pos, long kv_len,                 \
-                                      const float* rope, int threads) {                        \
+    /* One decoding step: logits (M, vocab) in fp32 of tokens (M) at positions pos (M)   \
+     * through the embedding, n_layers layers, the final norm and the output layer.         \
+     * Returns 0, -1 out of memory, -3 a position outside the cache, -4 an unsupported      \
+     * shape, -5 a token outside the vocabulary. */                                          \
+    int codellama_decode_step_##SFX(const cl_layer* layers, int n_layers, const cl_head* head, \
+                                    const long* tokens, long M, long row0, const long* pos,    \
+                                    long kv_len, const float* rope, float* logits,             \
+                                    int threads) {                                             \
         if (n_layers < 1 || M < 1 || M > MAX_M) return -4;                                    \
         const cl_layer* L0 = layers;                                                           \
         long dim = L0->dim, D = L0->head_dim, hq = L0->n_heads, hk = L0->n_kv_heads;           \
         if (hk < 1 || hq % hk || hq / hk > 64 || D % 2 || row0 < 0 || row0 + M > L0->cache_rows) \
             return -4;                                                                         \
-        for (long m = 0; m < M; m++)                                                           \
+        for (long m = 0; m < M; m++) {                                                         \
             if (pos[m] < 0 || pos[m] >= L0->max_seq) return -3;                                \
+            if (tokens[m] < 0 || tokens[m] >= head->vocab) return -5;                          \
+        }                                                                                      \
         long widest = L0->hidden > hq * D ? L0->hidden : hq * D;                               \
-        size_t n_t = (size_t)(M * (dim + 3 * hq * D + 2 * hk * D + 2 * widest));               \
-        T* buf = (T*)malloc(sizeof(T) * n_t);                                                  \
+        size_t n_t = (size_t)(M * (2 * dim + 3 * hq * D + 2 * hk * D + widest));              \
+        T* buf = (T*)scratch(SCRATCH_STEP, sizeof(T) * n_t);                                   \
         if (!buf) return -1;                                                                   \
-        T *xn = buf, *q = xn + M * dim, *k = q + M * hq * D, *v = k + M * hk * D;              \
-        T *att = v + M * hk * D, *a = att + M * hq * D, *spare = a + M * widest;               \
-        (void)spare;                                                                           \
+        T *h = buf, *xn = h + M * dim, *q = xn + M * dim, *k = q + M * hq * D;                 \
+        T *v = k + M * hk * D, *att = v + M * hk * D, *a = att + M * hq * D;                   \
+        for (long m = 0; m < M; m++)                                                           \
+            memcpy(h + m * dim, (const T*)head->embedding + tokens[m] * dim, sizeof(T) * dim); \
         int failed = 0;                                                                        \
         _Pragma("omp parallel num_threads(threads)")                                          \
         {                                                                                      \
             T tmp[2 * MAX_M * BN];                                                             \
+            T* h_out[1] = {h};                                                                 \
             for (int l = 0; l < n_layers; l++) {                                               \
                 const cl_layer* L = layers + l;                                                \
                 _Pragma("omp for schedule(static)")                                           \
@@ -577,7 +789,7 @@ UNIT_FN(unit_bf16, uint16_t, uint16_t, blocked_bf16, row_bf16_dp, block_bf16_dp,
                     rmsnorm_##SFX(h + m * dim, (const T*)L->attn_norm, xn + m * dim, dim, L->eps); \
                 const cl_linear* qkv[3] = {&L->wq, &L->wk, &L->wv};                            \
                 T* qkv_out[3] = {q, k, v};                                                     \
-                linears_##SFX(qkv, 3, xn, M, qkv_out, 0, tmp);                                 \
+                linears_##SFX(qkv, 3, xn, M, qkv_out, 0, tmp, NULL);                           \
                 rope_store_##SFX(L, q, k, v, M, row0, pos, rope);                              \
                 if (attention_##SFX(L, q, att, M, row0, pos, kv_len)) {                        \
                     _Pragma("omp atomic write")                                               \
@@ -585,33 +797,36 @@ UNIT_FN(unit_bf16, uint16_t, uint16_t, blocked_bf16, row_bf16_dp, block_bf16_dp,
                 }                                                                              \
                 _Pragma("omp barrier")                                                        \
                 const cl_linear* wo[1] = {&L->wo};                                             \
-                T* h_out[1] = {h};                                                             \
-                linears_##SFX(wo, 1, att, M, h_out, 1, tmp);                                   \
+                linears_##SFX(wo, 1, att, M, h_out, 1, tmp, NULL);                             \
                 _Pragma("omp for schedule(static)")                                           \
                 for (long m = 0; m < M; m++)                                                   \
                     rmsnorm_##SFX(h + m * dim, (const T*)L->ffn_norm, xn + m * dim, dim, L->eps); \
                 const cl_linear* w13[2] = {&L->w1, &L->w3};                                    \
                 T* g_out[1] = {a};                                                             \
-                linears_##SFX(w13, 1, xn, M, g_out, 2, tmp);                                   \
+                linears_##SFX(w13, 1, xn, M, g_out, 2, tmp, NULL);                             \
                 const cl_linear* w2[1] = {&L->w2};                                             \
-                linears_##SFX(w2, 1, a, M, h_out, 1, tmp);                                     \
+                linears_##SFX(w2, 1, a, M, h_out, 1, tmp, NULL);                               \
             }                                                                                  \
+            _Pragma("omp for schedule(static)")                                               \
+            for (long m = 0; m < M; m++)                                                       \
+                rmsnorm_##SFX(h + m * dim, (const T*)head->norm, xn + m * dim, dim, head->eps); \
+            const cl_linear* out[1] = {&head->output};                                         \
+            linears_##SFX(out, 1, xn, M, NULL, 3, tmp, logits);                                \
         }                                                                                      \
-        free(buf);                                                                             \
         return failed ? -1 : 0;                                                                \
     }
 
 #define MAX_M 8
 
-DECODE_FNS(f32, float, f32_id, f32_id, unit_f32)
+DECODE_FNS(f32, float, f32_id, f32_id, load_f32, unit_f32)
 #if defined(__AVX512BF16__)
-DECODE_FNS(bf16, uint16_t, bf16_to_f32, f32_to_bf16, unit_bf16)
+DECODE_FNS(bf16, uint16_t, bf16_to_f32, f32_to_bf16, load_bf16, unit_bf16)
 #else
-int codellama_decode_layers_bf16(const cl_layer* layers, int n_layers, uint16_t* h, long M,
-                                 long row0, const long* pos, long kv_len, const float* rope,
-                                 int threads) {
-    (void)layers, (void)n_layers, (void)h, (void)M, (void)row0, (void)pos, (void)kv_len;
-    (void)rope, (void)threads;
-    return -2; /* bf16 layers need the bf16 dot product; the model keeps the torch path */
+int codellama_decode_step_bf16(const cl_layer* layers, int n_layers, const cl_head* head,
+                               const long* tokens, long M, long row0, const long* pos,
+                               long kv_len, const float* rope, float* logits, int threads) {
+    (void)layers, (void)n_layers, (void)head, (void)tokens, (void)M, (void)row0, (void)pos;
+    (void)kv_len, (void)rope, (void)logits, (void)threads;
+    return -2; /* bf16 steps need the bf16 dot product; the model keeps the torch path */
 }
 #endif

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from codellama import Llama, ModelArgs, Tokenizer
+from codellama import Llama, ModelArgs, Tokenizer, native
 from codellama.demo import train_tokenizer, write_random_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,3 +122,13 @@ def build() -> Callable[..., Llama]:
         )
 
     return _build
+
+
+@pytest.fixture
+def kernel() -> native.NativeLinear:
+    """The native CPU kernels (codellama.native), compiled for this machine."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine: the native kernels cannot be built")
+    got = native.load()
+    assert got is not None, f"the native kernels failed to build: {native.last_error()}"
+    return got

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,15 +16,6 @@ from .conftest import GQA_ARGS
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 LAYOUTS = ["plain", "packed", "packed-batch-1"]  # oneDNN packs for any batch, or batch 1
-
-
-@pytest.fixture(scope="module")
-def kernel() -> native.NativeLinear:
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler on this machine: the native kernel cannot be built")
-    got = native.load()
-    assert got is not None, f"the native kernel failed to build: {native.last_error()}"
-    return got
 
 
 @pytest.fixture

@@ -1,0 +1,216 @@
+"""The native decoding step: the model's torch layers in one call, used only where it applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from codellama import ModelArgs, PromptTooLongError, native
+
+from .conftest import GQA_ARGS, MHA_ARGS
+
+# head_dim 18: not a multiple of the 16-wide vectors, so every tail path runs.
+ODD_ARGS = ModelArgs(dim=72, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=8, rope_theta=1e6)
+TOL = {"float32": 1e-4, "bfloat16": 5e-2}
+
+
+def _needs_bf16_step(kernel: native.NativeLinear, dtype: str) -> None:
+    if dtype == "bfloat16" and not kernel.bf16_dot_product:
+        pytest.skip("this CPU has no bf16 dot product: bf16 decoding stays on the torch layers")
+
+
+def _step(model, prompt: torch.Tensor, token: torch.Tensor, *, native_step: bool, **kw):
+    """Logits of one decoding step after ``prompt``, natively or through the torch layers."""
+    decoder = model.native_decoder
+    if not native_step:
+        model.native_decoder = None
+    try:
+        with torch.inference_mode():
+            model.forward_tokens(prompt, 0, row_offset=kw.get("row_offset", 0))
+            if "positions" in kw:
+                return model.forward_tokens(token, positions=kw["positions"], kv_len=kw["kv_len"],
+                                            row_offset=kw.get("row_offset", 0))  # fmt: skip
+            return model.forward_tokens(token, prompt.shape[1], row_offset=kw.get("row_offset", 0))
+    finally:
+        model.native_decoder = decoder
+
+
+def _tokens(vocab: int, *shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_built_cpu_model_decodes_through_the_native_step(kernel, make_checkpoint, build, dtype):
+    _needs_bf16_step(kernel, dtype)
+    model = build(make_checkpoint(GQA_ARGS), dtype=dtype).model
+    assert model.native_decoder is not None
+    calls = []
+    decoder = model.native_decoder
+
+    def counting(*args):
+        calls.append(args)
+        return decoder(*args)
+
+    model.native_decoder = counting
+    vocab = model.params.vocab_size
+    _step(model, _tokens(vocab, 2, 5), _tokens(vocab, 2, 1), native_step=True)
+    assert len(calls) == 1  # the prefill (5 tokens) ran on the torch layers, the step natively
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("args", "prompt_len", "rows"),
+    [(GQA_ARGS, 9, 3), (MHA_ARGS, 9, 1), (ODD_ARGS, 7, 2), (GQA_ARGS, 150, 2)],
+    ids=["gqa", "mha", "odd-head-dim", "long-context"],
+)
+def test_native_step_equals_the_torch_layers(
+    kernel, make_checkpoint, build, dtype, args, prompt_len, rows
+):
+    _needs_bf16_step(kernel, dtype)
+    model = build(make_checkpoint(args), max_seq_len=256, dtype=dtype).model
+    assert model.native_decoder is not None
+    vocab = model.params.vocab_size
+    prompt, token = _tokens(vocab, rows, prompt_len), _tokens(vocab, rows, 1, seed=1)
+    got = _step(model, prompt, token, native_step=True)
+    want = _step(model, prompt, token, native_step=False)
+    assert got.dtype == torch.float32 and got.shape == want.shape == (rows, 1, vocab)
+    tol = TOL[dtype] * want.abs().max().item()
+    torch.testing.assert_close(got, want, atol=tol, rtol=0)
+
+
+def test_native_step_writes_the_same_kv_cache_as_the_torch_layers(kernel, make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS)).model
+    vocab = model.params.vocab_size
+    prompt, token = _tokens(vocab, 2, 6), _tokens(vocab, 2, 1, seed=1)
+    caches = []
+    for native_step in (True, False):
+        _step(model, prompt, token, native_step=native_step)
+        cache = model.layers[1].attention.cache
+        caches.append((cache.k[:2, :, :7].clone(), cache.v[:2, :, :7].clone()))
+    for got, want in zip(*caches):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_per_row_positions_and_cache_rows_match_the_torch_layers(kernel, make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS), max_batch_size=4).model
+    vocab = model.params.vocab_size
+    prompt, token = _tokens(vocab, 2, 12), _tokens(vocab, 2, 1, seed=1)
+    positions = torch.tensor([[12], [5]])  # the second row attends to its first 6 keys only
+    kw = {"positions": positions, "kv_len": 13, "row_offset": 2}
+    got = _step(model, prompt, token, native_step=True, **kw)
+    want = _step(model, prompt, token, native_step=False, **kw)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_native_step_gives_the_same_logits_on_any_number_of_threads(kernel, make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS)).model
+    vocab = model.params.vocab_size
+    prompt, token = _tokens(vocab, 3, 20), _tokens(vocab, 3, 1, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_step(model, prompt, token, native_step=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_generation_is_the_same_with_and_without_native_steps(
+    kernel, make_checkpoint, build, dtype
+):
+    _needs_bf16_step(kernel, dtype)
+    llama = build(make_checkpoint(GQA_ARGS, std=1.0), max_batch_size=8, dtype=dtype)
+    vocab = llama.model.params.vocab_size
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (3, 11, 6, 1, 8)]
+    got = llama.generate(prompts, 8, temperature=0, stop_token=-1, logprobs=True)
+    decoder, llama.model.native_decoder = llama.model.native_decoder, None
+    want = llama.generate(prompts, 8, temperature=0, stop_token=-1, logprobs=True)
+    llama.model.native_decoder = decoder
+    assert got[0] == want[0]
+    tol = 1e-4 if dtype == "float32" else 0.1
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("part", ["norm", "embedding", "output", "wq"])
+def test_a_replaced_weight_sends_the_step_to_the_torch_layers(kernel, make_checkpoint, build, part):
+    model = build(make_checkpoint(GQA_ARGS)).model
+    module = {
+        "norm": model.norm,
+        "embedding": model.tok_embeddings,
+        "output": model.output,
+        "wq": model.layers[0].attention.wq,
+    }[part]
+    new = torch.randn(module.weight.shape, generator=torch.Generator().manual_seed(5))
+    module.weight = torch.nn.Parameter(new, requires_grad=False)
+    vocab = model.params.vocab_size
+    prompt, token = _tokens(vocab, 1, 4), _tokens(vocab, 1, 1, seed=1)
+    assert model._native_decode(token, 4, None, None, 0) is None
+    want = _step(model, prompt, token, native_step=False)
+    torch.testing.assert_close(_step(model, prompt, token, native_step=True), want)
+    model.use_native_kernel(kernel)  # plans again, reading the new weight
+    assert model.native_decoder is not None
+    got = _step(model, prompt, token, native_step=True)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_setup_cache_plans_the_step_again_for_the_new_cache(kernel, make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS), max_batch_size=4).model
+    model.setup_cache(max_batch_size=2, max_seq_len=32)
+    decoder = model.native_decoder
+    assert decoder is not None
+    assert decoder.layers[0].cache_k is model.layers[0].attention.cache.k
+    assert decoder.layers[0].cache_k.shape[:3] == (2, GQA_ARGS.kv_heads, 32)
+    vocab = model.params.vocab_size
+    prompt, token = _tokens(vocab, 2, 4), _tokens(vocab, 2, 1, seed=1)
+    got = _step(model, prompt, token, native_step=True)
+    want = _step(model, prompt, token, native_step=False)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_position_outside_the_cache_is_a_clear_error(kernel, make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS), max_seq_len=16).model
+    token = torch.tensor([[5]])
+    with torch.inference_mode(), pytest.raises(PromptTooLongError, match="max_seq_len=16"):
+        model.forward_tokens(token, positions=torch.tensor([[16]]), kv_len=16)
+    with torch.inference_mode(), pytest.raises(PromptTooLongError, match="max_seq_len=16"):
+        model.forward_tokens(token, 16)
+
+
+def test_a_token_outside_the_vocabulary_is_an_index_error(kernel, make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS)).model
+    with torch.inference_mode(), pytest.raises(IndexError, match="vocabulary"):
+        model.forward_tokens(torch.tensor([[model.params.vocab_size]]), 0)
+
+
+def test_compiled_and_model_parallel_free_paths_have_no_native_step(kernel, make_checkpoint, build):
+    assert build(make_checkpoint(GQA_ARGS), compile=True).model.native_decoder is None
+    model = build(make_checkpoint(GQA_ARGS)).model
+    model.use_native_kernel(None)
+    assert model.native_decoder is None
+
+
+def test_portable_build_decodes_fp32_and_leaves_bf16_to_the_torch_layers(
+    tmp_path: Path, kernel, make_checkpoint, build
+):
+    """CPUs without AVX-512 get the portable code: build it here and check its step."""
+    flags = tuple(f for f in native.FLAGS if f != "-march=native")
+    portable = native.build(flags=flags, cache_dir=tmp_path)
+    ckpt = make_checkpoint(ODD_ARGS)
+    model = build(ckpt, max_seq_len=256).model
+    model.use_native_kernel(portable)
+    assert model.native_decoder is not None
+    vocab = model.params.vocab_size
+    prompt, token = _tokens(vocab, 2, 40), _tokens(vocab, 2, 1, seed=1)
+    got = _step(model, prompt, token, native_step=True)
+    torch.testing.assert_close(got, _step(model, prompt, token, native_step=False),
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+    bf16 = build(ckpt, dtype="bfloat16").model
+    bf16.use_native_kernel(portable)
+    assert bf16.native_decoder is None
