@@ -480,15 +480,27 @@ class Llama:
                 seen[i, prompt[i, :n]] = True
         logits = last_logits
         max_steps = max(r.budget for r in rows)
+        # Greedy picks on CPU in one native call (argmax and finiteness): right after a
+        # decoding step each torch op costs 10-100 us, as the CPU caches are cold.
+        kernel = model.native_kernel
+        if not sampling.greedy or seen is not None or want_logprobs:
+            kernel = None
+        if distributed.model_parallel_world() != 1:
+            kernel = None
         for step in range(max_steps):
-            next_tok = sample(logits, sampling, generator, seen)
-            next_tok = distributed.broadcast_tokens(next_tok)
-            finite = torch.isfinite(logits).all(dim=-1)
-            packed = [next_tok.to(torch.float64), finite.to(torch.float64)]
-            if want_logprobs:
-                lp = torch.log_softmax(logits, dim=-1).gather(-1, next_tok.view(-1, 1)).view(-1)
-                packed.append(lp.to(torch.float64))
-            host = torch.stack(packed).tolist()
+            picked = kernel.greedy(logits) if kernel is not None else None
+            if picked is not None:
+                host: list[list[Any]] = [picked[0], picked[1]]
+                next_tok = torch.tensor(picked[0], device=device)
+            else:
+                next_tok = sample(logits, sampling, generator, seen)
+                next_tok = distributed.broadcast_tokens(next_tok)
+                finite = torch.isfinite(logits).all(dim=-1)
+                packed = [next_tok.to(torch.float64), finite.to(torch.float64)]
+                if want_logprobs:
+                    lp = torch.log_softmax(logits, dim=-1).gather(-1, next_tok.view(-1, 1))
+                    packed.append(lp.view(-1).to(torch.float64))
+                host = torch.stack(packed).tolist()
             emitted = []
             for i, r in enumerate(rows):
                 if r.finish_reason is not None:
@@ -525,7 +537,8 @@ class Llama:
                 )
                 logits = self._decode(next_tok.view(bsz, 1), positions, 0, kv_len)
             cur_pos = [min(p + 1, self.max_seq_len - 1) for p in cur_pos]
-            positions.add_(1).clamp_(max=self.max_seq_len - 1)
+            if not uniform:
+                positions.add_(1).clamp_(max=self.max_seq_len - 1)
 
     # ------------------------------------------------------------------ Meta's API
 

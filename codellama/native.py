@@ -91,6 +91,10 @@ class NativeLinear:
             if dtype == torch.float32 or self.bf16_dot_product:
                 self._blocked[dtype] = self._function(library, f"codellama_linear_{name}_blocked")
         self._layouts: dict[tuple, int | None] = {}
+        self._argmax = library.codellama_argmax_f32
+        self._argmax.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
+        self._argmax.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
+        self._argmax.restype = None
         self._decoders = {torch.float32: library.codellama_decode_step_f32}
         if self.bf16_dot_product:
             self._decoders[torch.bfloat16] = library.codellama_decode_step_bf16
@@ -135,6 +139,18 @@ class NativeLinear:
             self._layouts[key] = self._find_layout(weight, ptr, nbytes)
         padded_k = self._layouts[key]
         return None if padded_k is None else self._plan(weight, ptr, padded_k)
+
+    def greedy(self, logits: torch.Tensor) -> tuple[list[int], list[bool]] | None:
+        """Per row of CPU float32 ``logits`` (B, V): the argmax (torch.argmax's choice) and
+        whether the row is all finite; None for logits it does not take."""
+        if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
+            return None
+        if not logits.is_contiguous():
+            return None
+        rows = logits.shape[0]
+        index, finite = (ctypes.c_long * rows)(), (ctypes.c_int * rows)()
+        self._argmax(logits.data_ptr(), rows, logits.shape[1], index, finite)
+        return list(index), [bool(f) for f in finite]
 
     def decoder(
         self, layers: list[DecoderLayer], head: DecoderHead, rope: torch.Tensor
@@ -297,7 +313,8 @@ class DecoderPlan:
         rows = tokens.shape[0]
         if tokens.dim() != 2 or tokens.shape[1] != 1 or not 1 <= rows <= MAX_ROWS:
             raise ValueError(f"expected (1..{MAX_ROWS}, 1) tokens, got {tuple(tokens.shape)}")
-        tokens = tokens.reshape(-1).to(torch.long).contiguous()
+        if tokens.dtype != torch.long or not tokens.is_contiguous():
+            tokens = tokens.to(torch.long).contiguous()
         if isinstance(positions, int):
             for i in range(rows):
                 self._positions[i] = positions

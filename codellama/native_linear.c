@@ -830,3 +830,39 @@ int codellama_decode_step_bf16(const cl_layer* layers, int n_layers, const cl_he
     return -2; /* bf16 steps need the bf16 dot product; the model keeps the torch path */
 }
 #endif
+
+/* Greedy decoding's pick: per row of fp32 logits (M, V), the index of the first maximum
+ * (of the first NaN if there is one, as torch.argmax) and whether every value is finite;
+ * in one call instead of three torch ops that run slowly right after a pass over weights. */
+void codellama_argmax_f32(const float* x, long M, long V, long* index, int* finite) {
+    for (long m = 0; m < M; m++) {
+        const float* row = x + m * V;
+        vf mx = (vf){0} - INFINITY, bad = (vf){0};
+        long j = 0;
+        for (; j + VL <= V; j += VL) { /* max, and x * 0 (NaN for inf or NaN) summed */
+            vf v = load_f32(row + j);
+            mx = vsel(v > mx, v, mx);
+            bad += v * 0.0f;
+        }
+        float best = -INFINITY, check = hsum(bad);
+        for (int l = 0; l < VL; l++)
+            if (mx[l] > best) best = mx[l];
+        for (; j < V; j++) {
+            if (row[j] > best) best = row[j];
+            check += row[j] * 0.0f;
+        }
+        long at = 0;
+        if (check == 0.0f) { /* all finite: the first maximum */
+            while (at < V - 1 && row[at] != best) at++;
+        } else { /* torch.argmax's choice: the first NaN, else the first maximum */
+            long nan_at = -1;
+            for (long i = 0; i < V && nan_at < 0; i++)
+                if (row[i] != row[i]) nan_at = i;
+            for (long i = 0; i < V; i++)
+                if (row[i] > row[at]) at = i;
+            if (nan_at >= 0) at = nan_at;
+        }
+        index[m] = at;
+        finite[m] = check == 0.0f;
+    }
+}

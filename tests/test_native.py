@@ -207,3 +207,24 @@ def test_native_and_onednn_models_agree_on_greedy_tokens(
     tol = 1e-4 if dtype == "float32" else 0.1
     for a, b in zip(got[1], want[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=tol, rtol=tol)
+
+
+def test_greedy_pick_equals_torch_argmax_and_isfinite(kernel):
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        rows, vocab = trial % 8 + 1, [1, 15, 16, 17, 100, 32016][trial % 6]
+        x = torch.randn(rows, vocab, generator=gen)
+        if trial % 3 == 0:
+            x = x.round()  # ties: the first maximum wins
+        for value, every in ((float("nan"), 5), (float("inf"), 7), (float("-inf"), 4)):
+            if trial % every == 0:
+                x[trial % rows, (trial * 7) % vocab] = value
+        index, finite = kernel.greedy(x)
+        assert index == torch.argmax(x, dim=-1).tolist(), trial
+        assert finite == torch.isfinite(x).all(dim=-1).tolist(), trial
+
+
+def test_greedy_pick_declines_what_it_does_not_take(kernel):
+    assert kernel.greedy(torch.randn(2, 8, dtype=torch.bfloat16)) is None
+    assert kernel.greedy(torch.randn(8, 2).T) is None
+    assert kernel.greedy(torch.randn(8)) is None
