@@ -1,4 +1,5 @@
-/* Linear layers of CPU decoding: y[M, N] = x[M, K] @ W[N, K]^T for M <= 8 rows of x.
+/* CPU decoding: linear layers y[M, N] = x[M, K] @ W[N, K]^T for M <= 8 rows of x, a whole
+ * decoding step built on them (at the end of this file), and greedy decoding's argmax.
  *
  * Decoding reads every weight once per step, so it runs at the speed of a matrix-vector
  * product, bound by memory bandwidth. On a 2-core AVX512-BF16 EPYC, oneDNN's kernels read
