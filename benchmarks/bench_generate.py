@@ -173,13 +173,11 @@ def write_checkpoint(spec: dict[str, Any]) -> None:
     write_random_checkpoint(d, args, seed=0, dtype=dtype, std=0.02, overwrite=True)
 
 
-def measure_bandwidth(device: str) -> float:
-    """Read bandwidth in GB/s: x.sum() over a 1 GiB float32 tensor, the best of 10 after a
-    warm-up (a bound is the best the machine does; on a shared machine it varies by 2x)."""
-    dev = torch.device(device)
-    x = torch.ones(2**28, device=dev)
+def measure_bandwidth(x: torch.Tensor, passes: int = 5) -> float:
+    """Read bandwidth in GB/s: x.sum() over ``x`` (1 GiB float32), the best of ``passes``
+    after a warm-up (a bound is the best the machine does right now)."""
     times = []
-    for _ in range(11):  # the first is a warm-up
+    for _ in range(passes + 1):  # the first is a warm-up
         t = time.perf_counter()
         x.sum().item()
         times.append(time.perf_counter() - t)
@@ -352,8 +350,12 @@ def serve(spec: dict[str, Any]) -> None:
     if spec["task"] == "write":
         write_checkpoint(spec)
         return _reply({})
-    if spec["task"] == "bandwidth":
-        return _reply({"bandwidth_gbs": measure_bandwidth(spec["device"])})
+    if spec["task"] == "bandwidth":  # a probe, asked before each batch-1 run
+        x = torch.ones(2**28, device=torch.device(spec["device"]))
+        _reply({})
+        for _ in sys.stdin:
+            _reply({"bandwidth_gbs": measure_bandwidth(x)})
+        return None
     if spec["task"] == "gemv":
         return _reply(measure_gemv_pass(spec))
     cuda = torch.device(spec["device"]).type == "cuda"
@@ -436,10 +438,13 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def benchmark(
-    base: dict[str, Any], libs: list[str], runs: int, paired: bool
+    base: dict[str, Any], libs: list[str], runs: int, paired: bool, probe: Worker | None = None
 ) -> dict[str, dict[str, Any]]:
     """Time every figure for ``libs``; ``paired`` keeps all workers alive and alternates them
-    run by run, so that load from other processes hits every library alike."""
+    run by run, so that load from other processes hits every library alike. ``probe`` (a
+    bandwidth worker) measures read bandwidth right before each batch-1 run and after the
+    last: on a shared machine it drifts by 2x within minutes, so each library's batch-1
+    figure is set against the bandwidth of its own minute."""
     results: dict[str, dict[str, Any]] = {}
     for group in [libs] if paired else [[lib] for lib in libs]:
         workers = {}
@@ -452,11 +457,18 @@ def benchmark(
             print(f"--- timing {name} ({', '.join(group)})", flush=True)
             for run in range(runs + 1):
                 for lib, w in workers.items():
+                    if name == "b1" and run and probe is not None:
+                        bandwidth = probe.ask({"op": "probe"})["bandwidth_gbs"]
+                        results[lib].setdefault("bandwidth_b1", []).append(bandwidth)
                     reply = w.ask({"op": name})
                     if run:
                         results[lib]["times"][name].append(reply["s"])
                     if reply["tokens"] is not None:
                         results[lib]["tokens_b1"] = reply["tokens"]
+            if name == "b1" and probe is not None:
+                for lib in workers:
+                    bandwidth = probe.ask({"op": "probe"})["bandwidth_gbs"]
+                    results[lib]["bandwidth_b1"].append(bandwidth)
         for lib, w in workers.items():
             results[lib].update(w.ask({"op": "done"}))
             results[lib]["loadavg"].append(os.getloadavg()[0])
@@ -568,24 +580,20 @@ def main(
             "prefill_chunk_size": prefill_chunk_size, "disk_dtype": disk_dtype,
             "prompts": prompts}  # fmt: skip
     run_one({**base, "task": "write"})
-    measured = []
-    if bandwidth_gbs is None:
-        measured.append(run_one({**base, "task": "bandwidth"})["bandwidth_gbs"])
     gemv = run_one({**base, "task": "gemv"})
     libs = ["ours"] + (["hf"] if "hf" in peer_list and HF_VERSION else [])
     if "hf" in peer_list and not HF_VERSION:
         notes.append("transformers is not installed: no HF comparison")
     print(f"--- {shape} {dtype} on {device}: {runs} runs of each figure", flush=True)
-    results = benchmark(base, libs, int(runs), paired=not sequential)
-    if bandwidth_gbs is None:  # measured before and after the runs: the best of both
-        measured.append(run_one({**base, "task": "bandwidth"})["bandwidth_gbs"])
-        bandwidth_gbs = max(measured)
-        bw_src = (
-            "measured: x.sum() over 1 GiB float32, best of 10 before and of 10 after the runs: "
-            + " / ".join(f"{b:.1f}" for b in measured)
-        )
-    else:
-        bw_src = "given with --bandwidth_gbs"
+    probe = None
+    if bandwidth_gbs is None:
+        probe = Worker({**base, "task": "bandwidth"})
+        probe.ask()
+    try:
+        results = benchmark(base, libs, int(runs), paired=not sequential, probe=probe)
+    finally:
+        if probe is not None:
+            probe.close()
 
     # Bytes read per batch-1 decode token: every weight but the embedding table (one row
     # is read), plus the K and V of the average context (prompt + half the new tokens).
@@ -597,10 +605,26 @@ def main(
     read = (
         param_bytes - args["vocab_size"] * dim * elem + kv_per_pos * (PROMPT_LEN + NEW_TOKENS // 2)
     )
-    bound = bandwidth_gbs * 1e9 / read
     for res in results.values():
-        res["bw_fraction_b1"] = res["decode_b1_tok_s"] / bound
+        # The bandwidth of each library's own batch-1 runs (the median of the probes around
+        # them), unless given: then the same for every library.
+        res["bandwidth_gbs"] = bandwidth_gbs or statistics.median(res["bandwidth_b1"])
+        res["bound_tok_s_b1"] = res["bandwidth_gbs"] * 1e9 / read
+        res["bw_fraction_b1"] = res["decode_b1_tok_s"] / res["bound_tok_s_b1"]
         res["gemv_fraction_b1"] = res["decode_b1_tok_s"] / gemv["gemv_tok_s"]
+    if bandwidth_gbs is None:
+        bw_src = "measured: x.sum() over 1 GiB float32, best of 5, before each batch-1 run"
+        probes = {lib: res["bandwidth_b1"] for lib, res in results.items()}
+        bw_text = "; ".join(
+            f"{lib} {res['bandwidth_gbs']:.1f} GB/s (probes "
+            + ", ".join(f"{b:.1f}" for b in probes[lib])
+            + f") -> bound {res['bound_tok_s_b1']:.1f} tok/s"
+            for lib, res in results.items()
+        )
+    else:
+        bw_src = "given with --bandwidth_gbs"
+        bw_text = f"{bandwidth_gbs:.1f} GB/s -> bound {results['ours']['bound_tok_s_b1']:.1f} tok/s"
+    bound = results["ours"]["bound_tok_s_b1"]
     loads = [x for res in results.values() for x in res["loadavg"]]
     if max(loads) > threads + 0.5:
         notes.append(
@@ -619,11 +643,10 @@ def main(
     print(f"shape: {json.dumps(args)}; tokenizer: {tok_src}")
     how = "one library at a time" if sequential else "the libraries alternating run by run"
     print(f"runs: median of {runs} after 1 warm-up, {how}; ours compile={bool(compile)}, HF eager")
-    print(f"memory bandwidth: {bandwidth_gbs:.1f} GB/s ({bw_src}); batch-1 bytes/token "
-          f"{read / 1e6:.0f} MB -> bound {bound:.1f} tok/s")  # fmt: skip
+    print(f"memory bandwidth ({bw_src}), batch-1 bytes/token {read / 1e6:.0f} MB: {bw_text}")
     print(f"matrix-vector pass over the weights: {gemv['gemv_tok_s']:.1f} tok/s "
-          f"({gemv['gemv_kernel']}, the fastest kernel here; "
-          f"{gemv['gemv_tok_s'] / bound:.2f} of the bandwidth bound)")  # fmt: skip
+          f"({gemv['gemv_kernel']}, the fastest kernel here, one call per weight; measured "
+          "before the runs)")  # fmt: skip
     print(f"ours: linear kernel for decoding: {results['ours'].get('linear_kernel')}")
     print(f"ours: params {param_bytes / 2**20:.0f} MiB, KV cache {results['ours']['kv_bytes'] / 2**20:.0f} "
           f"MiB (preallocated {BATCH} x {MAX_SEQ_LEN}); HF's cache grows dynamically")  # fmt: skip
@@ -637,8 +660,8 @@ def main(
     print(table(results))
     if out:
         doc = {"machine": info, "shape": shape, "args": args, "runs": runs, "notes": notes,
-               "bandwidth_gbs": bandwidth_gbs, "bandwidth_source": bw_src,
-               "bytes_per_token_b1": read, "bound_tok_s_b1": bound, **gemv,
+               "bandwidth_source": bw_src, "bytes_per_token_b1": read,
+               "bound_tok_s_b1": bound, **gemv,
                "greedy_agree_tokens": agree, "results": results}  # fmt: skip
         Path(out).write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nwrote {out}")
