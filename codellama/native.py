@@ -346,8 +346,13 @@ class DecoderPlan:
                 f"a token id is outside the vocabulary (0..{self.vocab_size - 1}): "
                 f"{tokens.tolist()}"
             )
+        if status == -1:
+            raise MemoryError("native decoder: out of memory for its scratch buffers")
         if status != 0:
-            raise MemoryError(f"native decoder failed (status {status}): out of memory")
+            raise ValueError(
+                f"native decoder: {rows} rows from cache row {row_offset} do not fit its plan "
+                f"(status {status}); plan again with Transformer.use_native_kernel"
+            )
         return logits
 
 
