@@ -392,7 +392,7 @@ class Transformer(nn.Module):
         self._pack_buffer: torch.Tensor | None = None
         self.native_kernel: NativeLinear | None = None
         self.native_decoder: DecoderPlan | None = None
-        self._decoder_owns: list[tuple[dict[str, Any], str, object]] = []
+        self._decoder_owns: list[tuple[dict[str, Any], str, object, int]] = []
 
     @property
     def device(self) -> torch.device:
@@ -487,21 +487,34 @@ class Transformer(nn.Module):
                     norms[0].eps,
                 )  # fmt: skip
             )
-            # What the plan read pointers from: checked by identity before every use.
-            owns += [(m._parameters, "weight", p.weight) for m, p in zip(modules, plans)]
-            owns += [(n._parameters, "weight", n.weight) for n in norms]
-            owns += [(attn._modules, "cache", attn.cache)]
-            owns += [(attn.cache._buffers, b, getattr(attn.cache, b)) for b in ("k", "v")]
+            # What the plan holds pointers into: checked before every use (_decoder_is_current).
+            owns += [_owned(m._parameters, "weight", p.weight) for m, p in zip(modules, plans)]
+            owns += [_owned(n._parameters, "weight", n.weight) for n in norms]
+            owns += [_owned(attn._modules, "cache", attn.cache)]
+            owns += [_owned(attn.cache._buffers, b, getattr(attn.cache, b)) for b in ("k", "v")]
         out_plan = self.output.__dict__.get("native_plan")
         emb = self.tok_embeddings.weight
         if out_plan is None or emb.is_mkldnn:
             return
         head = DecoderHead(emb, self.norm.weight, out_plan, self.norm.eps)
         self.native_decoder = kernel.decoder(layers, head, self.rope)
-        owns += [(self.tok_embeddings._parameters, "weight", emb)]
-        owns += [(self.norm._parameters, "weight", self.norm.weight)]
-        owns += [(self.output._parameters, "weight", out_plan.weight)]
-        self._decoder_owns = owns + [(self.__dict__, "rope", self.rope)]
+        owns += [_owned(self.tok_embeddings._parameters, "weight", emb)]
+        owns += [_owned(self.norm._parameters, "weight", self.norm.weight)]
+        owns += [_owned(self.output._parameters, "weight", out_plan.weight)]
+        self._decoder_owns = owns + [_owned(self.__dict__, "rope", self.rope)]
+
+    def _decoder_is_current(self) -> bool:
+        """Whether every tensor the native decoder reads is still the model's, with the same
+        storage: a replaced parameter, or one whose ``.data`` was swapped (``model.half()``,
+        ``.to()``), must not be read through a stale pointer."""
+        for d, key, obj, ptr in self._decoder_owns:
+            if d.get(key) is not obj:
+                return False
+            if ptr == _NOT_A_TENSOR or not isinstance(obj, torch.Tensor):
+                continue
+            if not obj.is_mkldnn if ptr == _PACKED else obj.data_ptr() != ptr:
+                return False
+        return True
 
     def _native_decode(
         self,
@@ -519,7 +532,7 @@ class Transformer(nn.Module):
             return None
         if tokens.device.type != "cpu" or torch.is_grad_enabled():
             return None
-        if not all(d.get(k) is v for d, k, v in self._decoder_owns):
+        if not self._decoder_is_current():
             return None  # a weight, norm or cache was replaced: plan again to use it
         if positions is None:
             self._check_span(start_pos, seqlen)
@@ -681,6 +694,17 @@ class Transformer(nn.Module):
             h = h[torch.arange(bsz, device=h.device), logits_index].unsqueeze(1)
             return linear(self.output, self.norm(h)).float().squeeze(1)
         return linear(self.output, self.norm(h)).float()
+
+
+_PACKED, _NOT_A_TENSOR = -1, -2
+
+
+def _owned(d: dict[str, Any], key: str, obj: object) -> tuple[dict[str, Any], str, object, int]:
+    """An entry of Transformer._decoder_owns: where ``obj`` lives, and its data pointer
+    (_PACKED for a oneDNN tensor, whose buffer is read through its own ops)."""
+    if not isinstance(obj, torch.Tensor):
+        return d, key, obj, _NOT_A_TENSOR
+    return d, key, obj, _PACKED if obj.is_mkldnn else obj.data_ptr()
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -59,11 +59,14 @@ class LinearPlan:
     def __post_init__(self) -> None:
         self.dtype = self.weight.dtype
         self._max_numel = MAX_ROWS * self.k
+        self._packed = self.weight.is_mkldnn
 
     def accepts(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether :meth:`__call__` should handle ``x`` (else use oneDNN / F.linear)."""
+        """Whether :meth:`__call__` should handle ``x`` (else use oneDNN / F.linear): only
+        for the planned weight, still in the storage planned (``.data`` can be swapped)."""
         return (
             weight is self.weight
+            and (weight.is_mkldnn if self._packed else weight.data_ptr() == self.ptr)
             and x.numel() <= self._max_numel
             and x.dtype == self.dtype
             and not torch.compiler.is_compiling()

@@ -214,3 +214,31 @@ def test_portable_build_decodes_fp32_and_leaves_bf16_to_the_torch_layers(
     bf16 = build(ckpt, dtype="bfloat16").model
     bf16.use_native_kernel(portable)
     assert bf16.native_decoder is None
+
+
+@pytest.mark.parametrize("part", ["norm", "embedding", "cache"])
+def test_swapped_storage_is_not_read_through_a_stale_pointer(kernel, make_checkpoint, build, part):
+    """``param.data = ...`` (as ``model.half()`` or ``.to()`` do) keeps the object, not the
+    storage: the step must notice and run the torch layers."""
+    model = build(make_checkpoint(GQA_ARGS)).model
+    vocab = model.params.vocab_size
+    prompt, token = _tokens(vocab, 1, 4), _tokens(vocab, 1, 1, seed=1)
+    if part == "norm":
+        model.norm.weight.data = torch.randn(model.norm.weight.shape)
+    elif part == "embedding":
+        model.tok_embeddings.weight.data = torch.randn(model.tok_embeddings.weight.shape)
+    else:
+        cache = model.layers[0].attention.cache
+        cache.k.data = torch.zeros_like(cache.k)
+    assert model._native_decode(token, 4, None, None, 0) is None
+    want = _step(model, prompt, token, native_step=False)
+    torch.testing.assert_close(_step(model, prompt, token, native_step=True), want)
+
+
+def test_a_plain_weight_with_swapped_storage_is_not_read_by_its_plan(kernel):
+    weight = torch.randn(16, 32)
+    plan = kernel.plan(weight)
+    x = torch.randn(1, 32)
+    assert plan.accepts(x, weight)
+    weight.data = torch.randn(16, 32)
+    assert not plan.accepts(x, weight)
