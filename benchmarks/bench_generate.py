@@ -355,7 +355,8 @@ def _reply(obj: dict[str, Any]) -> None:
 
 
 def serve(spec: dict[str, Any]) -> None:
-    """A worker: one task (write, bandwidth, gemv), or build one library and time on request."""
+    """A worker: one task (write, gemv), a bandwidth probe that measures on request, or one
+    library built and timed on request."""
     torch.set_num_threads(spec["threads"])
     if spec["task"] == "write":
         write_checkpoint(spec)
@@ -440,7 +441,7 @@ class Worker:
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run a one-reply task (write, bandwidth, gemv) in a subprocess."""
+    """Run a one-reply task (write, gemv) in a subprocess."""
     w = Worker(spec)
     reply = w.ask()
     w.close()
@@ -625,10 +626,9 @@ def main(
         res["gemv_fraction_b1"] = res["decode_b1_tok_s"] / gemv["gemv_tok_s"]
     if bandwidth_gbs is None:
         bw_src = "measured: x.sum() over 1 GiB float32, best of 5, before each batch-1 run"
-        probes = {lib: res["bandwidth_b1"] for lib, res in results.items()}
         bw_text = "; ".join(
             f"{lib} {res['bandwidth_gbs']:.1f} GB/s (probes "
-            + ", ".join(f"{b:.1f}" for b in probes[lib])
+            + ", ".join(f"{b:.1f}" for b in res["bandwidth_b1"])
             + f") -> bound {res['bound_tok_s_b1']:.1f} tok/s"
             for lib, res in results.items()
         )

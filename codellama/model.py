@@ -37,6 +37,8 @@ from .native import (
     DecoderLayer,
     DecoderPlan,
     NativeLinear,
+    buffer_key,
+    holds,
 )
 
 
@@ -507,12 +509,10 @@ class Transformer(nn.Module):
         """Whether every tensor the native decoder reads is still the model's, with the same
         storage: a replaced parameter, or one whose ``.data`` was swapped (``model.half()``,
         ``.to()``), must not be read through a stale pointer."""
-        for d, key, obj, ptr in self._decoder_owns:
+        for d, key, obj, buffer in self._decoder_owns:
             if d.get(key) is not obj:
                 return False
-            if ptr == _NOT_A_TENSOR or not isinstance(obj, torch.Tensor):
-                continue
-            if not obj.is_mkldnn if ptr == _PACKED else obj.data_ptr() != ptr:
+            if isinstance(obj, torch.Tensor) and not holds(obj, buffer):
                 return False
         return True
 
@@ -696,15 +696,10 @@ class Transformer(nn.Module):
         return linear(self.output, self.norm(h)).float()
 
 
-_PACKED, _NOT_A_TENSOR = -1, -2
-
-
 def _owned(d: dict[str, Any], key: str, obj: object) -> tuple[dict[str, Any], str, object, int]:
-    """An entry of Transformer._decoder_owns: where ``obj`` lives, and its data pointer
-    (_PACKED for a oneDNN tensor, whose buffer is read through its own ops)."""
-    if not isinstance(obj, torch.Tensor):
-        return d, key, obj, _NOT_A_TENSOR
-    return d, key, obj, _PACKED if obj.is_mkldnn else obj.data_ptr()
+    """An entry of Transformer._decoder_owns: where ``obj`` lives and, for a tensor, its
+    :func:`codellama.native.buffer_key`."""
+    return d, key, obj, buffer_key(obj) if isinstance(obj, torch.Tensor) else 0
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

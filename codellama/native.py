@@ -44,6 +44,21 @@ _last_error: str | None = None
 _NAMES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
+PACKED = -1  # buffer_key of a oneDNN tensor: its buffer is reached through oneDNN's ops
+
+
+def buffer_key(t: torch.Tensor) -> int:
+    """What identifies ``t``'s storage for a plan that holds a pointer into it: the data
+    pointer of a plain tensor, PACKED for a oneDNN one."""
+    return PACKED if t.is_mkldnn else t.data_ptr()
+
+
+def holds(t: torch.Tensor, key: int) -> bool:
+    """Whether ``t`` still has the storage ``key`` was taken from: ``param.data = ...`` (as
+    ``model.half()`` and ``.to()`` do) keeps the object but frees the old buffer."""
+    return t.is_mkldnn if key == PACKED else t.data_ptr() == key
+
+
 @dataclass(eq=False)
 class LinearPlan:
     """How one weight is multiplied natively: its layout, data pointer and kernel."""
@@ -59,14 +74,14 @@ class LinearPlan:
     def __post_init__(self) -> None:
         self.dtype = self.weight.dtype
         self._max_numel = MAX_ROWS * self.k
-        self._packed = self.weight.is_mkldnn
+        self._buffer = buffer_key(self.weight)
 
     def accepts(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether :meth:`__call__` should handle ``x`` (else use oneDNN / F.linear): only
         for the planned weight, still in the storage planned (``.data`` can be swapped)."""
         return (
             weight is self.weight
-            and (weight.is_mkldnn if self._packed else weight.data_ptr() == self.ptr)
+            and holds(weight, self._buffer)
             and x.numel() <= self._max_numel
             and x.dtype == self.dtype
             and not torch.compiler.is_compiling()
@@ -154,7 +169,7 @@ class NativeLinear:
         whether the row is all finite; None for logits it does not take."""
         if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
             return None
-        if not logits.is_contiguous():
+        if not logits.is_contiguous():  # a (B, V) view of a wider buffer: torch takes it
             return None
         rows = logits.shape[0]
         index, finite = (ctypes.c_long * rows)(), (ctypes.c_int * rows)()
