@@ -170,7 +170,9 @@ def write_checkpoint(spec: dict[str, Any]) -> None:
         return
     print(f"writing a random {spec['shape']} checkpoint to {d} ...", flush=True)
     dtype = getattr(torch, spec["disk_dtype"])
-    write_random_checkpoint(d, args, seed=0, dtype=dtype, std=0.02, overwrite=True)
+    write_random_checkpoint(
+        d, args, seed=0, dtype=dtype, std=0.02, overwrite=True, device=spec["draw_device"]
+    )
 
 
 def warm_page_cache(ckpt: Path) -> None:
@@ -184,8 +186,8 @@ def warm_page_cache(ckpt: Path) -> None:
 
 
 def measure_bandwidth(x: torch.Tensor, passes: int = 5) -> float:
-    """Read bandwidth in GB/s: x.sum() over ``x`` (1 GiB float32), the best of ``passes``
-    after a warm-up (a bound is the best the machine does right now)."""
+    """Read bandwidth in GB/s: x.sum() over ``x`` (float32), the best of ``passes`` after a
+    warm-up (a bound is the best the machine does right now)."""
     times = []
     for _ in range(passes + 1):  # the first is a warm-up
         t = time.perf_counter()
@@ -281,7 +283,11 @@ def _build_ours(spec: dict[str, Any]) -> Built:
 def _build_hf(spec: dict[str, Any]) -> Built:
     """LlamaForCausalLM (sdpa) from the same Meta checkpoint, mapped tensor by tensor."""
     import transformers
-    from transformers.initialization import no_init_weights
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older 5.x and 4.x
+        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef]
 
     from codellama.checkpoint import iter_full_tensors
     from codellama.convert import meta_to_hf_name, permute_rotary
@@ -362,7 +368,8 @@ def serve(spec: dict[str, Any]) -> None:
         write_checkpoint(spec)
         return _reply({})
     if spec["task"] == "bandwidth":  # a probe, asked before each batch-1 run
-        x = torch.ones(2**28, device=torch.device(spec["device"]))
+        dev = torch.device(spec["device"])  # 1 GiB; 4 GiB on a GPU, where 1 takes ~0.3 ms
+        x = torch.ones(2**30 if dev.type == "cuda" else 2**28, device=dev)
         _reply({})
         for _ in sys.stdin:
             _reply({"bandwidth_gbs": measure_bandwidth(x)})
@@ -577,7 +584,10 @@ def main(
     if n_words != VOCAB:
         notes.append(f"tokenizer has {n_words} pieces, not {VOCAB}: vocab_size set to {n_words}")
         args["vocab_size"] = n_words
+    # A GPU draws the random weights (a 7B model's in seconds, not a minute); other values.
+    draw = "cuda" if torch.device(device).type == "cuda" else "cpu"
     tag = f"{shape}-L{args['n_layers']}-V{args['vocab_size']}-{disk_dtype}"
+    tag += "-cuda" if draw == "cuda" else ""
     ckpt = str(_cache_dir() / tag)
     rng = random.Random(0)
 
@@ -589,7 +599,7 @@ def main(
     base = {"args": args, "ckpt": ckpt, "tokenizer": tok_path, "shape": shape, "device": device,
             "dtype": dtype, "threads": threads, "runs": int(runs), "compile": bool(compile),
             "prefill_chunk_size": prefill_chunk_size, "disk_dtype": disk_dtype,
-            "prompts": prompts}  # fmt: skip
+            "draw_device": draw, "prompts": prompts}  # fmt: skip
     run_one({**base, "task": "write"})
     warm_page_cache(Path(ckpt))
     gemv = run_one({**base, "task": "gemv"})
@@ -625,7 +635,8 @@ def main(
         res["bw_fraction_b1"] = res["decode_b1_tok_s"] / res["bound_tok_s_b1"]
         res["gemv_fraction_b1"] = res["decode_b1_tok_s"] / gemv["gemv_tok_s"]
     if bandwidth_gbs is None:
-        bw_src = "measured: x.sum() over 1 GiB float32, best of 5, before each batch-1 run"
+        size = "4 GiB" if torch.device(device).type == "cuda" else "1 GiB"
+        bw_src = f"measured: x.sum() over {size} float32, best of 5, before each batch-1 run"
         bw_text = "; ".join(
             f"{lib} {res['bandwidth_gbs']:.1f} GB/s (probes "
             + ", ".join(f"{b:.1f}" for b in res["bandwidth_b1"])

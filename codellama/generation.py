@@ -196,6 +196,7 @@ class Llama:
         self._generator = torch.Generator(device=model.device).manual_seed(seed)
         self._decode: Callable[..., torch.Tensor] = self._decode_step
         self.compiled = compile
+        self._overlap = model.device.type != "cpu"  # see _run_batch
         if compile:
             mode = "reduce-overhead" if model.device.type == "cuda" else None
             self._decode = torch.compile(self._decode_step, mode=mode, dynamic=False)
@@ -478,7 +479,6 @@ class Llama:
             seen = torch.zeros((bsz, model.params.vocab_size), dtype=torch.bool, device=device)
             for i, n in enumerate(lens):  # the prompt's tokens, not its padding
                 seen[i, prompt[i, :n]] = True
-        logits = last_logits
         max_steps = max(r.budget for r in rows)
         # Greedy picks on CPU in one native call (argmax and finiteness): right after a
         # decoding step each torch op costs 10-100 us, as the CPU caches are cold.
@@ -487,58 +487,101 @@ class Llama:
             kernel = None
         if distributed.model_parallel_world() != 1:
             kernel = None
-        for step in range(max_steps):
-            picked = kernel.greedy(logits) if kernel is not None else None
-            if picked is not None:
-                host: list[list[Any]] = [picked[0], picked[1]]
-                next_tok = torch.tensor(picked[0], device=device)
+        # On an accelerator the next step is queued before the host waits for this step's
+        # tokens, so the device never idles while Python checks stops (one step may be
+        # computed in vain at the end). The picks, and so the tokens, are the same.
+        overlap = self._overlap and kernel is None
+
+        def decode_next(tok: torch.Tensor) -> torch.Tensor:
+            nonlocal cur_pos
+            if seen is not None:
+                seen.scatter_(1, tok.view(-1, 1), True)
+            if uniform:
+                out = self._decode(tok.view(bsz, 1), None, cur_pos[0], cur_pos[0] + 1)
             else:
-                next_tok = sample(logits, sampling, generator, seen)
-                next_tok = distributed.broadcast_tokens(next_tok)
-                finite = torch.isfinite(logits).all(dim=-1)
-                packed = [next_tok.to(torch.float64), finite.to(torch.float64)]
-                if want_logprobs:
-                    lp = torch.log_softmax(logits, dim=-1).gather(-1, next_tok.view(-1, 1))
-                    packed.append(lp.view(-1).to(torch.float64))
-                host = torch.stack(packed).tolist()
+                kv_len = (
+                    self.max_seq_len if self.compiled else min(max(cur_pos) + 1, self.max_seq_len)
+                )
+                out = self._decode(tok.view(bsz, 1), positions, 0, kv_len)
+            cur_pos = [min(p + 1, self.max_seq_len - 1) for p in cur_pos]
+            if not uniform:
+                positions.add_(1).clamp_(max=self.max_seq_len - 1)
+            return out
+
+        tok, host = self._pick(last_logits, sampling, generator, seen, want_logprobs, kernel)
+        for step in range(max_steps):
+            more = step + 1 < max_steps
+            if overlap and more:
+                logits = decode_next(tok)
+            values = host()
             emitted = []
             for i, r in enumerate(rows):
                 if r.finish_reason is not None:
                     continue
-                if not host[1][i]:
+                if not values[1][i]:
                     raise NumericalError(
                         f"the model produced non-finite logits (NaN/inf) for row {r.index} at "
-                        f"generation step {step} (position {cur_pos[i]}); the weights or the "
-                        "dtype are broken (fp16 overflows easily: try dtype='bfloat16' or "
-                        "'float32')"
+                        f"generation step {step} (position {lens[i] + step}); the "
+                        "weights or the dtype are broken (fp16 overflows easily: try "
+                        "dtype='bfloat16' or 'float32')"
                     )
-                tok = int(host[0][i])
-                if tok in stops:
+                t = int(values[0][i])
+                if t in stops:
                     r.finish_reason = "stop"
                     continue
-                r.tokens.append(tok)
+                r.tokens.append(t)
                 if want_logprobs:
-                    r.logprobs.append(host[2][i])
-                emitted.append((r, tok))
+                    r.logprobs.append(values[2][i])
+                emitted.append((r, t))
                 if len(r.tokens) >= r.budget:
                     r.finish_reason = "length"
                 if texts and self._found_stop_string(r, texts):
                     r.finish_reason = "stop"
             yield emitted
-            if all(r.finish_reason is not None for r in rows):
+            if not more or all(r.finish_reason is not None for r in rows):
                 break
-            if seen is not None:
-                seen.scatter_(1, next_tok.view(-1, 1), True)
-            if uniform:
-                logits = self._decode(next_tok.view(bsz, 1), None, cur_pos[0], cur_pos[0] + 1)
-            else:
-                kv_len = (
-                    self.max_seq_len if self.compiled else min(max(cur_pos) + 1, self.max_seq_len)
-                )
-                logits = self._decode(next_tok.view(bsz, 1), positions, 0, kv_len)
-            cur_pos = [min(p + 1, self.max_seq_len - 1) for p in cur_pos]
-            if not uniform:
-                positions.add_(1).clamp_(max=self.max_seq_len - 1)
+            if not overlap:
+                logits = decode_next(tok)
+            tok, host = self._pick(logits, sampling, generator, seen, want_logprobs, kernel)
+
+    def _pick(
+        self,
+        logits: torch.Tensor,
+        sampling: SamplingParams,
+        generator: torch.Generator,
+        seen: torch.Tensor | None,
+        want_logprobs: bool,
+        kernel: native.NativeLinear | None,
+    ) -> tuple[torch.Tensor, Callable[[], list[list[Any]]]]:
+        """Queue the next tokens' pick from ``logits``: (the tokens on the device, a function
+        that waits for [tokens, finite, logprobs?] on the host)."""
+        device = logits.device
+        picked = kernel.greedy(logits) if kernel is not None else None
+        if picked is not None:
+            values: list[list[Any]] = [picked[0], picked[1]]
+            return torch.tensor(picked[0], device=device), lambda: values
+        tok = sample(logits, sampling, generator, seen)
+        tok = distributed.broadcast_tokens(tok)
+        finite = torch.isfinite(logits).all(dim=-1)
+        packed = [tok.to(torch.float64), finite.to(torch.float64)]
+        if want_logprobs:
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, tok.view(-1, 1))
+            packed.append(lp.view(-1).to(torch.float64))
+        stacked = torch.stack(packed)
+        if device.type != "cuda":
+            return tok, stacked.tolist
+        # Copy into pinned memory without blocking; the host waits for this copy alone, not
+        # for the decoding step queued after it.
+        buf = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+        buf.copy_(stacked, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+        def wait() -> list[list[Any]]:
+            done.synchronize()
+            return buf.tolist()  # type: ignore[no-any-return]
+
+        return tok, wait
 
     # ------------------------------------------------------------------ Meta's API
 

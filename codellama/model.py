@@ -711,6 +711,10 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = plan(x)
     elif weight.is_mkldnn:
         out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    elif fs_init.get_model_parallel_world_size() == 1:
+        # fairscale's layer would wrap F.linear in autograd Functions that torch.compile
+        # cannot trace (a graph break, so a CUDA graph, per linear); one process needs none.
+        return F.linear(x, weight)  # type: ignore[arg-type]
     else:
         return layer(x)  # type: ignore[no-any-return]
     if fs_init.get_model_parallel_world_size() == 1:

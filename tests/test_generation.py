@@ -232,6 +232,46 @@ def test_compiled_decode_equals_eager(make_checkpoint, build):
     assert compiled.generate(prompts, 8, temperature=0, stop_token=-1)[0] == want
 
 
+@pytest.mark.slow
+def test_compiled_decode_step_is_one_graph(make_checkpoint, build):
+    """No graph breaks (fairscale's autograd wrappers caused one per linear): on CUDA each
+    break would split the step's CUDA graph."""
+    from torch._dynamo.utils import counters
+
+    compiled = build(make_checkpoint(GQA_ARGS), max_seq_len=32, compile=True)
+    counters.clear()
+    compiled.generate([[1, 5, 9]], 3, temperature=0, stop_token=-1)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+OVERLAP_CASES = {
+    "greedy_logprobs_echo": dict(sampling=SamplingParams(temperature=0), logprobs=True, echo=True),
+    "sampled": dict(sampling=SamplingParams(temperature=0.9, top_p=0.95, top_k=50)),
+    "repetition_penalty": dict(sampling=SamplingParams(temperature=0.8, repetition_penalty=1.3)),
+    "stop_token": dict(sampling=SamplingParams(temperature=1.0), stop_tokens=(7, 11, 13, 17)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERLAP_CASES))
+def test_overlapped_decoding_gives_the_same_results(llama, case):
+    """On accelerators the next step is queued before the host reads this step's tokens;
+    forced on here, it must change nothing: tokens, logprobs, finish reasons, and the
+    sampling generator's draws."""
+    prompts = _prompts(llama.model.params.vocab_size)
+    kwargs = OVERLAP_CASES[case]
+    runs = {}
+    for overlap in (False, True):
+        llama._overlap = overlap
+        llama._generator.manual_seed(5)
+        runs[overlap] = [
+            llama.generate_results(prompts, 12, seed=3, **kwargs),
+            llama.generate_results(prompts[:2], 5, **kwargs),  # the shared generator after
+        ]
+    assert runs[True] == runs[False]
+    assert any(r.finish_reason == "stop" for r in runs[True][0]) or case != "stop_token"
+
+
 def test_prefill_groups_equal_lengths_together_and_split_far_apart_ones():
     from codellama.generation import _prefill_groups
 
