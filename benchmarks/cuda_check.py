@@ -93,6 +93,8 @@ def main() -> int:
 
     # 2. CUDA greedy equals CPU greedy (fp32)
     eager = build(dtype="float32")
+    fused = eager.model.layers[0].attention.wqkv is not None  # type: ignore[union-attr]
+    check("q/k/v and w1/w3 fused off the CPU", fused == (DEVICE != "cpu"), f"fused: {fused}")
     want = eager.generate_results(ps, 12, greedy, logprobs=True)
     cpu = Llama.build(str(ckpt), str(tok), 96, 4, device="cpu", dtype="float32")
     got = cpu.generate_results(ps, 12, greedy, logprobs=True)

@@ -161,6 +161,8 @@ class Llama:
         _check_memory(args, dt, dev, mp)
         with _cyclic_gc_paused():
             model = build_empty(args, dev, dt)
+            if dev.type != "cpu":  # CPU decoding runs each weight natively instead
+                model.fuse_projections()
             store = None if compile else model.store_prepacked  # torch.compile packs by itself
             load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0, store=store)
             model.setup_cache(dtype=dt, device=dev)

@@ -309,14 +309,20 @@ class Attention(nn.Module):
             init_method=_keep,
         )  # fmt: skip
         self.cache: KVCache | None = None
+        self.wqkv: torch.Tensor | None = None  # wq, wk, wv as one matrix: see fuse_rows
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError("KV cache not allocated: call Transformer.setup_cache() first")
         bsz, seqlen, _ = x.shape
-        q = linear(self.wq, x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = linear(self.wk, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = linear(self.wv, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            kv = self.n_local_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.wqkv).split([self.n_local_heads * self.head_dim, kv, kv], -1)
+        else:
+            q, k, v = linear(self.wq, x), linear(self.wk, x), linear(self.wv, x)
+        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         q = apply_rotary(q, step.rotation).transpose(1, 2)
         k = apply_rotary(k, step.rotation).transpose(1, 2)
         keys, values = self.cache.update(k, v.transpose(1, 2), step)
@@ -354,8 +360,12 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallelLinear(
             dim, hidden_dim, bias=False, gather_output=False, init_method=_keep
         )
+        self.w13: torch.Tensor | None = None  # w1 and w3 as one matrix: see fuse_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            return linear(self.w2, F.silu(gate) * up)
         return linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x))
 
 
@@ -395,6 +405,8 @@ class Transformer(nn.Module):
         self.native_kernel: NativeLinear | None = None
         self.native_decoder: DecoderPlan | None = None
         self._decoder_owns: list[tuple[dict[str, Any], str, object, int]] = []
+        self._fused = False  # see fuse_projections
+        self._fused_owns: list[tuple[dict[str, Any], torch.Tensor, int]] = []
 
     @property
     def device(self) -> torch.device:
@@ -539,6 +551,47 @@ class Transformer(nn.Module):
             return decoder(tokens, start_pos, start_pos + seqlen, row_offset)
         kv_len = self.params.max_seq_len if kv_len is None else kv_len
         return decoder(tokens, positions, kv_len, row_offset)
+
+    def fuse_projections(self) -> bool:
+        """Run q/k/v and w1/w3 as one matrix product each (the weights become views of one
+        matrix per layer; names, values and state_dict are unchanged). On a GPU this saves
+        three kernel launches per layer and each product reads more rows at once. Call it
+        before loading (then nothing is copied) or after; False where weights are not plain
+        tensors (CPU prepacked weights: CPU decoding runs each weight natively instead)."""
+        self._fused = all(_fusable(group) for _, _, group in self._fusion_groups())
+        if self._fused:
+            for owner, attr, group in self._fusion_groups():
+                setattr(owner, attr, fuse_rows(group))
+            self._note_fused()
+        return self._fused
+
+    def _note_fused(self) -> None:
+        """Remember each fused weight's object and address: checking them before every
+        forward pass must be cheap (~0.5 us a weight; the full check costs 1 ms a step)."""
+        self._fused_owns = [
+            (m._parameters, w, w.data_ptr())
+            for _, _, group in self._fusion_groups()
+            for m in group
+            for w in [_weight(m)]
+        ]
+
+    def _fusion_groups(self) -> Iterator[tuple[nn.Module, str, list[nn.Module]]]:
+        for layer in self.layers:
+            assert isinstance(layer, TransformerBlock)
+            attn, ffn = layer.attention, layer.feed_forward
+            yield attn, "wqkv", [attn.wq, attn.wk, attn.wv]
+            yield ffn, "w13", [ffn.w1, ffn.w3]
+
+    def _check_fused(self) -> None:
+        """Fuse again the groups whose weights were replaced or moved since they were fused
+        (a stale fused matrix would be a silent wrong answer); unfuse where they cannot be."""
+        if all(d.get("weight") is w and w.data_ptr() == ptr for d, w, ptr in self._fused_owns):
+            return
+        for owner, attr, group in self._fusion_groups():
+            fused = getattr(owner, attr)
+            if fused is None or not is_fused(group, fused):
+                setattr(owner, attr, fuse_rows(group) if _fusable(group) else None)
+        self._note_fused()
 
     def linear_layers(self) -> Iterator[ColumnParallelLinear | RowParallelLinear]:
         """Every fairscale linear layer (attention, feed-forward, output)."""
@@ -686,6 +739,8 @@ class Transformer(nn.Module):
                 f"cache rows {row_offset}..{row_offset + bsz - 1} exceed max_batch_size="
                 f"{self.params.max_batch_size}"
             )
+        if self._fused and not torch.compiler.is_compiling():
+            self._check_fused()  # compiled steps run after an eager prefill has checked
         logits = self._native_decode(tokens, start_pos, positions, kv_len, row_offset)
         if logits is not None:  # seqlen is 1: logits_index can only pick position 0
             return logits if logits_index is not None else logits.unsqueeze(1)
@@ -700,6 +755,44 @@ def _owned(d: dict[str, Any], key: str, obj: object) -> tuple[dict[str, Any], st
     """An entry of Transformer._decoder_owns: where ``obj`` lives and, for a tensor, its
     :func:`codellama.native.buffer_key`."""
     return d, key, obj, buffer_key(obj) if isinstance(obj, torch.Tensor) else 0
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    w = m.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
+def _fusable(layers: list[nn.Module]) -> bool:
+    ws = [_weight(m) for m in layers]
+    return all(w.layout == torch.strided and not w.is_mkldnn for w in ws) and (
+        len({(w.dtype, w.device, w.shape[1:]) for w in ws}) == 1
+    )
+
+
+def fuse_rows(layers: list[nn.Module]) -> torch.Tensor:
+    """Stack the layers' weights (out, in) into one (sum of out, in) matrix and make each
+    weight a view of its rows, so loading or updating a weight in place updates both."""
+    fused = torch.cat([_weight(m).detach() for m in layers])
+    row = 0
+    for m in layers:
+        n = _weight(m).shape[0]
+        _weight(m).data = fused[row : row + n]
+        row += n
+    return fused
+
+
+def is_fused(layers: list[nn.Module], fused: torch.Tensor) -> bool:
+    """Whether each weight is still the view of ``fused`` that :func:`fuse_rows` made."""
+    row, row_bytes = 0, fused.stride(0) * fused.element_size()
+    for m in layers:
+        w = _weight(m)
+        if w.is_mkldnn or w.dtype != fused.dtype or w.device != fused.device:
+            return False
+        if w.shape[1:] != fused.shape[1:] or w.data_ptr() != fused.data_ptr() + row * row_bytes:
+            return False
+        row += w.shape[0]
+    return row == fused.shape[0]
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
