@@ -275,6 +275,10 @@ def _build_ours(spec: dict[str, Any]) -> Built:
     packed = "oneDNN prepacked" if any(p.is_mkldnn for p in model.parameters()) else "F.linear"
     planned = [m for m in model.modules() if m.__dict__.get("native_plan") is not None]
     kernel = f"codellama native ({len(planned)} layers)" if planned else packed
+    from codellama import gpu_kernels
+
+    if model.device.type == "cuda" and gpu_kernels._enabled:
+        kernel = f"Triton small_matmul (codellama.gpu_kernels) up to {gpu_kernels.MAX_ROWS} rows"
     if model.native_decoder is not None:
         kernel = f"codellama native decoding step (all {model.params.n_layers} layers, one call)"
     return gen, parameter_bytes(model), kv_cache_bytes(model.params, model.dtype), kernel

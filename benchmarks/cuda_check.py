@@ -134,6 +134,28 @@ def main() -> int:
     except Exception as exc:
         check("compile=True == eager on CUDA", False, repr(exc))
 
+    # 3b. the Triton matrix products (bf16, up to 16 rows) against F.linear's
+    try:
+        from codellama import gpu_kernels
+
+        b16 = build(dtype="bfloat16")
+        x = torch.tensor([[t] for t in ps[3][:4]], device=DEVICE)  # 4 rows of one token
+        runs = []
+        for on in (True, False):
+            gpu_kernels._enabled = on and DEVICE == "cuda"
+            b16.model.setup_cache()
+            runs.append(b16.model.forward(x)[:, -1].float().cpu())
+        gpu_kernels._enabled = DEVICE == "cuda"
+        err = rel(runs[0], runs[1])
+        check("Triton products == F.linear (bf16)", err < 1e-2, f"relative error {err:.2e}")
+        compiled16 = build(dtype="bfloat16", compile=True)
+        a16 = b16.generate_results(ps, 12, greedy, logprobs=True)
+        c16 = compiled16.generate_results(ps, 12, greedy, logprobs=True)
+        same = [x.tokens == y.tokens for x, y in zip(a16, c16)]
+        check("compile=True == eager (bf16, Triton products)", all(same), f"rows {same}")
+    except Exception as exc:
+        check("Triton products", False, repr(exc))
+
     # 4. seeded sampling and the overlapped loop
     sampling = SamplingParams(temperature=0.8, top_p=0.95, repetition_penalty=1.2)
     a = eager.generate_results(ps, 16, sampling, seed=7, logprobs=True)

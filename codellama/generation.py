@@ -21,7 +21,7 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
-from . import distributed, native
+from . import distributed, gpu_kernels, native
 from .checkpoint import load_weights, read_params, shard_paths
 from .errors import (
     ConfigError,
@@ -163,6 +163,8 @@ class Llama:
             model = build_empty(args, dev, dt)
             if dev.type != "cpu":  # CPU decoding runs each weight natively instead
                 model.fuse_projections()
+            if dev.type == "cuda":
+                gpu_kernels.enable()  # Triton matrix products for decoding's few rows
             store = None if compile else model.store_prepacked  # torch.compile packs by itself
             load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0, store=store)
             model.setup_cache(dtype=dt, device=dev)

@@ -28,6 +28,7 @@ from fairscale.nn.model_parallel.mappings import (
 )
 from torch import nn
 
+from . import gpu_kernels
 from .checkpoint import release_pages
 from .errors import ConfigError, PromptTooLongError
 from .native import (
@@ -317,7 +318,7 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         if self.wqkv is not None:
             kv = self.n_local_kv_heads * self.head_dim
-            q, k, v = F.linear(x, self.wqkv).split([self.n_local_heads * self.head_dim, kv, kv], -1)
+            q, k, v = matmul(x, self.wqkv).split([self.n_local_heads * self.head_dim, kv, kv], -1)
         else:
             q, k, v = linear(self.wq, x), linear(self.wk, x), linear(self.wv, x)
         q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
@@ -364,7 +365,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            gate, up = matmul(x, self.w13).chunk(2, dim=-1)
             return linear(self.w2, F.silu(gate) * up)
         return linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x))
 
@@ -795,6 +796,13 @@ def is_fused(layers: list[nn.Module], fused: torch.Tensor) -> bool:
     return row == fused.shape[0]
 
 
+def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)``; a few rows on CUDA go through :mod:`codellama.gpu_kernels`."""
+    if gpu_kernels.applies(x, weight):
+        return gpu_kernels.small_matmul(x, weight)
+    return F.linear(x, weight)
+
+
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a fairscale parallel linear layer: through the native kernel for a few rows
     (:mod:`codellama.native`), else through oneDNN if its weight is prepacked."""
@@ -807,7 +815,7 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     elif fs_init.get_model_parallel_world_size() == 1:
         # fairscale's layer would wrap F.linear in autograd Functions that torch.compile
         # cannot trace (a graph break, so a CUDA graph, per linear); one process needs none.
-        return F.linear(x, weight)  # type: ignore[arg-type]
+        return matmul(x, weight)  # type: ignore[arg-type]
     else:
         return layer(x)  # type: ignore[no-any-return]
     if fs_init.get_model_parallel_world_size() == 1:
