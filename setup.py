@@ -26,7 +26,15 @@ setup(
     install_requires=requirements(),
     extras_require={
         "hf": ["safetensors"],
-        "test": ["pytest", "hypothesis", "transformers", "safetensors", "psutil"],
+        # Triton: its interpreter runs codellama.gpu_kernels on the CPU in the tests.
+        "test": [
+            "pytest",
+            "hypothesis",
+            "transformers",
+            "safetensors",
+            "psutil",
+            'triton; platform_system == "Linux" and platform_machine == "x86_64"',
+        ],
         "dev": ["ruff", "mypy"],
     },
 )

@@ -33,15 +33,23 @@ def read_gbs(gib: int = 4) -> float:
 
 
 def time_per_call(fn, xs, ws, reps: int = 20) -> float:
-    """Median seconds per call over ``reps`` passes through every copy, back to back."""
-    fn(xs[0], ws[0])  # warm-up (and autotune)
+    """Median seconds per product: one CUDA graph holds a product with every copy, and its
+    replays are timed, as decoding replays its graph. Timing calls launched from Python
+    would time the launches instead: a Triton launch costs more than the product (40-80 us
+    against 17-80 us here), so an earlier version of this script reported the launches."""
+    fn(xs[0], ws[0])  # warm-up (and autotune, which cannot run inside a capture)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for x, w in zip(xs, ws):
+            fn(x, w)
+    graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        for x, w in zip(xs, ws):
-            fn(x, w)
+        graph.replay()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / len(ws))

@@ -1,0 +1,89 @@
+"""codellama.gpu_kernels: when the Triton products apply, and (run by Triton's interpreter
+on the CPU, when Triton is installed) that they compute x @ w.T for every tile tail."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from codellama import gpu_kernels
+
+
+def test_nothing_is_registered_or_used_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu_kernels, "_enabled", False)
+    assert gpu_kernels.enable() is False
+    assert gpu_kernels._enabled is False
+
+
+def test_the_environment_switch_turns_them_off(monkeypatch):
+    monkeypatch.setenv("CODELLAMA_TRITON_MATMUL", "0")
+    monkeypatch.setattr(gpu_kernels, "_enabled", False)
+    assert gpu_kernels.enable() is False
+
+
+def test_they_never_apply_to_cpu_tensors_or_eager_calls(monkeypatch):
+    monkeypatch.setattr(gpu_kernels, "_enabled", True)
+    x, w = torch.ones(1, 8, dtype=torch.bfloat16), torch.ones(4, 8, dtype=torch.bfloat16)
+    assert not gpu_kernels.applies(x, w)  # CPU weight, and not compiling
+
+
+# (rows, N, K, tiles): N and K not multiples of the tiles, so every masked tail runs.
+CASES = [(1, 40, 100, (8, 32)), (1, 64, 256, (16, 64)), (3, 40, 100, (16, 32)),
+         (8, 64, 96, (32, 32)), (16, 33, 70, (16, 16))]  # fmt: skip
+DTYPES = ["float16", "bfloat16"]
+
+# Triton reads TRITON_INTERPRET when it is imported, and torch.compile (other tests) imports
+# it, so the kernels are interpreted in a fresh process that checks every case at once.
+_SCRIPT = r"""
+import json, sys, torch
+from codellama import gpu_kernels
+cases, kernels, out = json.loads(sys.argv[1]), gpu_kernels._kernels(), {}
+for rows, n, k, (bn, bk), dtype, stride in cases:
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, stride, k, generator=g).to(dt)[:, -1:]  # rows stride*k apart
+    w = torch.randn(n, k, generator=g).to(dt)
+    got = gpu_kernels.launch(x, w, kernels, {"BLOCK_N": bn, "BLOCK_K": bk})
+    want = (x.float() @ w.float().T).to(dt)
+    out[f"{rows}-{n}-{k}-{dtype}-{stride}"] = {
+        "shape": list(got.shape), "dtype": str(got.dtype).removeprefix("torch."),
+        "err": ((got.float() - want.float()).abs().max() / want.float().abs().max()).item(),
+    }
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    """Each case's output shape, dtype and max error relative to the largest output."""
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
+    cases = [[r, n, k, t, d, 1] for r, n, k, t in CASES for d in DTYPES]
+    cases.append([4, 24, 48, (16, 32), "float16", 2])  # strided rows
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, json.dumps(cases)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("rows,n,k,tiles", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_products_equal_an_fp32_reference(interpreted, rows, n, k, tiles, dtype):
+    if dtype == "bfloat16" and rows > 1:
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly (GPUs run it right)")
+    got = interpreted[f"{rows}-{n}-{k}-{dtype}-1"]
+    assert got["shape"] == [rows, 1, n] and got["dtype"] == dtype
+    assert got["err"] < 2e-2
+
+
+def test_strided_rows_are_read_right(interpreted):
+    got = interpreted["4-24-48-float16-2"]
+    assert got["shape"] == [4, 1, 24] and got["err"] < 2e-2
