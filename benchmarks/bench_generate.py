@@ -18,7 +18,8 @@ shapes write big checkpoints (7b/13b/34b: 13/26/68 GB); shrink them with --n_lay
 Options: --shape tiny|small|7b|13b|34b, --n_layers N (shrink a shape), --dtype float32|
 bfloat16|float16, --device cpu|cuda, --runs 3 (median after one warm-up), --peers hf|none,
 --compile False (ours only; HF always runs eagerly), --bandwidth_gbs (skip measuring it),
---threads (default: the CPUs this process may use), --prefill_chunk_size 512, --sequential True,
+--threads (default: the CPUs this process may use), --prefill_chunk_size (the library's default),
+--sequential True,
 --out FILE (JSON with every timing).
 
 Figures: batch-1 and batch-8 decode tok/s (new tokens after the first / (time - time to
@@ -259,12 +260,13 @@ def measure_gemv_pass(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _build_ours(spec: dict[str, Any]) -> Built:
     from codellama import Llama, SamplingParams
+    from codellama.generation import DEFAULT_PREFILL_CHUNK
     from codellama.model import kv_cache_bytes, parameter_bytes
 
     llama = Llama.build(
         spec["ckpt"], spec["tokenizer"], MAX_SEQ_LEN, BATCH,
         device=spec["device"], dtype=spec["dtype"], seed=1, compile=spec["compile"],
-        prefill_chunk_size=spec["prefill_chunk_size"],
+        prefill_chunk_size=spec["prefill_chunk_size"] or DEFAULT_PREFILL_CHUNK,
     )  # fmt: skip
     greedy = SamplingParams(temperature=0.0)
 
@@ -560,7 +562,7 @@ def main(
     n_layers: int | None = None,
     bandwidth_gbs: float | None = None,
     threads: int | None = None,
-    prefill_chunk_size: int = 512,
+    prefill_chunk_size: int | None = None,
     disk_dtype: str = "bfloat16",
     sequential: bool = True,
     worker: bool = False,

@@ -45,7 +45,9 @@ from .sampling import SamplingParams, sample
 from .tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length"]
-DEFAULT_PREFILL_CHUNK = 512
+# Prompt tokens per forward pass. 1024 against 512 (bf16 `small`, 2-core CPU): prefill of a
+# 1-2K prompt 11-12% faster, a 16K one 7%; peak memory at 16K +29 MiB (184 MiB in all).
+DEFAULT_PREFILL_CHUNK = 1024
 # Cost of one pass over the weights, in prompt tokens, when grouping rows for prefill.
 PREFILL_GROUP_OVERHEAD = 64
 _SAMPLING_EXTRAS = frozenset({"top_k", "min_p", "repetition_penalty"})
