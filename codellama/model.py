@@ -702,7 +702,9 @@ class Transformer(nn.Module):
             )
 
     def _hidden(self, tokens: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)
+        h = F.embedding(tokens, self.tok_embeddings.weight)  # fairscale's forward, traceable
+        if fs_init.get_model_parallel_world_size() > 1:
+            h = gather_across_ranks(h)  # each rank holds a slice of the embedding dimension
         for layer in self.layers:
             h = layer(h, step)
         return h
@@ -805,26 +807,45 @@ def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a fairscale parallel linear layer: through the native kernel for a few rows
-    (:mod:`codellama.native`), else through oneDNN if its weight is prepacked."""
+    (:mod:`codellama.native`), through oneDNN if its weight is prepacked, else as a plain
+    product; then the layer's all-reduce or gather across model-parallel ranks. fairscale's
+    own forward is not called: its autograd Functions cannot be traced by torch.compile (a
+    graph break, so a CUDA graph, per linear), and inference needs no autograd."""
     weight = layer.weight
     plan = layer.__dict__.get("native_plan")
     if plan is not None and plan.accepts(x, weight):
         out = plan(x)
     elif weight.is_mkldnn:
         out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    elif fs_init.get_model_parallel_world_size() == 1:
-        # fairscale's layer would wrap F.linear in autograd Functions that torch.compile
-        # cannot trace (a graph break, so a CUDA graph, per linear); one process needs none.
-        return matmul(x, weight)  # type: ignore[arg-type]
     else:
-        return layer(x)  # type: ignore[no-any-return]
+        out = matmul(x, weight)  # type: ignore[arg-type]
     if fs_init.get_model_parallel_world_size() == 1:
         return out  # nothing to reduce or gather (and fairscale's wrappers cost ~2%)
     if isinstance(layer, RowParallelLinear):
-        return reduce_from_model_parallel_region(out)  # sum the ranks' partial products
+        return reduce_across_ranks(out)  # sum the ranks' partial products
     if isinstance(layer, ColumnParallelLinear) and layer.gather_output:
-        return gather_from_model_parallel_region(out)
+        return gather_across_ranks(out)
     return out
+
+
+def reduce_across_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over the model-parallel ranks; traceable by torch.compile (functional
+    collectives), fairscale's autograd-aware all-reduce otherwise."""
+    if torch.compiler.is_compiling():
+        from torch.distributed import _functional_collectives as funcol  # ~0.3 s to import
+
+        return funcol.all_reduce(x, "sum", fs_init.get_model_parallel_group())
+    return reduce_from_model_parallel_region(x)  # type: ignore[no-any-return]
+
+
+def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate the ranks' ``x`` along the last dimension, in rank order."""
+    if torch.compiler.is_compiling():
+        from torch.distributed import _functional_collectives as funcol
+
+        group = fs_init.get_model_parallel_group()
+        return funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, group)
+    return gather_from_model_parallel_region(x)  # type: ignore[no-any-return]
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:

@@ -32,10 +32,13 @@ def torchrun(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
-def run_mp(ckpt: Path, nproc: int, prompts, tmp_path: Path, temperature: float = 0.0) -> list[dict]:
+def run_mp(
+    ckpt: Path, nproc: int, prompts, tmp_path: Path, temperature: float = 0.0, *extra: str
+) -> list[dict]:
     out = tmp_path / f"out-{nproc}-{ckpt.name}"
     proc = torchrun(nproc, REPO / "tests" / "mp_worker.py", "--ckpt_dir", str(ckpt), "--out", str(out),
-                    "--prompts", json.dumps(prompts), "--temperature", str(temperature))  # fmt: skip
+                    "--prompts", json.dumps(prompts), "--temperature", str(temperature), *extra,
+                    timeout=400)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(nproc)]
 
@@ -60,6 +63,20 @@ def test_torchrun_greedy_tokens_equal_mp1(make_checkpoint, mp1_tokens, tmp_path,
         assert out["tokens"] == want
         for a, b in zip(out["logprobs"], want_lp):
             assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_compiled_model_parallel_decode_equals_mp1_without_graph_breaks(
+    make_checkpoint, mp1_tokens, tmp_path
+):
+    """The all-reduces and gathers are functional collectives under torch.compile, so a
+    model-parallel step is one graph (one CUDA graph on GPUs), not one per linear."""
+    prompts, want, want_lp = mp1_tokens
+    outs = run_mp(make_checkpoint(MP_ARGS, n_shards=2), 2, prompts, tmp_path, 0.0, "--compile")
+    for out in outs:
+        assert out["tokens"] == want
+        for a, b in zip(out["logprobs"], want_lp):
+            assert a == pytest.approx(b, abs=1e-4)
+        assert out["graph_breaks"] == 0
 
 
 @pytest.mark.parametrize("n_shards", [2, 4])
