@@ -81,6 +81,8 @@ METRICS = [
     ("prefill_tok_s", f"prefill tok/s ({PREFILL_LEN}-token prompt)", True),
     ("mixed_batch_s", "mixed batch wall s (8 prompts 16..512, +64)", False),
     ("ttft_b1_s", "time to first token s (batch 1)", False),
+    ("warmup_b1_s", "first batch-1 run s (warm-up; torch.compile compiles here)", False),
+    ("warmup_b8_s", "first batch-8 run s (warm-up; a second compile for 8 rows)", False),
     ("build_s", "build/load s", False),
     ("rss_before_build_mb", "RSS before build MB (imports)", False),
     ("peak_rss_build_mb", "peak RSS after build MB", False),
@@ -487,6 +489,8 @@ def benchmark(
                     reply = w.ask({"op": name})
                     if run:
                         results[lib]["times"][name].append(reply["s"])
+                    elif name in ("b1", "b8"):  # its first decode steps: compiling, if any
+                        results[lib][f"warmup_{name}_s"] = reply["s"]
                     if reply["tokens"] is not None:
                         results[lib]["tokens_b1"] = reply["tokens"]
             if name == "b1" and probe is not None:
