@@ -316,16 +316,18 @@ class Attention(nn.Module):
         if self.cache is None:
             raise RuntimeError("KV cache not allocated: call Transformer.setup_cache() first")
         bsz, seqlen, _ = x.shape
-        if self.wqkv is not None:
-            kv = self.n_local_kv_heads * self.head_dim
-            q, k, v = matmul(x, self.wqkv).split([self.n_local_heads * self.head_dim, kv, kv], -1)
+        heads, kv_heads, head_dim = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        if self.wqkv is not None:  # q and k are adjacent: rotate them in one go
+            qkv = matmul(x, self.wqkv).view(bsz, seqlen, heads + 2 * kv_heads, head_dim)
+            qk = apply_rotary(qkv[:, :, : heads + kv_heads], step.rotation)
+            q, k = qk.split([heads, kv_heads], dim=2)
+            v = qkv[:, :, heads + kv_heads :]
         else:
-            q, k, v = linear(self.wq, x), linear(self.wk, x), linear(self.wv, x)
-        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q = apply_rotary(q, step.rotation).transpose(1, 2)
-        k = apply_rotary(k, step.rotation).transpose(1, 2)
+            q = linear(self.wq, x).view(bsz, seqlen, heads, head_dim)
+            k = linear(self.wk, x).view(bsz, seqlen, kv_heads, head_dim)
+            v = linear(self.wv, x).view(bsz, seqlen, kv_heads, head_dim)
+            q, k = apply_rotary(q, step.rotation), apply_rotary(k, step.rotation)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         keys, values = self.cache.update(k, v.transpose(1, 2), step)
 
         if self.n_rep > 1 and seqlen == 1:
