@@ -93,3 +93,35 @@ print(json.dumps({"base": base, "short": short, "long": long}))
     )
     assert out["long"] - out["base"] < 512, out
     assert out["long"] - out["short"] < 128, out
+
+
+def test_a_cpu_kv_cache_takes_memory_only_as_positions_are_used():
+    """The cache for 100K positions (390 MiB here) is an anonymous memory map: building
+    touches none of it, and a short generation only a few pages."""
+    out = _run(
+        PEAK
+        + """
+import tempfile, torch
+from pathlib import Path
+from codellama import Llama, ModelArgs, Tokenizer
+from codellama.demo import train_tokenizer, write_random_checkpoint
+from codellama.model import kv_cache_bytes
+d = Path(tempfile.mkdtemp())
+tok = train_tokenizer(d / "tokenizer.model")
+args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=Tokenizer(tok).n_words)
+write_random_checkpoint(d / "ckpt", args, tokenizer_path=tok)
+base = peak_mib()
+llama = Llama.build(str(d / "ckpt"), str(tok), 100_000, 4, device="cpu", dtype="float32")
+built = peak_mib()
+tokens, _ = llama.generate([[1, 5, 9, 13]] * 4, 8, temperature=0, stop_token=-1)
+cache = kv_cache_bytes(llama.model.params, torch.float32) / 2**20
+k = llama.model.layers[0].attention.cache.k
+print(json.dumps({"base": base, "built": built, "after": peak_mib(), "cache": cache,
+                  "n": [len(t) for t in tokens], "unused_zero": k[:, :, 20:].abs().sum().item()}))
+"""
+    )
+    assert out["cache"] > 350
+    assert out["built"] - out["base"] < 100, out
+    assert out["after"] - out["base"] < 120, out
+    assert out["n"] == [8] * 4
+    assert out["unused_zero"] == 0.0
