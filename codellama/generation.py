@@ -514,6 +514,8 @@ class Llama:
                 positions.add_(1).clamp_(max=self.max_seq_len - 1)
             return out
 
+        if max_steps == 0:  # echo with logprobs and no new tokens: nothing to sample
+            return
         tok, host = self._pick(last_logits, sampling, generator, seen, want_logprobs, kernel)
         for step in range(max_steps):
             more = step + 1 < max_steps

@@ -323,3 +323,15 @@ def test_build_leaves_the_garbage_collector_as_it_found_it(make_checkpoint, buil
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_echo_with_no_new_tokens_draws_nothing_from_the_generator(llama):
+    prompts = _prompts(llama.model.params.vocab_size, [4, 6])
+    runs = []
+    for echo_first in (False, True):
+        llama._generator.manual_seed(11)
+        if echo_first:
+            tokens, lps = llama.generate(prompts, 0, temperature=1.0, logprobs=True, echo=True)
+            assert [len(t) for t in tokens] == [4, 6] and len(lps[1]) == 6
+        runs.append(llama.generate(prompts, 6, temperature=1.0, stop_token=-1)[0])
+    assert runs[0] == runs[1]
