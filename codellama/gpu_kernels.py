@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ import torch
 MAX_ROWS = 16  # rows (batch x tokens) up to which the kernels are used
 _DTYPES = (torch.bfloat16, torch.float16)
 _enabled = False
+_failed: Exception | None = None  # the first failure of the kernels; then F.linear runs
 
 
 def enable() -> bool:
@@ -65,7 +67,19 @@ def _register() -> None:
 
     @torch.library.custom_op("codellama::small_matmul", mutates_args=())  # type: ignore[misc]
     def _op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return launch(x, weight, kernels)
+        global _failed
+        if _failed is None:
+            try:
+                return launch(x, weight, kernels)
+            except Exception as exc:  # a Triton that cannot build or run them here
+                _failed = exc
+                warnings.warn(
+                    f"codellama: the Triton matrix products failed ({exc!r:.200}); using "
+                    "F.linear instead (set CODELLAMA_TRITON_MATMUL=0 to skip them)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return torch.nn.functional.linear(x, weight)
 
     @_op.register_fake  # type: ignore[misc]
     def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,20 @@ print(json.dumps(out))
 """
 
 
+def test_a_kernel_failure_falls_back_to_f_linear_with_a_warning(monkeypatch):
+    """Triton present but unable to run the kernels (here: CPU tensors, not interpreted)."""
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(gpu_kernels, "_failed", None)
+    gpu_kernels._register()
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    with pytest.warns(RuntimeWarning, match="using F.linear instead"):
+        got = gpu_kernels.small_matmul(x, w)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w))
+    assert gpu_kernels._failed is not None
+    torch.testing.assert_close(gpu_kernels.small_matmul(x, w), got)  # no second attempt
+
+
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
     """Each case's output shape, dtype and max error relative to the largest output."""
