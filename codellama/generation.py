@@ -48,6 +48,19 @@ FinishReason = Literal["stop", "length"]
 # Prompt tokens per forward pass. 1024 against 512 (bf16 `small`, 2-core CPU): prefill of a
 # 1-2K prompt 11-12% faster, a 16K one 7%; peak memory at 16K +29 MiB (184 MiB in all).
 DEFAULT_PREFILL_CHUNK = 1024
+# Compiled decoding attends over the cache in buckets of at least this many positions, not
+# over all max_seq_len of them (at 100K positions that reads 4x a 7B model's weights a token).
+KV_BUCKET = 256
+
+
+def kv_bucket(n: int) -> int:
+    """``n`` rounded up to a multiple of KV_BUCKET or of an eighth of the power of two above
+    it: at most KV_BUCKET or 25% more positions than needed, and 4 shapes (so 4 CUDA graphs)
+    per doubling of the context: 31 up to 100K positions."""
+    step = max(KV_BUCKET, (1 << max(n - 1, 0).bit_length()) // 8)
+    return -(-n // step) * step
+
+
 # Cost of one pass over the weights, in prompt tokens, when grouping rows for prefill.
 PREFILL_GROUP_OVERHEAD = 64
 _SAMPLING_EXTRAS = frozenset({"top_k", "min_p", "repetition_penalty"})
@@ -205,7 +218,10 @@ class Llama:
         self._overlap = model.device.type != "cpu"  # see _run_batch
         if compile:
             mode = "reduce-overhead" if model.device.type == "cuda" else None
-            self._decode = torch.compile(self._decode_step, mode=mode, dynamic=False)
+            # dynamic: the batch size and the attended cache length are symbolic, so one
+            # compilation serves every kv_len bucket (see decode_next) and batches of 2+
+            # rows; CUDA graphs are recorded per shape, which costs no compilation.
+            self._decode = torch.compile(self._decode_step, mode=mode, dynamic=True)
 
     # ------------------------------------------------------------------ core
 
@@ -505,9 +521,11 @@ class Llama:
             if uniform:
                 out = self._decode(tok.view(bsz, 1), None, cur_pos[0], cur_pos[0] + 1)
             else:
-                kv_len = (
-                    self.max_seq_len if self.compiled else min(max(cur_pos) + 1, self.max_seq_len)
-                )
+                kv_len = min(max(cur_pos) + 1, self.max_seq_len)
+                if self.compiled:  # a few shapes, each recorded once as a CUDA graph
+                    # Below max_seq_len: a view of the whole cache would be another graph (it
+                    # is contiguous). Only rows that have finished are fed at the last position.
+                    kv_len = max(1, min(kv_bucket(kv_len), self.max_seq_len - 1))
                 out = self._decode(tok.view(bsz, 1), positions, 0, kv_len)
             cur_pos = [min(p + 1, self.max_seq_len - 1) for p in cur_pos]
             if not uniform:

@@ -245,6 +245,35 @@ def test_compiled_decode_step_is_one_graph(make_checkpoint, build):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.slow
+def test_compiled_decode_crosses_cache_buckets_without_recompiling(make_checkpoint, build):
+    """Compiled steps attend over the cache in buckets of 256 positions (not max_seq_len):
+    the length is symbolic, so crossing buckets neither recompiles nor changes tokens."""
+    from torch._dynamo.utils import counters
+
+    ckpt = make_checkpoint(GQA_ARGS)
+    eager = build(ckpt, max_seq_len=600, max_batch_size=2)
+    compiled = build(ckpt, max_seq_len=600, max_batch_size=2, compile=True)
+    vocab = eager.model.params.vocab_size
+    counters.clear()
+    # buckets 256 and 512, then 599 (max_seq_len - 1) up to the end of the cache
+    for lens, n in (([250, 10], 20), ([500, 3], 40), ([590, 30], 30), ([30, 20], 5)):
+        prompts = _prompts(vocab, lens)
+        want = eager.generate(prompts, n, temperature=0, stop_token=-1)[0]
+        assert compiled.generate(prompts, n, temperature=0, stop_token=-1)[0] == want
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_kv_buckets_cover_the_length_with_little_waste_and_few_shapes():
+    from codellama.generation import KV_BUCKET, kv_bucket
+
+    sizes = [kv_bucket(n) for n in range(1, 100_001)]
+    assert all(b >= n and b - n < max(KV_BUCKET, n // 4 + 1) for n, b in enumerate(sizes, 1))
+    assert sizes == sorted(sizes)
+    assert len(set(sizes)) <= 32
+
+
 OVERLAP_CASES = {
     "greedy_logprobs_echo": dict(sampling=SamplingParams(temperature=0), logprobs=True, echo=True),
     "sampled": dict(sampling=SamplingParams(temperature=0.9, top_p=0.95, top_k=50)),
