@@ -21,6 +21,7 @@ def main(
     max_gen_len: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    compile: bool = False,  # True on GPUs: torch.compile and CUDA graphs, ~4x faster decoding
 ):
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -29,6 +30,7 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
+        compile=compile,
     )
 
     prompts = [
