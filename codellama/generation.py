@@ -144,6 +144,8 @@ class Llama:
         _check_positive_int("prefill_chunk_size", prefill_chunk_size)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"seed must be an integer, got {seed!r}")
+        if not isinstance(compile, bool):
+            raise ConfigError(f"compile must be True or False, got {compile!r}")
         for name, path in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
             if not isinstance(path, (str, os.PathLike)):
                 raise ConfigError(

@@ -253,6 +253,10 @@ BUILD_CASES = [
     *_non_int_cases("max_batch_size", [0, -1, 2.0]),
     *_non_int_cases("prefill_chunk_size", [0, -1, "512"]),
     pytest.param(
+        _build_with(compile="yes"), ConfigError,
+        re.escape("compile must be True or False, got 'yes'"), id="compile-string",
+    ),
+    pytest.param(
         _build_with(max_seq_len=10**9), OutOfMemoryError,
         esc("max_seq_len=1000000000 x max_batch_size=2 needs a", "KV cache", "GiB free",
             "lower max_seq_len (at most"),
