@@ -19,7 +19,8 @@ Options: --shape tiny|small|7b|13b|34b, --n_layers N (shrink a shape), --dtype f
 bfloat16|float16, --device cpu|cuda, --runs 3 (median after one warm-up), --peers hf|none,
 --compile False (ours only; HF always runs eagerly), --bandwidth_gbs (skip measuring it),
 --threads (default: the CPUs this process may use), --prefill_chunk_size (the library's default),
---sequential True,
+--max_seq_len 1088 (ours preallocates its KV cache for this many positions: a larger value
+shows that decoding does not slow down with it), --sequential True,
 --out FILE (JSON with every timing).
 
 Figures: batch-1 and batch-8 decode tok/s (new tokens after the first / (time - time to
@@ -266,7 +267,7 @@ def _build_ours(spec: dict[str, Any]) -> Built:
     from codellama.model import kv_cache_bytes, parameter_bytes
 
     llama = Llama.build(
-        spec["ckpt"], spec["tokenizer"], MAX_SEQ_LEN, BATCH,
+        spec["ckpt"], spec["tokenizer"], spec["max_seq_len"], BATCH,
         device=spec["device"], dtype=spec["dtype"], seed=1, compile=spec["compile"],
         prefill_chunk_size=spec["prefill_chunk_size"] or DEFAULT_PREFILL_CHUNK,
     )  # fmt: skip
@@ -567,6 +568,7 @@ def main(
     bandwidth_gbs: float | None = None,
     threads: int | None = None,
     prefill_chunk_size: int | None = None,
+    max_seq_len: int = MAX_SEQ_LEN,
     disk_dtype: str = "bfloat16",
     sequential: bool = True,
     worker: bool = False,
@@ -574,6 +576,9 @@ def main(
     """Benchmark generation; see the module docstring."""
     if worker:  # internal: this process is a worker; its spec is the first line of stdin
         return serve(json.loads(sys.stdin.readline()))
+    if int(max_seq_len) < MAX_SEQ_LEN:
+        raise SystemExit(f"--max_seq_len must be at least {MAX_SEQ_LEN} (the longest prompt + "
+                         f"new tokens), got {max_seq_len}")  # fmt: skip
     if shape not in SHAPES:
         raise SystemExit(f"--shape must be one of {sorted(SHAPES)}, got {shape!r}")
     dtype = str(dtype).removeprefix("torch.")
@@ -609,7 +614,7 @@ def main(
     base = {"args": args, "ckpt": ckpt, "tokenizer": tok_path, "shape": shape, "device": device,
             "dtype": dtype, "threads": threads, "runs": int(runs), "compile": bool(compile),
             "prefill_chunk_size": prefill_chunk_size, "disk_dtype": disk_dtype,
-            "draw_device": draw, "prompts": prompts}  # fmt: skip
+            "draw_device": draw, "max_seq_len": int(max_seq_len), "prompts": prompts}  # fmt: skip
     run_one({**base, "task": "write"})
     warm_page_cache(Path(ckpt))
     gemv = run_one({**base, "task": "gemv"})
@@ -681,7 +686,7 @@ def main(
           "before the runs)")  # fmt: skip
     print(f"ours: linear kernel for decoding: {results['ours'].get('linear_kernel')}")
     print(f"ours: params {param_bytes / 2**20:.0f} MiB, KV cache {results['ours']['kv_bytes'] / 2**20:.0f} "
-          f"MiB (preallocated {BATCH} x {MAX_SEQ_LEN}); HF's cache grows dynamically")  # fmt: skip
+          f"MiB (preallocated {BATCH} x {max_seq_len}); HF's cache grows dynamically")  # fmt: skip
     if agree is not None:
         same = "all agree" if agree == NEW_TOKENS else f"first difference at token {agree}"
         print(f"greedy batch-1 tokens ours vs HF: {min(agree, NEW_TOKENS)}/{NEW_TOKENS} "
