@@ -1,0 +1,47 @@
+"""The benchmark and GPU-check scripts keep working (they run on GPUs only now and then)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], tmp_path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CODELLAMA_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    env.pop("CODELLAMA_TOKENIZER", None)  # the bench trains and pads its own tokenizer
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
+        cwd=REPO,
+    )  # fmt: skip
+
+
+def test_bench_script_reports_every_figure_for_both_libraries(tmp_path):
+    pytest.importorskip("transformers", reason="the HF peer needs `transformers`")
+    out = tmp_path / "tiny.json"
+    proc = _run(["benchmarks/bench_generate.py", "--shape", "tiny", "--runs", "1",
+                 "--threads", "1", "--out", str(out)], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    for lib in ("ours", "hf"):
+        res = doc["results"][lib]
+        for key in ("decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s", "mixed_batch_s",
+                    "build_s", "bw_fraction_b1", "warmup_b1_s"):  # fmt: skip
+            assert res[key] > 0, (lib, key)
+    assert doc["greedy_agree_tokens"] == 64  # fp32: the same greedy tokens as HF
+    assert "| decode tok/s, batch 1 (32-token prompt) |" in proc.stdout
+
+
+def test_cuda_check_script_passes_its_cpu_smoke_run(tmp_path):
+    pytest.importorskip("transformers", reason="the HF comparison needs `transformers`")
+    proc = _run(["benchmarks/cuda_check.py", "cpu"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all CUDA checks passed" in proc.stdout
+    assert "FAIL" not in proc.stdout
