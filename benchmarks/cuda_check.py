@@ -6,7 +6,8 @@ Checks, each printed as PASS/FAIL with its figures, going on after a failure:
      is), with GQA, ffn_dim_multiplier and rope_theta;
   2. greedy tokens of a mixed-length batch on CUDA equal the CPU's (fp32);
   3. ``compile=True`` (torch.compile, CUDA graphs) gives the eager tokens and logprobs, with
-     one graph per batch size and no CUDA-graph skips;
+     one graph per batch size and no CUDA-graph skips, also across the cache-length buckets
+     up to the end of the cache; the Triton products equal F.linear's;
   4. seeded sampling on CUDA repeats itself, and the overlapped decode loop (the next step
      queued before the host reads tokens) gives what the plain loop gives.
 
@@ -155,6 +156,24 @@ def main() -> int:
         check("compile=True == eager (bf16, Triton products)", all(same), f"rows {same}")
     except Exception as exc:
         check("Triton products", False, repr(exc))
+
+    # 3c. compiled steps attend over cache buckets: crossing them neither recompiles nor
+    # changes tokens, up to the end of the cache
+    try:
+        kw = {"max_seq_len": 700, "max_batch_size": 2, "dtype": "float32"}
+        eager_long, compiled_long = build(**kw), build(**kw, compile=True)
+        counters.clear()
+        same = []
+        for lens, n in (([250, 10], 20), ([500, 3], 40), ([690, 30], 10)):
+            long_ps = prompts(vocab, lens)
+            want_long = eager_long.generate_results(long_ps, n, greedy)
+            got_long = compiled_long.generate_results(long_ps, n, greedy)
+            same += [a.tokens == b.tokens for a, b in zip(want_long, got_long)]
+        graphs = counters["stats"]["unique_graphs"]
+        ok = all(same) and graphs == 1 and not counters["graph_break"]
+        check("compile=True across cache buckets == eager", ok, f"rows {same}, graphs {graphs}")
+    except Exception as exc:
+        check("compile=True across cache buckets", False, repr(exc))
 
     # 4. seeded sampling and the overlapped loop
     sampling = SamplingParams(temperature=0.8, top_p=0.95, repetition_penalty=1.2)
