@@ -426,9 +426,9 @@ class Transformer(nn.Module):
         self._pack_buffer: torch.Tensor | None = None
         self.native_kernel: NativeLinear | None = None
         self.native_decoder: DecoderPlan | None = None
-        self._decoder_owns: list[tuple[dict[str, Any], str, object, int]] = []
+        self._decoder_owns: list[tuple[dict[str, Any], str, Any, int | None]] = []
         self._fused = False  # see fuse_projections
-        self._fused_owns: list[tuple[dict[str, Any], torch.Tensor, int]] = []
+        self._fused_owns: list[tuple[dict[str, Any], str, Any, int | None]] = []
 
     @property
     def device(self) -> torch.device:
@@ -543,12 +543,7 @@ class Transformer(nn.Module):
         """Whether every tensor the native decoder reads is still the model's, with the same
         storage: a replaced parameter, or one whose ``.data`` was swapped (``model.half()``,
         ``.to()``), must not be read through a stale pointer."""
-        for d, key, obj, buffer in self._decoder_owns:
-            if d.get(key) is not obj:
-                return False
-            if isinstance(obj, torch.Tensor) and not holds(obj, buffer):
-                return False
-        return True
+        return _still_owned(self._decoder_owns)
 
     def _native_decode(
         self,
@@ -591,10 +586,9 @@ class Transformer(nn.Module):
         """Remember each fused weight's object and address: checking them before every
         forward pass must be cheap (~0.5 us a weight; the full check costs 1 ms a step)."""
         self._fused_owns = [
-            (m._parameters, w, w.data_ptr())
+            _owned(m._parameters, "weight", _weight(m))
             for _, _, group in self._fusion_groups()
             for m in group
-            for w in [_weight(m)]
         ]
 
     def _fusion_groups(self) -> Iterator[tuple[nn.Module, str, list[nn.Module]]]:
@@ -607,7 +601,7 @@ class Transformer(nn.Module):
     def _check_fused(self) -> None:
         """Fuse again the groups whose weights were replaced or moved since they were fused
         (a stale fused matrix would be a silent wrong answer); unfuse where they cannot be."""
-        if all(d.get("weight") is w and w.data_ptr() == ptr for d, w, ptr in self._fused_owns):
+        if _still_owned(self._fused_owns):
             return
         for owner, attr, group in self._fusion_groups():
             fused = getattr(owner, attr)
@@ -775,10 +769,19 @@ class Transformer(nn.Module):
         return linear(self.output, self.norm(h)).float()
 
 
-def _owned(d: dict[str, Any], key: str, obj: object) -> tuple[dict[str, Any], str, object, int]:
-    """An entry of Transformer._decoder_owns: where ``obj`` lives and, for a tensor, its
-    :func:`codellama.native.buffer_key`."""
-    return d, key, obj, buffer_key(obj) if isinstance(obj, torch.Tensor) else 0
+def _owned(d: dict[str, Any], key: str, obj: Any) -> tuple[dict[str, Any], str, Any, int | None]:
+    """An entry of Transformer._decoder_owns or _fused_owns: where ``obj`` lives and, for a
+    tensor, its :func:`codellama.native.buffer_key`."""
+    return d, key, obj, buffer_key(obj) if isinstance(obj, torch.Tensor) else None
+
+
+def _still_owned(entries: list[tuple[dict[str, Any], str, Any, int | None]]) -> bool:
+    """Whether every :func:`_owned` entry still holds the same object with the same storage:
+    a replaced parameter, or one whose ``.data`` was swapped (``model.half()``, ``.to()``)."""
+    return all(
+        (buffer is None or holds(obj, buffer)) and d.get(key) is obj
+        for d, key, obj, buffer in entries
+    )
 
 
 def _weight(m: nn.Module) -> torch.Tensor:

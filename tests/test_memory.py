@@ -40,6 +40,18 @@ def peak_mib():
         return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 """
 
+# A small GQA checkpoint (and its tokenizer) in a temporary folder: d / "ckpt", tok.
+SMALL_CHECKPOINT = """
+import tempfile, torch
+from pathlib import Path
+from codellama import Llama, ModelArgs, Tokenizer
+from codellama.demo import train_tokenizer, write_random_checkpoint
+d = Path(tempfile.mkdtemp())
+tok = train_tokenizer(d / "tokenizer.model")
+args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=Tokenizer(tok).n_words)
+write_random_checkpoint(d / "ckpt", args, tokenizer_path=tok)
+"""
+
 
 def test_build_peak_rss_stays_within_1_2x_model_and_cache(make_checkpoint):
     """A bf16 checkpoint of ~180 MB built in fp32 (356 MB): no double allocation, and the
@@ -69,15 +81,8 @@ def test_long_prompt_peak_rss_growth_is_bounded():
     """A 16K-token prompt needs no more memory beyond the KV cache than a 1K-token one."""
     out = _run(
         PEAK
+        + SMALL_CHECKPOINT
         + """
-import tempfile, torch
-from pathlib import Path
-from codellama import Llama, ModelArgs, Tokenizer
-from codellama.demo import train_tokenizer, write_random_checkpoint
-d = Path(tempfile.mkdtemp())
-tok = train_tokenizer(d / "tokenizer.model")
-args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=Tokenizer(tok).n_words)
-write_random_checkpoint(d / "ckpt", args, tokenizer_path=tok)
 llama = Llama.build(str(d / "ckpt"), str(tok), 16500, 1, device="cpu", dtype="float32")
 g = torch.Generator().manual_seed(0)
 def prompt(n):
@@ -100,16 +105,9 @@ def test_a_cpu_kv_cache_takes_memory_only_as_positions_are_used():
     touches none of it, and a short generation only a few pages."""
     out = _run(
         PEAK
+        + SMALL_CHECKPOINT
         + """
-import tempfile, torch
-from pathlib import Path
-from codellama import Llama, ModelArgs, Tokenizer
-from codellama.demo import train_tokenizer, write_random_checkpoint
 from codellama.model import kv_cache_bytes
-d = Path(tempfile.mkdtemp())
-tok = train_tokenizer(d / "tokenizer.model")
-args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=Tokenizer(tok).n_words)
-write_random_checkpoint(d / "ckpt", args, tokenizer_path=tok)
 base = peak_mib()
 llama = Llama.build(str(d / "ckpt"), str(tok), 100_000, 4, device="cpu", dtype="float32")
 built = peak_mib()
