@@ -427,7 +427,6 @@ class Transformer(nn.Module):
         self.native_kernel: NativeLinear | None = None
         self.native_decoder: DecoderPlan | None = None
         self._decoder_owns: list[tuple[dict[str, Any], str, Any, int | None]] = []
-        self._fused = False  # see fuse_projections
         self._fused_owns: list[tuple[dict[str, Any], str, Any, int | None]] = []
 
     @property
@@ -575,12 +574,12 @@ class Transformer(nn.Module):
         three kernel launches per layer and each product reads more rows at once. Call it
         before loading (then nothing is copied) or after; False where weights are not plain
         tensors (CPU prepacked weights: CPU decoding runs each weight natively instead)."""
-        self._fused = all(_fusable(group) for _, _, group in self._fusion_groups())
-        if self._fused:
-            for owner, attr, group in self._fusion_groups():
-                setattr(owner, attr, fuse_rows(group))
-            self._note_fused()
-        return self._fused
+        if not all(_fusable(group) for _, _, group in self._fusion_groups()):
+            return False
+        for owner, attr, group in self._fusion_groups():
+            setattr(owner, attr, fuse_rows(group))
+        self._note_fused()
+        return True
 
     def _note_fused(self) -> None:
         """Remember each fused weight's object and address: checking them before every
@@ -757,7 +756,7 @@ class Transformer(nn.Module):
                 f"cache rows {row_offset}..{row_offset + bsz - 1} exceed max_batch_size="
                 f"{self.params.max_batch_size}"
             )
-        if self._fused and not torch.compiler.is_compiling():
+        if self._fused_owns and not torch.compiler.is_compiling():  # fused: see fuse_projections
             self._check_fused()  # compiled steps run after an eager prefill has checked
         logits = self._native_decode(tokens, start_pos, positions, kv_len, row_offset)
         if logits is not None:  # seqlen is 1: logits_index can only pick position 0
