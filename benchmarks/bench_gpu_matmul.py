@@ -15,21 +15,9 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from bench_generate import measure_bandwidth  # this folder: the same probe
 
 from codellama import gpu_kernels
-
-
-def read_gbs(gib: int = 4) -> float:
-    x = torch.ones(gib * 2**28, device="cuda")
-    times = []
-    for _ in range(6):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        x.sum()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return x.numel() * 4 / min(times[1:]) / 1e9
 
 
 def time_per_call(fn, xs, ws, reps: int = 20) -> float:
@@ -63,7 +51,7 @@ def main(rows: str = "1,2,4,8,16", dim: int = 4096, hidden: int = 11008, layers:
     shapes = {"wqkv": (3 * dim, dim), "wo": (dim, dim), "w13": (2 * hidden, dim),
               "w2": (dim, hidden), "output": (vocab, dim)}  # fmt: skip
     per_layer = ["wqkv", "wo", "w13", "w2"]
-    bw = read_gbs()
+    bw = measure_bandwidth(torch.ones(2**30, device="cuda"))  # as bench_generate's probe
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; read bandwidth "
           f"(x.sum over 4 GiB) {bw:.0f} GB/s")  # fmt: skip
     print("| weight | rows | cuBLAS us | Triton us | cuBLAS GB/s | Triton GB/s | Triton/cuBLAS "
