@@ -182,14 +182,16 @@ class Llama:
                 model.fuse_projections()
             if dev.type == "cuda":
                 gpu_kernels.enable()  # Triton matrix products for decoding's few rows
-            store = None if compile else model.store_prepacked  # torch.compile packs by itself
+            if dev.type == "cpu" and not compile:  # torch.compile packs by itself
+                model.native_kernel = native.load()  # packs the weights as they load
+            store = None if compile else model.store_prepacked
             load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0, store=store)
             model.setup_cache(dtype=dt, device=dev)
             model.eval().requires_grad_(False)
             if not compile:  # torch.compile prepacks by itself (inductor freezing)
                 model.prepack_cpu_weights()
                 if dev.type == "cpu":
-                    model.use_native_kernel(native.load())
+                    model.use_native_kernel(model.native_kernel)
         if rank == 0:
             print(f"Loaded in {time.time() - start:.2f} seconds")
         return Llama(

@@ -39,6 +39,7 @@ from .native import (
     DecoderHead,
     DecoderLayer,
     DecoderPlan,
+    LinearPlan,
     NativeLinear,
     buffer_key,
     holds,
@@ -438,19 +439,34 @@ class Transformer(nn.Module):
         return self.norm.weight.dtype
 
     def store_prepacked(self, name: str, weight: torch.Tensor) -> bool:
-        """Prepack ``weight`` (a checkpoint slice) straight into linear layer ``name``.
+        """Store ``weight`` (a checkpoint slice) as parameter ``name``: a linear weight
+        packed straight into the native kernel's layout (else oneDNN's), another large one
+        (the embedding) copied in with its memory mapped in first.
 
         For :func:`codellama.checkpoint.load_weights`: the plain weight is never written,
-        so loading reads the file once and allocates each weight once. Returns False for
-        anything that is not a linear weight, or where prepacking is unavailable.
+        so loading reads the file once and allocates each weight once. Returns False where
+        the loader should copy it itself (small parameters, no kernel, not on the CPU).
         """
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name) if module_name else self
-        if attr != "weight" or not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+        param = getattr(module, attr, None)
+        if not isinstance(param, torch.Tensor) or tuple(weight.shape) != tuple(param.shape):
             return False
-        if not _can_prepack(self.device, self.dtype) or tuple(weight.shape) != tuple(
-            module.weight.shape
-        ):
+        kernel = self.native_kernel
+        if self.device.type != "cpu":
+            return False
+        if attr != "weight" or not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            if kernel is None or param.numel() * param.element_size() < 1 << 20:
+                return False
+            with torch.no_grad():
+                kernel.fill(param, weight)  # the embedding: fresh memory, mapped in at once
+            release_pages(weight)
+            return True
+        if kernel is not None and kernel.can_pack(self.dtype):
+            self._store_packed(module, kernel.pack(weight, self.dtype), kernel)
+            release_pages(weight)
+            return True
+        if not _can_prepack(self.device, self.dtype):
             return False
         if weight.dtype == self.dtype and weight.is_contiguous():
             plain = weight
@@ -460,6 +476,13 @@ class Transformer(nn.Module):
         packed = torch.ops.mkldnn._reorder_linear_weight(plain, self._pack_hint())
         module.weight = nn.Parameter(packed, requires_grad=False)
         return True
+
+    @staticmethod
+    def _store_packed(module: nn.Module, packed: torch.Tensor, kernel: NativeLinear) -> None:
+        """Make ``packed`` (:meth:`NativeLinear.pack`'s) the weight of linear ``module``."""
+        n, k = _weight(module).shape
+        module.weight = nn.Parameter(packed, requires_grad=False)
+        module.__dict__["native_plan"] = kernel.plan_packed(_weight(module), n, k)
 
     def _scratch(self, numel: int) -> torch.Tensor:
         """A flat buffer for ``numel`` elements. Up to the size of a layer's largest weight
@@ -482,15 +505,31 @@ class Transformer(nn.Module):
         return 1 if self.params.max_batch_size == 1 else None
 
     def use_native_kernel(self, kernel: NativeLinear | None) -> int:
-        """Run the linear layers of decoding (up to 8 rows) through ``kernel`` where it can
-        read their weights, prepacked or plain; call after loading and prepacking, and again
-        if weights are replaced. ``None`` turns it off. Returns the layers it serves."""
+        """Run the linear layers through ``kernel`` where it can read their weights: weights
+        in its packed layout for every number of rows, plain or oneDNN-prepacked ones for the
+        few rows of decoding. Call after loading, and again if weights are replaced. ``None``
+        turns it off: packed weights are then unpacked (and prepacked for oneDNN where it
+        can). Returns the layers it serves."""
         self.native_kernel = kernel
-        served, hint = 0, self._pack_hint()
+        served, hint, unpacked = 0, self._pack_hint(), False
         for module in self.linear_layers():
-            plan = kernel.plan(module.weight, hint) if kernel is not None else None
+            old = module.__dict__.get("native_plan")
+            weight = _weight(module)
+            if old is not None and old.owned_layout and old.holds_weight(weight):
+                if kernel is not None and kernel.can_pack(weight.dtype):
+                    module.native_plan = kernel.plan_packed(weight, old.n, old.k)
+                    served += 1
+                    continue
+                assert old.unpack is not None
+                module.weight = nn.Parameter(old.unpack(), requires_grad=False)
+                unpacked = True
+            plan = kernel.plan(_weight(module), hint) if kernel is not None else None
             module.native_plan = plan
             served += plan is not None
+        if unpacked:  # oneDNN's layout, where it has one, for the weights just unpacked
+            self.prepack_cpu_weights(pack_natively=False)
+            if kernel is not None:
+                return self.use_native_kernel(kernel)  # plans for oneDNN's layout
         self._plan_native_decoder()
         return served
 
@@ -614,24 +653,34 @@ class Transformer(nn.Module):
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
                 yield module
 
-    def prepack_cpu_weights(self) -> bool:
-        """Store every linear weight in oneDNN's blocked layout (CPU only, in place).
+    def prepack_cpu_weights(self, pack_natively: bool = True) -> bool:
+        """Store every plain linear weight in a blocked layout (CPU only, in place): the
+        native kernel's (:meth:`NativeLinear.pack`) where it has one for this dtype and
+        ``pack_natively``, else oneDNN's.
 
-        oneDNN's prepacked matrix multiplication is 1.5-4x faster than ``F.linear`` on CPU
-        for the small batches of decoding and somewhat faster for prefill; the plain weight
-        is freed, so memory does not grow. Returns False (and changes nothing) where oneDNN
-        cannot do it: not on CPU, fp16, or a torch build without mkldnn.
+        Products on blocked weights read one sequential stream per 64 outputs: 1.5-4x faster
+        than ``F.linear`` on CPU for the small batches of decoding, and somewhat faster for
+        prefill. The plain weight is freed, so memory does not grow. Returns False (and
+        changes nothing) where neither can: not on CPU, fp16, no oneDNN and no kernel.
         """
         self._pack_buffer = None  # store_prepacked's conversion buffer: loading is over
-        if not _can_prepack(self.device, self.dtype):
+        kernel = self.native_kernel if pack_natively else None
+        native = kernel is not None and kernel.can_pack(self.dtype)
+        if self.device.type != "cpu" or not (native or _can_prepack(self.device, self.dtype)):
             _return_freed_memory()
             return False
         hint = self._pack_hint()
         for module in self.linear_layers():
-            if module.weight.is_mkldnn:
+            weight = _weight(module)
+            plan = module.__dict__.get("native_plan")
+            if weight.is_mkldnn or (plan is not None and plan.owned_layout):
                 continue
-            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), hint)
-            module.weight = nn.Parameter(packed, requires_grad=False)
+            if native:
+                assert kernel is not None
+                self._store_packed(module, kernel.pack(weight.detach(), self.dtype), kernel)
+            else:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), hint)
+                module.weight = nn.Parameter(packed, requires_grad=False)
             _return_freed_memory()  # else the freed plain weights stay in the heap
         _return_freed_memory()
         return True
@@ -791,7 +840,7 @@ def _weight(m: nn.Module) -> torch.Tensor:
 
 def _fusable(layers: list[nn.Module]) -> bool:
     ws = [_weight(m) for m in layers]
-    return all(w.layout == torch.strided and not w.is_mkldnn for w in ws) and (
+    return all(w.layout == torch.strided and not w.is_mkldnn and w.dim() == 2 for w in ws) and (
         len({(w.dtype, w.device, w.shape[1:]) for w in ws}) == 1
     )
 
@@ -840,6 +889,8 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = plan(x)
     elif weight.is_mkldnn:
         out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    elif isinstance(weight, torch.Tensor) and weight.dim() != 2:
+        raise RuntimeError(_packed_weight_error(plan, x, weight))
     else:
         out = matmul(x, weight)  # type: ignore[arg-type]
     if fs_init.get_model_parallel_world_size() == 1:
@@ -849,6 +900,24 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, ColumnParallelLinear) and layer.gather_output:
         return gather_across_ranks(out)
     return out
+
+
+def _packed_weight_error(plan: LinearPlan | None, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Why a weight in the native packed layout (3-D or 4-D) cannot be multiplied here."""
+    what = "a linear weight in codellama's packed CPU layout"
+    if plan is None or not plan.holds_weight(weight):
+        return (
+            f"{what} ({tuple(weight.shape)}, {weight.dtype}) was changed in place (e.g. by "
+            "model.to() or model.half()) and can no longer be read; build the model again "
+            "with Llama.build(..., dtype=...), or call model.use_native_kernel(None) first to "
+            "get plain weights"
+        )
+    if torch.compiler.is_compiling():
+        return (
+            f"{what} cannot be traced by torch.compile; use Llama.build(..., compile=True), "
+            "which keeps plain weights, or call model.use_native_kernel(None) first"
+        )
+    return f"{what} ({plan.dtype}) cannot multiply {x.dtype} inputs; pass {plan.dtype} inputs"
 
 
 def reduce_across_ranks(x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,12 @@
 Decoding reads every weight once per step for a handful of rows, so it runs at the speed of
 a matrix-vector product, which is bound by memory bandwidth. ``native_linear.c`` has:
 
-- matrix-vector kernels for 1-8 rows, 1.1-1.5x faster than oneDNN on the same prepacked
-  weights (2-core AVX512-BF16 EPYC, see the README), which also read plain weights;
+- its own blocked weight layout (:meth:`NativeLinear.pack`): blocks of 64 output rows, as
+  oneDNN prepacks them, written in one pass from the checkpoint's tensors, so that loading
+  costs one copy (oneDNN's reorder costs about two, after a conversion);
+- products for any number of rows on it: 1.1-1.5x faster than oneDNN for the 1-8 rows of
+  decoding (2-core AVX512-BF16 EPYC, see the README) and about its speed for prefill's
+  hundreds; they also read plain weights and oneDNN's prepacked ones;
 - a whole decoding step (:class:`DecoderPlan`): embedding, every layer and the logits in
   one call, because between torch ops the caches go cold after each pass over the weights
   and a step of ~25 small ops per layer spends 2.5-3.5 ms of 13 on dispatch alone;
@@ -13,7 +17,7 @@ a matrix-vector product, which is bound by memory bandwidth. ``native_linear.c``
 It is built with the system C compiler into a per-CPU cache and loaded with ctypes: no
 build step at install time, and nothing changes where it cannot be built (no compiler, not
 Linux, ``CODELLAMA_NATIVE_KERNELS=0``): the model then uses oneDNN or ``F.linear`` and its
-torch layers. Prefill (many rows) always stays on oneDNN's GEMM and torch's attention.
+torch layers. Prefill's attention stays with torch.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,21 +73,29 @@ class LinearPlan:
     ptr: int
     n: int
     k: int
-    padded_k: int  # 0: row-major; else K rounded up inside oneDNN's 64-row blocks
+    padded_k: int  # 0: row-major; else K rounded up inside the 64-row blocks
+    # The weight is in codellama's own blocked layout (NativeLinear.pack): only these kernels
+    # read it, so they take every number of rows; `unpack` gives it back as a plain matrix.
+    owned_layout: bool = False
+    unpack: Callable[[], torch.Tensor] | None = None
     dtype: torch.dtype = field(init=False)
 
     def __post_init__(self) -> None:
         self.dtype = self.weight.dtype
-        self._max_numel = MAX_ROWS * self.k
+        self._max_numel = None if self.owned_layout else MAX_ROWS * self.k
         self._buffer = buffer_key(self.weight)
+
+    def holds_weight(self, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` is the planned tensor, still in the storage planned
+        (``param.data = ...`` keeps the object but not the storage)."""
+        return weight is self.weight and holds(weight, self._buffer)
 
     def accepts(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether :meth:`__call__` should handle ``x`` (else use oneDNN / F.linear): only
-        for the planned weight, still in the storage planned (``.data`` can be swapped)."""
+        for the planned weight, still in the storage planned."""
         return (
-            weight is self.weight
-            and holds(weight, self._buffer)
-            and x.numel() <= self._max_numel
+            self.holds_weight(weight)
+            and (self._max_numel is None or x.numel() <= self._max_numel)
             and x.dtype == self.dtype
             and not torch.compiler.is_compiling()
         )
@@ -115,6 +128,20 @@ class NativeLinear:
             if dtype == torch.float32 or self.bf16_dot_product:
                 self._blocked[dtype] = self._function(library, f"codellama_linear_{name}_blocked")
         self._layouts: dict[tuple, int | None] = {}
+        self._pack = {torch.float32: library.codellama_pack_f32}
+        if self.bf16_dot_product:
+            self._pack[torch.bfloat16] = library.codellama_pack_bf16
+        for fn in self._pack.values():  # src, src_bf16, ld, dst, N, K, threads
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+            fn.argtypes += [ctypes.c_long, ctypes.c_long, ctypes.c_int]
+            fn.restype = ctypes.c_int
+        self._populate = library.codellama_populate  # ptr, bytes, threads
+        self._populate.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
+        self._populate.restype = ctypes.c_int
+        self._unpack = library.codellama_unpack  # src, bf16, dst, N, K, threads
+        self._unpack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        self._unpack.argtypes += [ctypes.c_long, ctypes.c_long, ctypes.c_int]
+        self._unpack.restype = ctypes.c_int
         self._argmax = library.codellama_argmax_f32
         self._argmax.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
         self._argmax.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
@@ -143,6 +170,63 @@ class NativeLinear:
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self._row_major
+
+    def can_pack(self, dtype: torch.dtype) -> bool:
+        """Whether weights of ``dtype`` can be kept in the blocked layout (:meth:`pack`)."""
+        return dtype in self._pack
+
+    def pack(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``weight`` (N, K) in ``dtype``, in codellama's blocked layout: blocks of 64 output
+        rows, fp32 as (ceil(N/64), K, 64) and bf16 as (ceil(N/64), ceil(K/2), 64, 2), zero
+        padded; see native_linear.c. One pass over ``weight`` (any strides, converted on the
+        way from fp32 or bf16), the threads writing disjoint blocks."""
+        if not self.can_pack(dtype):
+            raise ValueError(f"this build of the native kernels cannot pack {dtype} weights")
+        if weight.dim() != 2 or weight.device.type != "cpu":
+            raise ValueError(
+                f"expected a 2-D CPU weight, got {tuple(weight.shape)} on {weight.device}"
+            )
+        if weight.dtype not in (torch.float32, torch.bfloat16) or weight.stride(1) != 1:
+            weight = weight.to(dtype).contiguous()
+        n, k = weight.shape
+        blocks = -(-n // BLOCK)
+        if dtype == torch.float32:
+            out = torch.empty((blocks, k, BLOCK), dtype=dtype)
+        else:
+            out = torch.empty((blocks, (k + 1) // 2, BLOCK, 2), dtype=dtype)
+        if n and k:
+            status = self._pack[dtype](
+                weight.data_ptr(), int(weight.dtype == torch.bfloat16), weight.stride(0),
+                out.data_ptr(), n, k, torch.get_num_threads(),
+            )  # fmt: skip
+            if status != 0:
+                raise MemoryError("native pack: out of memory for a thread's tile")
+        return out
+
+    def fill(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst.copy_(src)``, with ``dst``'s memory mapped in first by the threads (one call
+        each, see native_linear.c's populate): 1.3-1.5x faster into fresh memory."""
+        if dst.is_contiguous() and dst.device.type == "cpu":
+            nbytes = dst.numel() * dst.element_size()
+            self._populate(dst.data_ptr(), nbytes, torch.get_num_threads())
+        dst.copy_(src)
+
+    def plan_packed(self, packed: torch.Tensor, n: int, k: int) -> LinearPlan:
+        """The plan for an (n, k) weight that :meth:`pack` made: every number of rows."""
+        dtype = packed.dtype
+        padded_k = k if dtype == torch.float32 else k + k % 2
+        want = -(-n // BLOCK) * BLOCK * padded_k
+        if not self.can_pack(dtype) or packed.numel() != want or not packed.is_contiguous():
+            raise ValueError(f"not a packed ({n}, {k}) {dtype} weight: {tuple(packed.shape)}")
+
+        def unpack() -> torch.Tensor:
+            out = torch.empty((n, k), dtype=dtype)
+            bf16 = int(dtype == torch.bfloat16)
+            self._unpack(packed.data_ptr(), bf16, out.data_ptr(), n, k, torch.get_num_threads())
+            return out
+
+        fn = self._blocked[dtype]
+        return LinearPlan(packed, fn, packed.data_ptr(), n, k, padded_k, True, unpack)
 
     def plan(self, weight: torch.Tensor, pack_hint: int | None = None) -> LinearPlan | None:
         """A plan for an (N, K) CPU weight, plain or prepacked by oneDNN with ``pack_hint``
@@ -452,11 +536,18 @@ def build(
 def _self_test(kernel: NativeLinear) -> None:
     gen = torch.Generator().manual_seed(0)
     for dtype in _NAMES:
-        w = torch.randn(37, 70, generator=gen).to(dtype)
-        x = torch.randn(3, 70, generator=gen).to(dtype)
-        plan = kernel.plan(w)
-        if plan is None or not _close(plan(x).double(), x.double() @ w.double().T, dtype):
-            raise RuntimeError(f"native kernel failed its {dtype} self-test")
+        w = torch.randn(77, 71, generator=gen).to(dtype)
+        want = {}
+        for rows in (3, 13):
+            x = torch.randn(rows, 71, generator=gen).to(dtype)
+            want[rows] = x, x.double() @ w.double().T
+        plans = [kernel.plan(w)]
+        if kernel.can_pack(dtype):
+            plans.append(kernel.plan_packed(kernel.pack(w, dtype), *w.shape))
+        for plan in plans:
+            for x, ref in want.values():
+                if plan is None or not _close(plan(x).double(), ref, dtype):
+                    raise RuntimeError(f"native kernel failed its {dtype} self-test")
 
 
 def _cache_root() -> Path:

@@ -94,8 +94,9 @@ def test_a_dtype_change_fuses_again_and_stays_right(make_checkpoint):
 
 def test_prepacked_cpu_weights_are_not_fused(make_checkpoint, build):
     model = build(make_checkpoint(GQA_ARGS)).model
-    if not any(p.is_mkldnn for p in model.parameters()):
-        pytest.skip("this torch build cannot prepack weights (no oneDNN)")
+    wq = model.layers[0].attention.wq.weight
+    if not (wq.is_mkldnn or wq.dim() > 2):
+        pytest.skip("this machine keeps plain CPU weights (no native kernel, no oneDNN)")
     assert model.fuse_projections() is False
     assert model.layers[0].attention.wqkv is None
 

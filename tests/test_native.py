@@ -164,16 +164,29 @@ def test_a_failing_compiler_is_reported_not_raised(tmp_path: Path, monkeypatch):
 @pytest.mark.parametrize(
     ("dtype", "max_batch_size"), [("float32", 4), ("bfloat16", 4), ("float32", 1)]
 )
-def test_built_cpu_model_keeps_onednn_weights_and_plans_every_linear(
+def test_built_cpu_model_keeps_packed_weights_and_plans_every_linear(
     kernel, make_checkpoint, build, dtype, max_batch_size
 ):
     model = build(make_checkpoint(GQA_ARGS), dtype=dtype, max_batch_size=max_batch_size).model
     linears = list(model.linear_layers())
     assert len(linears) == 7 * GQA_ARGS.n_layers + 1
-    assert all(m.weight.is_mkldnn for m in linears)  # prefill stays on oneDNN's GEMM
-    if dtype == "bfloat16" and not kernel.bf16_dot_product:
-        return
     assert all(m.native_plan is not None for m in linears)
+    if dtype == "bfloat16" and not kernel.bf16_dot_product:
+        assert all(m.weight.is_mkldnn for m in linears)  # read by oneDNN's GEMM for prefill
+        return
+    assert all(m.native_plan.owned_layout and m.weight.dim() > 2 for m in linears)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_without_the_kernel_the_model_keeps_onednn_weights(
+    native_off, make_checkpoint, build, dtype
+):
+    model = build(make_checkpoint(GQA_ARGS), dtype=dtype).model
+    assert model.native_kernel is None
+    linears = list(model.linear_layers())
+    if torch.backends.mkldnn.is_available():
+        assert all(m.weight.is_mkldnn for m in linears)
+    assert all(m.__dict__.get("native_plan") is None for m in linears)
 
 
 def test_compiled_model_does_not_use_the_kernel(kernel, make_checkpoint, build):
@@ -185,7 +198,7 @@ def test_compiled_model_does_not_use_the_kernel(kernel, make_checkpoint, build):
 def test_a_replaced_weight_is_not_read_through_a_stale_plan(kernel, make_checkpoint, build):
     model = build(make_checkpoint(GQA_ARGS)).model
     layer = model.layers[0].attention.wq
-    new = torch.randn(layer.weight.shape)
+    new = torch.randn(layer.native_plan.n, layer.native_plan.k)  # weight.shape is packed
     layer.weight = torch.nn.Parameter(new, requires_grad=False)
     x = torch.randn(1, 1, new.shape[1])
     torch.testing.assert_close(linear(layer, x), x @ new.T)
@@ -206,7 +219,7 @@ def test_native_and_onednn_models_agree_on_greedy_tokens(
     finally:
         monkeypatch.delenv(native.ENV_SWITCH)
         native.load.cache_clear()
-    assert onednn.model.native_kernel is None
+    assert onednn.model.native_kernel is None  # and prefill runs on oneDNN's GEMM
     vocab = onednn.model.params.vocab_size
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lens]

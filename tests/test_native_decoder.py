@@ -147,7 +147,9 @@ def test_a_replaced_weight_sends_the_step_to_the_torch_layers(kernel, make_check
         "output": model.output,
         "wq": model.layers[0].attention.wq,
     }[part]
-    new = torch.randn(module.weight.shape, generator=torch.Generator().manual_seed(5))
+    plan = module.__dict__.get("native_plan")  # a linear weight's shape is its packed one
+    shape = (plan.n, plan.k) if plan is not None else module.weight.shape
+    new = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     module.weight = torch.nn.Parameter(new, requires_grad=False)
     vocab = model.params.vocab_size
     prompt, token = _tokens(vocab, 1, 4), _tokens(vocab, 1, 1, seed=1)

@@ -1,0 +1,145 @@
+"""Weights in the native kernels' own blocked layout: how they are packed, multiplied at any
+number of rows, unpacked, and refused once changed behind the model's back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from codellama import native
+from codellama.model import linear
+
+from .conftest import GQA_ARGS
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+SHAPES = [(64, 128), (100, 70), (5, 33), (1, 1), (130, 300), (64, 512)]  # K > 256: chunks
+ROWS = [1, 3, 8, 9, 13, 64, 200]  # decoding's few rows, and prefill's many
+
+
+def _packable(kernel: native.NativeLinear, dtype: torch.dtype) -> None:
+    if not kernel.can_pack(dtype):
+        pytest.skip(f"this CPU's build keeps {dtype} weights in oneDNN's layout")
+
+
+def _reference_layout(w: torch.Tensor) -> torch.Tensor:
+    """The documented layout, built with torch: blocks of 64 rows (zero padded); fp32 as
+    (N/64, K, 64), bf16 as (N/64, ceil(K/2), 64, 2) (pairs of k for the dot product)."""
+    n, k = w.shape
+    blocks = -(-n // 64)
+    padded_k = k if w.dtype == torch.float32 else k + k % 2
+    full = torch.zeros(blocks * 64, padded_k, dtype=w.dtype)
+    full[:n, :k] = w
+    if w.dtype == torch.float32:
+        return full.view(blocks, 64, k).transpose(1, 2).contiguous()
+    return full.view(blocks, 64, padded_k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), SHAPES + [(200, 64), (64, 17), (3, 1000)])
+def test_pack_writes_the_documented_blocked_layout(kernel, dtype, n, k):
+    _packable(kernel, dtype)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)).to(dtype)
+    assert torch.equal(kernel.pack(w, dtype), _reference_layout(w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("source", [torch.float32, torch.bfloat16, torch.float16])
+def test_pack_converts_like_torch(kernel, dtype, source):
+    _packable(kernel, dtype)
+    w = torch.randn(70, 90, generator=torch.Generator().manual_seed(1)).to(source)
+    assert torch.equal(kernel.pack(w, dtype), _reference_layout(w.to(dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_reads_slices_of_a_shard(kernel, dtype):
+    """Model parallelism packs a rank's rows or columns straight from the checkpoint."""
+    _packable(kernel, dtype)
+    full = torch.randn(200, 160, generator=torch.Generator().manual_seed(2)).bfloat16()
+    for piece in (full.narrow(1, 80, 80), full.narrow(0, 100, 100), full.narrow(1, 3, 67)):
+        assert torch.equal(kernel.pack(piece, dtype), _reference_layout(piece.to(dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_unpack_returns_the_weight(kernel, dtype, n, k):
+    _packable(kernel, dtype)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3)).to(dtype)
+    plan = kernel.plan_packed(kernel.pack(w, dtype), n, k)
+    assert plan.unpack is not None and torch.equal(plan.unpack(), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_packed_products_match_float64_at_every_row_count(kernel, dtype, m, n, k):
+    _packable(kernel, dtype)
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    plan = kernel.plan_packed(kernel.pack(w, dtype), n, k)
+    assert plan.accepts(x, plan.weight)  # no row limit: only these kernels read the layout
+    got = plan(x)
+    assert got.dtype == dtype and got.shape == (m, n)
+    want = x.double() @ w.double().T
+    torch.testing.assert_close(got.double(), want, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_plan_packed_refuses_a_tensor_of_another_shape(kernel):
+    packed = kernel.pack(torch.randn(100, 70), torch.float32)
+    with pytest.raises(ValueError, match="not a packed"):
+        kernel.plan_packed(packed, 100, 71)
+
+
+def test_portable_build_packs_fp32_only(tmp_path: Path, kernel):
+    flags = tuple(f for f in native.FLAGS if f != "-march=native")
+    portable = native.build(flags=flags, cache_dir=tmp_path)
+    assert portable.can_pack(torch.float32) and not portable.can_pack(torch.bfloat16)
+    w = torch.randn(130, 300, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(portable.pack(w, torch.float32), _reference_layout(w))
+    plan = portable.plan_packed(portable.pack(w, torch.float32), 130, 300)
+    x = torch.randn(20, 300, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(plan(x), x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_turning_the_kernel_off_unpacks_the_weights(kernel, make_checkpoint, build, dtype):
+    llama = build(make_checkpoint(GQA_ARGS), dtype=dtype)
+    model = llama.model
+    if not kernel.can_pack(model.dtype):
+        pytest.skip("this CPU's build does not pack this dtype")
+    tokens = torch.tensor([[1, 5, 9, 14, 3, 7, 11, 2, 6, 8, 10]])
+    want = model.forward(tokens)
+    wq = model.layers[0].attention.wq
+    packed_plan = wq.native_plan
+    model.use_native_kernel(None)
+    assert model.native_decoder is None
+    for m in model.linear_layers():
+        assert m.weight.dim() == 2 and m.__dict__.get("native_plan") is None
+    if not wq.weight.is_mkldnn:
+        assert torch.equal(wq.weight, packed_plan.unpack())
+    tol = 1e-4 if dtype == "float32" else 5e-2
+    torch.testing.assert_close(model.forward(tokens), want, atol=tol, rtol=tol)
+    model.use_native_kernel(kernel)  # oneDNN's layout now: planned for decoding's rows
+    assert model.native_decoder is not None
+    torch.testing.assert_close(model.forward(tokens), want, atol=tol, rtol=tol)
+
+
+def test_a_packed_weight_changed_in_place_is_a_clear_error(kernel, make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS)).model
+    layer = model.layers[0].attention.wq
+    layer.weight.data = layer.weight.data.double()  # as model.double() would
+    x = torch.randn(1, 2, GQA_ARGS.dim)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        linear(layer, x)
+
+
+def test_a_replaced_packed_weight_is_used_as_given(kernel, make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS)).model
+    layer = model.layers[0].feed_forward.w2
+    n, k = layer.native_plan.n, layer.native_plan.k
+    new = torch.randn(n, k, generator=torch.Generator().manual_seed(6))
+    layer.weight = torch.nn.Parameter(new, requires_grad=False)
+    x = torch.randn(1, 12, k)
+    torch.testing.assert_close(linear(layer, x), x @ new.T)
