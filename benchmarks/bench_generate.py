@@ -239,6 +239,13 @@ def measure_gemv_pass(spec: dict[str, Any]) -> dict[str, Any]:
                 return found if all(p is not None for p in found) else []
 
             kernels["codellama native on oneDNN-packed weights"] = (lambda x, p: p(x), plans)
+            if kernel.can_pack(dtype):  # the layout the model keeps: its own packing
+
+                def own() -> list[Any]:
+                    assert kernel is not None
+                    return [kernel.plan_packed(kernel.pack(w, dtype), *w.shape) for w in weights]
+
+                kernels["codellama native on its packed weights"] = (lambda x, p: p(x), own)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     best: dict[str, Any] = {"gemv_tok_s": 0.0, "gemv_kernel": ""}
     xs = {n: torch.ones(1, n, device=dev, dtype=dtype) for n in {s[1] for s in shapes}}

@@ -878,9 +878,10 @@ def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a fairscale parallel linear layer: through the native kernel for a few rows
-    (:mod:`codellama.native`), through oneDNN if its weight is prepacked, else as a plain
-    product; then the layer's all-reduce or gather across model-parallel ranks. fairscale's
+    """Apply a fairscale parallel linear layer: through the native kernel where it has a plan
+    (:mod:`codellama.native`: every row count for weights in its packed layout, a few rows
+    otherwise), through oneDNN if its weight is prepacked, else as a plain product; then the
+    layer's all-reduce or gather across model-parallel ranks. fairscale's
     own forward is not called: its autograd Functions cannot be traced by torch.compile (a
     graph break, so a CUDA graph, per linear), and inference needs no autograd."""
     weight = layer.weight

@@ -1,22 +1,31 @@
-/* CPU decoding: linear layers y[M, N] = x[M, K] @ W[N, K]^T for M <= 8 rows of x, a whole
- * decoding step built on them (at the end of this file), and greedy decoding's argmax.
+/* CPU linear layers y[M, N] = x[M, K] @ W[N, K]^T, a whole decoding step built on them (at
+ * the end of this file), and greedy decoding's argmax.
  *
  * Decoding reads every weight once per step, so it runs at the speed of a matrix-vector
  * product, bound by memory bandwidth. On a 2-core AVX512-BF16 EPYC, oneDNN's kernels read
  * its prepacked weights at 14-25 GB/s at batch 1 where a plain sequential pass reaches 25-35.
  * Two weight layouts are read here:
- * - oneDNN's prepacked blocks of 64 output rows (the model's weights on CPU; prefill keeps
- *   using oneDNN's GEMM on them): the "blocked" kernels at the end of this file;
- * - row-major (plain weights where oneDNN cannot pack, and fp32 packed for batch 1).
+ * - blocks of 64 output rows (the "blocked" kernels): the layout oneDNN prepacks weights in
+ *   on AVX-512, which is also codellama's own (codellama_pack_* write it in one pass from a
+ *   checkpoint's tensors): every CPU model keeps its linear weights so, and these kernels
+ *   serve every number of rows, decoding's few (1.1-1.5x oneDNN) and prefill's many (a GEMM
+ *   tile, about oneDNN's speed);
+ * - row-major (plain weights, and oneDNN's fp32 layout for batch 1), for up to 8 rows.
  * codellama/native.py compiles this file for the running CPU (-O3 -march=native -fopenmp)
- * on first use, checks each layout against oneDNN before use, and keeps oneDNN otherwise.
- * x and y have W's dtype (fp32 or bf16); sums are fp32. bf16 uses AVX512-BF16 dot products
- * where the CPU has them, else portable vector code (blocked bf16 then stays with oneDNN).
+ * on first use and checks the kernels against float64 (and any oneDNN layout against oneDNN)
+ * before use. x and y have W's dtype (fp32 or bf16); sums are fp32. bf16 uses AVX512-BF16
+ * dot products where the CPU has them, else portable vector code (bf16 weights then stay
+ * with oneDNN).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(_OPENMP)
 #include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #include <unistd.h>
