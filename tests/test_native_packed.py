@@ -14,7 +14,7 @@ from codellama.model import linear
 from .conftest import GQA_ARGS
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-SHAPES = [(64, 128), (100, 70), (5, 33), (1, 1), (130, 300), (64, 512)]  # K > 256: chunks
+SHAPES = [(64, 128), (100, 70), (5, 33), (1, 1), (130, 300), (70, 1100)]  # K > 1024: chunks
 ROWS = [1, 3, 8, 9, 13, 64, 200]  # decoding's few rows, and prefill's many
 
 
