@@ -682,7 +682,8 @@ class Transformer(nn.Module):
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), hint)
                 module.weight = nn.Parameter(packed, requires_grad=False)
             _return_freed_memory()  # else the freed plain weights stay in the heap
-        _return_freed_memory()
+        if not native:
+            _return_freed_memory()  # the conversion buffer of oneDNN's packing
         return True
 
     def setup_cache(
