@@ -273,54 +273,13 @@ int codellama_linear_bf16(const uint16_t* x, const uint16_t* W, uint16_t* y, lon
  */
 #define BN 64
 
-AI void store_block_f32(const vf* acc, float* y, int nvalid) {
-    for (int j = 0; j < BN / VL; j++)
-        for (int i = 0; i < VL && VL * j + i < nvalid; i++) y[VL * j + i] = acc[j][i];
-}
-
-/* One block of 64 outputs for M (<= MB) rows of x; y points at the block's first output. */
-AI void blocked_f32(const float* wb, const float* x, float* y, long K, long N, int nvalid,
-                    const int M) {
-    vf acc[MB][BN / VL];
-    for (int m = 0; m < M; m++)
-        for (int j = 0; j < BN / VL; j++) acc[m][j] = (vf){0};
-    for (long k = 0; k < K; k++) {
-        const float* w = wb + k * BN;
-        vf w0 = load_f32(w), w1 = load_f32(w + VL), w2 = load_f32(w + 2 * VL);
-        vf w3 = load_f32(w + 3 * VL);
-        for (int m = 0; m < M; m++) {
-            vf xb = SPLAT(x[m * K + k]);
-            acc[m][0] += w0 * xb;
-            acc[m][1] += w1 * xb;
-            acc[m][2] += w2 * xb;
-            acc[m][3] += w3 * xb;
-        }
-    }
-    for (int m = 0; m < M; m++) store_block_f32(acc[m], y + m * N, nvalid);
-}
-
-#define BLOCKED_BODY(FN, T)                                                                   \
-    long nblk = (N + BN - 1) / BN;                                                             \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
-    for (long b = 0; b < nblk; b++) {                                                          \
-        const T* wb = W + b * BN * Kp;                                                         \
-        int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;                                 \
-        for (long m0 = 0; m0 < M; m0 += MB) {                                                  \
-            int mb = M - m0 < MB ? (int)(M - m0) : MB;                                         \
-            const T* xm = x + m0 * K;                                                          \
-            T* ym = y + m0 * N + b * BN;                                                       \
-            if (mb == 1) FN(wb, xm, ym, K, N, nvalid, 1);                                      \
-            else if (mb == 2) FN(wb, xm, ym, K, N, nvalid, 2);                                 \
-            else if (mb == 3) FN(wb, xm, ym, K, N, nvalid, 3);                                 \
-            else FN(wb, xm, ym, K, N, nvalid, MB);                                             \
-        }                                                                                      \
-    }
-
-/* Many rows of x (prefill): 6 rows x 64 outputs per pass (24 accumulators), over chunks of
- * KC values of k so that the block's chunk (256 KiB) stays in L2 while every row of x passes
- * over it; partial sums go through y. Measured against oneDNN's GEMM on its own prepacked
- * weights (2-core AVX-512 EPYC, fp32, `small` and 7B layer shapes): 0.92-1.03x its time at
- * 64 rows, 1.0-1.04x at 256, 1.03-1.07x at 1024 (KC = 256 was 1.1-1.2x at 1024). */
+/* R (<= 6) rows of x times one block over k in [k0, k1): y = (first ? 0 : y) + the products.
+ * Decoding's few rows call it once over all of K. Many rows (prefill) pass 6 at a time (24
+ * accumulators) over chunks of KC values of k, so that the block's chunk (256 KiB) stays in
+ * L2 while every row of x passes over it; partial sums go through y. Measured against
+ * oneDNN's GEMM on its own prepacked weights (2-core AVX-512 EPYC, fp32, `small` and 7B layer
+ * shapes): 0.92-1.03x its time at 64 rows, 1.0-1.04x at 256, 1.03-1.07x at 1024 (with KC =
+ * 256: 1.1-1.2x at 1024). */
 #define GR 6
 #define KC 1024
 
@@ -348,6 +307,29 @@ AI void gemm_tile_f32(const float* wb, const float* x, long ldx, float* y, long 
                 yr[VL * j + i] = first ? acc[r][j][i] : yr[VL * j + i] + acc[r][j][i];
     }
 }
+
+/* One block of 64 outputs for M (<= MB) rows of x; y points at the block's first output. */
+AI void blocked_f32(const float* wb, const float* x, float* y, long K, long N, int nvalid,
+                    const int M) {
+    gemm_tile_f32(wb, x, K, y, N, 0, K, M, 1, nvalid);
+}
+
+#define BLOCKED_BODY(FN, T)                                                                   \
+    long nblk = (N + BN - 1) / BN;                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
+    for (long b = 0; b < nblk; b++) {                                                          \
+        const T* wb = W + b * BN * Kp;                                                         \
+        int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;                                 \
+        for (long m0 = 0; m0 < M; m0 += MB) {                                                  \
+            int mb = M - m0 < MB ? (int)(M - m0) : MB;                                         \
+            const T* xm = x + m0 * K;                                                          \
+            T* ym = y + m0 * N + b * BN;                                                       \
+            if (mb == 1) FN(wb, xm, ym, K, N, nvalid, 1);                                      \
+            else if (mb == 2) FN(wb, xm, ym, K, N, nvalid, 2);                                 \
+            else if (mb == 3) FN(wb, xm, ym, K, N, nvalid, 3);                                 \
+            else FN(wb, xm, ym, K, N, nvalid, MB);                                             \
+        }                                                                                      \
+    }
 
 int codellama_linear_f32_blocked(const float* x, const float* W, float* y, long M, long N,
                                  long K, long Kp, int threads) {
