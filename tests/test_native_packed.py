@@ -143,3 +143,15 @@ def test_a_replaced_packed_weight_is_used_as_given(kernel, make_checkpoint, buil
     layer.weight = torch.nn.Parameter(new, requires_grad=False)
     x = torch.randn(1, 12, k)
     torch.testing.assert_close(linear(layer, x), x @ new.T)
+
+
+def test_the_kernel_is_built_for_this_cpu(kernel):
+    """load() falls back to the portable build when the native one fails its self-test: on a
+    CPU with AVX512-BF16 that fallback (slower, bf16 left to oneDNN) must not go unnoticed."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if "avx512_bf16" not in flags:
+        pytest.skip("this CPU has no AVX512-BF16")
+    assert kernel.bf16_dot_product and kernel.can_pack(torch.bfloat16)
