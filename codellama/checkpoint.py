@@ -160,13 +160,24 @@ def _overlap(a0: int, a1: int, b0: int, b1: int) -> tuple[int, int]:
     return max(a0, b0), min(a1, b1)
 
 
+def _cuts(shards: list[int], per_shard: int, dst_lo: int, size: int) -> tuple[int, ...]:
+    """Where the pieces of a split parameter start and end in this rank's slice
+    ``[dst_lo, dst_lo + size)``, when source shard ``s`` holds ``[s, s + 1) * per_shard``."""
+    cuts: set[int] = set()
+    for s in shards:
+        lo, hi = _overlap(s * per_shard, (s + 1) * per_shard, dst_lo, dst_lo + size)
+        if hi > lo:
+            cuts.update((lo - dst_lo, hi - dst_lo))
+    return tuple(sorted(cuts))
+
+
 def load_weights(
     model: nn.Module,
     paths: list[Path],
     mp_rank: int = 0,
     mp_size: int = 1,
     progress: bool = False,
-    store: Callable[[str, torch.Tensor], bool] | None = None,
+    store: Callable[[str, torch.Tensor, int, int, tuple[int, ...]], bool] | None = None,
 ) -> None:
     """Copy this rank's slices of an N-shard checkpoint into ``model``'s parameters.
 
@@ -175,9 +186,11 @@ def load_weights(
     ``[r*F/M, (r+1)*F/M)``, so only overlapping shards are opened. Keys are checked
     strictly; every problem is reported at once with the file it came from.
 
-    ``store(name, tensor)``, when given, is offered a parameter's whole slice when one
-    source tensor holds it (a view of the mapped file); if it returns True it has stored
-    the weights itself (e.g. prepacked) and the parameter is not copied.
+    ``store(name, piece, dim, offset, cuts)``, when given, is offered each source tensor's
+    part of a split parameter (a view of the mapped file): ``piece`` goes at ``offset`` along
+    dimension ``dim``, and ``cuts`` are the offsets where this rank's
+    pieces of that parameter start and end (``(0, size)`` when one piece is the whole). If
+    it returns True it has stored the piece itself (e.g. packed) and it is not copied.
     """
     n = len(paths)
     params = dict(model.named_parameters())
@@ -230,8 +243,8 @@ def load_weights(
                             dst_lo + dst.shape[dim],
                         )
                         piece = src.narrow(dim, lo - src_lo, hi - lo)
-                        whole = hi - lo == dst.shape[dim]
-                        if not (whole and store is not None and store(name, piece)):
+                        cuts = _cuts(wanted, full // n, dst_lo, dst.shape[dim])
+                        if not (store is not None and store(name, piece, dim, lo - dst_lo, cuts)):
                             dst.narrow(dim, lo - dst_lo, hi - lo).copy_(piece)
             seen[name] += 1
             release_pages(src)

@@ -34,6 +34,7 @@ from . import gpu_kernels
 from .checkpoint import release_pages
 from .errors import ConfigError, PromptTooLongError
 from .native import (
+    BLOCK,
     LAYER_LINEARS,
     MAX_ROWS,
     DecoderHead,
@@ -438,35 +439,64 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.norm.weight.dtype
 
-    def store_prepacked(self, name: str, weight: torch.Tensor) -> bool:
-        """Store ``weight`` (a checkpoint slice) as parameter ``name``: a linear weight
-        packed straight into the native kernel's layout (else oneDNN's), another large one
-        (the embedding) copied in with its memory mapped in first.
+    def store_prepacked(
+        self,
+        name: str,
+        weight: torch.Tensor,
+        dim: int = 0,
+        offset: int = 0,
+        cuts: tuple[int, ...] | None = None,
+    ) -> bool:
+        """Store ``weight`` (a checkpoint slice, placed at ``offset`` along ``dim``; ``cuts``:
+        where all of this parameter's pieces start and end) as parameter ``name``: a linear
+        weight packed straight into the native kernel's layout (else oneDNN's, when whole),
+        another large one (the embedding) copied in with its memory mapped in first.
 
         For :func:`codellama.checkpoint.load_weights`: the plain weight is never written,
-        so loading reads the file once and allocates each weight once. Returns False where
-        the loader should copy it itself (small parameters, no kernel, not on the CPU).
+        so loading reads the file once and allocates each weight once, also when several
+        shards hold pieces of it. Returns False where the loader should copy it itself
+        (small parameters, no kernel, not on the CPU, pieces not on the layout's blocks).
         """
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name) if module_name else self
         param = getattr(module, attr, None)
-        if not isinstance(param, torch.Tensor) or tuple(weight.shape) != tuple(param.shape):
+        if not isinstance(param, torch.Tensor) or self.device.type != "cpu":
             return False
         kernel = self.native_kernel
-        if self.device.type != "cpu":
+        linear = attr == "weight" and isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+        plan: LinearPlan | None = module.__dict__.get("native_plan") if linear else None
+        started = plan is not None and plan.owned_layout and plan.holds_weight(param)
+        shape = (plan.n, plan.k) if plan is not None and started else tuple(param.shape)
+        if len(shape) != 2:
             return False
-        if attr != "weight" or not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-            if kernel is None or param.numel() * param.element_size() < 1 << 20:
+        n, k = shape
+        size = shape[dim]
+        whole = offset == 0 and weight.shape[dim] == size
+        other = [s for i, s in enumerate(weight.shape) if i != dim]
+        if other != [s for i, s in enumerate(shape) if i != dim]:
+            return False
+        if not linear:
+            if not whole or kernel is None or param.numel() * param.element_size() < 1 << 20:
                 return False
             with torch.no_grad():
                 kernel.fill(param, weight)  # the embedding: fresh memory, mapped in at once
             release_pages(weight)
             return True
         if kernel is not None and kernel.can_pack(self.dtype):
-            self._store_packed(module, kernel.pack(weight, self.dtype), kernel)
+            if whole:
+                self._store_packed(module, kernel.pack(weight, self.dtype), kernel)
+            else:
+                if not _on_blocks(
+                    cuts or (offset, offset + weight.shape[dim]), dim, size, self.dtype
+                ):
+                    return False  # the loader copies the pieces; prepack_cpu_weights packs
+                if not started:
+                    self._store_packed(module, kernel.empty_packed(n, k, self.dtype), kernel)
+                row, col = (offset, 0) if dim == 0 else (0, offset)
+                kernel.pack_piece(_weight(module), n, k, weight, row, col)
             release_pages(weight)
             return True
-        if not _can_prepack(self.device, self.dtype):
+        if not whole or not _can_prepack(self.device, self.dtype):
             return False
         if weight.dtype == self.dtype and weight.is_contiguous():
             plain = weight
@@ -837,6 +867,13 @@ def _weight(m: nn.Module) -> torch.Tensor:
     w = m.weight
     assert isinstance(w, torch.Tensor)
     return w
+
+
+def _on_blocks(cuts: tuple[int, ...], dim: int, size: int, dtype: torch.dtype) -> bool:
+    """Whether pieces cut at ``cuts`` along ``dim`` can be packed one by one: rows cut on
+    the packed layout's 64-row blocks, bf16 columns on its pairs (the last cut: anywhere)."""
+    step = BLOCK if dim == 0 else 2 if dtype == torch.bfloat16 else 1
+    return all(c % step == 0 or c == size for c in cuts)
 
 
 def _fusable(layers: list[nn.Module]) -> bool:

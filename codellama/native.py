@@ -131,9 +131,9 @@ class NativeLinear:
         self._pack = {torch.float32: library.codellama_pack_f32}
         if self.bf16_dot_product:
             self._pack[torch.bfloat16] = library.codellama_pack_bf16
-        for fn in self._pack.values():  # src, src_bf16, ld, dst, N, K, threads
+        for fn in self._pack.values():  # src, src_bf16, ld, dst, N, K, dst_k, k_off, threads
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-            fn.argtypes += [ctypes.c_long, ctypes.c_long, ctypes.c_int]
+            fn.argtypes += [ctypes.c_long] * 4 + [ctypes.c_int]
             fn.restype = ctypes.c_int
         self._populate = library.codellama_populate  # ptr, bytes, threads
         self._populate.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
@@ -180,28 +180,69 @@ class NativeLinear:
         rows, fp32 as (ceil(N/64), K, 64) and bf16 as (ceil(N/64), ceil(K/2), 64, 2), zero
         padded; see native_linear.c. One pass over ``weight`` (any strides, converted on the
         way from fp32 or bf16), the threads writing disjoint blocks."""
+        if weight.dim() != 2:
+            raise ValueError(f"expected a 2-D weight, got {tuple(weight.shape)}")
+        n, k = weight.shape
+        packed = self.empty_packed(n, k, dtype)
+        self.pack_piece(packed, n, k, weight)
+        return packed
+
+    def empty_packed(self, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """Room for an (n, k) weight in the blocked layout, to be filled by :meth:`pack_piece`."""
         if not self.can_pack(dtype):
             raise ValueError(f"this build of the native kernels cannot pack {dtype} weights")
-        if weight.dim() != 2 or weight.device.type != "cpu":
-            raise ValueError(
-                f"expected a 2-D CPU weight, got {tuple(weight.shape)} on {weight.device}"
-            )
-        if weight.dtype not in (torch.float32, torch.bfloat16) or weight.stride(1) != 1:
-            weight = weight.to(dtype).contiguous()
-        n, k = weight.shape
         blocks = -(-n // BLOCK)
         if dtype == torch.float32:
-            out = torch.empty((blocks, k, BLOCK), dtype=dtype)
-        else:
-            out = torch.empty((blocks, (k + 1) // 2, BLOCK, 2), dtype=dtype)
-        if n and k:
-            status = self._pack[dtype](
-                weight.data_ptr(), int(weight.dtype == torch.bfloat16), weight.stride(0),
-                out.data_ptr(), n, k, torch.get_num_threads(),
-            )  # fmt: skip
-            if status != 0:
-                raise MemoryError("native pack: out of memory for a thread's tile")
-        return out
+            return torch.empty((blocks, k, BLOCK), dtype=dtype)
+        return torch.empty((blocks, (k + 1) // 2, BLOCK, 2), dtype=dtype)
+
+    def pack_piece(
+        self, packed: torch.Tensor, n: int, k: int, piece: torch.Tensor, row: int = 0, col: int = 0
+    ) -> None:
+        """Write ``piece`` into rows ``row..`` and columns ``col..`` of ``packed``, an (n, k)
+        weight in the blocked layout: a checkpoint shard's part of a weight that several
+        shards hold. Pieces start on a 64-row block (and, in bf16, on an even column, since
+        columns go in pairs) and end on one unless they end the weight."""
+        dtype = packed.dtype
+        self._check_packed(packed, n, k)
+        if piece.dim() != 2 or piece.device.type != "cpu":
+            raise ValueError(
+                f"expected a 2-D CPU piece, got {tuple(piece.shape)} on {piece.device}"
+            )
+        rows, cols = piece.shape
+        pair = 2 if dtype == torch.bfloat16 else 1
+        if not (row >= 0 and row + rows <= n and col >= 0 and col + cols <= k):
+            raise ValueError(f"a ({rows}, {cols}) piece at ({row}, {col}) is outside ({n}, {k})")
+        if (
+            row % BLOCK
+            or (rows % BLOCK and row + rows != n)
+            or col % pair
+            or (cols % pair and col + cols != k)
+        ):
+            raise ValueError(
+                f"a ({rows}, {cols}) piece at ({row}, {col}) of an ({n}, {k}) {dtype} weight "
+                f"does not start and end on its {BLOCK}-row blocks"
+                + (" and column pairs" if pair == 2 else "")
+            )
+        if piece.dtype not in (torch.float32, torch.bfloat16) or piece.stride(1) != 1:
+            piece = piece.to(dtype).contiguous()
+        if rows == 0 or cols == 0:
+            return
+        block_bytes = packed[0].numel() * packed.element_size()
+        status = self._pack[dtype](
+            piece.data_ptr(), int(piece.dtype == torch.bfloat16), piece.stride(0),
+            packed.data_ptr() + row // BLOCK * block_bytes, rows, cols, k, col,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("native pack: out of memory for a thread's tile")
+
+    def _check_packed(self, packed: torch.Tensor, n: int, k: int) -> None:
+        dtype = packed.dtype
+        padded_k = k if dtype == torch.float32 else k + k % 2
+        want = -(-n // BLOCK) * BLOCK * padded_k
+        if not self.can_pack(dtype) or packed.numel() != want or not packed.is_contiguous():
+            raise ValueError(f"not a packed ({n}, {k}) {dtype} weight: {tuple(packed.shape)}")
 
     def fill(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """``dst.copy_(src)``, with ``dst``'s memory mapped in first by the threads (one call
@@ -214,10 +255,8 @@ class NativeLinear:
     def plan_packed(self, packed: torch.Tensor, n: int, k: int) -> LinearPlan:
         """The plan for an (n, k) weight that :meth:`pack` made: every number of rows."""
         dtype = packed.dtype
+        self._check_packed(packed, n, k)
         padded_k = k if dtype == torch.float32 else k + k % 2
-        want = -(-n // BLOCK) * BLOCK * padded_k
-        if not self.can_pack(dtype) or packed.numel() != want or not packed.is_contiguous():
-            raise ValueError(f"not a packed ({n}, {k}) {dtype} weight: {tuple(packed.shape)}")
 
         def unpack() -> torch.Tensor:
             out = torch.empty((n, k), dtype=dtype)

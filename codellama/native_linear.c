@@ -542,23 +542,30 @@ int codellama_populate(void* p, long bytes, int threads) {
     return 0;
 }
 
-/* Returns 0, or -1 if a thread's tile cannot be allocated. */
+/* Rows [0, N) and columns [0, K) of src go to columns [k_off, k_off + K) of a packed
+ * weight whose rows hold dst_k columns (a checkpoint shard's piece of a wider weight; k_off is
+ * even for bf16, whose pairs must not straddle pieces; dst points at the piece's first
+ * block). Returns 0, or -1 if a thread's tile cannot be allocated. */
 static int pack_blocked(const void* src, int src_bf16, int dst_bf16, long ld, void* dst, long N,
-                        long K, int threads) {
+                        long K, long dst_k, long k_off, int threads) {
     long nblk = (N + BN - 1) / BN;
-    long units = dst_bf16 ? (K + 1) / 2 : K; /* per row of the blocked layout's 64 */
-    long block_bytes = (long)sizeof(uint32_t) * BN * units;
+    long units = dst_bf16 ? (K + 1) / 2 : K; /* this piece's, per row of a block's 64 */
+    long stride = dst_bf16 ? (dst_k + 1) / 2 : dst_k; /* the weight's */
+    long unit_off = dst_bf16 ? k_off / 2 : k_off;
+    long block_bytes = (long)sizeof(uint32_t) * BN * stride;
     int failed = 0;
     _Pragma("omp parallel num_threads(threads)") {
         long t = omp_get_thread_num(), n = omp_get_num_threads();
         long b0 = nblk * t / n, b1 = nblk * (t + 1) / n; /* this thread's blocks */
-        populate((char*)dst + b0 * block_bytes, (size_t)((b1 - b0) * block_bytes));
+        if (units == stride) /* whole rows: one range */
+            populate((char*)dst + b0 * block_bytes, (size_t)((b1 - b0) * block_bytes));
         uint32_t* tile = (uint32_t*)aligned_alloc(64, sizeof(uint32_t) * BN * PT);
         if (!tile) {
             _Pragma("omp atomic write") failed = 1;
         } else {
             for (long b = b0; b < b1; b++) {
-                uint32_t* out = (uint32_t*)dst + b * BN * units;
+                uint32_t* out = (uint32_t*)dst + b * BN * stride + unit_off * BN;
+                if (units != stride) populate(out, sizeof(uint32_t) * BN * (size_t)units);
                 long done = 0;
 #if defined(__AVX512F__)
                 int aligned = ((uintptr_t)out & 63) == 0; /* for the streaming stores */
@@ -581,13 +588,13 @@ static int pack_blocked(const void* src, int src_bf16, int dst_bf16, long ld, vo
 }
 
 int codellama_pack_f32(const void* src, int src_bf16, long ld, float* dst, long N, long K,
-                       int threads) {
-    return pack_blocked(src, src_bf16, 0, ld, dst, N, K, threads);
+                       long dst_k, long k_off, int threads) {
+    return pack_blocked(src, src_bf16, 0, ld, dst, N, K, dst_k, k_off, threads);
 }
 
 int codellama_pack_bf16(const void* src, int src_bf16, long ld, uint16_t* dst, long N, long K,
-                        int threads) {
-    return pack_blocked(src, src_bf16, 1, ld, dst, N, K, threads);
+                        long dst_k, long k_off, int threads) {
+    return pack_blocked(src, src_bf16, 1, ld, dst, N, K, dst_k, k_off, threads);
 }
 
 /* The inverse: blocked (fp32 if bf16 == 0) back to a row-major (N, K) array. */

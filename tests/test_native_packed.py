@@ -3,6 +3,7 @@ number of rows, unpacked, and refused once changed behind the model's back."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,63 @@ def test_the_kernel_is_built_for_this_cpu(kernel):
     if "avx512_bf16" not in flags:
         pytest.skip("this CPU has no AVX512-BF16")
     assert kernel.bf16_dot_product and kernel.can_pack(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pieces_packed_one_by_one_equal_the_whole(kernel, dtype):
+    """A weight that several checkpoint shards hold is packed piece by piece as they load."""
+    _packable(kernel, dtype)
+    w = torch.randn(200, 131, generator=torch.Generator().manual_seed(7)).bfloat16()
+    want = kernel.pack(w, dtype)
+    by_rows = kernel.empty_packed(200, 131, dtype)
+    for lo, hi in ((0, 64), (64, 192), (192, 200)):  # the last piece ends the weight
+        kernel.pack_piece(by_rows, 200, 131, w[lo:hi], row=lo)
+    assert torch.equal(by_rows, want)
+    by_cols = kernel.empty_packed(200, 131, dtype)
+    for lo, hi in ((0, 66), (66, 100), (100, 131)):  # even starts; the odd one ends it
+        kernel.pack_piece(by_cols, 200, 131, w[:, lo:hi], col=lo)
+    assert torch.equal(by_cols, want)
+
+
+@pytest.mark.parametrize(
+    ("row", "col", "rows", "cols"), [(32, 0, 64, 131), (0, 0, 100, 131), (0, 1, 200, 66)]
+)
+def test_a_piece_off_the_blocks_is_refused(kernel, row, col, rows, cols):
+    _packable(kernel, torch.bfloat16)
+    packed = kernel.empty_packed(200, 131, torch.bfloat16)
+    with pytest.raises(ValueError, match="blocks"):
+        kernel.pack_piece(packed, 200, 131, torch.zeros(rows, cols), row=row, col=col)
+
+
+SHARDED_ARGS = dataclasses.replace(GQA_ARGS, dim=256, n_heads=4, n_kv_heads=1, multiple_of=128)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_sharded_checkpoint_is_packed_piece_by_piece(
+    kernel, make_checkpoint, build, monkeypatch, dtype
+):
+    """Two shards loaded by one process: wq, w1/w3 and output rows (halves on 64-row blocks)
+    and wo/w2 columns go straight into the packed layout; wk/wv, whose 64 rows split into
+    halves off the blocks, are copied whole and packed after. Weights and logits equal a
+    one-shard checkpoint's."""
+    if not kernel.can_pack(getattr(torch, dtype)):
+        pytest.skip("this CPU's build does not pack this dtype")
+    pieces = []
+    original = native.NativeLinear.pack_piece
+
+    def spy(self, packed, n, k, piece, row=0, col=0):
+        if tuple(piece.shape) != (n, k):  # a shard's piece, not a whole weight
+            pieces.append((n, k, tuple(piece.shape)))
+        return original(self, packed, n, k, piece, row, col)
+
+    monkeypatch.setattr(native.NativeLinear, "pack_piece", spy)
+    one = build(make_checkpoint(SHARDED_ARGS, n_shards=1), dtype=dtype).model
+    pieces.clear()
+    two = build(make_checkpoint(SHARDED_ARGS, n_shards=2), dtype=dtype).model
+    assert any(p[2][0] < p[0] for p in pieces) and any(p[2][1] < p[1] for p in pieces)
+    assert not any(p[0] == 64 for p in pieces)  # wk and wv (64, 256): packed whole after
+    for a, b in zip(one.linear_layers(), two.linear_layers()):
+        assert b.native_plan.owned_layout
+        assert torch.equal(a.native_plan.unpack(), b.native_plan.unpack())
+    tokens = torch.tensor([[1, 5, 9, 14, 3, 7, 11, 2, 6, 8, 10]])
+    assert torch.equal(one.forward(tokens), two.forward(tokens))
