@@ -32,7 +32,7 @@ from torch import nn
 
 from . import gpu_kernels
 from .checkpoint import release_pages
-from .errors import ConfigError, PromptTooLongError
+from .errors import ConfigError, PromptTooLongError, UnsupportedError
 from .native import (
     BLOCK,
     LAYER_LINEARS,
@@ -929,7 +929,7 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     elif weight.is_mkldnn:
         out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     elif isinstance(weight, torch.Tensor) and weight.dim() != 2:
-        raise RuntimeError(_packed_weight_error(plan, x, weight))
+        raise UnsupportedError(_packed_weight_error(plan, x, weight))
     else:
         out = matmul(x, weight)  # type: ignore[arg-type]
     if fs_init.get_model_parallel_world_size() == 1:
