@@ -34,7 +34,6 @@ from . import gpu_kernels
 from .checkpoint import release_pages
 from .errors import ConfigError, PromptTooLongError, UnsupportedError
 from .native import (
-    BLOCK,
     LAYER_LINEARS,
     MAX_ROWS,
     DecoderHead,
@@ -455,7 +454,7 @@ class Transformer(nn.Module):
         For :func:`codellama.checkpoint.load_weights`: the plain weight is never written,
         so loading reads the file once and allocates each weight once, also when several
         shards hold pieces of it. Returns False where the loader should copy it itself
-        (small parameters, no kernel, not on the CPU, pieces not on the layout's blocks).
+        (small parameters, no kernel, not on the CPU, bf16 pieces that split column pairs).
         """
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name) if module_name else self
@@ -486,7 +485,7 @@ class Transformer(nn.Module):
             if whole:
                 self._store_packed(module, kernel.pack(weight, self.dtype), kernel)
             else:
-                if not _on_blocks(
+                if not _cuts_packable(
                     cuts or (offset, offset + weight.shape[dim]), dim, size, self.dtype
                 ):
                     return False  # the loader copies the pieces; prepack_cpu_weights packs
@@ -869,10 +868,10 @@ def _weight(m: nn.Module) -> torch.Tensor:
     return w
 
 
-def _on_blocks(cuts: tuple[int, ...], dim: int, size: int, dtype: torch.dtype) -> bool:
-    """Whether pieces cut at ``cuts`` along ``dim`` can be packed one by one: rows cut on
-    the packed layout's 64-row blocks, bf16 columns on its pairs (the last cut: anywhere)."""
-    step = BLOCK if dim == 0 else 2 if dtype == torch.bfloat16 else 1
+def _cuts_packable(cuts: tuple[int, ...], dim: int, size: int, dtype: torch.dtype) -> bool:
+    """Whether pieces cut at ``cuts`` along ``dim`` can be packed one by one: any rows, but
+    bf16 columns only between the packed layout's pairs (the last cut: anywhere)."""
+    step = 2 if dim == 1 and dtype == torch.bfloat16 else 1
     return all(c % step == 0 or c == size for c in cuts)
 
 

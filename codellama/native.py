@@ -201,8 +201,10 @@ class NativeLinear:
     ) -> None:
         """Write ``piece`` into rows ``row..`` and columns ``col..`` of ``packed``, an (n, k)
         weight in the blocked layout: a checkpoint shard's part of a weight that several
-        shards hold. Pieces start on a 64-row block (and, in bf16, on an even column, since
-        columns go in pairs) and end on one unless they end the weight."""
+        shards hold, in any order. In bf16 a piece starts on an even column and ends on one
+        unless it ends the weight, since columns go in pairs; rows may be cut anywhere (the
+        rows of a 64-row block that two pieces share are written without touching the
+        other's)."""
         dtype = packed.dtype
         self._check_packed(packed, n, k)
         if piece.dim() != 2 or piece.device.type != "cpu":
@@ -210,32 +212,53 @@ class NativeLinear:
                 f"expected a 2-D CPU piece, got {tuple(piece.shape)} on {piece.device}"
             )
         rows, cols = piece.shape
-        pair = 2 if dtype == torch.bfloat16 else 1
         if not (row >= 0 and row + rows <= n and col >= 0 and col + cols <= k):
             raise ValueError(f"a ({rows}, {cols}) piece at ({row}, {col}) is outside ({n}, {k})")
-        if (
-            row % BLOCK
-            or (rows % BLOCK and row + rows != n)
-            or col % pair
-            or (cols % pair and col + cols != k)
-        ):
+        if dtype == torch.bfloat16 and (col % 2 or (cols % 2 and col + cols != k)):
             raise ValueError(
-                f"a ({rows}, {cols}) piece at ({row}, {col}) of an ({n}, {k}) {dtype} weight "
-                f"does not start and end on its {BLOCK}-row blocks"
-                + (" and column pairs" if pair == 2 else "")
+                f"a ({rows}, {cols}) bf16 piece at column {col} of a weight of {k} columns "
+                "splits a pair of columns (the packed layout keeps columns 2i and 2i+1 together)"
             )
         if piece.dtype not in (torch.float32, torch.bfloat16) or piece.stride(1) != 1:
             piece = piece.to(dtype).contiguous()
         if rows == 0 or cols == 0:
             return
-        block_bytes = packed[0].numel() * packed.element_size()
-        status = self._pack[dtype](
-            piece.data_ptr(), int(piece.dtype == torch.bfloat16), piece.stride(0),
-            packed.data_ptr() + row // BLOCK * block_bytes, rows, cols, k, col,
-            torch.get_num_threads(),
-        )  # fmt: skip
-        if status != 0:
-            raise MemoryError("native pack: out of memory for a thread's tile")
+        end = row + rows
+        head = min(-row % BLOCK, rows)  # rows before the first block boundary
+        body_end = end if end == n else end - end % BLOCK  # the last block: zero padded
+        if head:
+            self._write_rows(packed, piece[:head], row, col)
+        if body_end > row + head:
+            block_bytes = packed[0].numel() * packed.element_size()
+            body = piece[head : body_end - row]
+            status = self._pack[dtype](
+                body.data_ptr(), int(body.dtype == torch.bfloat16), body.stride(0),
+                packed.data_ptr() + (row + head) // BLOCK * block_bytes, body.shape[0], cols,
+                k, col, torch.get_num_threads(),
+            )  # fmt: skip
+            if status != 0:
+                raise MemoryError("native pack: out of memory for a thread's tile")
+        if end > max(body_end, row + head):
+            start = max(body_end, row + head)
+            self._write_rows(packed, piece[start - row :], start, col)
+        if end == n and n % BLOCK and head == rows:  # the pad rows the C pass did not write
+            pad = piece.new_zeros((-n % BLOCK, cols))
+            self._write_rows(packed, pad, n, col)
+
+    @staticmethod
+    def _write_rows(packed: torch.Tensor, rows: torch.Tensor, row: int, col: int) -> None:
+        """Rows ``row..`` (within one 64-row block) of columns ``col..``, written with torch
+        and leaving the block's other rows as they are."""
+        block, first, count = row // BLOCK, row % BLOCK, rows.shape[0]
+        assert first + count <= BLOCK
+        values = rows.to(packed.dtype)
+        if packed.dtype == torch.float32:  # block: (K, 64)
+            packed[block, col : col + values.shape[1], first : first + count] = values.T
+            return
+        if values.shape[1] % 2:  # the weight's last, odd column: its pair's pad is 0
+            values = torch.nn.functional.pad(values, (0, 1))
+        pairs = values.view(count, -1, 2).permute(1, 0, 2)  # block: (K/2, 64, 2)
+        packed[block, col // 2 : col // 2 + pairs.shape[0], first : first + count] = pairs
 
     def _check_packed(self, packed: torch.Tensor, n: int, k: int) -> None:
         dtype = packed.dtype

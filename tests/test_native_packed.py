@@ -175,14 +175,27 @@ def test_pieces_packed_one_by_one_equal_the_whole(kernel, dtype):
     assert torch.equal(by_cols, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("row", "col", "rows", "cols"), [(32, 0, 64, 131), (0, 0, 100, 131), (0, 1, 200, 66)]
+    "cuts", [(0, 72, 150, 200), (0, 3, 5, 70, 200), (0, 130, 200), (0, 195, 200), (0, 200)]
 )
-def test_a_piece_off_the_blocks_is_refused(kernel, row, col, rows, cols):
+def test_rows_cut_anywhere_are_packed_in_any_order(kernel, dtype, cuts):
+    """A vocabulary of 32016 splits into 16008-row halves: the block they share is written by
+    both pieces, each leaving the other's rows alone."""
+    _packable(kernel, dtype)
+    w = torch.randn(200, 131, generator=torch.Generator().manual_seed(8)).bfloat16()
+    packed = kernel.empty_packed(200, 131, dtype).fill_(float("nan"))
+    for lo, hi in reversed(list(zip(cuts, cuts[1:]))):
+        kernel.pack_piece(packed, 200, 131, w[lo:hi], row=lo)
+    assert torch.equal(packed, kernel.pack(w, dtype))
+
+
+@pytest.mark.parametrize(("col", "cols"), [(1, 130), (0, 65)])
+def test_a_bf16_piece_that_splits_a_column_pair_is_refused(kernel, col, cols):
     _packable(kernel, torch.bfloat16)
     packed = kernel.empty_packed(200, 131, torch.bfloat16)
-    with pytest.raises(ValueError, match="blocks"):
-        kernel.pack_piece(packed, 200, 131, torch.zeros(rows, cols), row=row, col=col)
+    with pytest.raises(ValueError, match="pair"):
+        kernel.pack_piece(packed, 200, 131, torch.zeros(200, cols), col=col)
 
 
 SHARDED_ARGS = dataclasses.replace(GQA_ARGS, dim=256, n_heads=4, n_kv_heads=1, multiple_of=128)
@@ -192,10 +205,9 @@ SHARDED_ARGS = dataclasses.replace(GQA_ARGS, dim=256, n_heads=4, n_kv_heads=1, m
 def test_a_sharded_checkpoint_is_packed_piece_by_piece(
     kernel, make_checkpoint, build, monkeypatch, dtype
 ):
-    """Two shards loaded by one process: wq, w1/w3 and output rows (halves on 64-row blocks)
-    and wo/w2 columns go straight into the packed layout; wk/wv, whose 64 rows split into
-    halves off the blocks, are copied whole and packed after. Weights and logits equal a
-    one-shard checkpoint's."""
+    """Two shards loaded by one process: the rows of wq/wk/wv, w1/w3 and output (wk and
+    wv's halves are 32 rows, inside one block) and the columns of wo/w2 go straight into the
+    packed layout. Weights and logits equal a one-shard checkpoint's."""
     if not kernel.can_pack(getattr(torch, dtype)):
         pytest.skip("this CPU's build does not pack this dtype")
     pieces = []
@@ -210,8 +222,8 @@ def test_a_sharded_checkpoint_is_packed_piece_by_piece(
     one = build(make_checkpoint(SHARDED_ARGS, n_shards=1), dtype=dtype).model
     pieces.clear()
     two = build(make_checkpoint(SHARDED_ARGS, n_shards=2), dtype=dtype).model
-    assert any(p[2][0] < p[0] for p in pieces) and any(p[2][1] < p[1] for p in pieces)
-    assert not any(p[0] == 64 for p in pieces)  # wk and wv (64, 256): packed whole after
+    assert any(p[2][1] < p[1] for p in pieces)  # wo, w2: halves of the columns
+    assert {p[0] for p in pieces if p[2][0] < p[0]} >= {64, 256}  # wk/wv and wq: row halves
     for a, b in zip(one.linear_layers(), two.linear_layers()):
         assert b.native_plan.owned_layout
         assert torch.equal(a.native_plan.unpack(), b.native_plan.unpack())
