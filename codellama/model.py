@@ -702,7 +702,9 @@ class Transformer(nn.Module):
         for module in self.linear_layers():
             weight = _weight(module)
             plan = module.__dict__.get("native_plan")
-            if weight.is_mkldnn or (plan is not None and plan.owned_layout):
+            if weight.is_mkldnn or (
+                plan is not None and plan.owned_layout and plan.holds_weight(weight)
+            ):
                 continue
             if native:
                 assert kernel is not None
@@ -918,9 +920,9 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a fairscale parallel linear layer: through the native kernel where it has a plan
     (:mod:`codellama.native`: every row count for weights in its packed layout, a few rows
     otherwise), through oneDNN if its weight is prepacked, else as a plain product; then the
-    layer's all-reduce or gather across model-parallel ranks. fairscale's
-    own forward is not called: its autograd Functions cannot be traced by torch.compile (a
-    graph break, so a CUDA graph, per linear), and inference needs no autograd."""
+    layer's all-reduce or gather across model-parallel ranks. fairscale's own forward is not
+    called: its autograd Functions cannot be traced by torch.compile (a graph break, so a
+    CUDA graph, per linear), and inference needs no autograd."""
     weight = layer.weight
     plan = layer.__dict__.get("native_plan")
     if plan is not None and plan.accepts(x, weight):

@@ -229,3 +229,14 @@ def test_a_sharded_checkpoint_is_packed_piece_by_piece(
         assert torch.equal(a.native_plan.unpack(), b.native_plan.unpack())
     tokens = torch.tensor([[1, 5, 9, 14, 3, 7, 11, 2, 6, 8, 10]])
     assert torch.equal(one.forward(tokens), two.forward(tokens))
+
+
+def test_a_replaced_weight_is_packed_again_on_request(kernel, make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS)).model
+    layer = model.layers[0].attention.wq
+    new = torch.randn(layer.native_plan.n, layer.native_plan.k)
+    layer.weight = torch.nn.Parameter(new, requires_grad=False)
+    model.prepack_cpu_weights()
+    assert layer.weight.dim() == 3 and layer.native_plan.holds_weight(layer.weight)
+    x = torch.randn(1, 12, new.shape[1])
+    torch.testing.assert_close(linear(layer, x), x @ new.T, rtol=1e-4, atol=1e-4)
