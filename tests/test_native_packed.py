@@ -4,6 +4,9 @@ number of rows, unpacked, and refused once changed behind the model's back."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -156,6 +159,12 @@ def test_the_kernel_is_built_for_this_cpu(kernel):
         pytest.skip("no /proc/cpuinfo")
     if "avx512_bf16" not in flags:
         pytest.skip("this CPU has no AVX512-BF16")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+    probe = subprocess.run(
+        [cc, "-march=native", "-dM", "-E", "-x", "c", "/dev/null"], capture_output=True, text=True
+    )
+    if "__AVX512BF16__" not in probe.stdout:
+        pytest.skip("the C compiler cannot target this CPU's AVX512-BF16")
     assert kernel.bf16_dot_product and kernel.can_pack(torch.bfloat16)
 
 
