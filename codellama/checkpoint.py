@@ -188,9 +188,9 @@ def load_weights(
 
     ``store(name, piece, dim, offset, cuts)``, when given, is offered each source tensor's
     part of a split parameter (a view of the mapped file): ``piece`` goes at ``offset`` along
-    dimension ``dim``, and ``cuts`` are the offsets where this rank's
-    pieces of that parameter start and end (``(0, size)`` when one piece is the whole). If
-    it returns True it has stored the piece itself (e.g. packed) and it is not copied.
+    dimension ``dim``, and ``cuts`` are where this rank's pieces of that parameter start and
+    end (``(0, size)`` when one piece is the whole). If it returns True it has stored the
+    piece itself (e.g. packed) and it is not copied.
     """
     n = len(paths)
     params = dict(model.named_parameters())

@@ -463,9 +463,9 @@ class Transformer(nn.Module):
             return False
         kernel = self.native_kernel
         linear = attr == "weight" and isinstance(module, (ColumnParallelLinear, RowParallelLinear))
-        plan: LinearPlan | None = module.__dict__.get("native_plan") if linear else None
-        started = plan is not None and plan.owned_layout and plan.holds_weight(param)
-        shape = (plan.n, plan.k) if plan is not None and started else tuple(param.shape)
+        plan = _packed_plan(module) if linear else None  # set by an earlier piece
+        started = plan is not None
+        shape = (plan.n, plan.k) if plan is not None else tuple(param.shape)
         if len(shape) != 2:
             return False
         n, k = shape
@@ -542,9 +542,8 @@ class Transformer(nn.Module):
         self.native_kernel = kernel
         served, hint, unpacked = 0, self._pack_hint(), False
         for module in self.linear_layers():
-            old = module.__dict__.get("native_plan")
-            weight = _weight(module)
-            if old is not None and old.owned_layout and old.holds_weight(weight):
+            old, weight = _packed_plan(module), _weight(module)
+            if old is not None:
                 if kernel is not None and kernel.can_pack(weight.dtype):
                     module.native_plan = kernel.plan_packed(weight, old.n, old.k)
                     served += 1
@@ -701,10 +700,7 @@ class Transformer(nn.Module):
         hint = self._pack_hint()
         for module in self.linear_layers():
             weight = _weight(module)
-            plan = module.__dict__.get("native_plan")
-            if weight.is_mkldnn or (
-                plan is not None and plan.owned_layout and plan.holds_weight(weight)
-            ):
+            if weight.is_mkldnn or _packed_plan(module) is not None:
                 continue
             if native:
                 assert kernel is not None
@@ -868,6 +864,14 @@ def _weight(m: nn.Module) -> torch.Tensor:
     w = m.weight
     assert isinstance(w, torch.Tensor)
     return w
+
+
+def _packed_plan(module: nn.Module) -> LinearPlan | None:
+    """The plan of a linear ``module`` whose weight is (still) in the native packed layout."""
+    plan: LinearPlan | None = module.__dict__.get("native_plan")
+    if plan is not None and plan.owned_layout and plan.holds_weight(_weight(module)):
+        return plan
+    return None
 
 
 def _cuts_packable(cuts: tuple[int, ...], dim: int, size: int, dtype: torch.dtype) -> bool:

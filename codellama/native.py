@@ -191,10 +191,10 @@ class NativeLinear:
         """Room for an (n, k) weight in the blocked layout, to be filled by :meth:`pack_piece`."""
         if not self.can_pack(dtype):
             raise ValueError(f"this build of the native kernels cannot pack {dtype} weights")
-        blocks = -(-n // BLOCK)
+        blocks, padded_k = -(-n // BLOCK), _padded_k(k, dtype)
         if dtype == torch.float32:
-            return torch.empty((blocks, k, BLOCK), dtype=dtype)
-        return torch.empty((blocks, (k + 1) // 2, BLOCK, 2), dtype=dtype)
+            return torch.empty((blocks, padded_k, BLOCK), dtype=dtype)
+        return torch.empty((blocks, padded_k // 2, BLOCK, 2), dtype=dtype)
 
     def pack_piece(
         self, packed: torch.Tensor, n: int, k: int, piece: torch.Tensor, row: int = 0, col: int = 0
@@ -262,8 +262,7 @@ class NativeLinear:
 
     def _check_packed(self, packed: torch.Tensor, n: int, k: int) -> None:
         dtype = packed.dtype
-        padded_k = k if dtype == torch.float32 else k + k % 2
-        want = -(-n // BLOCK) * BLOCK * padded_k
+        want = -(-n // BLOCK) * BLOCK * _padded_k(k, dtype)
         if not self.can_pack(dtype) or packed.numel() != want or not packed.is_contiguous():
             raise ValueError(f"not a packed ({n}, {k}) {dtype} weight: {tuple(packed.shape)}")
 
@@ -279,7 +278,6 @@ class NativeLinear:
         """The plan for an (n, k) weight that :meth:`pack` made: every number of rows."""
         dtype = packed.dtype
         self._check_packed(packed, n, k)
-        padded_k = k if dtype == torch.float32 else k + k % 2
 
         def unpack() -> torch.Tensor:
             out = torch.empty((n, k), dtype=dtype)
@@ -288,7 +286,7 @@ class NativeLinear:
             return out
 
         fn = self._blocked[dtype]
-        return LinearPlan(packed, fn, packed.data_ptr(), n, k, padded_k, True, unpack)
+        return LinearPlan(packed, fn, packed.data_ptr(), n, k, _padded_k(k, dtype), True, unpack)
 
     def plan(self, weight: torch.Tensor, pack_hint: int | None = None) -> LinearPlan | None:
         """A plan for an (N, K) CPU weight, plain or prepacked by oneDNN with ``pack_hint``
@@ -518,6 +516,11 @@ class DecoderPlan:
                 f"(status {status}); plan again with Transformer.use_native_kernel"
             )
         return logits
+
+
+def _padded_k(k: int, dtype: torch.dtype) -> int:
+    """Columns per row of the packed layout: bf16 keeps them in pairs."""
+    return k + k % 2 if dtype == torch.bfloat16 else k
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:

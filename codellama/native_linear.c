@@ -407,7 +407,7 @@ int codellama_linear_bf16_blocked(const uint16_t* x, const uint16_t* W, uint16_t
  * exact; fp32 -> bf16 rounds to nearest even, as torch does), the threads writing disjoint
  * blocks: loading a checkpoint then costs what one copy costs. Unpacking is the inverse.
  */
-#define PT 256 /* a tile: 64 rows x 64 units (fp32 values, or bf16 pairs), 16 KiB, in L1 */
+#define PT 128 /* a tile: 64 rows x 128 units (fp32 values, or bf16 pairs), 32 KiB */
 
 /* Transpose a tile (row j, unit u at tile[j * PT + u]) into the blocked layout: unit u of
  * row j goes to out[u * BN + j], for u < nu. */
