@@ -215,7 +215,11 @@ def measure_gemv_pass(spec: dict[str, Any]) -> dict[str, Any]:
     layer = [(q, a.dim), (kv, a.dim), (kv, a.dim), (a.dim, q), (hid, a.dim), (hid, a.dim),
              (a.dim, hid)]  # fmt: skip
     shapes = layer * spec["args"]["n_layers"] + [(a.vocab_size, a.dim)]
-    weights = [torch.empty(s, device=dev, dtype=dtype).uniform_(-0.02, 0.02) for s in shapes]
+    source = getattr(torch, spec["disk_dtype"])  # values the checkpoint's dtype holds exactly
+    weights = [
+        torch.empty(s, device=dev, dtype=dtype).uniform_(-0.02, 0.02).to(source).to(dtype)
+        for s in shapes
+    ]
     Fn = Callable[[torch.Tensor, Any], Any]
     # name -> (kernel, its form of the weights); forms are made only while timed (memory)
     kernels: dict[str, tuple[Fn, Callable[[], list[Any]]]] = {
@@ -240,10 +244,12 @@ def measure_gemv_pass(spec: dict[str, Any]) -> dict[str, Any]:
 
             kernels["codellama native on oneDNN-packed weights"] = (lambda x, p: p(x), plans)
             if kernel.can_pack(dtype):  # the layout the model keeps: its own packing
+                stored = kernel.storage_dtype(dtype, source)  # fp32 models: bf16 kept as bf16
 
                 def own() -> list[Any]:
                     assert kernel is not None
-                    return [kernel.plan_packed(kernel.pack(w, dtype), *w.shape) for w in weights]
+                    packed = [kernel.pack(w, stored) for w in weights]
+                    return [kernel.plan_packed(p, *w.shape, dtype) for p, w in zip(packed, weights)]
 
                 kernels["codellama native on its packed weights"] = (lambda x, p: p(x), own)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -294,6 +300,8 @@ def _build_ours(spec: dict[str, Any]) -> Built:
         kernel = f"Triton small_matmul (codellama.gpu_kernels) up to {gpu_kernels.MAX_ROWS} rows"
     if model.native_decoder is not None:
         kernel = f"codellama native decoding step (all {model.params.n_layers} layers, one call)"
+    if any(m.native_plan.w16 for m in planned):
+        kernel += "; fp32 products on linear weights kept in bf16 (the checkpoint's exact values)"
     return gen, parameter_bytes(model), kv_cache_bytes(model.params, model.dtype), kernel
 
 
@@ -644,21 +652,24 @@ def main(
         if probe is not None:
             probe.close()
 
-    # Bytes read per batch-1 decode token: every weight but the embedding table (one row
-    # is read), plus the K and V of the average context (prompt + half the new tokens).
+    # Bytes each library reads per batch-1 decode token: every weight but the embedding
+    # table (one row is read), as that library keeps it (an fp32 codellama model keeps a
+    # bf16 checkpoint's linear weights in bf16), plus the K and V of the average context
+    # (prompt + half the new tokens).
     elem = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
     dim, heads = args["dim"], args["n_heads"]
     kv_heads = args.get("n_kv_heads") or heads
     kv_per_pos = 2 * args["n_layers"] * kv_heads * (dim // heads) * elem
     param_bytes = results["ours"]["param_bytes"]
-    read = (
-        param_bytes - args["vocab_size"] * dim * elem + kv_per_pos * (PROMPT_LEN + NEW_TOKENS // 2)
-    )
+    kv_read = kv_per_pos * (PROMPT_LEN + NEW_TOKENS // 2)
+    for res in results.values():
+        res["bytes_per_token_b1"] = res["param_bytes"] - args["vocab_size"] * dim * elem + kv_read
+    read = results["ours"]["bytes_per_token_b1"]
     for res in results.values():
         # The bandwidth of each library's own batch-1 runs (the median of the probes around
         # them), unless given: then the same for every library.
         res["bandwidth_gbs"] = bandwidth_gbs or statistics.median(res["bandwidth_b1"])
-        res["bound_tok_s_b1"] = res["bandwidth_gbs"] * 1e9 / read
+        res["bound_tok_s_b1"] = res["bandwidth_gbs"] * 1e9 / res["bytes_per_token_b1"]
         res["bw_fraction_b1"] = res["decode_b1_tok_s"] / res["bound_tok_s_b1"]
         res["gemv_fraction_b1"] = res["decode_b1_tok_s"] / gemv["gemv_tok_s"]
     if bandwidth_gbs is None:
@@ -672,7 +683,9 @@ def main(
         )
     else:
         bw_src = "given with --bandwidth_gbs"
-        bw_text = f"{bandwidth_gbs:.1f} GB/s -> bound {results['ours']['bound_tok_s_b1']:.1f} tok/s"
+        bw_text = f"{bandwidth_gbs:.1f} GB/s -> bound " + ", ".join(
+            f"{lib} {res['bound_tok_s_b1']:.1f} tok/s" for lib, res in results.items()
+        )
     bound = results["ours"]["bound_tok_s_b1"]
     loads = [x for res in results.values() for x in res["loadavg"]]
     if max(loads) > threads + 0.5:
@@ -686,13 +699,18 @@ def main(
         agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
 
     info = machine_info(device, dtype, threads, results["ours"].get("gpu"))
-    n_params = param_bytes // elem
+    from codellama.model import ModelArgs, weight_bytes
+
+    n_params = weight_bytes(ModelArgs(**args), torch.float32) // 4
     print(f"\n## codellama generate benchmark: {shape} ({n_params / 1e6:.0f}M params), {dtype}")
     print(", ".join(f"{k}: {v}" for k, v in info.items()))
     print(f"shape: {json.dumps(args)}; tokenizer: {tok_src}")
     how = "one library at a time" if sequential else "the libraries alternating run by run"
     print(f"runs: median of {runs} after 1 warm-up, {how}; ours compile={bool(compile)}, HF eager")
-    print(f"memory bandwidth ({bw_src}), batch-1 bytes/token {read / 1e6:.0f} MB: {bw_text}")
+    per_lib = ", ".join(
+        f"{lib} {res['bytes_per_token_b1'] / 1e6:.0f}" for lib, res in results.items()
+    )
+    print(f"memory bandwidth ({bw_src}), batch-1 MB read per token {per_lib}: {bw_text}")
     print(f"matrix-vector pass over the weights: {gemv['gemv_tok_s']:.1f} tok/s "
           f"({gemv['gemv_kernel']}, the fastest kernel here, one call per weight; measured "
           "before the runs)")  # fmt: skip

@@ -31,7 +31,6 @@ from fairscale.nn.model_parallel.mappings import (
 from torch import nn
 
 from . import gpu_kernels
-from .checkpoint import release_pages
 from .errors import ConfigError, PromptTooLongError, UnsupportedError
 from .native import (
     LAYER_LINEARS,
@@ -453,8 +452,10 @@ class Transformer(nn.Module):
 
         For :func:`codellama.checkpoint.load_weights`: the plain weight is never written,
         so loading reads the file once and allocates each weight once, also when several
-        shards hold pieces of it. Returns False where the loader should copy it itself
-        (small parameters, no kernel, not on the CPU, bf16 pieces that split column pairs).
+        shards hold pieces of it. ``weight`` is only read (the loader drops the file's pages
+        afterwards). An fp32 model keeps a bf16 checkpoint's linear weights in bf16, which
+        holds them exactly (:meth:`NativeLinear.storage_dtype`). Returns False where the
+        loader should copy it itself (small parameters, no kernel, not on the CPU).
         """
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name) if module_name else self
@@ -479,21 +480,27 @@ class Transformer(nn.Module):
                 return False
             with torch.no_grad():
                 kernel.fill(param, weight)  # the embedding: fresh memory, mapped in at once
-            release_pages(weight)
             return True
         if kernel is not None and kernel.can_pack(self.dtype):
+            stored = kernel.storage_dtype(self.dtype, weight.dtype)
+            cuts = cuts or (offset, offset + weight.shape[dim])
+            if plan is not None and plan.weight.dtype != stored:  # a piece of another dtype
+                stored = self.dtype
+                if plan.weight.dtype != stored:  # widen what earlier pieces stored
+                    assert plan.unpack is not None
+                    self._store_packed(module, kernel.pack(plan.unpack(), stored), kernel, n, k)
             if whole:
-                self._store_packed(module, kernel.pack(weight, self.dtype), kernel)
+                self._store_packed(module, kernel.pack(weight, stored), kernel, n, k)
             else:
-                if not _cuts_packable(
-                    cuts or (offset, offset + weight.shape[dim]), dim, size, self.dtype
-                ):
+                if plan is None and not _cuts_packable(cuts, dim, size, stored):
+                    stored = self.dtype  # bf16 keeps columns in pairs that the cuts split
+                if not _cuts_packable(cuts, dim, size, stored):
                     return False  # the loader copies the pieces; prepack_cpu_weights packs
                 if not started:
-                    self._store_packed(module, kernel.empty_packed(n, k, self.dtype), kernel)
+                    packed = kernel.empty_packed(n, k, stored)
+                    self._store_packed(module, packed, kernel, n, k)
                 row, col = (offset, 0) if dim == 0 else (0, offset)
                 kernel.pack_piece(_weight(module), n, k, weight, row, col)
-            release_pages(weight)
             return True
         if not whole or not _can_prepack(self.device, self.dtype):
             return False
@@ -501,17 +508,17 @@ class Transformer(nn.Module):
             plain = weight
         else:  # convert into one reused buffer: fresh memory costs a page fault per 4 KiB
             plain = self._scratch(weight.numel()).view(weight.shape).copy_(weight)
-            release_pages(weight)  # the file's pages are copied: drop them before packing
         packed = torch.ops.mkldnn._reorder_linear_weight(plain, self._pack_hint())
         module.weight = nn.Parameter(packed, requires_grad=False)
         return True
 
-    @staticmethod
-    def _store_packed(module: nn.Module, packed: torch.Tensor, kernel: NativeLinear) -> None:
-        """Make ``packed`` (:meth:`NativeLinear.pack`'s) the weight of linear ``module``."""
-        n, k = _weight(module).shape
+    def _store_packed(
+        self, module: nn.Module, packed: torch.Tensor, kernel: NativeLinear, n: int, k: int
+    ) -> None:
+        """Make ``packed`` (:meth:`NativeLinear.pack`'s, of an (n, k) weight, in the model's
+        dtype or kept in bf16) the weight of linear ``module``."""
         module.weight = nn.Parameter(packed, requires_grad=False)
-        module.__dict__["native_plan"] = kernel.plan_packed(_weight(module), n, k)
+        module.__dict__["native_plan"] = kernel.plan_packed(_weight(module), n, k, self.dtype)
 
     def _scratch(self, numel: int) -> torch.Tensor:
         """A flat buffer for ``numel`` elements. Up to the size of a layer's largest weight
@@ -544,8 +551,8 @@ class Transformer(nn.Module):
         for module in self.linear_layers():
             old, weight = _packed_plan(module), _weight(module)
             if old is not None:
-                if kernel is not None and kernel.can_pack(weight.dtype):
-                    module.native_plan = kernel.plan_packed(weight, old.n, old.k)
+                if kernel is not None and kernel.can_pack(old.dtype):
+                    module.native_plan = kernel.plan_packed(weight, old.n, old.k, old.dtype)
                     served += 1
                     continue
                 assert old.unpack is not None
@@ -704,7 +711,8 @@ class Transformer(nn.Module):
                 continue
             if native:
                 assert kernel is not None
-                self._store_packed(module, kernel.pack(weight.detach(), self.dtype), kernel)
+                packed = kernel.pack(weight.detach(), self.dtype)
+                self._store_packed(module, packed, kernel, *weight.shape)
             else:
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), hint)
                 module.weight = nn.Parameter(packed, requires_grad=False)

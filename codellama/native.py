@@ -6,6 +6,9 @@ a matrix-vector product, which is bound by memory bandwidth. ``native_linear.c``
 - its own blocked weight layout (:meth:`NativeLinear.pack`): blocks of 64 output rows, as
   oneDNN prepacks them, written in one pass from the checkpoint's tensors, so that loading
   costs one copy (oneDNN's reorder costs about two, after a conversion);
+- fp32 products on weights kept in bf16: an fp32 model keeps a bf16 checkpoint's weights
+  (Meta's are bf16) in bf16, which holds them exactly, for half the memory and half the
+  bytes per decoding step, with results bit-identical to fp32 weights;
 - products for any number of rows on it: 1.1-1.5x faster than oneDNN for the 1-8 rows of
   decoding (2-core AVX512-BF16 EPYC, see the README) and about its speed for prefill's
   hundreds; they also read plain weights and oneDNN's prepacked ones;
@@ -78,12 +81,20 @@ class LinearPlan:
     # read it, so they take every number of rows; `unpack` gives it back as a plain matrix.
     owned_layout: bool = False
     unpack: Callable[[], torch.Tensor] | None = None
+    # The dtype of inputs and outputs, when not the weight's: fp32 on a weight kept in bf16
+    # (exact for values from a bf16 checkpoint; see NativeLinear.storage_dtype).
+    compute: torch.dtype | None = None
     dtype: torch.dtype = field(init=False)
 
     def __post_init__(self) -> None:
-        self.dtype = self.weight.dtype
+        self.dtype = self.compute or self.weight.dtype
         self._max_numel = None if self.owned_layout else MAX_ROWS * self.k
         self._buffer = buffer_key(self.weight)
+
+    @property
+    def w16(self) -> bool:
+        """Whether an fp32 weight is kept as bf16 (bf16 pairs in the packed layout)."""
+        return self.weight.dtype != self.dtype
 
     def holds_weight(self, weight: torch.Tensor) -> bool:
         """Whether ``weight`` is the planned tensor, still in the storage planned
@@ -127,10 +138,14 @@ class NativeLinear:
             self._row_major[dtype] = self._function(library, f"codellama_linear_{name}")
             if dtype == torch.float32 or self.bf16_dot_product:
                 self._blocked[dtype] = self._function(library, f"codellama_linear_{name}_blocked")
+        self._blocked_w16 = self._function(library, "codellama_linear_f32w16_blocked")
         self._layouts: dict[tuple, int | None] = {}
-        self._pack = {torch.float32: library.codellama_pack_f32}
-        if self.bf16_dot_product:
-            self._pack[torch.bfloat16] = library.codellama_pack_bf16
+        # By the dtype stored: bf16 packing needs no bf16 arithmetic (fp32 models keep bf16
+        # checkpoints' weights so), bf16 products do (can_pack).
+        self._pack = {
+            torch.float32: library.codellama_pack_f32,
+            torch.bfloat16: library.codellama_pack_bf16,
+        }
         for fn in self._pack.values():  # src, src_bf16, ld, dst, N, K, dst_k, k_off, threads
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
             fn.argtypes += [ctypes.c_long] * 4 + [ctypes.c_int]
@@ -172,8 +187,17 @@ class NativeLinear:
         return dtype in self._row_major
 
     def can_pack(self, dtype: torch.dtype) -> bool:
-        """Whether weights of ``dtype`` can be kept in the blocked layout (:meth:`pack`)."""
-        return dtype in self._pack
+        """Whether a model in ``dtype`` can keep its weights in the blocked layout
+        (:meth:`pack`): this build multiplies ``dtype`` inputs by them."""
+        return dtype in self._blocked
+
+    @staticmethod
+    def storage_dtype(dtype: torch.dtype, source: torch.dtype) -> torch.dtype:
+        """The dtype to pack a weight of a ``dtype`` model in, from a checkpoint tensor of
+        ``source`` dtype: bf16 for an fp32 model's bf16 weights, which bf16 holds exactly
+        (half the memory and bytes read per step; products and sums stay fp32 and
+        bit-identical, see native_linear.c's w16 kernels), else ``dtype``."""
+        return torch.bfloat16 if (dtype, source) == (torch.float32, torch.bfloat16) else dtype
 
     def pack(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``weight`` (N, K) in ``dtype``, in codellama's blocked layout: blocks of 64 output
@@ -189,8 +213,8 @@ class NativeLinear:
 
     def empty_packed(self, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
         """Room for an (n, k) weight in the blocked layout, to be filled by :meth:`pack_piece`."""
-        if not self.can_pack(dtype):
-            raise ValueError(f"this build of the native kernels cannot pack {dtype} weights")
+        if dtype not in self._pack:
+            raise ValueError(f"the native kernels cannot pack {dtype} weights")
         blocks, padded_k = -(-n // BLOCK), _padded_k(k, dtype)
         if dtype == torch.float32:
             return torch.empty((blocks, padded_k, BLOCK), dtype=dtype)
@@ -263,7 +287,7 @@ class NativeLinear:
     def _check_packed(self, packed: torch.Tensor, n: int, k: int) -> None:
         dtype = packed.dtype
         want = -(-n // BLOCK) * BLOCK * _padded_k(k, dtype)
-        if not self.can_pack(dtype) or packed.numel() != want or not packed.is_contiguous():
+        if dtype not in self._pack or packed.numel() != want or not packed.is_contiguous():
             raise ValueError(f"not a packed ({n}, {k}) {dtype} weight: {tuple(packed.shape)}")
 
     def fill(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -274,19 +298,30 @@ class NativeLinear:
             self._populate(dst.data_ptr(), nbytes, torch.get_num_threads())
         dst.copy_(src)
 
-    def plan_packed(self, packed: torch.Tensor, n: int, k: int) -> LinearPlan:
-        """The plan for an (n, k) weight that :meth:`pack` made: every number of rows."""
-        dtype = packed.dtype
+    def plan_packed(
+        self, packed: torch.Tensor, n: int, k: int, dtype: torch.dtype | None = None
+    ) -> LinearPlan:
+        """The plan for an (n, k) weight that :meth:`pack` made, for inputs of ``dtype``
+        (default: the weight's; fp32 also on bf16 weights): every number of rows."""
+        stored = packed.dtype
+        dtype = dtype or stored
         self._check_packed(packed, n, k)
+        if dtype == stored and dtype in self._blocked:
+            fn = self._blocked[dtype]
+        elif (dtype, stored) == (torch.float32, torch.bfloat16):
+            fn = self._blocked_w16
+        else:
+            raise ValueError(f"no native product of {dtype} inputs and {stored} packed weights")
 
         def unpack() -> torch.Tensor:
-            out = torch.empty((n, k), dtype=dtype)
-            bf16 = int(dtype == torch.bfloat16)
+            """The plain (n, k) weight, in the dtype of the plan's inputs."""
+            out = torch.empty((n, k), dtype=stored)
+            bf16 = int(stored == torch.bfloat16)
             self._unpack(packed.data_ptr(), bf16, out.data_ptr(), n, k, torch.get_num_threads())
-            return out
+            return out.to(dtype)
 
-        fn = self._blocked[dtype]
-        return LinearPlan(packed, fn, packed.data_ptr(), n, k, _padded_k(k, dtype), True, unpack)
+        padded_k = _padded_k(k, stored)
+        return LinearPlan(packed, fn, packed.data_ptr(), n, k, padded_k, True, unpack, dtype)
 
     def plan(self, weight: torch.Tensor, pack_hint: int | None = None) -> LinearPlan | None:
         """A plan for an (N, K) CPU weight, plain or prepacked by oneDNN with ``pack_hint``
@@ -383,7 +418,7 @@ LAYER_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # cl_layer's order
 
 class _CLinear(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("n", ctypes.c_long), ("k", ctypes.c_long)]
-    _fields_ += [("kp", ctypes.c_long)]
+    _fields_ += [("kp", ctypes.c_long), ("w16", ctypes.c_long)]
 
 
 class _CLayer(ctypes.Structure):
@@ -452,12 +487,13 @@ class DecoderPlan:
         out = head.output
         self._head = _CHead(
             head.embedding.data_ptr(), head.norm.data_ptr(),
-            _CLinear(out.ptr, out.n, out.k, out.padded_k), out.n, head.eps,
+            _CLinear(out.ptr, out.n, out.k, out.padded_k, out.w16), out.n, head.eps,
         )  # fmt: skip
         self._structs = (_CLayer * len(layers))()
         for struct, layer in zip(self._structs, layers):
             for name, plan in zip(LAYER_LINEARS, layer.linears):
-                setattr(struct, name, _CLinear(plan.ptr, plan.n, plan.k, plan.padded_k))
+                c_linear = _CLinear(plan.ptr, plan.n, plan.k, plan.padded_k, plan.w16)
+                setattr(struct, name, c_linear)
             rows, kv_heads, max_seq, head_dim = layer.cache_k.shape
             struct.attn_norm, struct.ffn_norm = (
                 layer.attn_norm.data_ptr(),
@@ -601,14 +637,18 @@ def build(
 def _self_test(kernel: NativeLinear) -> None:
     gen = torch.Generator().manual_seed(0)
     for dtype in _NAMES:
-        w = torch.randn(77, 71, generator=gen).to(dtype)
+        # bf16 values: fp32 models also keep them as bf16 (storage_dtype)
+        w = torch.randn(77, 71, generator=gen).bfloat16().to(dtype)
         want = {}
         for rows in (3, 13):
             x = torch.randn(rows, 71, generator=gen).to(dtype)
             want[rows] = x, x.double() @ w.double().T
         plans = [kernel.plan(w)]
         if kernel.can_pack(dtype):
-            plans.append(kernel.plan_packed(kernel.pack(w, dtype), *w.shape))
+            stored = kernel.storage_dtype(dtype, torch.bfloat16)
+            n, k = w.shape
+            for keep in {dtype, stored}:
+                plans.append(kernel.plan_packed(kernel.pack(w, keep), n, k, dtype))
         for plan in plans:
             for x, ref in want.values():
                 if plan is None or not _close(plan(x).double(), ref, dtype):

@@ -13,7 +13,8 @@
  * - row-major (plain weights, and oneDNN's fp32 layout for batch 1), for up to 8 rows.
  * codellama/native.py compiles this file for the running CPU (-O3 -march=native -fopenmp)
  * on first use and checks the kernels against float64 (and any oneDNN layout against oneDNN)
- * before use. x and y have W's dtype (fp32 or bf16); sums are fp32. bf16 uses AVX512-BF16
+ * before use. x and y have W's dtype (fp32 or bf16), or are fp32 on bf16 weights ("w16": fp32
+ * models keep a bf16 checkpoint's weights so, exactly); sums are fp32. bf16 uses AVX512-BF16
  * dot products where the CPU has them, else portable vector code (bf16 weights then stay
  * with oneDNN).
  */
@@ -314,11 +315,11 @@ AI void blocked_f32(const float* wb, const float* x, float* y, long K, long N, i
     gemm_tile_f32(wb, x, K, y, N, 0, K, M, 1, nvalid);
 }
 
-#define BLOCKED_BODY(FN, T)                                                                   \
+#define BLOCKED_BODY(FN, T, WT)                                                               \
     long nblk = (N + BN - 1) / BN;                                                             \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
     for (long b = 0; b < nblk; b++) {                                                          \
-        const T* wb = W + b * BN * Kp;                                                         \
+        const WT* wb = W + b * BN * Kp;                                                        \
         int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;                                 \
         for (long m0 = 0; m0 < M; m0 += MB) {                                                  \
             int mb = M - m0 < MB ? (int)(M - m0) : MB;                                         \
@@ -334,7 +335,7 @@ AI void blocked_f32(const float* wb, const float* x, float* y, long K, long N, i
 int codellama_linear_f32_blocked(const float* x, const float* W, float* y, long M, long N,
                                  long K, long Kp, int threads) {
     if (M <= 2 * MB) {
-        BLOCKED_BODY(blocked_f32, float)
+        BLOCKED_BODY(blocked_f32, float, float)
         return 0;
     }
     long nblk = (N + BN - 1) / BN;
@@ -349,6 +350,109 @@ int codellama_linear_f32_blocked(const float* x, const float* W, float* y, long 
                 float* ym = y + m0 * N + b * BN;
                 if (M - m0 >= GR) gemm_tile_f32(wb, xm, K, ym, N, k0, k1, GR, k0 == 0, nvalid);
                 else gemm_tile_f32(wb, xm, K, ym, N, k0, k1, (int)(M - m0), k0 == 0, nvalid);
+            }
+        }
+    }
+    return 0;
+}
+
+/* fp32 products on weights kept as bf16 ("w16"), in the bf16 layout below ([N/64][Kp/2][64]
+ * pairs): an fp32 model whose weights come from a bf16 checkpoint (as Meta's are) keeps them
+ * so, since bf16 holds each of those values exactly. That is half the memory, half the bytes
+ * a decoding step reads and half the pages loading writes, for the same products: each pair
+ * is widened to the two fp32 values it holds and the sums run over k in the same order as
+ * gemm_tile_f32's, so the results are bit-identical to those on fp32 weights. */
+AI vf w16_low(const uint32_t* p) { /* the even columns of 16 pairs, as fp32 */
+    vu u;
+    memcpy(&u, p, sizeof u);
+    u <<= 16;
+    vf v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+AI vf w16_high(const uint32_t* p) { /* the odd columns */
+    vu u;
+    memcpy(&u, p, sizeof u);
+    u &= 0xffff0000u;
+    vf v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+/* gemm_tile_f32 on a w16 block (k0 even); an odd K's last column is the low half of its pair. */
+AI void gemm_tile_f32w16(const uint16_t* wb, const float* x, long ldx, float* y, long ldy,
+                         long k0, long k1, const int R, int first, int nvalid) {
+    vf acc[GR][BN / VL];
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < BN / VL; j++) acc[r][j] = (vf){0};
+    const uint32_t* pairs = (const uint32_t*)wb;
+    long k = k0;
+    for (; k + 1 < k1; k += 2) {
+        const uint32_t* w = pairs + (k / 2) * BN;
+        vf w0 = w16_low(w), w1 = w16_low(w + VL), w2 = w16_low(w + 2 * VL);
+        vf w3 = w16_low(w + 3 * VL);
+        for (int r = 0; r < R; r++) {
+            vf xb = SPLAT(x[r * ldx + k]);
+            acc[r][0] += w0 * xb;
+            acc[r][1] += w1 * xb;
+            acc[r][2] += w2 * xb;
+            acc[r][3] += w3 * xb;
+        }
+        w0 = w16_high(w), w1 = w16_high(w + VL), w2 = w16_high(w + 2 * VL);
+        w3 = w16_high(w + 3 * VL);
+        for (int r = 0; r < R; r++) {
+            vf xb = SPLAT(x[r * ldx + k + 1]);
+            acc[r][0] += w0 * xb;
+            acc[r][1] += w1 * xb;
+            acc[r][2] += w2 * xb;
+            acc[r][3] += w3 * xb;
+        }
+    }
+    if (k < k1) {
+        const uint32_t* w = pairs + (k / 2) * BN;
+        vf w0 = w16_low(w), w1 = w16_low(w + VL), w2 = w16_low(w + 2 * VL);
+        vf w3 = w16_low(w + 3 * VL);
+        for (int r = 0; r < R; r++) {
+            vf xb = SPLAT(x[r * ldx + k]);
+            acc[r][0] += w0 * xb;
+            acc[r][1] += w1 * xb;
+            acc[r][2] += w2 * xb;
+            acc[r][3] += w3 * xb;
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float* yr = y + r * ldy;
+        for (int j = 0; j < BN / VL; j++)
+            for (int i = 0; i < VL && VL * j + i < nvalid; i++)
+                yr[VL * j + i] = first ? acc[r][j][i] : yr[VL * j + i] + acc[r][j][i];
+    }
+}
+
+AI void blocked_f32w16(const uint16_t* wb, const float* x, float* y, long K, long N, int nvalid,
+                       const int M) {
+    gemm_tile_f32w16(wb, x, K, y, N, 0, K, M, 1, nvalid);
+}
+
+/* x, y fp32; W w16 (Kp = K rounded up to even). */
+int codellama_linear_f32w16_blocked(const float* x, const uint16_t* W, float* y, long M, long N,
+                                    long K, long Kp, int threads) {
+    if (M <= 2 * MB) {
+        BLOCKED_BODY(blocked_f32w16, float, uint16_t)
+        return 0;
+    }
+    long nblk = (N + BN - 1) / BN;
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")
+    for (long b = 0; b < nblk; b++) {
+        const uint16_t* wb = W + b * BN * Kp;
+        int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;
+        for (long k0 = 0; k0 < K; k0 += KC) {
+            long k1 = K - k0 < KC ? K : k0 + KC;
+            for (long m0 = 0; m0 < M; m0 += GR) {
+                const float* xm = x + m0 * K;
+                float* ym = y + m0 * N + b * BN;
+                if (M - m0 >= GR) gemm_tile_f32w16(wb, xm, K, ym, N, k0, k1, GR, k0 == 0, nvalid);
+                else gemm_tile_f32w16(wb, xm, K, ym, N, k0, k1, (int)(M - m0), k0 == 0, nvalid);
             }
         }
     }
@@ -391,7 +495,7 @@ AI void blocked_bf16(const uint16_t* wb, const uint16_t* x, uint16_t* y, long K,
 int codellama_linear_bf16_blocked(const uint16_t* x, const uint16_t* W, uint16_t* y, long M,
                                   long N, long K, long Kp, int threads) {
 #if defined(__AVX512BF16__)
-    BLOCKED_BODY(blocked_bf16, uint16_t)
+    BLOCKED_BODY(blocked_bf16, uint16_t, uint16_t)
     return 0;
 #else
     (void)x, (void)W, (void)y, (void)M, (void)N, (void)K, (void)Kp, (void)threads;
@@ -745,6 +849,7 @@ static void* scratch(int slot, size_t bytes) {
 typedef struct {
     const void* w; /* weight: oneDNN blocked (kp > 0) or row-major (kp == 0) */
     long n, k, kp;
+    long w16; /* fp32 steps: 1 where the weight is kept as bf16 pairs (blocked_f32w16) */
 } cl_linear;
 
 typedef struct {
@@ -809,6 +914,27 @@ AI long units_of(const cl_linear* L) { return (L->n + BN - 1) / BN; }
     }
 
 UNIT_FN(unit_f32, float, float, blocked_f32, row_f32, block_f32, f32_id)
+
+/* unit_f32 for a weight kept as bf16 pairs (always blocked). */
+static void unit_f32w16(const cl_linear* L, const float* x, long M, long u, float* out) {
+    const uint16_t* wb = (const uint16_t*)L->w + u * BN * L->kp;
+    long K = L->k, n0 = u * BN;
+    int nvalid = L->n - n0 < BN ? (int)(L->n - n0) : BN;
+    for (long m0 = 0; m0 < M; m0 += MB) {
+        int mb = M - m0 < MB ? (int)(M - m0) : MB;
+        const float* xm = x + m0 * K;
+        float* om = out + m0 * BN;
+        if (mb == 1) blocked_f32w16(wb, xm, om, K, BN, nvalid, 1);
+        else if (mb == 2) blocked_f32w16(wb, xm, om, K, BN, nvalid, 2);
+        else if (mb == 3) blocked_f32w16(wb, xm, om, K, BN, nvalid, 3);
+        else blocked_f32w16(wb, xm, om, K, BN, nvalid, MB);
+    }
+}
+
+static void unit_f32_any(const cl_linear* L, const float* x, long M, long u, float* out) {
+    if (L->w16) unit_f32w16(L, x, M, u, out);
+    else unit_f32(L, x, M, u, out);
+}
 #if defined(__AVX512BF16__)
 UNIT_FN(unit_bf16, uint16_t, uint16_t, blocked_bf16, row_bf16_dp, block_bf16_dp, f32_to_bf16)
 #endif
@@ -1086,7 +1212,7 @@ UNIT_FN(unit_bf16, uint16_t, uint16_t, blocked_bf16, row_bf16_dp, block_bf16_dp,
 
 #define MAX_M 8
 
-DECODE_FNS(f32, float, f32_id, f32_id, load_f32, unit_f32)
+DECODE_FNS(f32, float, f32_id, f32_id, load_f32, unit_f32_any)
 #if defined(__AVX512BF16__)
 DECODE_FNS(bf16, uint16_t, bf16_to_f32, f32_to_bf16, load_bf16, unit_bf16)
 #else

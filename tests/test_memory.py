@@ -54,8 +54,9 @@ write_random_checkpoint(d / "ckpt", args, tokenizer_path=tok)
 
 
 def test_build_peak_rss_stays_within_1_2x_model_and_cache(make_checkpoint):
-    """A bf16 checkpoint of ~180 MB built in fp32 (356 MB): no double allocation, and the
-    checkpoint's pages are released as they are copied."""
+    """A bf16 checkpoint of ~180 MB built in fp32 (179 MB: the linear weights stay bf16, the
+    embedding becomes fp32; 356 MB all fp32): no double allocation, and the checkpoint's
+    pages are released as they are copied."""
     args = ModelArgs(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, multiple_of=256)
     ckpt = make_checkpoint(args, dtype=torch.bfloat16, std=0.02)
     out = _run(
@@ -73,7 +74,7 @@ print(json.dumps({{"base": base, "after": after, "need": need}}))
 """
     )
     growth = out["after"] - out["base"]
-    assert out["need"] > 300
+    assert out["need"] > 170
     assert growth <= 1.2 * out["need"], out
 
 
