@@ -16,6 +16,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -106,6 +107,29 @@ def read_params(ckpt_dir: str | os.PathLike[str]) -> dict:
     return params
 
 
+_STORAGE_DTYPES = {  # the storage classes torch.save names in a checkpoint's data.pkl
+    b"BFloat16Storage": torch.bfloat16,
+    b"HalfStorage": torch.float16,
+    b"FloatStorage": torch.float32,
+    b"DoubleStorage": torch.float64,
+}
+
+
+def stored_dtypes(path: str | os.PathLike[str]) -> set[torch.dtype] | None:
+    """The floating-point dtypes a ``torch.save`` checkpoint holds, read from its pickle
+    alone (a few KiB, no tensor is opened); None where that cannot be told."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(names) != 1 or z.getinfo(names[0]).file_size > 64 * 2**20:
+                return None
+            text = z.read(names[0])
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError):
+        return None
+    found = {dtype for name, dtype in _STORAGE_DTYPES.items() if b"torch\n" + name + b"\n" in text}
+    return found or None
+
+
 def load_shard(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Open one shard lazily (mmap) and safely (tensors only; code is refused, not run)."""
     p = Path(path)
@@ -177,7 +201,7 @@ def load_weights(
     mp_rank: int = 0,
     mp_size: int = 1,
     progress: bool = False,
-    store: Callable[[str, torch.Tensor, int, int, tuple[int, ...]], bool] | None = None,
+    store: Callable[[str, torch.Tensor, int, int, tuple[int, ...], bool], bool] | None = None,
 ) -> None:
     """Copy this rank's slices of an N-shard checkpoint into ``model``'s parameters.
 
@@ -186,10 +210,11 @@ def load_weights(
     ``[r*F/M, (r+1)*F/M)``, so only overlapping shards are opened. Keys are checked
     strictly; every problem is reported at once with the file it came from.
 
-    ``store(name, piece, dim, offset, cuts)``, when given, is offered each source tensor's
-    part of a split parameter (a view of the mapped file): ``piece`` goes at ``offset`` along
-    dimension ``dim``, and ``cuts`` are where this rank's pieces of that parameter start and
-    end (``(0, size)`` when one piece is the whole). If it returns True it has stored the
+    ``store(name, piece, dim, offset, cuts, mapped)``, when given, is offered each source
+    tensor's part of a split parameter: ``piece`` goes at ``offset`` along dimension ``dim``,
+    and ``cuts`` are where this rank's pieces of that parameter start and end (``(0, size)``
+    when one piece is the whole); ``mapped`` is True: ``piece`` is a view of the mapped
+    file, whose pages ``store`` may drop once read. If it returns True it has stored the
     piece itself (e.g. packed) and it is not copied.
     """
     n = len(paths)
@@ -244,7 +269,10 @@ def load_weights(
                         )
                         piece = src.narrow(dim, lo - src_lo, hi - lo)
                         cuts = _cuts(wanted, full // n, dst_lo, dst.shape[dim])
-                        if not (store is not None and store(name, piece, dim, lo - dst_lo, cuts)):
+                        stored = store is not None and store(
+                            name, piece, dim, lo - dst_lo, cuts, True
+                        )
+                        if not stored:
                             dst.narrow(dim, lo - dst_lo, hi - lo).copy_(piece)
             seen[name] += 1
             release_pages(src)

@@ -16,13 +16,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NoReturn, TypedDict
 
 import torch
 
 from . import distributed, gpu_kernels, native
-from .checkpoint import load_weights, read_params, shard_paths
+from .checkpoint import load_weights, read_params, shard_paths, stored_dtypes
 from .errors import (
     ConfigError,
     NumericalError,
@@ -157,33 +158,38 @@ class Llama:
         dt = distributed.resolve_dtype(dtype, dev)
         paths = shard_paths(ckpt_dir)
         params = read_params(ckpt_dir)
-        tokenizer = Tokenizer(tokenizer_path)
-        rank, mp = distributed.setup_model_parallel(model_parallel_size, dev)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if mp > 1 and int(os.environ.get("LOCAL_RANK", 0)) > 0:
-            sys.stdout = open(os.devnull, "w")  # as Meta's: only rank 0 prints
-
-        vocab = params.get("vocab_size", -1)
-        if vocab not in (-1, None) and vocab != tokenizer.n_words:
-            raise ConfigError(
-                f"params.json has vocab_size={vocab} but the tokenizer {tokenizer_path!r} has "
-                f"{tokenizer.n_words} pieces; use the tokenizer.model that came with this "
-                "checkpoint"
+        # SentencePiece reads its model without the GIL: on a thread, while the model is set up
+        with ThreadPoolExecutor(1, thread_name_prefix="codellama-tokenizer") as pool:
+            tokenizer_job = pool.submit(Tokenizer, tokenizer_path)
+            rank, mp = distributed.setup_model_parallel(model_parallel_size, dev)
+            if dev.type == "cuda" and dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+            if mp > 1 and int(os.environ.get("LOCAL_RANK", 0)) > 0:
+                sys.stdout = open(os.devnull, "w")  # as Meta's: only rank 0 prints
+            vocab = params.get("vocab_size", -1)
+            if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+                n_words = tokenizer_job.result().n_words  # -1: the tokenizer's
+                if vocab not in (-1, None):
+                    _vocab_mismatch(vocab, tokenizer_path, n_words)
+                vocab = n_words
+            params = {**params, "vocab_size": vocab}
+            args = ModelArgs.from_params(
+                params, max_seq_len=max_seq_len, max_batch_size=max_batch_size
             )
-        params = {**params, "vocab_size": tokenizer.n_words}
-        args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        args.validate(model_parallel_size=mp)
-
-        _check_memory(args, dt, dev, mp)
+            args.validate(model_parallel_size=mp)
+            kernel = native.load() if dev.type == "cpu" and not compile else None
+            _check_memory(args, dt, dev, mp, _linear_dtype(kernel, dt, paths))
+            with _cyclic_gc_paused():
+                model = build_empty(args, dev, dt)
+            tokenizer = tokenizer_job.result()
+        if vocab != tokenizer.n_words:
+            _vocab_mismatch(vocab, tokenizer_path, tokenizer.n_words)
         with _cyclic_gc_paused():
-            model = build_empty(args, dev, dt)
             if dev.type != "cpu":  # CPU decoding runs each weight natively instead
                 model.fuse_projections()
             if dev.type == "cuda":
                 gpu_kernels.enable()  # Triton matrix products for decoding's few rows
-            if dev.type == "cpu" and not compile:  # torch.compile packs by itself
-                model.native_kernel = native.load()  # packs the weights as they load
+            model.native_kernel = kernel  # on the CPU: packs the weights as they load
             store = None if compile else model.store_prepacked
             load_weights(model, paths, mp_rank=rank, mp_size=mp, progress=rank == 0, store=store)
             model.setup_cache(dtype=dt, device=dev)
@@ -812,13 +818,38 @@ def _as_lists(value: Any) -> Any:
     return value
 
 
-def _check_memory(args: ModelArgs, dtype: torch.dtype, device: torch.device, mp: int) -> None:
+def _vocab_mismatch(vocab: object, tokenizer_path: object, n_words: int) -> NoReturn:
+    raise ConfigError(
+        f"params.json has vocab_size={vocab} but the tokenizer {tokenizer_path!r} has "
+        f"{n_words} pieces; use the tokenizer.model that came with this checkpoint"
+    )
+
+
+def _linear_dtype(
+    kernel: native.NativeLinear | None, dtype: torch.dtype, paths: Sequence[os.PathLike[str]]
+) -> torch.dtype:
+    """The dtype the linear weights will be kept in: bf16 for an fp32 CPU model whose
+    checkpoint holds only bf16 (NativeLinear.storage_dtype), else ``dtype``."""
+    if kernel is None or not kernel.can_pack(dtype) or not paths:
+        return dtype
+    if stored_dtypes(paths[0]) != {torch.bfloat16}:
+        return dtype
+    return kernel.storage_dtype(dtype, torch.bfloat16)
+
+
+def _check_memory(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    device: torch.device,
+    mp: int,
+    linear_dtype: torch.dtype | None = None,
+) -> None:
     """Refuse sizes whose weights and KV cache cannot fit, before allocating anything
     (else the allocator fails late or the OS kills the process)."""
     free = distributed.available_memory(device)
     if free is None:
         return
-    weights = weight_bytes(args, dtype, mp)
+    weights = weight_bytes(args, dtype, mp, linear_dtype)
     cache = kv_cache_bytes(args, dtype, mp)
     if weights + cache <= free:
         return

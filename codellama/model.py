@@ -444,6 +444,7 @@ class Transformer(nn.Module):
         dim: int = 0,
         offset: int = 0,
         cuts: tuple[int, ...] | None = None,
+        mapped: bool = False,
     ) -> bool:
         """Store ``weight`` (a checkpoint slice, placed at ``offset`` along ``dim``; ``cuts``:
         where all of this parameter's pieces start and end) as parameter ``name``: a linear
@@ -452,8 +453,9 @@ class Transformer(nn.Module):
 
         For :func:`codellama.checkpoint.load_weights`: the plain weight is never written,
         so loading reads the file once and allocates each weight once, also when several
-        shards hold pieces of it. ``weight`` is only read (the loader drops the file's pages
-        afterwards). An fp32 model keeps a bf16 checkpoint's linear weights in bf16, which
+        shards hold pieces of it. ``weight`` is only read; ``mapped`` says it is a view of a
+        checkpoint file mapped by the loader, whose pages are then dropped from memory as they
+        are packed (:meth:`NativeLinear.pack`). An fp32 model keeps a bf16 checkpoint's linear weights in bf16, which
         holds them exactly (:meth:`NativeLinear.storage_dtype`). Returns False where the
         loader should copy it itself (small parameters, no kernel, not on the CPU).
         """
@@ -479,7 +481,7 @@ class Transformer(nn.Module):
             if not whole or kernel is None or param.numel() * param.element_size() < 1 << 20:
                 return False
             with torch.no_grad():
-                kernel.fill(param, weight)  # the embedding: fresh memory, mapped in at once
+                kernel.fill(param, weight, mapped)  # the embedding: fresh memory, mapped in at once
             return True
         if kernel is not None and kernel.can_pack(self.dtype):
             stored = kernel.storage_dtype(self.dtype, weight.dtype)
@@ -490,7 +492,7 @@ class Transformer(nn.Module):
                     assert plan.unpack is not None
                     self._store_packed(module, kernel.pack(plan.unpack(), stored), kernel, n, k)
             if whole:
-                self._store_packed(module, kernel.pack(weight, stored), kernel, n, k)
+                self._store_packed(module, kernel.pack(weight, stored, mapped), kernel, n, k)
             else:
                 if plan is None and not _cuts_packable(cuts, dim, size, stored):
                     stored = self.dtype  # bf16 keeps columns in pairs that the cuts split
@@ -500,7 +502,7 @@ class Transformer(nn.Module):
                     packed = kernel.empty_packed(n, k, stored)
                     self._store_packed(module, packed, kernel, n, k)
                 row, col = (offset, 0) if dim == 0 else (0, offset)
-                kernel.pack_piece(_weight(module), n, k, weight, row, col)
+                kernel.pack_piece(_weight(module), n, k, weight, row, col, mapped)
             return True
         if not whole or not _can_prepack(self.device, self.dtype):
             return False
@@ -1055,12 +1057,23 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def weight_bytes(args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 1) -> int:
-    """Bytes of the weights one process holds for ``args`` (vocab_size must be set)."""
+def weight_bytes(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    model_parallel_size: int = 1,
+    linear_dtype: torch.dtype | None = None,
+) -> int:
+    """Bytes of the weights one process holds for ``args`` (vocab_size must be set); the
+    linear layers' in ``linear_dtype`` where it differs (an fp32 model keeping bf16)."""
     q, kv, hid = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.ffn_hidden_dim
-    per_layer = args.dim * (2 * q + 2 * kv + 3 * hid) // model_parallel_size + 2 * args.dim
-    total = args.n_layers * per_layer + 2 * args.vocab_size * args.dim // model_parallel_size
-    return (total + args.dim) * torch.tensor([], dtype=dtype).element_size()
+    mp = model_parallel_size
+    linear = args.n_layers * args.dim * (2 * q + 2 * kv + 3 * hid) // mp + args.vocab_size * (
+        args.dim // mp
+    )
+    other = args.n_layers * 2 * args.dim + args.vocab_size * args.dim // mp + args.dim
+    size = torch.tensor([], dtype=dtype).element_size()
+    linear_size = torch.tensor([], dtype=linear_dtype or dtype).element_size()
+    return linear * linear_size + other * size
 
 
 def kv_cache_bytes(args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 1) -> int:

@@ -146,10 +146,15 @@ class NativeLinear:
             torch.float32: library.codellama_pack_f32,
             torch.bfloat16: library.codellama_pack_bf16,
         }
-        for fn in self._pack.values():  # src, src_bf16, ld, dst, N, K, dst_k, k_off, threads
+        for fn in self._pack.values():
+            # src, src_bf16, ld, dst, N, K, dst_k, k_off, release_src, threads
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-            fn.argtypes += [ctypes.c_long] * 4 + [ctypes.c_int]
+            fn.argtypes += [ctypes.c_long] * 4 + [ctypes.c_int, ctypes.c_int]
             fn.restype = ctypes.c_int
+        self._fill = library.codellama_fill  # dst, dst_f32, src, src_bf16, n, release, threads
+        self._fill.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        self._fill.argtypes += [ctypes.c_long, ctypes.c_int, ctypes.c_int]
+        self._fill.restype = ctypes.c_int
         self._populate = library.codellama_populate  # ptr, bytes, threads
         self._populate.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int]
         self._populate.restype = ctypes.c_int
@@ -199,16 +204,19 @@ class NativeLinear:
         bit-identical, see native_linear.c's w16 kernels), else ``dtype``."""
         return torch.bfloat16 if (dtype, source) == (torch.float32, torch.bfloat16) else dtype
 
-    def pack(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def pack(self, weight: torch.Tensor, dtype: torch.dtype, mapped: bool = False) -> torch.Tensor:
         """``weight`` (N, K) in ``dtype``, in codellama's blocked layout: blocks of 64 output
         rows, fp32 as (ceil(N/64), K, 64) and bf16 as (ceil(N/64), ceil(K/2), 64, 2), zero
         padded; see native_linear.c. One pass over ``weight`` (any strides, converted on the
-        way from fp32 or bf16), the threads writing disjoint blocks."""
+        way from fp32 or bf16), the threads writing disjoint blocks. ``mapped``: ``weight``
+        is a view of a checkpoint file mapped by the loader, whose pages the threads drop
+        from memory as they finish with them (never pass it for other memory: it would be
+        zeroed)."""
         if weight.dim() != 2:
             raise ValueError(f"expected a 2-D weight, got {tuple(weight.shape)}")
         n, k = weight.shape
         packed = self.empty_packed(n, k, dtype)
-        self.pack_piece(packed, n, k, weight)
+        self.pack_piece(packed, n, k, weight, mapped=mapped)
         return packed
 
     def empty_packed(self, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -221,14 +229,21 @@ class NativeLinear:
         return torch.empty((blocks, padded_k // 2, BLOCK, 2), dtype=dtype)
 
     def pack_piece(
-        self, packed: torch.Tensor, n: int, k: int, piece: torch.Tensor, row: int = 0, col: int = 0
+        self,
+        packed: torch.Tensor,
+        n: int,
+        k: int,
+        piece: torch.Tensor,
+        row: int = 0,
+        col: int = 0,
+        mapped: bool = False,
     ) -> None:
         """Write ``piece`` into rows ``row..`` and columns ``col..`` of ``packed``, an (n, k)
         weight in the blocked layout: a checkpoint shard's part of a weight that several
         shards hold, in any order. In bf16 a piece starts on an even column and ends on one
         unless it ends the weight, since columns go in pairs; rows may be cut anywhere (the
         rows of a 64-row block that two pieces share are written without touching the
-        other's)."""
+        other's). ``mapped``: as for :meth:`pack`."""
         dtype = packed.dtype
         self._check_packed(packed, n, k)
         if piece.dim() != 2 or piece.device.type != "cpu":
@@ -244,7 +259,7 @@ class NativeLinear:
                 "splits a pair of columns (the packed layout keeps columns 2i and 2i+1 together)"
             )
         if piece.dtype not in (torch.float32, torch.bfloat16) or piece.stride(1) != 1:
-            piece = piece.to(dtype).contiguous()
+            piece, mapped = piece.to(dtype).contiguous(), False  # a copy: our own memory
         if rows == 0 or cols == 0:
             return
         end = row + rows
@@ -258,7 +273,7 @@ class NativeLinear:
             status = self._pack[dtype](
                 body.data_ptr(), int(body.dtype == torch.bfloat16), body.stride(0),
                 packed.data_ptr() + (row + head) // BLOCK * block_bytes, body.shape[0], cols,
-                k, col, torch.get_num_threads(),
+                k, col, int(mapped), torch.get_num_threads(),
             )  # fmt: skip
             if status != 0:
                 raise MemoryError("native pack: out of memory for a thread's tile")
@@ -290,12 +305,29 @@ class NativeLinear:
         if dtype not in self._pack or packed.numel() != want or not packed.is_contiguous():
             raise ValueError(f"not a packed ({n}, {k}) {dtype} weight: {tuple(packed.shape)}")
 
-    def fill(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def fill(self, dst: torch.Tensor, src: torch.Tensor, mapped: bool = False) -> None:
         """``dst.copy_(src)``, with ``dst``'s memory mapped in first by the threads (one call
-        each, see native_linear.c's populate): 1.3-1.5x faster into fresh memory."""
-        if dst.is_contiguous() and dst.device.type == "cpu":
-            nbytes = dst.numel() * dst.element_size()
-            self._populate(dst.data_ptr(), nbytes, torch.get_num_threads())
+        each, see native_linear.c's populate): 1.3-1.5x faster into fresh memory.
+        ``mapped``: as for :meth:`pack`."""
+        kinds = (torch.float32, torch.bfloat16)
+        if not (dst.is_contiguous() and dst.device.type == "cpu"):
+            dst.copy_(src)
+            return
+        threads = torch.get_num_threads()
+        if (
+            src.is_contiguous()
+            and src.device.type == "cpu"
+            and src.shape == dst.shape
+            and dst.dtype in kinds
+            and src.dtype in kinds
+        ):
+            status = self._fill(
+                dst.data_ptr(), int(dst.dtype == torch.float32), src.data_ptr(),
+                int(src.dtype == torch.bfloat16), dst.numel(), int(mapped), threads,
+            )  # fmt: skip
+            if status == 0:
+                return
+        self._populate(dst.data_ptr(), dst.numel() * dst.element_size(), threads)
         dst.copy_(src)
 
     def plan_packed(

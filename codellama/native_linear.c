@@ -636,6 +636,45 @@ static void populate(void* p, size_t bytes) {
 #endif
 }
 
+/* Drop the whole pages inside [p, p + bytes) of a read-only file mapping (a checkpoint's
+ * tensors, once packed) from this process; touched again, they are read again from the page
+ * cache. Never for anonymous memory, which this would zero. */
+static void release(const void* p, size_t bytes) {
+#if defined(__linux__)
+    static long page;
+    if (!page) page = sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096;
+    uintptr_t a = ((uintptr_t)p + page - 1) & ~(uintptr_t)(page - 1);
+    uintptr_t e = ((uintptr_t)p + bytes) & ~(uintptr_t)(page - 1);
+    if (e > a) madvise((void*)a, e - a, MADV_DONTNEED);
+#else
+    (void)p, (void)bytes;
+#endif
+}
+
+/* dst = src for n values, dst fp32 (dst_f32) or bf16, src bf16 (src_bf16) or fp32; each
+ * thread maps in its share of dst first and, with release, drops its share of src (a file
+ * mapping) after. Returns 0, or -2 for fp32 -> bf16 (rounding: the caller uses torch). */
+int codellama_fill(void* dst, int dst_f32, const void* src, int src_bf16, long n, int release_src,
+                   int threads) {
+    if (!dst_f32 && !src_bf16) return -2;
+    long out_size = dst_f32 ? 4 : 2, in_size = src_bf16 ? 2 : 4;
+    _Pragma("omp parallel num_threads(threads)") {
+        long t = omp_get_thread_num(), nt = omp_get_num_threads();
+        long lo = n * t / nt, hi = n * (t + 1) / nt;
+        populate((char*)dst + lo * out_size, (size_t)((hi - lo) * out_size));
+        if (dst_f32 && src_bf16) {
+            const uint16_t* s = (const uint16_t*)src;
+            uint32_t* d = (uint32_t*)dst;
+            for (long i = lo; i < hi; i++) d[i] = (uint32_t)s[i] << 16;
+        } else {
+            memcpy((char*)dst + lo * out_size, (const char*)src + lo * in_size,
+                   (size_t)((hi - lo) * in_size));
+        }
+        if (release_src) release((const char*)src + lo * in_size, (size_t)((hi - lo) * in_size));
+    }
+    return 0;
+}
+
 /* Each thread maps in the part of [p, p + bytes) it will write (a contiguous share). */
 int codellama_populate(void* p, long bytes, int threads) {
     _Pragma("omp parallel num_threads(threads)") {
@@ -649,9 +688,10 @@ int codellama_populate(void* p, long bytes, int threads) {
 /* Rows [0, N) and columns [0, K) of src go to columns [k_off, k_off + K) of a packed
  * weight whose rows hold dst_k columns (a checkpoint shard's piece of a wider weight; k_off is
  * even for bf16, whose pairs must not straddle pieces; dst points at the piece's first
- * block). Returns 0, or -1 if a thread's tile cannot be allocated. */
+ * block). With release_src (src is a file mapping), each thread drops the source rows it
+ * packed. Returns 0, or -1 if a thread's tile cannot be allocated. */
 static int pack_blocked(const void* src, int src_bf16, int dst_bf16, long ld, void* dst, long N,
-                        long K, long dst_k, long k_off, int threads) {
+                        long K, long dst_k, long k_off, int release_src, int threads) {
     long nblk = (N + BN - 1) / BN;
     long units = dst_bf16 ? (K + 1) / 2 : K; /* this piece's, per row of a block's 64 */
     long stride = dst_bf16 ? (dst_k + 1) / 2 : dst_k; /* the weight's */
@@ -686,19 +726,22 @@ static int pack_blocked(const void* src, int src_bf16, int dst_bf16, long ld, vo
                 }
             }
             free(tile);
+            long r0 = b0 * BN, r1 = b1 * BN < N ? b1 * BN : N, size = src_bf16 ? 2 : 4;
+            if (release_src && r1 > r0)
+                release((const char*)src + r0 * ld * size, (size_t)((r1 - r0) * ld * size));
         }
     }
     return failed ? -1 : 0;
 }
 
 int codellama_pack_f32(const void* src, int src_bf16, long ld, float* dst, long N, long K,
-                       long dst_k, long k_off, int threads) {
-    return pack_blocked(src, src_bf16, 0, ld, dst, N, K, dst_k, k_off, threads);
+                       long dst_k, long k_off, int release_src, int threads) {
+    return pack_blocked(src, src_bf16, 0, ld, dst, N, K, dst_k, k_off, release_src, threads);
 }
 
 int codellama_pack_bf16(const void* src, int src_bf16, long ld, uint16_t* dst, long N, long K,
-                        long dst_k, long k_off, int threads) {
-    return pack_blocked(src, src_bf16, 1, ld, dst, N, K, dst_k, k_off, threads);
+                        long dst_k, long k_off, int release_src, int threads) {
+    return pack_blocked(src, src_bf16, 1, ld, dst, N, K, dst_k, k_off, release_src, threads);
 }
 
 /* The inverse: blocked (fp32 if bf16 == 0) back to a row-major (N, K) array. */

@@ -222,10 +222,10 @@ def test_a_sharded_checkpoint_is_packed_piece_by_piece(
     pieces = []
     original = native.NativeLinear.pack_piece
 
-    def spy(self, packed, n, k, piece, row=0, col=0):
+    def spy(self, packed, n, k, piece, row=0, col=0, mapped=False):
         if tuple(piece.shape) != (n, k):  # a shard's piece, not a whole weight
             pieces.append((n, k, tuple(piece.shape)))
-        return original(self, packed, n, k, piece, row, col)
+        return original(self, packed, n, k, piece, row, col, mapped)
 
     monkeypatch.setattr(native.NativeLinear, "pack_piece", spy)
     one = build(make_checkpoint(SHARDED_ARGS, n_shards=1), dtype=dtype).model
@@ -249,3 +249,18 @@ def test_a_replaced_weight_is_packed_again_on_request(kernel, make_checkpoint, b
     assert layer.weight.dim() == 3 and layer.native_plan.holds_weight(layer.weight)
     x = torch.randn(1, 12, new.shape[1])
     torch.testing.assert_close(linear(layer, x), x @ new.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_a_mapped_file_drops_its_pages_and_loses_nothing(kernel, dtype, tmp_path):
+    """``mapped=True`` (the loader's checkpoint views): the threads drop the file's pages as
+    they finish with them; the values are read again from the file if touched again."""
+    _packable(kernel, dtype)
+    w = torch.randn(300, 2048, generator=torch.Generator().manual_seed(10)).bfloat16()
+    torch.save({"w": w, "e": w[:100]}, tmp_path / "shard.pth")
+    sd = torch.load(tmp_path / "shard.pth", mmap=True, weights_only=True)
+    assert torch.equal(kernel.pack(sd["w"], dtype, mapped=True), _reference_layout(w.to(dtype)))
+    out = torch.empty(100, 2048, dtype=dtype)
+    kernel.fill(out, sd["e"], mapped=True)
+    assert torch.equal(out, w[:100].to(dtype))
+    assert torch.equal(sd["w"], w) and torch.equal(sd["e"], w[:100])

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from codellama import native
-from codellama.checkpoint import load_shard
-from codellama.model import ModelArgs, build_empty, parameter_bytes
+from codellama.checkpoint import load_shard, stored_dtypes
+from codellama.errors import OutOfMemoryError
+from codellama.model import ModelArgs, build_empty, kv_cache_bytes, parameter_bytes, weight_bytes
 
 from .conftest import GQA_ARGS
 
@@ -159,3 +160,43 @@ def test_the_portable_build_multiplies_bf16_kept_weights(tmp_path: Path, kernel)
     fp32, bf16 = _plans(portable, w)
     x = torch.randn(20, 301, generator=torch.Generator().manual_seed(7))
     assert torch.equal(bf16(x), fp32(x))
+
+
+def test_stored_dtypes_reads_a_checkpoints_dtypes_from_its_pickle(tmp_path):
+    torch.save({"a": torch.ones(3, dtype=torch.bfloat16)}, tmp_path / "bf16.pth")
+    torch.save({"a": torch.ones(3), "b": torch.ones(2).half()}, tmp_path / "mixed.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a zip file")
+    assert stored_dtypes(tmp_path / "bf16.pth") == {torch.bfloat16}
+    assert stored_dtypes(tmp_path / "mixed.pth") == {torch.float32, torch.float16}
+    assert stored_dtypes(tmp_path / "junk.pth") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weight_bytes_predicts_what_an_fp32_model_holds(kernel, make_checkpoint, build, dtype):
+    """The memory check before loading counts bf16 linear weights for a bf16 checkpoint."""
+    model = build(make_checkpoint(SHARDED, dtype=dtype), dtype="float32").model
+    linear = torch.bfloat16 if dtype == torch.bfloat16 else None
+    predicted = weight_bytes(model.params, torch.float32, 1, linear)
+    held = parameter_bytes(model)  # the packed layout pads rows to 64 (wk, wv: 64 of them)
+    assert predicted <= held <= predicted * 1.1
+
+
+def test_an_fp32_build_that_fits_only_with_bf16_weights_is_allowed(
+    kernel, make_checkpoint, build, monkeypatch
+):
+    """The memory check refuses what cannot fit, and admits an fp32 model of a bf16
+    checkpoint that fits because its linear weights stay bf16."""
+    import codellama.distributed
+
+    bf16_ckpt = make_checkpoint(SHARDED, dtype=torch.bfloat16)
+    model = build(bf16_ckpt, dtype="float32").model
+    args = dataclasses.replace(model.params)
+    full = weight_bytes(args, torch.float32) + kv_cache_bytes(args, torch.float32)
+    kept = weight_bytes(args, torch.float32, 1, torch.bfloat16) + kv_cache_bytes(
+        args, torch.float32
+    )
+    free = (full + kept) // 2
+    monkeypatch.setattr(codellama.distributed, "available_memory", lambda device: free)
+    assert build(bf16_ckpt, dtype="float32").model.dtype == torch.float32
+    with pytest.raises(OutOfMemoryError):
+        build(make_checkpoint(SHARDED, dtype=torch.float32), dtype="float32")
