@@ -16,9 +16,8 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn, TypedDict
+from typing import Any, Literal, TypedDict
 
 import torch
 
@@ -158,33 +157,27 @@ class Llama:
         dt = distributed.resolve_dtype(dtype, dev)
         paths = shard_paths(ckpt_dir)
         params = read_params(ckpt_dir)
-        # SentencePiece reads its model without the GIL: on a thread, while the model is set up
-        with ThreadPoolExecutor(1, thread_name_prefix="codellama-tokenizer") as pool:
-            tokenizer_job = pool.submit(Tokenizer, tokenizer_path)
-            rank, mp = distributed.setup_model_parallel(model_parallel_size, dev)
-            if dev.type == "cuda" and dev.index is None:
-                dev = torch.device("cuda", torch.cuda.current_device())
-            if mp > 1 and int(os.environ.get("LOCAL_RANK", 0)) > 0:
-                sys.stdout = open(os.devnull, "w")  # as Meta's: only rank 0 prints
-            vocab = params.get("vocab_size", -1)
-            if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
-                n_words = tokenizer_job.result().n_words  # -1: the tokenizer's
-                if vocab not in (-1, None):
-                    _vocab_mismatch(vocab, tokenizer_path, n_words)
-                vocab = n_words
-            params = {**params, "vocab_size": vocab}
-            args = ModelArgs.from_params(
-                params, max_seq_len=max_seq_len, max_batch_size=max_batch_size
+        tokenizer = Tokenizer(tokenizer_path)
+        rank, mp = distributed.setup_model_parallel(model_parallel_size, dev)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if mp > 1 and int(os.environ.get("LOCAL_RANK", 0)) > 0:
+            sys.stdout = open(os.devnull, "w")  # as Meta's: only rank 0 prints
+
+        vocab = params.get("vocab_size", -1)
+        if vocab not in (-1, None) and vocab != tokenizer.n_words:
+            raise ConfigError(
+                f"params.json has vocab_size={vocab} but the tokenizer {tokenizer_path!r} has "
+                f"{tokenizer.n_words} pieces; use the tokenizer.model that came with this "
+                "checkpoint"
             )
-            args.validate(model_parallel_size=mp)
-            kernel = native.load() if dev.type == "cpu" and not compile else None
-            _check_memory(args, dt, dev, mp, _linear_dtype(kernel, dt, paths))
-            with _cyclic_gc_paused():
-                model = build_empty(args, dev, dt)
-            tokenizer = tokenizer_job.result()
-        if vocab != tokenizer.n_words:
-            _vocab_mismatch(vocab, tokenizer_path, tokenizer.n_words)
+        params = {**params, "vocab_size": tokenizer.n_words}
+        args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        args.validate(model_parallel_size=mp)
+        kernel = native.load() if dev.type == "cpu" and not compile else None
+        _check_memory(args, dt, dev, mp, _linear_dtype(kernel, dt, paths))
         with _cyclic_gc_paused():
+            model = build_empty(args, dev, dt)
             if dev.type != "cpu":  # CPU decoding runs each weight natively instead
                 model.fuse_projections()
             if dev.type == "cuda":
@@ -816,13 +809,6 @@ def _as_lists(value: Any) -> Any:
     if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
         return value.tolist()
     return value
-
-
-def _vocab_mismatch(vocab: object, tokenizer_path: object, n_words: int) -> NoReturn:
-    raise ConfigError(
-        f"params.json has vocab_size={vocab} but the tokenizer {tokenizer_path!r} has "
-        f"{n_words} pieces; use the tokenizer.model that came with this checkpoint"
-    )
 
 
 def _linear_dtype(
