@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import REPO
 from .test_generation import _prompts
@@ -60,6 +61,20 @@ def test_torchrun_greedy_tokens_equal_mp1(make_checkpoint, mp1_tokens, tmp_path,
     prompts, want, want_lp = mp1_tokens
     outs = run_mp(make_checkpoint(MP_ARGS, n_shards=n_shards), nproc, prompts, tmp_path)
     for out in outs:  # every rank returns the same, and the same as MP=1
+        assert out["tokens"] == want
+        for a, b in zip(out["logprobs"], want_lp):
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_torchrun_on_a_bf16_checkpoint_in_fp32_equals_mp1(make_checkpoint, tmp_path, build):
+    """Each rank keeps its pieces of a bf16 checkpoint's linear weights in bf16 (fp32
+    products), as one process does."""
+    ckpt = make_checkpoint(MP_ARGS, n_shards=2, dtype=torch.bfloat16)
+    llama = build(ckpt, max_seq_len=64)
+    assert all(m.native_plan.w16 for m in llama.model.linear_layers())
+    prompts = _prompts(llama.model.params.vocab_size, [3, 11, 6])
+    want, want_lp = llama.generate(prompts, 8, temperature=0, logprobs=True, stop_token=-1)
+    for out in run_mp(ckpt, 2, prompts, tmp_path):
         assert out["tokens"] == want
         for a, b in zip(out["logprobs"], want_lp):
             assert a == pytest.approx(b, abs=1e-4)
