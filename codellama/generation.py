@@ -135,6 +135,8 @@ class Llama:
             model_parallel_size: processes sharing the model (default: the world size).
             device: None picks cuda, else mps, else cpu.
             dtype: None picks bf16/fp16 on CUDA and fp32 elsewhere; strings are accepted.
+                An fp32 CPU model keeps a bf16 checkpoint's linear weights in bf16 (exact;
+                products stay fp32 and bit-identical), for half the memory.
             seed: seed of the sampling generator (the same on every rank).
             compile: torch.compile the decode step (static shapes; CUDA graphs on GPU).
             prefill_chunk_size: prompt tokens processed per forward pass; bounds memory.

@@ -284,6 +284,27 @@ int codellama_linear_bf16(const uint16_t* x, const uint16_t* W, uint16_t* y, lon
 #define GR 6
 #define KC 1024
 
+/* The tile's steps: acc[r][j] += w_j * x[r, k] for one k, and the store of its sums. */
+AI void tile_fma(vf acc[GR][BN / VL], vf w0, vf w1, vf w2, vf w3, const float* x, long ldx,
+                 long k, const int R) {
+    for (int r = 0; r < R; r++) {
+        vf xb = SPLAT(x[r * ldx + k]);
+        acc[r][0] += w0 * xb;
+        acc[r][1] += w1 * xb;
+        acc[r][2] += w2 * xb;
+        acc[r][3] += w3 * xb;
+    }
+}
+
+AI void tile_store(vf acc[GR][BN / VL], float* y, long ldy, const int R, int first, int nvalid) {
+    for (int r = 0; r < R; r++) {
+        float* yr = y + r * ldy;
+        for (int j = 0; j < BN / VL; j++)
+            for (int i = 0; i < VL && VL * j + i < nvalid; i++)
+                yr[VL * j + i] = first ? acc[r][j][i] : yr[VL * j + i] + acc[r][j][i];
+    }
+}
+
 AI void gemm_tile_f32(const float* wb, const float* x, long ldx, float* y, long ldy, long k0,
                       long k1, const int R, int first, int nvalid) {
     vf acc[GR][BN / VL];
@@ -291,22 +312,10 @@ AI void gemm_tile_f32(const float* wb, const float* x, long ldx, float* y, long 
         for (int j = 0; j < BN / VL; j++) acc[r][j] = (vf){0};
     for (long k = k0; k < k1; k++) {
         const float* w = wb + k * BN;
-        vf w0 = load_f32(w), w1 = load_f32(w + VL), w2 = load_f32(w + 2 * VL);
-        vf w3 = load_f32(w + 3 * VL);
-        for (int r = 0; r < R; r++) {
-            vf xb = SPLAT(x[r * ldx + k]);
-            acc[r][0] += w0 * xb;
-            acc[r][1] += w1 * xb;
-            acc[r][2] += w2 * xb;
-            acc[r][3] += w3 * xb;
-        }
+        tile_fma(acc, load_f32(w), load_f32(w + VL), load_f32(w + 2 * VL), load_f32(w + 3 * VL),
+                 x, ldx, k, R);
     }
-    for (int r = 0; r < R; r++) {
-        float* yr = y + r * ldy;
-        for (int j = 0; j < BN / VL; j++)
-            for (int i = 0; i < VL && VL * j + i < nvalid; i++)
-                yr[VL * j + i] = first ? acc[r][j][i] : yr[VL * j + i] + acc[r][j][i];
-    }
+    tile_store(acc, y, ldy, R, first, nvalid);
 }
 
 /* One block of 64 outputs for M (<= MB) rows of x; y points at the block's first output. */
@@ -332,27 +341,31 @@ AI void blocked_f32(const float* wb, const float* x, float* y, long K, long N, i
         }                                                                                      \
     }
 
+/* Many rows of fp32 x (prefill): per block of W, K in chunks of KC, 6 rows of x at a time. */
+#define GEMM_BODY(TILE, WT)                                                                    \
+    long nblk = (N + BN - 1) / BN;                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
+    for (long b = 0; b < nblk; b++) {                                                          \
+        const WT* wb = W + b * BN * Kp;                                                        \
+        int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;                                 \
+        for (long k0 = 0; k0 < K; k0 += KC) {                                                  \
+            long k1 = K - k0 < KC ? K : k0 + KC;                                               \
+            for (long m0 = 0; m0 < M; m0 += GR) {                                              \
+                const float* xm = x + m0 * K;                                                  \
+                float* ym = y + m0 * N + b * BN;                                               \
+                if (M - m0 >= GR) TILE(wb, xm, K, ym, N, k0, k1, GR, k0 == 0, nvalid);         \
+                else TILE(wb, xm, K, ym, N, k0, k1, (int)(M - m0), k0 == 0, nvalid);           \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
 int codellama_linear_f32_blocked(const float* x, const float* W, float* y, long M, long N,
                                  long K, long Kp, int threads) {
     if (M <= 2 * MB) {
         BLOCKED_BODY(blocked_f32, float, float)
         return 0;
     }
-    long nblk = (N + BN - 1) / BN;
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")
-    for (long b = 0; b < nblk; b++) {
-        const float* wb = W + b * BN * Kp;
-        int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;
-        for (long k0 = 0; k0 < K; k0 += KC) {
-            long k1 = K - k0 < KC ? K : k0 + KC;
-            for (long m0 = 0; m0 < M; m0 += GR) {
-                const float* xm = x + m0 * K;
-                float* ym = y + m0 * N + b * BN;
-                if (M - m0 >= GR) gemm_tile_f32(wb, xm, K, ym, N, k0, k1, GR, k0 == 0, nvalid);
-                else gemm_tile_f32(wb, xm, K, ym, N, k0, k1, (int)(M - m0), k0 == 0, nvalid);
-            }
-        }
-    }
+    GEMM_BODY(gemm_tile_f32, float)
     return 0;
 }
 
@@ -387,46 +400,15 @@ AI void gemm_tile_f32w16(const uint16_t* wb, const float* x, long ldx, float* y,
     for (int r = 0; r < R; r++)
         for (int j = 0; j < BN / VL; j++) acc[r][j] = (vf){0};
     const uint32_t* pairs = (const uint32_t*)wb;
-    long k = k0;
-    for (; k + 1 < k1; k += 2) {
+    for (long k = k0; k < k1; k += 2) {
         const uint32_t* w = pairs + (k / 2) * BN;
-        vf w0 = w16_low(w), w1 = w16_low(w + VL), w2 = w16_low(w + 2 * VL);
-        vf w3 = w16_low(w + 3 * VL);
-        for (int r = 0; r < R; r++) {
-            vf xb = SPLAT(x[r * ldx + k]);
-            acc[r][0] += w0 * xb;
-            acc[r][1] += w1 * xb;
-            acc[r][2] += w2 * xb;
-            acc[r][3] += w3 * xb;
-        }
-        w0 = w16_high(w), w1 = w16_high(w + VL), w2 = w16_high(w + 2 * VL);
-        w3 = w16_high(w + 3 * VL);
-        for (int r = 0; r < R; r++) {
-            vf xb = SPLAT(x[r * ldx + k + 1]);
-            acc[r][0] += w0 * xb;
-            acc[r][1] += w1 * xb;
-            acc[r][2] += w2 * xb;
-            acc[r][3] += w3 * xb;
-        }
+        tile_fma(acc, w16_low(w), w16_low(w + VL), w16_low(w + 2 * VL), w16_low(w + 3 * VL), x,
+                 ldx, k, R);
+        if (k + 1 < k1)
+            tile_fma(acc, w16_high(w), w16_high(w + VL), w16_high(w + 2 * VL),
+                     w16_high(w + 3 * VL), x, ldx, k + 1, R);
     }
-    if (k < k1) {
-        const uint32_t* w = pairs + (k / 2) * BN;
-        vf w0 = w16_low(w), w1 = w16_low(w + VL), w2 = w16_low(w + 2 * VL);
-        vf w3 = w16_low(w + 3 * VL);
-        for (int r = 0; r < R; r++) {
-            vf xb = SPLAT(x[r * ldx + k]);
-            acc[r][0] += w0 * xb;
-            acc[r][1] += w1 * xb;
-            acc[r][2] += w2 * xb;
-            acc[r][3] += w3 * xb;
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        float* yr = y + r * ldy;
-        for (int j = 0; j < BN / VL; j++)
-            for (int i = 0; i < VL && VL * j + i < nvalid; i++)
-                yr[VL * j + i] = first ? acc[r][j][i] : yr[VL * j + i] + acc[r][j][i];
-    }
+    tile_store(acc, y, ldy, R, first, nvalid);
 }
 
 AI void blocked_f32w16(const uint16_t* wb, const float* x, float* y, long K, long N, int nvalid,
@@ -441,21 +423,7 @@ int codellama_linear_f32w16_blocked(const float* x, const uint16_t* W, float* y,
         BLOCKED_BODY(blocked_f32w16, float, uint16_t)
         return 0;
     }
-    long nblk = (N + BN - 1) / BN;
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")
-    for (long b = 0; b < nblk; b++) {
-        const uint16_t* wb = W + b * BN * Kp;
-        int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;
-        for (long k0 = 0; k0 < K; k0 += KC) {
-            long k1 = K - k0 < KC ? K : k0 + KC;
-            for (long m0 = 0; m0 < M; m0 += GR) {
-                const float* xm = x + m0 * K;
-                float* ym = y + m0 * N + b * BN;
-                if (M - m0 >= GR) gemm_tile_f32w16(wb, xm, K, ym, N, k0, k1, GR, k0 == 0, nvalid);
-                else gemm_tile_f32w16(wb, xm, K, ym, N, k0, k1, (int)(M - m0), k0 == 0, nvalid);
-            }
-        }
-    }
+    GEMM_BODY(gemm_tile_f32w16, uint16_t)
     return 0;
 }
 
