@@ -108,9 +108,13 @@ def test_portable_build_packs_fp32_only(tmp_path: Path, kernel):
     torch.testing.assert_close(plan(x), x @ w.T, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_turning_the_kernel_off_unpacks_the_weights(kernel, make_checkpoint, build, dtype):
-    llama = build(make_checkpoint(GQA_ARGS), dtype=dtype)
+@pytest.mark.parametrize(
+    ("dtype", "disk"),
+    [("float32", torch.float32), ("bfloat16", torch.float32), ("float32", torch.bfloat16)],
+)
+def test_turning_the_kernel_off_unpacks_the_weights(kernel, make_checkpoint, build, dtype, disk):
+    """Also for an fp32 model keeping a bf16 checkpoint's weights in bf16: fp32 comes back."""
+    llama = build(make_checkpoint(GQA_ARGS, dtype=disk), dtype=dtype)
     model = llama.model
     if not kernel.can_pack(model.dtype):
         pytest.skip("this CPU's build does not pack this dtype")
@@ -122,6 +126,7 @@ def test_turning_the_kernel_off_unpacks_the_weights(kernel, make_checkpoint, bui
     assert model.native_decoder is None
     for m in model.linear_layers():
         assert m.weight.dim() == 2 and m.__dict__.get("native_plan") is None
+    assert wq.weight.dtype == model.dtype
     if not wq.weight.is_mkldnn:
         assert torch.equal(wq.weight, packed_plan.unpack())
     tol = 1e-4 if dtype == "float32" else 5e-2
