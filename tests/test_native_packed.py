@@ -269,3 +269,13 @@ def test_packing_a_mapped_file_drops_its_pages_and_loses_nothing(kernel, dtype, 
     kernel.fill(out, sd["e"], mapped=True)
     assert torch.equal(out, w[:100].to(dtype))
     assert torch.equal(sd["w"], w) and torch.equal(sd["e"], w[:100])
+
+
+@pytest.mark.parametrize("dst", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16, torch.float16])
+def test_fill_copies_like_torch(kernel, dst, src):
+    """The embedding's copy: in C where it converts exactly or not at all, else torch's."""
+    w = torch.randn(333, 77, generator=torch.Generator().manual_seed(11)).to(src)
+    out = torch.full((333, 77), float("nan"), dtype=dst)
+    kernel.fill(out, w)
+    assert torch.equal(out, w.to(dst))
