@@ -460,10 +460,11 @@ class Transformer(nn.Module):
         For :func:`codellama.checkpoint.load_weights`: the plain weight is never written,
         so loading reads the file once and allocates each weight once, also when several
         shards hold pieces of it. ``weight`` is only read; ``mapped`` says it is a view of a
-        checkpoint file mapped by the loader, whose pages are then dropped from memory as they
-        are packed (:meth:`NativeLinear.pack`). An fp32 model keeps a bf16 checkpoint's linear weights in bf16, which
-        holds them exactly (:meth:`NativeLinear.storage_dtype`). Returns False where the
-        loader should copy it itself (small parameters, no kernel, not on the CPU).
+        checkpoint file mapped by the loader, whose pages are then dropped from memory as
+        they are packed (:meth:`NativeLinear.pack`). An fp32 model keeps a bf16 checkpoint's
+        linear weights in bf16, which holds them exactly (:meth:`NativeLinear.storage_dtype`).
+        Returns False where the loader should copy it itself (small parameters, no kernel,
+        not on the CPU).
         """
         module_name, _, attr = name.rpartition(".")
         module = self.get_submodule(module_name) if module_name else self
@@ -487,7 +488,7 @@ class Transformer(nn.Module):
             if not whole or kernel is None or param.numel() * param.element_size() < 1 << 20:
                 return False
             with torch.no_grad():
-                kernel.fill(param, weight, mapped)  # the embedding: fresh memory, mapped in at once
+                kernel.fill(param, weight, mapped)  # the embedding: fresh memory, mapped in first
             return True
         if kernel is not None and kernel.can_pack(self.dtype):
             stored = kernel.storage_dtype(self.dtype, weight.dtype)
@@ -703,9 +704,8 @@ class Transformer(nn.Module):
 
         An fp32 weight whose values bf16 holds exactly is kept in bf16, as at load
         (:meth:`NativeLinear.storage_dtype`). Products on blocked weights read one sequential
-        stream per 64 outputs: 1.5-4x faster
-        than ``F.linear`` on CPU for the small batches of decoding, and somewhat faster for
-        prefill. The plain weight is freed, so memory does not grow. Returns False (and
+        stream per 64 outputs: 1.5-4x faster than ``F.linear`` on CPU for the small batches of
+        decoding, and somewhat faster for prefill. The plain weight is freed, so memory does not grow. Returns False (and
         changes nothing) where neither can: not on CPU, fp16, no oneDNN and no kernel.
         """
         self._pack_buffer = None  # store_prepacked's conversion buffer: loading is over
