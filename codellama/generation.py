@@ -820,8 +820,8 @@ def _linear_dtype(
     checkpoint holds only bf16 (NativeLinear.storage_dtype), else ``dtype``."""
     if kernel is None or not kernel.can_pack(dtype) or not paths:
         return dtype
-    if stored_dtypes(paths[0]) != {torch.bfloat16}:
-        return dtype
+    if any(stored_dtypes(path) != {torch.bfloat16} for path in paths):
+        return dtype  # a shard in another dtype (or unreadable): count them in ``dtype``
     return kernel.storage_dtype(dtype, torch.bfloat16)
 
 
