@@ -722,11 +722,9 @@ class Transformer(nn.Module):
             if native:
                 assert kernel is not None
                 plain = weight.detach()
-                stored = self.dtype
-                if kernel.storage_dtype(self.dtype, torch.bfloat16) != self.dtype and torch.equal(
-                    plain, plain.to(torch.bfloat16).to(self.dtype)
-                ):
-                    stored = torch.bfloat16  # bf16 holds every value exactly (storage_dtype)
+                stored = kernel.storage_dtype(self.dtype, torch.bfloat16)
+                if stored != self.dtype and not torch.equal(plain, plain.to(stored).to(self.dtype)):
+                    stored = self.dtype  # kept in bf16 only where bf16 holds every value
                 n, k = plain.shape
                 self._store_packed(module, kernel.pack(plain, stored), kernel, n, k)
             else:
