@@ -9,6 +9,7 @@ row gets exactly the tokens it would get alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import numbers
 import operator
@@ -41,7 +42,7 @@ from .prompt_formats import (
     infilling_prompt_tokens,
     validate_dialog,
 )
-from .sampling import SamplingParams, sample
+from .sampling import MetaDraws, SamplingParams, sample
 from .tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length"]
@@ -310,7 +311,9 @@ class Llama:
         ``finish_reason == "stop"``), as soon as its decoded text contains one of
         ``stop_strings`` (the token that completes it is kept; ``stop_string`` says which),
         or after ``min(max_gen_len, max_seq_len - prompt length)`` tokens (``"length"``).
-        ``seed`` gives this call its own sampling generator.
+        ``seed`` gives this call its own sampling generator. Sampling draws what Meta's loop
+        draws for each row (see :class:`~codellama.sampling.MetaDraws`), so a row's samples
+        depend on its batch: its place in it and the other prompts' lengths.
         """
         rows: list[_Row] = []
         for _ in self._generate(
@@ -539,7 +542,22 @@ class Llama:
 
         if max_steps == 0:  # echo with logprobs and no new tokens: nothing to sample
             return
-        tok, host = self._pick(last_logits, sampling, generator, seen, want_logprobs, kernel)
+        draws = None
+        if not sampling.greedy:  # Meta's random numbers, row by row (see MetaDraws)
+            order = sorted(range(bsz), key=lambda i: rows[i].index)
+            places = {i: place for place, i in enumerate(order)}
+            draws = MetaDraws(
+                generator,
+                [places[i] for i in range(bsz)],
+                [n - min(lens) for n in lens],
+                [r.budget for r in rows],
+                model.params.vocab_size,
+            )
+        pick = functools.partial(
+            self._pick, sampling=sampling, generator=generator, seen=seen,
+            want_logprobs=want_logprobs, kernel=kernel, draws=draws, rows=rows,
+        )  # fmt: skip
+        tok, host = pick(last_logits)
         for step in range(max_steps):
             more = step + 1 < max_steps
             if overlap and more:
@@ -573,7 +591,7 @@ class Llama:
                 break
             if not overlap:
                 logits = decode_next(tok)
-            tok, host = self._pick(logits, sampling, generator, seen, want_logprobs, kernel)
+            tok, host = pick(logits)
 
     def _pick(
         self,
@@ -583,6 +601,8 @@ class Llama:
         seen: torch.Tensor | None,
         want_logprobs: bool,
         kernel: native.NativeLinear | None,
+        draws: MetaDraws | None = None,
+        rows: Sequence[_Row] = (),
     ) -> tuple[torch.Tensor, Callable[[], list[list[Any]]]]:
         """Queue the next tokens' pick from ``logits``: (the tokens on the device, a function
         that waits for [tokens, finite, logprobs?] on the host)."""
@@ -591,7 +611,10 @@ class Llama:
         if picked is not None:
             values: list[list[Any]] = [picked[0], picked[1]]
             return torch.tensor(picked[0], device=device), lambda: values
-        tok = sample(logits, sampling, generator, seen)
+        noise = None
+        if draws is not None:
+            noise = draws.take([i for i, r in enumerate(rows) if r.finish_reason is None])
+        tok = sample(logits, sampling, generator, seen, noise)
         tok = distributed.broadcast_tokens(tok)
         finite = torch.isfinite(logits).all(dim=-1)
         packed = [tok.to(torch.float64), finite.to(torch.float64)]

@@ -65,14 +65,25 @@ def apply_repetition_penalty(
 
 
 def sample_top_p(
-    probs: torch.Tensor, p: float, generator: torch.Generator | None = None
+    probs: torch.Tensor,
+    p: float,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Nucleus sampling over (B, V) probabilities; returns (B, 1) token ids (Meta's rule)."""
+    """Nucleus sampling over (B, V) probabilities; returns (B, 1) token ids (Meta's rule).
+
+    With ``noise`` ((B, V) Exp(1) draws, see :class:`MetaDraws`) the choice is
+    ``argmax(probs / noise)`` over the sorted probabilities: exactly what
+    ``torch.multinomial(probs, 1)`` computes from the draws it makes itself.
+    """
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     probs_sort = probs_sort.masked_fill(probs_sum - probs_sort > p, 0.0)
     probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
-    choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    if noise is None:
+        choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    else:
+        choice = torch.argmax(probs_sort / noise, dim=-1, keepdim=True)
     return torch.gather(probs_idx, -1, choice)
 
 
@@ -81,8 +92,10 @@ def sample(
     params: SamplingParams,
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row of float32 ``logits`` (B, V); returns (B,) int64."""
+    """Pick one token per row of float32 ``logits`` (B, V); returns (B,) int64. ``noise``
+    replaces the random draws (see :func:`sample_top_p`)."""
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
@@ -104,4 +117,97 @@ def sample(
         probs = probs.masked_fill(probs < floor, 0.0)
     # Always through the sorted nucleus path (also for top_p == 1), as Meta's code does, so
     # that a seed draws the same tokens.
-    return sample_top_p(probs, params.top_p, generator).view(-1)
+    return sample_top_p(probs, params.top_p, generator, noise).view(-1)
+
+
+# Noise kept for rows that need it later (at most: beyond it, blocks are drawn again).
+KEPT_NOISE_BYTES = 256 << 20
+
+
+class MetaDraws:
+    """The random numbers that Meta's ``generate`` spends on each row of a batch.
+
+    Meta's loop runs over positions from the shortest prompt's length on and, at each one,
+    draws a (batch, vocab) block of noise (inside ``torch.multinomial``) for every row,
+    including rows still reading their prompt. Row ``r``'s ``k``-th new token therefore
+    uses row ``r`` of block ``len(prompt r) - shortest + k``. We prefill every prompt at
+    once and then advance all rows together, so the blocks are drawn in Meta's order, once
+    each, and the parts a row needs later are kept (up to ``keep_bytes``; beyond that the
+    generator's state is kept and the block drawn again when needed). The same seed thus
+    samples the same tokens as Meta's code, whatever the prompt lengths.
+    """
+
+    def __init__(
+        self,
+        generator: torch.Generator,
+        batch_rows: list[int],
+        offsets: list[int],
+        budgets: list[int],
+        vocab: int,
+        keep_bytes: int | None = None,
+    ):
+        self.generator = generator
+        self.batch_rows = batch_rows  # row i's place in the caller's order (Meta's row)
+        self.offsets = offsets  # row i's first block: its prompt length - the shortest
+        self.budgets = budgets  # how many tokens row i may take
+        self.shape = (len(batch_rows), vocab)
+        keep_bytes = KEPT_NOISE_BYTES if keep_bytes is None else keep_bytes
+        self.keep = max(keep_bytes // (4 * vocab), 0)  # row noises kept at most
+        self.step = 0
+        self.next_block = 0  # the generator is at the start of this block
+        self.kept: dict[tuple[int, int], torch.Tensor] = {}  # (block, row) -> (V,)
+        self.states: dict[int, torch.Tensor] = {}  # block -> generator state before it
+
+    def _draw(self) -> torch.Tensor:
+        device = self.generator.device
+        return torch.empty(self.shape, device=device).exponential_(1, generator=self.generator)
+
+    def _needs(self, i: int, block: int, step: int) -> bool:
+        """Whether row ``i`` will take ``block`` at ``step`` or later."""
+        k = block - self.offsets[i]
+        return step <= k < self.budgets[i]
+
+    def take(self, active: list[int]) -> torch.Tensor:
+        """This step's (B, V) noise: row ``i`` of ``active`` gets its Meta block's row; the
+        other rows (finished) get ones, which pick their most likely token."""
+        step = self.step
+        self.step += 1
+        alive = set(active)
+        for key in [k for k in self.kept if k[1] not in alive or k[0] < self.offsets[k[1]] + step]:
+            del self.kept[key]
+        want = {i: self.offsets[i] + step for i in active}
+        rows: dict[int, torch.Tensor] = {}
+        while want and self.next_block <= max(want.values()):
+            b = self.next_block
+            state = self.generator.get_state()
+            block = self._draw()
+            self.next_block += 1
+            for i in active:
+                if want[i] == b:
+                    rows[i] = block[self.batch_rows[i]]
+                elif self._needs(i, b, step + 1):
+                    if len(self.kept) < self.keep:
+                        self.kept[(b, i)] = block[self.batch_rows[i]].clone()
+                    else:
+                        self.states[b] = state
+        redrawn: dict[int, torch.Tensor] = {}
+        for i in active:
+            if i in rows:
+                continue
+            b = want[i]
+            if (b, i) in self.kept:
+                rows[i] = self.kept.pop((b, i))
+                continue
+            if b not in redrawn:
+                now = self.generator.get_state()
+                self.generator.set_state(self.states[b])
+                redrawn[b] = self._draw()
+                self.generator.set_state(now)
+            rows[i] = redrawn[b][self.batch_rows[i]]
+        first = min(want.values(), default=self.next_block)
+        for b in [b for b in self.states if b < first]:
+            del self.states[b]
+        noise = torch.ones(self.shape, device=self.generator.device)
+        for i, row in rows.items():
+            noise[i] = row
+        return noise

@@ -364,3 +364,82 @@ def test_echo_with_no_new_tokens_draws_nothing_from_the_generator(llama):
             assert [len(t) for t in tokens] == [4, 6] and len(lps[1]) == 6
         runs.append(llama.generate(prompts, 6, temperature=1.0, stop_token=-1)[0])
     assert runs[0] == runs[1]
+
+
+def meta_sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Meta's llama/generation.py sample_top_p, with an explicit generator."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def meta_generate(llama, prompts, max_gen_len, temperature, top_p, stop, generator):
+    """Independent oracle: Meta's generate() loop (one position at a time for the whole
+    batch from the shortest prompt's length on, sampling every row at every position)."""
+    model, bsz = llama.model, len(prompts)
+    min_len, max_len = min(map(len, prompts)), max(map(len, prompts))
+    total_len = min(llama.max_seq_len, max_gen_len + max_len)
+    tokens = torch.full((bsz, total_len), -1, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    in_prompt = tokens != -1
+    done = torch.zeros(bsz, dtype=torch.bool)
+    prev = 0
+    for cur in range(min_len, total_len):
+        logits = model.forward(tokens[:, prev:cur], prev)
+        probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
+        nxt = meta_sample_top_p(probs, top_p, generator).reshape(-1)
+        nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+        tokens[:, cur] = nxt
+        done |= ~in_prompt[:, cur] & (nxt == stop)
+        prev = cur
+        if bool(done.all()):
+            break
+    out = []
+    for i, p in enumerate(prompts):
+        toks = tokens[i, len(p) : len(p) + max_gen_len].tolist()
+        out.append(toks[: toks.index(stop)] if stop in toks else toks)
+    return out
+
+
+def _sampled(llama, prompts, n, stop, seed):
+    res = llama.generate_results(
+        prompts, n, SamplingParams(temperature=1.3, top_p=0.97), stop_tokens=[stop], seed=seed
+    )
+    return [r.tokens for r in res]
+
+
+def test_sampled_mixed_length_batch_draws_the_tokens_of_metas_loop(llama):
+    prompts = _prompts(llama.model.params.vocab_size)
+    oracle = meta_generate(llama, prompts, 12, 1.3, 0.97, -1, torch.Generator().manual_seed(4))
+    assert _sampled(llama, prompts, 12, -1, seed=4) == oracle
+
+
+def test_sampled_batch_with_early_stops_draws_the_tokens_of_metas_loop(llama):
+    prompts = _prompts(llama.model.params.vocab_size, [5, 12, 8])
+    free = _sampled(llama, prompts, 16, -1, seed=9)
+    stop = free[1][3]  # ends row 1 early, and perhaps others
+    oracle = meta_generate(llama, prompts, 16, 1.3, 0.97, stop, torch.Generator().manual_seed(9))
+    assert _sampled(llama, prompts, 16, stop, seed=9) == oracle
+    assert len(oracle[1]) < 16
+
+
+def test_meta_draws_drawn_again_when_none_can_be_kept_give_the_same_tokens(llama, monkeypatch):
+    prompts = _prompts(llama.model.params.vocab_size)
+    kept = _sampled(llama, prompts, 10, -1, seed=2)
+    monkeypatch.setattr("codellama.sampling.KEPT_NOISE_BYTES", 0)
+    assert _sampled(llama, prompts, 10, -1, seed=2) == kept
+
+
+def test_next_call_continues_metas_random_stream(llama):
+    prompts = _prompts(llama.model.params.vocab_size, [4, 11])
+    g = torch.Generator().manual_seed(1)
+    first = meta_generate(llama, prompts, 6, 1.3, 0.97, -1, g)
+    second = meta_generate(llama, prompts[::-1], 6, 1.3, 0.97, -1, g)
+    llama._generator.manual_seed(1)
+    assert _sampled(llama, prompts, 6, -1, seed=None) == first
+    assert _sampled(llama, prompts[::-1], 6, -1, seed=None) == second
