@@ -502,8 +502,11 @@ class Llama:
 
         # Decode: every row one token per step at its own position.
         uniform = len(set(lens)) == 1 and not self.compiled
-        positions = lens_t.clone().view(bsz, 1)
-        cur_pos = list(lens)
+        # A row whose prompt fills the cache has no budget; it is fed (and ignored) at the
+        # last position, like every row that has finished.
+        last_pos = self.max_seq_len - 1
+        positions = lens_t.clamp(max=last_pos).view(bsz, 1)
+        cur_pos = [min(n, last_pos) for n in lens]
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = torch.zeros((bsz, model.params.vocab_size), dtype=torch.bool, device=device)

@@ -443,3 +443,12 @@ def test_next_call_continues_metas_random_stream(llama):
     llama._generator.manual_seed(1)
     assert _sampled(llama, prompts, 6, -1, seed=None) == first
     assert _sampled(llama, prompts[::-1], 6, -1, seed=None) == second
+
+
+@pytest.mark.parametrize("extras", [{}, {"logprobs": True, "echo": True}], ids=["plain", "echo"])
+def test_full_length_prompt_beside_a_short_one_leaves_the_short_one_as_alone(llama, extras):
+    full, short = _prompts(llama.model.params.vocab_size, [llama.max_seq_len, 5])
+    both, _ = llama.generate([full, short], 6, temperature=0, stop_token=-1, **extras)
+    alone, _ = llama.generate([short], 6, temperature=0, stop_token=-1, **extras)
+    assert both[1] == alone[0]
+    assert both[0] == (full if extras else [])
