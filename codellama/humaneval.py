@@ -24,7 +24,8 @@ from typing import Any
 
 from .checkpoint import refuse_non_empty
 from .errors import DataNotFoundError, PromptError
-from .generation import Llama
+from .generation import Llama, _check_stop_strings, cut_at_stop
+from .sampling import SamplingParams
 
 # A completion ends where the next top-level statement would begin (Codex/HumanEval practice).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -46,7 +47,7 @@ def read_problems(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                problems.append(_problem(json.loads(line), p, n, seen))
+                problems.append(_problem(json.loads(line), f"{str(p)!r} line {n}", seen))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as exc:
         raise PromptError(f"{str(p)!r} is not a JSON-lines problems file: {exc}") from exc
     if not problems:
@@ -54,8 +55,9 @@ def read_problems(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return problems
 
 
-def _problem(obj: object, path: Path, line: int, seen: set[str]) -> dict[str, Any]:
-    where = f"{str(path)!r} line {line}"
+def _problem(obj: object, where: str, seen: set[str]) -> dict[str, Any]:
+    """``obj`` if it is a problem (an object with string ``task_id`` and ``prompt``) whose
+    task id is not in ``seen`` (to which it is added)."""
     if not isinstance(obj, dict):
         raise PromptError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in ("task_id", "prompt"):
@@ -74,24 +76,33 @@ def generate_samples(
     temperature: float = 0.2,
     top_p: float = 0.95,
     max_gen_len: int = 512,
-    stop: Sequence[str] = HUMANEVAL_STOP,
+    stop: str | Sequence[str] = HUMANEVAL_STOP,
     skip: int = 0,
 ) -> Iterator[dict[str, str]]:
     """Yield ``{"task_id", "completion"}`` for each problem, ``n_samples`` times, in order,
     leaving out the first ``skip`` samples (already made by an interrupted run).
 
-    Prompts go through :meth:`Llama.text_completion` in batches of ``max_batch_size``.
+    Prompts are BOS + prompt, in batches of ``max_batch_size``. A completion is the exact
+    text that follows the prompt, so ``prompt + completion`` is the program: unlike
+    :meth:`Llama.text_completion` (Meta's decoding), it keeps the space that SentencePiece
+    drops from the start of a decoded text, which would leave the first line of the body
+    indented by 3 spaces instead of 4.
     """
-    jobs = _jobs(problems, n_samples)[skip:]
+    stops = _check_stop_strings(stop)
+    checked = [_problem(p, f"problem {i}", set()) for i, p in enumerate(problems)]
+    jobs = _jobs(checked, n_samples)[skip:]
+    sampling = SamplingParams(temperature=temperature, top_p=top_p)
+    tok = llama.tokenizer
     step = llama.max_batch_size
     for lo in range(0, len(jobs), step):
         batch = jobs[lo : lo + step]
-        outs = llama.text_completion(
-            [p["prompt"] for p in batch], temperature=temperature, top_p=top_p,
-            max_gen_len=max_gen_len, stop=list(stop),
+        results = llama.generate_results(
+            [tok.encode(p["prompt"], bos=True, eos=False) for p in batch], max_gen_len,
+            sampling, stop_tokens=[tok.eos_id], stop_strings=stops,
         )  # fmt: skip
-        for p, out in zip(batch, outs):
-            yield {"task_id": p["task_id"], "completion": out["generation"]}
+        for p, res in zip(batch, results):
+            completion = cut_at_stop(tok.decode_infilling(res.tokens), stops)
+            yield {"task_id": p["task_id"], "completion": completion}
 
 
 def _jobs(problems: Sequence[dict[str, Any]], n_samples: int) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from codellama import DataNotFoundError, Llama, OutputExistsError, PromptError
+from codellama.generation import GenerationResult
 from codellama.humaneval import (
     HUMANEVAL_STOP,
     finished_samples,
@@ -79,11 +80,52 @@ def test_missing_problems_file_is_data_not_found(tmp_path):
 def test_each_sample_is_the_completion_cut_at_the_first_stop_string(llama):
     samples = list(generate_samples(llama, PROBLEMS, n_samples=2, temperature=0.0, max_gen_len=24))
     assert [s["task_id"] for s in samples] == ["T/0", "T/0", "T/1", "T/1", "T/2", "T/2"]
+    tok = llama.tokenizer
     for s, p in zip(samples, [p for p in PROBLEMS for _ in range(2)]):
-        free = llama.text_completion([p["prompt"]], temperature=0.0, max_gen_len=24)
-        text = free[0]["generation"]
+        prompt = tok.encode(p["prompt"], bos=True, eos=False)
+        free = llama.generate(
+            [prompt], 24, temperature=0.0, stop_strings=HUMANEVAL_STOP
+        )[0][0]  # fmt: skip
+        text = tok.decode(prompt + free)[len(tok.decode(prompt)) :]  # the exact continuation
         cuts = [i for i in (text.find(stop) for stop in HUMANEVAL_STOP) if i >= 0]
         assert s["completion"] == (text[: min(cuts)] if cuts else text)
+
+
+class _Scripted:
+    """A stand-in for Llama whose every row generates ``tokens``."""
+
+    def __init__(self, tokenizer, tokens):
+        self.tokenizer, self.tokens, self.max_batch_size = tokenizer, tokens, 4
+
+    def generate_results(self, prompt_tokens, max_gen_len, sampling, **kwargs):
+        return [GenerationResult(list(self.tokens), None, "stop", len(p)) for p in prompt_tokens]
+
+
+def test_completion_keeps_the_indentation_sentencepiece_drops_when_decoding(meta_tokenizer):
+    prompt = 'def add(a, b):\n    """Return a + b."""\n'
+    body = "    return a + b\n"
+    ids = meta_tokenizer.encode(prompt + body, bos=False, eos=False)
+    generated = ids[len(meta_tokenizer.encode(prompt, bos=False, eos=False)) :]
+    assert meta_tokenizer.token_piece(generated[0]) == "▁▁▁"  # decode() would drop a space
+    problems = [{"task_id": "T/0", "prompt": prompt}]
+    [sample] = generate_samples(_Scripted(meta_tokenizer, generated), problems)
+    assert sample["completion"] == body
+    scope: dict = {}
+    exec(prompt + sample["completion"], scope)
+    assert scope["add"](2, 3) == 5
+
+
+def test_a_single_stop_string_is_one_stop_not_its_characters(llama):
+    [sample] = generate_samples(
+        _Scripted(llama.tokenizer, llama.tokenizer.encode("x = 1\ndef g", False, False)),
+        PROBLEMS[:1], stop="\ndef",
+    )  # fmt: skip
+    assert sample["completion"] == " x = 1"  # with the leading space encode() put there
+
+
+def test_a_problem_without_a_prompt_is_refused_by_name(llama):
+    with pytest.raises(PromptError, match="problem 1: 'prompt' must be a string"):
+        list(generate_samples(llama, [PROBLEMS[0], {"task_id": "T/9"}]))
 
 
 def test_samples_are_written_as_json_lines_and_existing_output_is_kept(tmp_path):
