@@ -12,6 +12,7 @@ from .errors import (
     OutputExistsError,
     PromptError,
     PromptTooLongError,
+    StreamInterruptedError,
     UnknownWeightError,
     UnsupportedError,
 )
@@ -25,6 +26,7 @@ from .generation import (
 from .model import ModelArgs, Transformer
 from .prompt_formats import Dialog, Message, chat_prompt_tokens, infilling_prompt_tokens
 from .sampling import SamplingParams
+from .streaming import StreamEvent
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -50,6 +52,8 @@ __all__ = [
     "PromptError",
     "PromptTooLongError",
     "SamplingParams",
+    "StreamEvent",
+    "StreamInterruptedError",
     "Tokenizer",
     "Transformer",
     "UnknownWeightError",

@@ -61,3 +61,8 @@ class NumericalError(CodeLlamaError, RuntimeError):
 
 class DistributedError(CodeLlamaError, RuntimeError):
     """Model-parallel processes disagree or a peer process failed."""
+
+
+class StreamInterruptedError(CodeLlamaError, RuntimeError):
+    """A paused generation cannot go on: another call used the model's KV cache meanwhile,
+    or two threads generate with one model at once."""

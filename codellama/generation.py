@@ -15,6 +15,7 @@ import numbers
 import operator
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .errors import (
     OutOfMemoryError,
     PromptError,
     PromptTooLongError,
+    StreamInterruptedError,
     UnsupportedError,
 )
 from .model import ModelArgs, Transformer, build_empty, kv_cache_bytes, weight_bytes
@@ -43,6 +45,7 @@ from .prompt_formats import (
     validate_dialog,
 )
 from .sampling import MetaDraws, SamplingParams, sample
+from .streaming import StreamEvent, TextAssembler
 from .tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length"]
@@ -219,6 +222,8 @@ class Llama:
         self.seed = seed
         self.prefill_chunk_size = prefill_chunk_size
         self._generator = torch.Generator(device=model.device).manual_seed(seed)
+        self._owner: object = None  # the generation that last used the KV cache
+        self._busy = threading.Lock()  # held while a generation computes
         self._decode: Callable[..., torch.Tensor] = self._decode_step
         self.compiled = compile
         self._overlap = model.device.type != "cpu"  # see _run_batch
@@ -338,10 +343,12 @@ class Llama:
         yielded (the token completing a stop string is). Rows of one batch advance
         together, one token each per step.
         """
-        yield from self._generate(
+        for row, token in self._generate(
             prompt_tokens, max_gen_len, sampling, False, False, stop_tokens, seed, [],
             stop_strings,
-        )  # fmt: skip
+        ):  # fmt: skip
+            if token is not None:
+                yield row.index, token
 
     @torch.inference_mode()
     def _generate(
@@ -355,11 +362,20 @@ class Llama:
         seed: int | None,
         rows_out: list[_Row],
         stop_strings: str | Sequence[str] = (),
-    ) -> Iterator[tuple[int, int]]:
-        """Validate, then run the prompts batch by batch; rows are appended to ``rows_out``."""
+    ) -> Iterator[tuple[_Row, int | None]]:
+        """Validate, then run the prompts batch by batch; rows are appended to ``rows_out``.
+
+        Yields ``(row, token)`` for each new token, and ``(row, None)`` when a row ends
+        without one (a stop token, or no room left); ``row.finish_reason`` is set from the
+        row's last event on. A call started while this one is suspended (a stream not run
+        to its end) takes the shared KV cache: resuming this one then raises
+        :class:`StreamInterruptedError` rather than generating from a clobbered cache.
+        """
         prompts = self._check_prompts(prompt_tokens)
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
             raise PromptError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
+        _check_flag("logprobs", logprobs)
+        _check_flag("echo", echo)
         if not isinstance(sampling, SamplingParams):
             raise PromptError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
@@ -375,6 +391,7 @@ class Llama:
         generator = self._generator
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        owner, claim = object(), True
         step = self.max_batch_size
         for lo in range(0, len(prompts), step):
             rows = [
@@ -383,9 +400,35 @@ class Llama:
             ]
             rows_out += rows
             batch = self._run_batch(rows, sampling, logprobs, echo, stops, texts, generator)
-            for emitted in batch:
-                for row, token in emitted:
-                    yield row.index, token
+            while True:
+                with self._cache_turn(owner, claim):
+                    emitted = next(batch, None)
+                claim = False
+                if emitted is None:
+                    break
+                yield from emitted
+
+    @contextlib.contextmanager
+    def _cache_turn(self, owner: object, claim: bool) -> Iterator[None]:
+        """Hold the KV cache for one step of generation ``owner`` (which takes it over when
+        ``claim``): refuse if another thread computes, or another generation took it."""
+        if not self._busy.acquire(blocking=False):
+            raise StreamInterruptedError(
+                "this Llama is generating in another thread; its KV cache serves one "
+                "generation at a time: use one Llama per thread, or a lock"
+            )
+        try:
+            if claim:
+                self._owner = owner
+            elif self._owner is not owner:
+                raise StreamInterruptedError(
+                    "another generation ran on this Llama while this stream was paused, and "
+                    "they share one KV cache; finish (or close) a stream before starting "
+                    "another call, or build a second Llama"
+                )
+            yield
+        finally:
+            self._busy.release()
 
     def _stop_id(self, t: object) -> int:
         if not isinstance(t, bool):
@@ -478,8 +521,9 @@ class Llama:
         stops: frozenset[int],
         texts: tuple[str, ...],
         generator: torch.Generator,
-    ) -> Iterator[list[tuple[_Row, int]]]:
-        """Prefill then decode ``rows`` together; yields the (row, token) pairs of each step."""
+    ) -> Iterator[list[tuple[_Row, int | None]]]:
+        """Prefill then decode ``rows`` together; yields each step's events (see
+        :meth:`_generate`)."""
         model, device = self.model, self.model.device
         rows = sorted(rows, key=lambda r: -len(r.prompt))  # longest first: see _prefill_groups
         bsz = len(rows)
@@ -496,6 +540,8 @@ class Llama:
                 r.logprobs = [0.0] * len(r.prompt)  # the first token has no prediction
             if r.budget == 0:
                 r.finish_reason = "length"
+        if any(r.budget == 0 for r in rows):
+            yield [(r, None) for r in rows if r.budget == 0]
         if all(r.budget == 0 for r in rows) and not echo_lp:
             return
         last_logits = self._prefill(prompt, lens, rows, echo_lp)
@@ -566,7 +612,7 @@ class Llama:
             if overlap and more:
                 logits = decode_next(tok)
             values = host()
-            emitted = []
+            emitted: list[tuple[_Row, int | None]] = []
             for i, r in enumerate(rows):
                 if r.finish_reason is not None:
                     continue
@@ -580,6 +626,7 @@ class Llama:
                 t = int(values[0][i])
                 if t in stops:
                     r.finish_reason = "stop"
+                    emitted.append((r, None))
                     continue
                 r.tokens.append(t)
                 if want_logprobs:
@@ -659,17 +706,12 @@ class Llama:
         Extra keyword arguments (``top_k``, ``min_p``, ``repetition_penalty``) refine sampling;
         ``stop_strings`` end a row once its text holds one (see :meth:`generate_results`).
         """
-        unknown = sorted(set(sampling_kwargs) - _SAMPLING_EXTRAS)
-        if unknown:
-            raise PromptError(
-                f"unknown sampling argument(s) {unknown}; the extra keywords are "
-                f"{sorted(_SAMPLING_EXTRAS)} (see SamplingParams)"
-            )
+        sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stop = self.tokenizer.eos_id if stop_token is None else stop_token
         results = self.generate_results(
             prompt_tokens,
             max_gen_len,
-            SamplingParams(temperature=temperature, top_p=top_p, **sampling_kwargs),
+            sampling,
             logprobs=logprobs,
             echo=echo,
             stop_tokens=(stop,),
@@ -697,9 +739,9 @@ class Llama:
     ) -> list[CompletionPrediction]:
         """Continue each prompt; an empty string generates from BOS. With ``stop`` (a string
         or a list), a generation ends at the first stop string, which is cut from the text."""
-        _check_str_list("prompts", prompts)
+        _sampling_params(temperature, top_p, sampling_kwargs)  # no Meta keywords in there
         stops = _check_stop_strings(stop)
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        prompt_tokens = self._completion_prompts(prompts)
         tokens, lps = self.generate(
             prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, echo,
             stop_strings=stops, **sampling_kwargs,
@@ -728,23 +770,9 @@ class Llama:
         **sampling_kwargs: Any,
     ) -> list[InfillingPrediction]:
         """Fill the middle between each prefix and suffix (7B/13B base and Instruct)."""
-        if not self.tokenizer.supports_infilling:
-            infilling_prompt_tokens(self.tokenizer, "", "")  # raises UnsupportedError
-        _check_str_list("prefixes", prefixes)
-        _check_str_list("suffixes", suffixes)
-        if len(prefixes) != len(suffixes):
-            raise PromptError(
-                f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; pass one suffix "
-                "per prefix"
-            )
+        prompt_tokens, eot = self._infilling_prompts(prefixes, suffixes, suffix_first)
+        _sampling_params(temperature, top_p, sampling_kwargs)
         stops = _check_stop_strings(stop)
-        prompt_tokens = [
-            infilling_prompt_tokens(self.tokenizer, p, s, suffix_first=suffix_first)
-            for p, s in zip(prefixes, suffixes)
-        ]
-        eot = self.tokenizer.eot_id
-        if eot is None:  # unreachable: supports_infilling checked it
-            raise UnsupportedError("the tokenizer has no end-of-infilling piece (▁<EOT>)")
         tokens, lps = self.generate(
             prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs,
             echo=False, stop_token=eot, stop_strings=stops, **sampling_kwargs,
@@ -773,17 +801,10 @@ class Llama:
     ) -> list[ChatPrediction]:
         """Answer each dialog as the assistant (Code Llama - Instruct formats); ``stop`` as
         in :meth:`text_completion`."""
-        if isinstance(dialogs, (str, dict)) or not isinstance(dialogs, Sequence):
-            raise PromptError(
-                f"dialogs must be a list of dialogs (each a list of messages), got "
-                f"{type(dialogs).__name__}: {dialogs!r:.60}"
-            )
-        for i, dialog in enumerate(dialogs):
-            validate_dialog(dialog, index=i)
+        prompt_tokens, stop_id = self._chat_prompts(dialogs)
+        _sampling_params(temperature, top_p, sampling_kwargs)
         stops = _check_stop_strings(stop)
-        prompt_tokens = [chat_prompt_tokens(self.tokenizer, d) for d in dialogs]
         step_format = self.tokenizer.step_id is not None
-        stop_id = self.tokenizer.step_id if step_format else self.tokenizer.eos_id
         tokens, lps = self.generate(
             prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs,
             stop_token=stop_id, stop_strings=stops, **sampling_kwargs,
@@ -801,6 +822,162 @@ class Llama:
                 pred["logprobs"] = lps[i]
             out.append(pred)
         return out
+
+    # ------------------------------------------------------------------ prompts
+
+    def _completion_prompts(self, prompts: list[str]) -> list[list[int]]:
+        _check_str_list("prompts", prompts)
+        return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+
+    def _infilling_prompts(
+        self, prefixes: list[str], suffixes: list[str], suffix_first: bool
+    ) -> tuple[list[list[int]], int]:
+        """The infilling prompts, and the token that ends a middle (▁<EOT>)."""
+        if not self.tokenizer.supports_infilling:
+            infilling_prompt_tokens(self.tokenizer, "", "")  # raises UnsupportedError
+        _check_str_list("prefixes", prefixes)
+        _check_str_list("suffixes", suffixes)
+        if len(prefixes) != len(suffixes):
+            raise PromptError(
+                f"got {len(prefixes)} prefixes but {len(suffixes)} suffixes; pass one suffix "
+                "per prefix"
+            )
+        _check_flag("suffix_first", suffix_first)
+        eot = self.tokenizer.eot_id
+        if eot is None:  # unreachable: supports_infilling checked it
+            raise UnsupportedError("the tokenizer has no end-of-infilling piece (▁<EOT>)")
+        prompt_tokens = [
+            infilling_prompt_tokens(self.tokenizer, p, s, suffix_first=suffix_first)
+            for p, s in zip(prefixes, suffixes)
+        ]
+        return prompt_tokens, eot
+
+    def _chat_prompts(self, dialogs: list[Dialog]) -> tuple[list[list[int]], int]:
+        """The dialogs' prompts, and the token that ends an answer (EOS, or <step>)."""
+        if isinstance(dialogs, (str, dict)) or not isinstance(dialogs, Sequence):
+            raise PromptError(
+                f"dialogs must be a list of dialogs (each a list of messages), got "
+                f"{type(dialogs).__name__}: {dialogs!r:.60}"
+            )
+        for i, dialog in enumerate(dialogs):
+            validate_dialog(dialog, index=i)
+        prompt_tokens = [chat_prompt_tokens(self.tokenizer, d) for d in dialogs]
+        step = self.tokenizer.step_id
+        return prompt_tokens, (self.tokenizer.eos_id if step is None else step)
+
+    # ------------------------------------------------------------------ streaming text
+
+    def text_completion_stream(
+        self,
+        prompts: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        **sampling_kwargs: Any,
+    ) -> Iterator[StreamEvent]:
+        """:meth:`text_completion` as it happens: a :class:`StreamEvent` per row and step,
+        whose texts add up to each ``generation``."""
+        sampling = _sampling_params(temperature, top_p, sampling_kwargs)
+        prompt_tokens = self._completion_prompts(prompts)
+        return self._stream_text(
+            prompt_tokens, self.tokenizer.eos_id, self.tokenizer.decode, max_gen_len,
+            sampling, stop, seed,
+        )  # fmt: skip
+
+    def text_infilling_stream(
+        self,
+        prefixes: list[str],
+        suffixes: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        suffix_first: bool = False,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        **sampling_kwargs: Any,
+    ) -> Iterator[StreamEvent]:
+        """:meth:`text_infilling` as it happens; the texts add up to each ``generation``."""
+        prompt_tokens, eot = self._infilling_prompts(prefixes, suffixes, suffix_first)
+        sampling = _sampling_params(temperature, top_p, sampling_kwargs)
+        return self._stream_text(
+            prompt_tokens, eot, self.tokenizer.decode_infilling, max_gen_len, sampling, stop,
+            seed,
+        )  # fmt: skip
+
+    def chat_completion_stream(
+        self,
+        dialogs: list[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        **sampling_kwargs: Any,
+    ) -> Iterator[StreamEvent]:
+        """:meth:`chat_completion` as it happens; the texts add up to each answer's
+        ``content`` (a dialog with special tags gets Meta's error text, at its end)."""
+        prompt_tokens, stop_id = self._chat_prompts(dialogs)
+        sampling = _sampling_params(temperature, top_p, sampling_kwargs)
+        unsafe = {i for i, d in enumerate(dialogs) if has_special_tags(d)}
+        return self._stream_text(
+            prompt_tokens, stop_id, self.tokenizer.decode, max_gen_len, sampling, stop, seed,
+            unsafe,
+        )  # fmt: skip
+
+    def _stream_text(
+        self,
+        prompt_tokens: list[list[int]],
+        stop_id: int,
+        decode: Callable[[Sequence[int]], str],
+        max_gen_len: int | None,
+        sampling: SamplingParams,
+        stop: str | Sequence[str] | None,
+        seed: int | None,
+        unsafe: set[int] | frozenset[int] = frozenset(),
+    ) -> Iterator[StreamEvent]:
+        """Run the core and turn each row's tokens into text pieces (see TextAssembler)."""
+        stops = _check_stop_strings(stop)
+        events = self._generate(
+            prompt_tokens, self._max_gen_len(max_gen_len), sampling, False, False, (stop_id,),
+            seed, [], stops,
+        )  # fmt: skip
+
+        def run() -> Iterator[StreamEvent]:
+            texts: dict[int, TextAssembler] = {}
+            for row, token in events:
+                i = row.index
+                if i not in texts:
+                    texts[i] = TextAssembler((lambda t: "") if i in unsafe else decode, stops)
+                if row.finish_reason is None:
+                    yield StreamEvent(i, texts[i].push(row.tokens), token)
+                    continue
+                final = UNSAFE_ERROR if i in unsafe else cut_at_stop(decode(row.tokens), stops)
+                yield StreamEvent(
+                    i, texts[i].push(row.tokens, final), token, row.finish_reason,
+                    row.stop_string,
+                )  # fmt: skip
+
+        return run()
+
+
+def _sampling_params(temperature: float, top_p: float, extras: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from Meta's two arguments and the extra keywords, which must be
+    among ``top_k``, ``min_p``, ``repetition_penalty``."""
+    unknown = sorted(set(extras) - _SAMPLING_EXTRAS)
+    if unknown:
+        raise PromptError(
+            f"unknown argument(s) {unknown}; the extra sampling keywords are "
+            f"{sorted(_SAMPLING_EXTRAS)} (see SamplingParams)"
+        )
+    return SamplingParams(temperature=temperature, top_p=top_p, **extras)
+
+
+def _check_flag(name: str, value: object) -> None:
+    """``value`` must be a bool (numpy's included): a string such as "false" is truthy."""
+    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+        raise PromptError(f"{name} must be True or False, got {value!r:.40}")
 
 
 def first_stop(text: str, stops: Sequence[str], start: int = 0) -> tuple[int, int] | None:

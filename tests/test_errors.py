@@ -476,7 +476,7 @@ SAMPLING_CASES = [
                  re.escape("repetition_penalty must be > 0 (1 = off), got 0"),
                  id="repetition_penalty-zero"),
     pytest.param(_sampling_case(top_q=0.5), PromptError,
-                 esc("unknown sampling argument(s) ['top_q']", "'top_k'"), id="unknown-kwarg"),
+                 esc("unknown argument(s) ['top_q']", "'top_k'"), id="unknown-kwarg"),
     *[
         pytest.param(_sampling_case(max_gen_len=v), PromptError,
                      re.escape(f"max_gen_len must be an integer >= 0, got {v!r}"),

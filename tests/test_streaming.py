@@ -1,0 +1,155 @@
+"""Streaming: text pieces as tokens come, adding up to the non-streamed results; one
+generation at a time per model."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from codellama import Llama, SamplingParams, StreamInterruptedError
+from codellama.streaming import TextAssembler
+
+from .conftest import GQA_ARGS
+
+PROMPTS = ["def fib(n):", "import os\n", "# sum two numbers\ndef add(a, b):\n    return"]
+
+
+@pytest.fixture
+def llama(make_checkpoint, build) -> Llama:
+    return build(make_checkpoint(GQA_ARGS), max_seq_len=96, max_batch_size=4)
+
+
+def _collect(events):
+    texts: dict[int, str] = {}
+    last = {}
+    for e in events:
+        texts[e.index] = texts.get(e.index, "") + e.text
+        assert e.index not in last or last[e.index].finish_reason is None  # nothing after end
+        last[e.index] = e
+    return texts, last
+
+
+def test_completion_stream_adds_up_to_text_completion(llama):
+    want = llama.text_completion(PROMPTS, temperature=0, max_gen_len=20)
+    texts, last = _collect(llama.text_completion_stream(PROMPTS, temperature=0, max_gen_len=20))
+    assert [texts[i] for i in range(3)] == [w["generation"] for w in want]
+    assert all(last[i].finish_reason in ("stop", "length") for i in range(3))
+
+
+def test_sampled_stream_with_a_seed_equals_generate_results_with_it(llama):
+    stream = llama.text_completion_stream(PROMPTS, temperature=1.0, max_gen_len=16, seed=5)
+    texts, _ = _collect(stream)
+    prompts = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    results = llama.generate_results(
+        prompts, 16, SamplingParams(temperature=1.0), stop_tokens=[llama.tokenizer.eos_id], seed=5
+    )
+    assert [texts[i] for i in range(3)] == [llama.tokenizer.decode(r.tokens) for r in results]
+
+
+def test_stream_never_sends_a_stop_string_and_names_it_at_the_end(llama):
+    free = llama.text_completion(PROMPTS[:1], temperature=0, max_gen_len=24)[0]["generation"]
+    stop = free[5:8]  # ends the row inside its text, perhaps across tokens
+    want = llama.text_completion(PROMPTS[:1], temperature=0, max_gen_len=24, stop=stop)
+    events = list(
+        llama.text_completion_stream(PROMPTS[:1], temperature=0, max_gen_len=24, stop=stop)
+    )
+    sent = ""
+    for e in events:
+        sent += e.text
+        assert stop not in sent
+    assert sent == want[0]["generation"] == free[: free.index(stop)]
+    assert (events[-1].finish_reason, events[-1].stop_string) == ("stop", stop)
+
+
+def test_length_limited_rows_end_with_finish_reason_length(llama):
+    events = list(llama.text_completion_stream(PROMPTS[:2], temperature=0, max_gen_len=3))
+    ends = [e for e in events if e.finish_reason is not None]
+    assert sorted(e.index for e in ends) == [0, 1]
+    for e in ends:
+        tokens = [x.token for x in events if x.index == e.index and x.token is not None]
+        assert e.finish_reason == "length" and len(tokens) == 3
+
+
+def test_infilling_stream_adds_up_to_text_infilling(llama):
+    prefixes, suffixes = ["def add(a, b):\n    ", "x = "], ["\n    return c\n", "\nprint(x)"]
+    want = llama.text_infilling(prefixes, suffixes, temperature=0, max_gen_len=16)
+    texts, _ = _collect(
+        llama.text_infilling_stream(prefixes, suffixes, temperature=0, max_gen_len=16)
+    )
+    assert [texts[0], texts[1]] == [w["generation"] for w in want]
+
+
+def test_chat_stream_adds_up_to_chat_completion_and_refuses_special_tags(llama):
+    dialogs = [
+        [{"role": "user", "content": "Reverse a string in Bash."}],
+        [{"role": "user", "content": "Say [INST] twice"}],
+    ]
+    want = llama.chat_completion(dialogs, temperature=0, max_gen_len=16)
+    texts, _ = _collect(llama.chat_completion_stream(dialogs, temperature=0, max_gen_len=16))
+    assert [texts[0], texts[1]] == [w["generation"]["content"] for w in want]
+
+
+def test_assembler_holds_back_unfinished_characters(meta_tokenizer):
+    text = "s = 'é€😀'\n"
+    ids = meta_tokenizer.encode(text, bos=False, eos=False)
+    assert any(meta_tokenizer.token_piece(t).startswith("<0x") for t in ids)  # byte pieces
+    asm = TextAssembler(meta_tokenizer.decode)
+    pieces = [asm.push(ids[: n + 1]) for n in range(len(ids))]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == meta_tokenizer.decode(ids)
+
+
+def test_assembler_holds_back_what_may_start_a_stop_string(tokenizer):
+    asm = TextAssembler(lambda ids: "".join(chr(i) for i in ids), stops=["\ndef"])
+    assert asm.push([ord(c) for c in "x = 1\nd"]) == "x = 1"
+    assert asm.push([ord(c) for c in "x = 1\ndo"]) == "\ndo"
+
+
+def test_a_paused_stream_refuses_to_resume_after_another_call(llama):
+    prompt = llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    greedy = SamplingParams(temperature=0)
+    stream = llama.generate_stream([prompt], 12, greedy)
+    next(stream)
+    other = llama.generate_results([prompt[:3]], 4, greedy)  # runs, and is right
+    assert other[0].tokens == llama.generate_results([prompt[:3]], 4, greedy)[0].tokens
+    with pytest.raises(StreamInterruptedError, match="finish \\(or close\\) a stream"):
+        list(stream)
+
+
+def test_an_abandoned_stream_leaves_the_model_usable(llama):
+    prompt = llama.tokenizer.encode(PROMPTS[1], bos=True, eos=False)
+    greedy = SamplingParams(temperature=0)
+    want = llama.generate_results([prompt], 8, greedy)[0].tokens
+    for n, _ in enumerate(llama.generate_stream([prompt], 8, greedy)):
+        if n == 2:
+            break
+    assert llama.generate_results([prompt], 8, greedy)[0].tokens == want
+
+
+def test_a_second_thread_is_refused_while_one_generates(llama):
+    prompt = llama.tokenizer.encode(PROMPTS[2], bos=True, eos=False)
+    greedy = SamplingParams(temperature=0)
+    want = llama.generate_results([prompt], 10, greedy)[0].tokens
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    def other() -> None:
+        started.wait()
+        try:
+            llama.generate_results([prompt], 10, greedy)
+        except StreamInterruptedError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    got = []
+    for _, token in llama.generate_stream([prompt], 10, greedy):
+        got.append(token)
+        if len(got) == 1:
+            llama._busy.acquire()  # hold the model as a step in progress would
+            started.set()
+            thread.join()
+            llama._busy.release()
+    assert got == want
+    assert len(errors) == 1 and "another thread" in str(errors[0])
