@@ -483,6 +483,18 @@ SAMPLING_CASES = [
                      id=f"max_gen_len={v!r}")
         for v in [-1, 2.5, "8", True]
     ],
+    pytest.param(lambda c: c.llama.text_completion(["x"], stop_token=5), PromptError,
+                 esc("unknown argument(s) ['stop_token']"), id="completion-stop_token"),
+    pytest.param(lambda c: c.llama.chat_completion([[{"role": "user", "content": "hi"}]],
+                                                   echo=True), PromptError,
+                 esc("unknown argument(s) ['echo']"), id="chat-echo"),
+    pytest.param(lambda c: c.llama.text_infilling(["a"], ["b"], stop_strings=["x"]), PromptError,
+                 esc("unknown argument(s) ['stop_strings']"), id="infilling-stop_strings"),
+    pytest.param(lambda c: c.llama.text_completion(["x"], logprobs="no"), PromptError,
+                 esc("logprobs must be True or False, got 'no'"), id="logprobs-str"),
+    pytest.param(lambda c: c.llama.text_infilling(["a"], ["b"], suffix_first="yes"),
+                 PromptError, esc("suffix_first must be True or False, got 'yes'"),
+                 id="suffix_first-str"),
     pytest.param(lambda c: c.llama.text_completion([], temperature=-1), PromptError,
                  re.escape("temperature must be >= 0 (0 means greedy), got -1"),
                  id="bad-temperature-with-empty-batch"),
