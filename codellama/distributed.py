@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import hashlib
+import math
 import os
 import pickle
 from typing import Any
@@ -30,8 +31,27 @@ _DTYPES = {
     "half": torch.float16,
 }
 
-# Collectives give up after this long, so a failed peer cannot hang the others for ever.
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("CODELLAMA_TIMEOUT_S", "60")))
+# Collectives give up after this long (seconds; $CODELLAMA_TIMEOUT_S overrides it when the
+# process group is created), so a failed peer cannot hang the others for ever.
+DEFAULT_TIMEOUT_S = 60
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective waits for its peers: $CODELLAMA_TIMEOUT_S seconds, or 60."""
+    raw = os.environ.get("CODELLAMA_TIMEOUT_S", "").strip()
+    if not raw:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(
+            f"CODELLAMA_TIMEOUT_S must be a number of seconds > 0, got {raw!r}; unset it for "
+            f"the default ({DEFAULT_TIMEOUT_S} s)"
+        )
+    return datetime.timedelta(seconds=seconds)
+
 
 _owns_group = False  # True when codellama created the default process group
 
@@ -132,14 +152,14 @@ def setup_model_parallel(model_parallel_size: int | None, device: torch.device) 
             backend = "nccl" if device.type == "cuda" else "gloo"
             if device.type == "cuda":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+            dist.init_process_group(backend, timeout=collective_timeout())
         else:
             dist.init_process_group(
                 "gloo",
                 store=dist.HashStore(),
                 rank=0,
                 world_size=1,
-                timeout=COLLECTIVE_TIMEOUT,
+                timeout=collective_timeout(),
             )
         _owns_group = True
         atexit.register(shutdown)

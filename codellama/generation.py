@@ -148,8 +148,8 @@ class Llama:
         _check_positive_int("max_seq_len", max_seq_len)
         _check_positive_int("max_batch_size", max_batch_size)
         _check_positive_int("prefill_chunk_size", prefill_chunk_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"seed must be an integer, got {seed!r}")
+        if not _seed_ok(seed):
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**64), got {seed!r:.40}")
         if not isinstance(compile, bool):
             raise ConfigError(f"compile must be True or False, got {compile!r}")
         for name, path in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
@@ -382,8 +382,10 @@ class Llama:
             raise PromptError(f"stop_tokens must be a list of token ids, got {stop_tokens!r:.80}")
         stops = frozenset(self._stop_id(t) for t in stop_tokens)
         texts = _check_stop_strings(stop_strings)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise PromptError(f"seed must be an integer or None, got {seed!r:.40}")
+        if seed is not None and not _seed_ok(seed):
+            raise PromptError(
+                f"seed must be None or an integer in [-2**63, 2**64), got {seed!r:.40}"
+            )
         distributed.check_same_on_all_ranks(
             "prompts or sampling parameters",
             (prompts, max_gen_len, sampling, logprobs, echo, sorted(stops), seed, texts),
@@ -1076,6 +1078,11 @@ def _cyclic_gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def _seed_ok(seed: object) -> bool:
+    """Whether torch.Generator.manual_seed takes ``seed``."""
+    return isinstance(seed, int) and not isinstance(seed, bool) and -(2**63) <= seed < 2**64
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -8,8 +8,11 @@ tokenizer has no infilling pieces, and helpers that write broken checkpoints.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,10 +311,13 @@ BUILD_CASES = [
         )
         for v in ["float64", "int8", "fp8", torch.int64, 16]
     ],
-    pytest.param(
-        _build_with(seed="x"), ConfigError, re.escape("seed must be an integer, got 'x'"),
-        id="seed-str",
-    ),
+    *[
+        pytest.param(
+            _build_with(seed=v), ConfigError,
+            re.escape(f"seed must be an integer in [-2**63, 2**64), got {v!r}"), id=f"seed={v!r}",
+        )
+        for v in ["x", 2**64, -(2**63) - 1]
+    ],
 ]  # fmt: skip
 
 PARAMS_CASES = [
@@ -545,8 +551,12 @@ TOKEN_CASES = [
                  id="stop_tokens-str"),
     pytest.param(_results_case(sampling={"temperature": 0}), PromptError,
                  re.escape("sampling must be a SamplingParams, got dict"), id="sampling-dict"),
-    pytest.param(_results_case(seed="x"), PromptError,
-                 re.escape("seed must be an integer or None, got 'x'"), id="seed-str"),
+    *[
+        pytest.param(_results_case(seed=v), PromptError,
+                     re.escape(f"seed must be None or an integer in [-2**63, 2**64), got {v!r}"),
+                     id=f"seed={v!r}")
+        for v in ["x", 2**70]
+    ],
 ]  # fmt: skip
 
 CHAT_CASES = [
@@ -830,3 +840,30 @@ def test_every_error_class_is_documented():
     ]
     assert len(classes) >= 10
     assert [c for c in classes if f"`{c}`" not in doc] == []
+
+
+@pytest.mark.parametrize("raw", ["abc", "-5", "0", "nan"])
+def test_a_bad_collective_timeout_is_a_config_error_naming_the_variable(monkeypatch, raw):
+    from codellama.distributed import collective_timeout
+
+    monkeypatch.setenv("CODELLAMA_TIMEOUT_S", raw)
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(f"CODELLAMA_TIMEOUT_S must be a number of seconds > 0, got {raw!r}"),
+    ):
+        collective_timeout()
+
+
+def test_collective_timeout_takes_seconds_and_defaults_to_60(monkeypatch):
+    from codellama.distributed import collective_timeout
+
+    monkeypatch.setenv("CODELLAMA_TIMEOUT_S", "1.5")
+    assert collective_timeout().total_seconds() == 1.5
+    monkeypatch.delenv("CODELLAMA_TIMEOUT_S")
+    assert collective_timeout().total_seconds() == 60
+
+
+def test_importing_the_package_reads_no_environment_variable():
+    env = {**os.environ, "CODELLAMA_TIMEOUT_S": "abc"}
+    done = subprocess.run([sys.executable, "-c", "import codellama"], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
