@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from sentencepiece import SentencePieceProcessor
 
-from .errors import CheckpointError, CheckpointNotFoundError, PromptError
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, PromptError
 
 _SMILEY = "☺"  # a piece that encodes on its own, used to drop SentencePiece's leading space
 
@@ -21,6 +21,11 @@ class Tokenizer:
     """
 
     def __init__(self, model_path: str | os.PathLike[str]):
+        if not isinstance(model_path, (str, os.PathLike)):
+            raise ConfigError(
+                f"tokenizer path must be a str or os.PathLike, got "
+                f"{type(model_path).__name__}: {model_path!r:.60}"
+            )
         path = os.fspath(model_path)
         if os.path.isdir(path):
             raise CheckpointNotFoundError(
@@ -63,8 +68,7 @@ class Tokenizer:
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         """Token ids of ``s``, optionally framed by BOS/EOS."""
-        if not isinstance(s, str):
-            raise PromptError(f"expected a str to encode, got {type(s).__name__}: {s!r:.80}")
+        _check_text(s)
         t: list[int] = self.sp_model.encode(s)
         if bos:
             t = [self.bos_id] + t
@@ -74,18 +78,42 @@ class Tokenizer:
 
     def decode(self, t: Sequence[int]) -> str:
         """Text of ``t`` (ids of -1, Meta's padding, are dropped)."""
-        return self.sp_model.decode([int(x) for x in t if x != -1])
+        return self.sp_model.decode(self._ids(t))
 
     def token_piece(self, t: int) -> str:
-        return self.sp_model.id_to_piece(int(t))
+        return self.sp_model.id_to_piece(self._ids([t])[0])
 
     def encode_infilling(self, s: str) -> list[int]:
         """Encode without SentencePiece's implicit leading space (Meta's ☺ trick)."""
-        if not isinstance(s, str):
-            raise PromptError(f"expected a str to encode, got {type(s).__name__}: {s!r:.80}")
+        _check_text(s)
         return self.sp_model.encode(_SMILEY + s)[2:]
 
     def decode_infilling(self, t: Sequence[int]) -> str:
         """Decode without SentencePiece's implicit leading space."""
         smiley = self.sp_model.piece_to_id(_SMILEY)
-        return self.sp_model.decode([smiley] + [int(x) for x in t if x != -1])[1:]
+        return self.sp_model.decode([smiley] + self._ids(t))[1:]
+
+    def _ids(self, t: Sequence[int]) -> list[int]:
+        """``t`` as ints without Meta's -1 padding; an id outside the vocabulary is refused."""
+        ids = [int(x) for x in t if x != -1]
+        bad = [x for x in ids if not 0 <= x < self.n_words]
+        if bad:
+            raise PromptError(
+                f"token id {bad[0]} is outside the vocabulary [0, {self.n_words}) of "
+                f"{self.model_path!r}"
+            )
+        return ids
+
+
+def _check_text(s: object) -> None:
+    """``s`` must be a str that UTF-8 can encode (no lone surrogates)."""
+    if not isinstance(s, str):
+        raise PromptError(f"expected a str to encode, got {type(s).__name__}: {s!r:.80}")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PromptError(
+            f"text holds {s[exc.start]!r} at offset {exc.start}, a lone surrogate that is not "
+            "valid Unicode; remove it (text read with errors='surrogateescape' should be "
+            "decoded with errors='replace')"
+        ) from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from codellama import (
+    ConfigError,
     PromptError,
     Tokenizer,
     UnsupportedError,
@@ -209,3 +210,29 @@ def test_step_chat_keeps_destinations(step_tokenizer_path):
 def test_bad_dialogs_raise_prompt_error(tokenizer, dialog, match):
     with pytest.raises(PromptError, match=match):
         chat_prompt_tokens(tokenizer, dialog)
+
+
+@pytest.mark.parametrize("encode", ["encode", "encode_infilling"])
+def test_text_with_a_lone_surrogate_is_refused_with_its_offset(tokenizer, encode):
+    with pytest.raises(PromptError, match=r"text holds '\\ud800' at offset 3, a lone surrogate"):
+        if encode == "encode":
+            tokenizer.encode("abc\ud800", bos=True, eos=False)
+        else:
+            tokenizer.encode_infilling("abc\ud800")
+
+
+@pytest.mark.parametrize("ids", [[5, 10**6], [-5], [3.0e9]])
+def test_decoding_an_id_outside_the_vocabulary_names_it(tokenizer, ids):
+    with pytest.raises(PromptError, match=f"token id {int(ids[-1])} is outside the vocabulary"):
+        tokenizer.decode(ids)
+
+
+def test_decode_still_drops_metas_padding(tokenizer):
+    ids = tokenizer.encode("x = 1", bos=False, eos=False)
+    assert tokenizer.decode([-1, *ids, -1]) == tokenizer.decode(ids) == "x = 1"
+
+
+@pytest.mark.parametrize("path", [None, 123])
+def test_a_tokenizer_path_that_is_not_a_path_is_a_config_error(path):
+    with pytest.raises(ConfigError, match="tokenizer path must be a str or os.PathLike"):
+        Tokenizer(path)
