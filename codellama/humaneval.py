@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import refuse_non_empty
-from .errors import DataNotFoundError, PromptError
+from .errors import ConfigError, DataNotFoundError, PromptError
 from .generation import Llama, _check_stop_strings, cut_at_stop
 from .sampling import SamplingParams
 
@@ -111,6 +111,18 @@ def _jobs(problems: Sequence[dict[str, Any]], n_samples: int) -> list[dict[str, 
     return [p for p in problems for _ in range(n_samples)]
 
 
+def _check_output(out: Path) -> None:
+    """``out`` must be a file path in an existing folder."""
+    if out.is_dir():
+        raise ConfigError(
+            f"--out {str(out)!r} is a directory; give a file path, e.g. {str(out / 'samples.jsonl')!r}"
+        )
+    if not out.parent.is_dir():
+        raise DataNotFoundError(
+            f"the folder of --out {str(out)!r} does not exist; create {str(out.parent)!r} first"
+        )
+
+
 def partial_path(out: Path) -> Path:
     """Where samples collect until the run completes."""
     return out.with_name(out.name + ".partial")
@@ -180,7 +192,13 @@ def main(
     """Sample completions for every problem and write them to ``out`` (rank 0 writes)."""
     items = read_problems(problems)
     target = Path(out)
-    refuse_non_empty(target, overwrite)  # before the slow build
+    # Everything that can be wrong is refused before the slow build.
+    _check_output(target)
+    refuse_non_empty(target, overwrite)
+    _jobs(items, n_samples)
+    SamplingParams(temperature=temperature, top_p=top_p)
+    if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1:
+        raise PromptError(f"max_gen_len must be a positive integer, got {max_gen_len!r}")
     done = [] if overwrite else finished_samples(target, items, n_samples)
     if done:
         print(f"resuming: {len(done)} samples found in {partial_path(target)}")

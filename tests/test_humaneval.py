@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from codellama import DataNotFoundError, Llama, OutputExistsError, PromptError
+from codellama import ConfigError, DataNotFoundError, Llama, OutputExistsError, PromptError
 from codellama.generation import GenerationResult
 from codellama.humaneval import (
     HUMANEVAL_STOP,
@@ -181,3 +181,23 @@ def test_command_line_writes_one_line_per_sample(make_checkpoint, tmp_path):
     assert [x["task_id"] for x in lines] == ["T/0", "T/0", "T/1", "T/1", "T/2", "T/2"]
     assert all(isinstance(x["completion"], str) for x in lines)
     assert "wrote 6 samples for 3 problems" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        ({"n_samples": 0}, PromptError, "n_samples must be a positive integer"),
+        ({"temperature": -1}, PromptError, "temperature must be >= 0"),
+        ({"top_p": 2}, PromptError, "top_p must be in"),
+        ({"max_gen_len": -1}, PromptError, "max_gen_len must be a positive integer"),
+        ({"out": "{tmp}/nodir/o.jsonl"}, DataNotFoundError, "create '.*nodir' first"),
+        ({"out": "{tmp}"}, ConfigError, "is a directory; give a file path"),
+    ],
+    ids=["n_samples", "temperature", "top_p", "max_gen_len", "out-folder-missing", "out-dir"],
+)
+def test_bad_arguments_are_refused_before_the_model_is_built(tmp_path, args, error, match):
+    problems = _write(tmp_path / "p.jsonl", PROBLEMS)
+    out = args.pop("out", "{tmp}/s.jsonl").format(tmp=tmp_path)
+    with pytest.raises(error, match=match):  # the checkpoint does not exist: never reached
+        main(str(tmp_path / "no-ckpt"), str(tmp_path / "no.model"), str(problems), out, **args)
+    assert not list(tmp_path.glob("*.partial"))
