@@ -1050,17 +1050,31 @@ def _check_memory(
     where = f"{device.type} has {free / gib:.1f} GiB free"
     if weights > free:
         raise OutOfMemoryError(
-            f"the weights need {weights / gib:.1f} GiB per process but {where}; use a machine "
+            f"the weights need {_size(weights)} per process but {where}; use a machine "
             "with more memory, more model-parallel processes, or a smaller dtype"
         )
-    per_row_token = cache // (args.max_batch_size * args.max_seq_len)
-    fits = (free - weights) // (per_row_token * args.max_batch_size)
+    per_row_token = cache / (args.max_batch_size * args.max_seq_len)
+    fits = int((free - weights) // (per_row_token * args.max_batch_size))
+    rows = int((free - weights) // (per_row_token * args.max_seq_len))
+    if fits >= 1:
+        fix = f"lower max_seq_len (at most {fits} fits at this batch size)"
+        if rows >= 1:
+            fix += f" or max_batch_size (at most {rows} rows fit at this length)"
+    else:
+        fix = f"lower max_batch_size (not even max_seq_len=1 fits {args.max_batch_size} rows)"
     raise OutOfMemoryError(
         f"max_seq_len={args.max_seq_len} x max_batch_size={args.max_batch_size} needs a "
-        f"{cache / gib:.1f} GiB KV cache ({per_row_token * 1024 / 2**20:.0f} MiB per 1K "
-        f"tokens per batch row) on top of {weights / gib:.1f} GiB of weights, but {where}; "
-        f"lower max_seq_len (at most {fits} fits at this batch size) or max_batch_size"
+        f"{_size(cache)} KV cache ({_size(per_row_token * 1024)} per 1K tokens per batch "
+        f"row) on top of {_size(weights)} of weights, but {where}; {fix}"
     )
+
+
+def _size(n: float) -> str:
+    """``n`` bytes in GiB, MiB or KiB, whichever reads best."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
 
 
 @contextlib.contextmanager

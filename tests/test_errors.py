@@ -267,7 +267,7 @@ BUILD_CASES = [
     ),
     pytest.param(
         _build_with(max_batch_size=10**8), OutOfMemoryError,
-        esc("max_batch_size=100000000", "or max_batch_size"), id="max_batch_size-beyond-memory",
+        esc("max_batch_size=100000000", "lower max_batch_size"), id="max_batch_size-beyond-memory",
     ),
     # model parallelism
     pytest.param(
@@ -827,6 +827,24 @@ def test_weights_larger_than_free_memory_are_refused_before_loading(ctx, monkeyp
     monkeypatch.setattr(codellama.distributed, "available_memory", lambda device: 1000)
     with pytest.raises(OutOfMemoryError, match=esc("the weights need", "cpu has 0.0 GiB free")):
         _build(ctx.ckpt)
+
+
+def test_a_small_kv_cache_beyond_memory_is_sized_in_kib_and_the_fix_named(ctx, monkeypatch):
+    import codellama.distributed
+    import codellama.generation
+
+    seen: list[int] = []
+    real = codellama.generation.weight_bytes
+    monkeypatch.setattr(
+        codellama.generation, "weight_bytes", lambda *a: seen.append(real(*a)) or seen[-1]
+    )
+    monkeypatch.setattr(codellama.distributed, "available_memory", lambda d: 2**50)
+    _build(ctx.ckpt)  # to learn the weights' size
+    monkeypatch.setattr(codellama.distributed, "available_memory", lambda d: seen[-1] + 1024)
+    with pytest.raises(OutOfMemoryError) as err:
+        _build(ctx.ckpt)
+    assert "KiB per 1K tokens" in str(err.value)
+    assert " 0 MiB" not in str(err.value) and "at most 0" not in str(err.value)
 
 
 def test_every_error_class_is_documented():
