@@ -145,9 +145,9 @@ class Llama:
             compile: torch.compile the decode step (static shapes; CUDA graphs on GPU).
             prefill_chunk_size: prompt tokens processed per forward pass; bounds memory.
         """
-        _check_positive_int("max_seq_len", max_seq_len)
-        _check_positive_int("max_batch_size", max_batch_size)
-        _check_positive_int("prefill_chunk_size", prefill_chunk_size)
+        max_seq_len = _positive_int("max_seq_len", max_seq_len)
+        max_batch_size = _positive_int("max_batch_size", max_batch_size)
+        prefill_chunk_size = _positive_int("prefill_chunk_size", prefill_chunk_size)
         if not _seed_ok(seed):
             raise ConfigError(f"seed must be an integer in [-2**63, 2**64), got {seed!r:.40}")
         if not isinstance(compile, bool):
@@ -216,7 +216,7 @@ class Llama:
         compile: bool = False,
         prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
     ):
-        _check_positive_int("prefill_chunk_size", prefill_chunk_size)
+        prefill_chunk_size = _positive_int("prefill_chunk_size", prefill_chunk_size)
         self.model = model
         self.tokenizer = tokenizer
         self.seed = seed
@@ -372,8 +372,9 @@ class Llama:
         :class:`StreamInterruptedError` rather than generating from a clobbered cache.
         """
         prompts = self._check_prompts(prompt_tokens)
-        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 0:
+        if not _is_int(max_gen_len) or max_gen_len < 0:
             raise PromptError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
+        max_gen_len = int(max_gen_len)
         _check_flag("logprobs", logprobs)
         _check_flag("echo", echo)
         if not isinstance(sampling, SamplingParams):
@@ -1096,12 +1097,18 @@ def _cyclic_gc_paused() -> Iterator[None]:
 
 def _seed_ok(seed: object) -> bool:
     """Whether torch.Generator.manual_seed takes ``seed``."""
-    return isinstance(seed, int) and not isinstance(seed, bool) and -(2**63) <= seed < 2**64
+    return _is_int(seed) and -(2**63) <= seed < 2**64  # type: ignore[operator]
 
 
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _is_int(value: object) -> bool:
+    """An integer, numpy's included; not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not _is_int(value) or value < 1:  # type: ignore[operator]
         raise ConfigError(f"{name} must be a positive integer (>= 1), got {value!r}")
+    return int(value)  # type: ignore[call-overload]
 
 
 def _check_str_list(name: str, values: object) -> None:

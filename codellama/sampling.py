@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,11 @@ class SamplingParams:
         _check_number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise PromptError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if (
+            isinstance(self.top_k, bool)
+            or not isinstance(self.top_k, numbers.Integral)
+            or self.top_k < 0
+        ):
             raise PromptError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         _check_number("min_p", self.min_p)
         if not 0 <= self.min_p < 1:
@@ -45,6 +50,9 @@ class SamplingParams:
             raise PromptError(
                 f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"
             )
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):  # numpy's too
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "top_k", int(self.top_k))
 
     @property
     def greedy(self) -> bool:
@@ -52,7 +60,7 @@ class SamplingParams:
 
 
 def _check_number(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise PromptError(f"{name} must be a finite number, got {value!r}")
 
 

@@ -885,3 +885,14 @@ def test_importing_the_package_reads_no_environment_variable():
     env = {**os.environ, "CODELLAMA_TIMEOUT_S": "abc"}
     done = subprocess.run([sys.executable, "-c", "import codellama"], env=env, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()
+
+
+def test_numpy_numbers_are_taken_as_python_numbers(ctx):
+    np = pytest.importorskip("numpy")
+    llama = _build(ctx.ckpt, prefill_chunk_size=np.int64(16))
+    params = SamplingParams(temperature=np.float32(0.5), top_p=np.float64(0.9), top_k=np.int32(3))
+    assert (type(params.temperature), type(params.top_k)) == (float, int)
+    ids = llama.tokenizer.encode("x", bos=True, eos=False)
+    want = llama.generate_results([ids], 4, SamplingParams(temperature=0))
+    got = llama.generate_results([ids], np.int64(4), SamplingParams(temperature=np.float32(0)))
+    assert [r.tokens for r in got] == [r.tokens for r in want]
