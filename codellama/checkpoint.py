@@ -13,9 +13,12 @@ import json
 import mmap
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
+import warnings
+import weakref
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -32,6 +35,8 @@ from .errors import (
 )
 
 PARAMS_FILE = "params.json"
+REQUIRED_PARAMS = ("dim", "n_layers", "n_heads")  # in every params.json Meta ships
+SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")  # Meta's shard file names
 TOLERATED_EXTRA_KEYS = frozenset({"rope.freqs"})  # Llama 1 checkpoints carry this buffer
 _PROGRESS_MIN_BYTES = 300 * 2**20
 
@@ -66,9 +71,25 @@ def split_dim(name: str) -> int | None:
     raise UnknownWeightError(f"{name!r} is not a Code Llama parameter name")
 
 
+def check_path_given(path: object, what: str) -> Path:
+    """``path`` as a :class:`Path`; an empty string (which would mean the current folder)
+    or None is a :class:`ConfigError` naming ``what``."""
+    if path is None or (isinstance(path, (str, os.PathLike)) and not os.fspath(path)):
+        raise ConfigError(
+            f"{what} is not given (got {path!r}); pass the path of the folder, "
+            "e.g. CodeLlama-7b/ (use '.' for the current folder)"
+        )
+    return Path(path)  # type: ignore[arg-type]
+
+
 def shard_paths(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
-    """The sorted ``*.pth`` shards of a checkpoint directory (at least one)."""
-    d = Path(ckpt_dir)
+    """The ``consolidated.NN.pth`` shards of a checkpoint directory, in order (at least one).
+
+    Other ``*.pth`` files beside them (e.g. a ``backup.pth``) are ignored with a warning;
+    a folder without any ``consolidated.NN.pth`` uses all its ``*.pth`` files, sorted, as
+    Meta's loader does.
+    """
+    d = check_path_given(ckpt_dir, "the checkpoint directory (ckpt_dir)")
     if d.is_file():
         raise CheckpointNotFoundError(
             f"checkpoint directory {str(d)!r} is a file, not a directory; pass the folder that "
@@ -84,12 +105,48 @@ def shard_paths(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
         raise CheckpointNotFoundError(
             f"no checkpoint files (*.pth) in {str(d)!r}; download the model with download.sh"
         )
-    return paths
+    shards = [p for p in paths if SHARD_RE.match(p.name)]
+    if not shards:
+        return paths
+    others = [p.name for p in paths if not SHARD_RE.match(p.name)]
+    if others:
+        warnings.warn(
+            f"ignoring {others} in {str(d)!r}: only consolidated.NN.pth files are checkpoint "
+            "shards; move the other .pth files elsewhere to silence this warning",
+            stacklevel=2,
+        )
+    numbers = sorted(_shard_number(p) for p in shards)
+    if numbers != list(range(len(shards))):
+        wanted = [f"consolidated.{i:02d}.pth" for i in range(max(numbers) + 1)]
+        lacking = sorted(set(wanted) - {p.name for p in shards})
+        raise CheckpointError(
+            f"the shards in {str(d)!r} are not numbered 00 to {len(shards) - 1:02d}: "
+            + (f"missing {lacking}" if lacking else f"found {[p.name for p in shards]}")
+            + "; download the model again with download.sh"
+        )
+    return sorted(shards, key=_shard_number)
+
+
+def _shard_number(path: Path) -> int:
+    m = SHARD_RE.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def check_params(params: Mapping[str, object], where: str = PARAMS_FILE) -> None:
+    """Raise :class:`ConfigError` if ``params`` lacks a key every params.json has."""
+    missing = [k for k in REQUIRED_PARAMS if k not in params]
+    if missing:
+        raise ConfigError(
+            f"{where} is missing {', '.join(missing)} (needed: {', '.join(REQUIRED_PARAMS)}); "
+            "without them the model's size is unknown. Use the params.json that came with "
+            'the checkpoint (e.g. CodeLlama-7b: {"dim": 4096, "n_layers": 32, "n_heads": 32, '
+            "...}) or download the model again with download.sh"
+        )
 
 
 def read_params(ckpt_dir: str | os.PathLike[str]) -> dict:
-    """params.json of a checkpoint, as a dict."""
-    path = Path(ckpt_dir) / PARAMS_FILE
+    """params.json of a checkpoint, as a dict (with at least dim, n_layers and n_heads)."""
+    path = check_path_given(ckpt_dir, "the checkpoint directory (ckpt_dir)") / PARAMS_FILE
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"{str(path)!r} does not exist; every checkpoint folder has a params.json beside its "
@@ -104,6 +161,7 @@ def read_params(ckpt_dir: str | os.PathLike[str]) -> dict:
             f"{str(path)!r} must hold a JSON object (like {{...}}), "
             f"got a JSON {type(params).__name__}"
         )
+    check_params(params, repr(str(path)))
     return params
 
 
@@ -130,11 +188,46 @@ def stored_dtypes(path: str | os.PathLike[str]) -> set[torch.dtype] | None:
     return found or None
 
 
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # torch.save's legacy format
+_MAPPED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def _file_format(path: Path) -> str:
+    """'zip' (torch.save's default), 'legacy' (``_use_new_zipfile_serialization=False``),
+    'empty' or 'unknown', from the first bytes of ``path``."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if _LEGACY_MAGIC in head[:32]:  # the pickled magic number that opens a legacy file
+        return "legacy"
+    return "unknown"
+
+
 def load_shard(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Open one shard lazily (mmap) and safely (tensors only; code is refused, not run)."""
+    """Open one shard lazily (mmap) and safely (tensors only; code is refused, not run).
+
+    Files in torch.save's legacy (non-zip) format cannot be memory-mapped: they are read
+    into memory whole, as Meta's loader does. Every tensor must be floating point.
+    """
     p = Path(path)
     try:
-        sd = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+        kind = _file_format(p)
+        if kind == "empty":
+            raise CheckpointError(
+                f"cannot read {str(p)!r}: the file is empty (0 bytes); download it again "
+                "and check it against checklist.chk"
+            )
+        if kind == "unknown":
+            raise CheckpointError(
+                f"cannot read {str(p)!r}: it is not a PyTorch checkpoint (neither torch.save's "
+                "zip format nor its legacy format), or it is corrupt; download it again and "
+                "check it against checklist.chk"
+            )
+        mapped = kind == "zip"
+        sd = torch.load(p, map_location="cpu", mmap=mapped, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"refusing to load {str(p)!r}: it holds objects other than tensors (a pickle that "
@@ -142,20 +235,47 @@ def load_shard(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         ) from exc
     except FileNotFoundError as exc:
         raise CheckpointNotFoundError(f"checkpoint file {str(p)!r} does not exist") from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+    except IsADirectoryError as exc:
+        raise CheckpointError(f"checkpoint file {str(p)!r} is a directory, not a file") from exc
+    except PermissionError as exc:
+        raise CheckpointError(
+            f"cannot read {str(p)!r}: permission denied; make the file readable ({exc})"
+        ) from exc
+    except CheckpointError:
+        raise
+    except Exception as exc:  # torch raises many types on a damaged file (IndexError, ...)
         raise CheckpointError(
             f"cannot read {str(p)!r}: the file is truncated or corrupt ({exc}); "
             "download it again and check it against checklist.chk"
         ) from exc
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{str(p)!r} is not a state dict of tensors")
+    for name, t in sd.items():
+        if name not in TOLERATED_EXTRA_KEYS and not t.is_floating_point():
+            raise CheckpointError(
+                f"{name} in {str(p)!r} has dtype {str(t.dtype).removeprefix('torch.')}; Code "
+                "Llama weights are floating point (bfloat16, float16 or float32): this file "
+                "is not a Code Llama checkpoint, or was damaged when saved"
+            )
+        if mapped:
+            _MAPPED[id(t)] = t
     return sd
+
+
+def is_mapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a tensor of a memory-mapped shard returned by :func:`load_shard`
+    (whose pages may be dropped and re-read from the file)."""
+    return _MAPPED.get(id(t)) is t
 
 
 def release_pages(t: torch.Tensor) -> None:
     """Drop the mmap'd file pages behind ``t`` (loaded by :func:`load_shard`) from this
-    process's memory once they are copied (Linux only; they are re-read if touched again)."""
-    if _madvise is None or t.device.type != "cpu":
+    process's memory once they are copied (Linux only; they are re-read if touched again).
+
+    Does nothing for any other tensor: dropping the pages of ordinary memory would lose
+    its data.
+    """
+    if _madvise is None or t.device.type != "cpu" or not is_mapped(t):
         return
     storage = t.untyped_storage()
     start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
@@ -214,8 +334,12 @@ def load_weights(
     tensor's part of a split parameter: ``piece`` goes at ``offset`` along dimension ``dim``,
     and ``cuts`` are where this rank's pieces of that parameter start and end (``(0, size)``
     when one piece is the whole); ``mapped`` is True: ``piece`` is a view of the mapped
-    file, whose pages ``store`` may drop once read. If it returns True it has stored the
-    piece itself (e.g. packed) and it is not copied.
+    file, whose pages ``store`` may drop once read (False for a legacy-format shard, read
+    into memory). If it returns True it has stored the piece itself (e.g. packed) and it is
+    not copied.
+
+    A replicated parameter (a norm) must be equal in every shard opened, as Meta's
+    checkpoints are.
     """
     n = len(paths)
     params = dict(model.named_parameters())
@@ -223,6 +347,7 @@ def load_weights(
     missing: list[str] = []
     unexpected: list[str] = []
     mismatched: list[str] = []
+    first: dict[str, tuple[torch.Tensor, Path]] = {}  # replicated name -> (copy, its shard)
     wanted = [
         s for s in range(n) if s * mp_size < (mp_rank + 1) * n and (s + 1) * mp_size > mp_rank * n
     ]
@@ -250,6 +375,10 @@ def load_weights(
                         )
                     elif seen[name] == 0:
                         dst.copy_(src)
+                        if len(wanted) > 1:
+                            first[name] = (src.clone(), path)
+                    elif name in first:
+                        check_replicated(name, first[name][0], first[name][1], src, path)
                 else:
                     full = dst.shape[dim] * mp_size
                     expected = list(dst.shape)
@@ -270,7 +399,7 @@ def load_weights(
                         piece = src.narrow(dim, lo - src_lo, hi - lo)
                         cuts = _cuts(wanted, full // n, dst_lo, dst.shape[dim])
                         stored = store is not None and store(
-                            name, piece, dim, lo - dst_lo, cuts, True
+                            name, piece, dim, lo - dst_lo, cuts, is_mapped(src)
                         )
                         if not stored:
                             dst.narrow(dim, lo - dst_lo, hi - lo).copy_(piece)
@@ -291,6 +420,31 @@ def load_weights(
         raise CheckpointError(
             f"checkpoint in {str(paths[0].parent)!r} does not match params.json and the "
             "tokenizer: " + " | ".join(parts)
+        )
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same values (bit for bit when of one dtype, so equal
+    NaNs count as equal)."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype != b.dtype:
+        return torch.equal(a.double(), b.double())
+    flat_a, flat_b = a.reshape(-1).contiguous(), b.reshape(-1).contiguous()
+    return torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8))
+
+
+def check_replicated(
+    name: str, a: torch.Tensor, path_a: Path, b: torch.Tensor, path_b: Path
+) -> None:
+    """Raise :class:`CheckpointError` if replicated parameter ``name`` differs between two
+    shards (each model-parallel process would use different weights)."""
+    if not same_tensor(a, b):
+        raise CheckpointError(
+            f"{name} differs between {path_a.name} and {path_b.name} in "
+            f"{str(path_a.parent)!r}: it is not split across shards, so every shard must hold "
+            "the same copy; the checkpoint is damaged or mixes shards of different models: "
+            "download it again and check it against checklist.chk"
         )
 
 
@@ -346,9 +500,14 @@ def iter_full_tensors(
     ckpt_dir: str | os.PathLike[str],
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, consolidated tensor) of a checkpoint one parameter at a time."""
-    shards = [load_shard(p) for p in shard_paths(ckpt_dir)]
+    paths = shard_paths(ckpt_dir)
+    shards = [load_shard(p) for p in paths]
     for name in shards[0]:
         dim = split_dim(name)
+        if dim is None:
+            for s in range(1, len(shards)):
+                if name in shards[s]:
+                    check_replicated(name, shards[0][name], paths[0], shards[s][name], paths[s])
         if dim is None or len(shards) == 1:  # one shard: the tensor itself, not a copy
             yield name, shards[0][name]
         else:
@@ -363,9 +522,25 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def check_overwrite(overwrite: object) -> bool:
+    """``overwrite`` if it is True or False (numpy's bool too); anything else, such as the
+    string ``'false'`` a command line passes through, is a :class:`ConfigError`, never
+    taken as True."""
+    if isinstance(overwrite, bool):
+        return overwrite
+    if type(overwrite).__module__ == "numpy" and type(overwrite).__name__ in ("bool_", "bool"):
+        return bool(overwrite)
+    raise ConfigError(
+        f"overwrite must be True or False, got {overwrite!r}; on the command line pass "
+        "--overwrite (or --overwrite=True / --overwrite=False)"
+    )
+
+
 def refuse_non_empty(out: Path, overwrite: bool) -> None:
     """Raise :class:`OutputExistsError` (a ``FileExistsError``) if ``out`` holds anything,
-    unless ``overwrite``."""
+    unless ``overwrite``; a non-bool ``overwrite`` is a :class:`ConfigError`."""
+    overwrite = check_overwrite(overwrite)
+    out = check_path_given(out, "the output folder (out_dir)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutputExistsError(
             f"{str(out)!r} exists and is not empty; choose another output or pass "
@@ -380,7 +555,8 @@ def atomic_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iter
     Refuses a non-empty ``out_dir`` unless ``overwrite``; on failure nothing is left
     half-written and an existing ``out_dir`` is kept as it was.
     """
-    out = Path(out_dir)
+    out = check_path_given(out_dir, "the output folder (out_dir)")
+    overwrite = check_overwrite(overwrite)
     refuse_non_empty(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

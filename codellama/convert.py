@@ -34,6 +34,8 @@ import torch
 from .checkpoint import (
     TOLERATED_EXTRA_KEYS,
     atomic_dir,
+    check_overwrite,
+    check_path_given,
     load_shard,
     read_params,
     refuse_non_empty,
@@ -69,6 +71,7 @@ EXTRA_FILE = "codellama_extra.safetensors"
 POSITIONS_KEY = "codellama_positions"  # its metadata: each buffer's index in Meta's key order
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes, as Hugging Face's default "5GB"
 DEFAULT_MAX_POSITION_EMBEDDINGS = 16384  # Code Llama's training context
+HF_DEFAULT_RMS_NORM_EPS = 1e-6  # transformers' LlamaConfig default, when config.json omits it
 
 _LAYER_NAMES = {  # Meta suffix -> Hugging Face suffix, inside layers.{i}
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -297,6 +300,9 @@ def to_hf(
     Returns:
         The output folder.
     """
+    overwrite = check_overwrite(overwrite)  # before any slow work
+    check_path_given(ckpt_dir, "the checkpoint directory (ckpt_dir)")
+    check_path_given(out_dir, "the output folder (out_dir)")
     st = _safetensors()
     if (
         isinstance(max_position_embeddings, bool)
@@ -589,7 +595,7 @@ def _meta_params(config: Mapping[str, Any], vocab: int, where: str) -> dict[str,
         vocab_size=vocab,
         multiple_of=mo,
         ffn_dim_multiplier=mult,
-        norm_eps=config.get("rms_norm_eps", 1e-5),
+        norm_eps=config.get("rms_norm_eps", HF_DEFAULT_RMS_NORM_EPS),
         rope_theta=_rope_theta(config),
     )
     derived.validate()
@@ -663,8 +669,10 @@ def from_hf(
     Returns:
         The output folder.
     """
+    overwrite = check_overwrite(overwrite)  # before any slow work
+    src = check_path_given(hf_dir, "the Hugging Face folder (hf_dir)")
+    check_path_given(out_dir, "the output folder (out_dir)")
     _safetensors()
-    src = Path(hf_dir)
     if not src.is_dir():
         raise CheckpointNotFoundError(f"Hugging Face folder {str(src)!r} does not exist")
     target = None if dtype is None else resolve_dtype(dtype, torch.device("cpu"))

@@ -217,6 +217,12 @@ class Llama:
         prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK,
     ):
         prefill_chunk_size = _positive_int("prefill_chunk_size", prefill_chunk_size)
+        if not isinstance(model, Transformer) or not isinstance(tokenizer, Tokenizer):
+            raise ConfigError(
+                f"Llama(model, tokenizer) takes a Transformer and a Tokenizer, got "
+                f"{type(model).__name__} and {type(tokenizer).__name__}; Llama.build(ckpt_dir, "
+                "tokenizer_path, ...) makes both from a checkpoint"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.seed = seed

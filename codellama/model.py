@@ -31,7 +31,8 @@ from fairscale.nn.model_parallel.mappings import (
 from torch import nn
 
 from . import gpu_kernels
-from .errors import ConfigError, PromptTooLongError, UnsupportedError
+from .checkpoint import REQUIRED_PARAMS  # in every params.json; the defaults are only 7B's
+from .errors import ConfigError, PromptError, PromptTooLongError, UnsupportedError
 from .native import (
     LAYER_LINEARS,
     MAX_ROWS,
@@ -64,7 +65,11 @@ class ModelArgs:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], **overrides: Any) -> ModelArgs:
-        """Build from a params.json dict; unknown keys are a :class:`ConfigError`."""
+        """Build from a params.json dict; unknown keys, or a missing ``dim``, ``n_layers``
+        or ``n_heads`` (whose defaults are only the 7B's), are a :class:`ConfigError`.
+
+        ``vocab_size`` -1 (or absent) means "from the tokenizer", as in Meta's files.
+        """
         if not isinstance(params, dict):
             raise ConfigError(f"params.json must hold a JSON object, got {type(params).__name__}")
         known = {f.name for f in fields(cls)}
@@ -74,6 +79,13 @@ class ModelArgs:
                 f"params.json has unknown keys {unknown}; the known keys are {sorted(known)}"
             )
         merged = {**params, **overrides}
+        missing = [k for k in REQUIRED_PARAMS if k not in merged]
+        if missing:
+            raise ConfigError(
+                f"params.json is missing {', '.join(missing)} (needed: "
+                f"{', '.join(REQUIRED_PARAMS)}); without them the model's size is unknown. "
+                "Use the params.json that came with the checkpoint"
+            )
         if merged.get("n_kv_heads") is None:
             merged["n_kv_heads"] = None
         args = cls(**merged)
@@ -763,9 +775,32 @@ class Transformer(nn.Module):
         self._plan_native_decoder()  # the caches moved
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Logits (float32) for every position of ``tokens`` placed at ``start_pos``."""
+        """Logits (float32) for every position of ``tokens`` (batch, seqlen) placed at
+        ``start_pos`` (Meta's signature; the inputs are checked, as it is public)."""
+        self._check_tokens(tokens)
         with torch.inference_mode():
             return self.forward_tokens(tokens, start_pos=start_pos)
+
+    def _check_tokens(self, tokens: object) -> None:
+        """``tokens`` must be a (batch <= max_batch_size, seqlen >= 1) tensor of ids in the
+        vocabulary."""
+        p = self.params
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point:
+            kind = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise PromptError(f"tokens must be an integer tensor (torch.long), got {kind}")
+        if tokens.dim() != 2 or tokens.shape[1] == 0 or tokens.dtype in (torch.bool,):
+            raise PromptError(
+                f"tokens must be a (batch, seqlen) integer tensor with seqlen >= 1, got shape "
+                f"{tuple(tokens.shape)} {tokens.dtype}; e.g. torch.tensor([ids])"
+            )
+        if not 1 <= tokens.shape[0] <= p.max_batch_size:
+            raise PromptError(
+                f"tokens has {tokens.shape[0]} rows but max_batch_size is {p.max_batch_size}"
+            )
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= p.vocab_size:
+            bad = low if low < 0 else high
+            raise PromptError(f"token id {bad} is outside the vocabulary [0, {p.vocab_size})")
 
     def step_inputs(
         self,

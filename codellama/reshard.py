@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (
+    check_overwrite,
+    check_path_given,
+    check_replicated,
     load_shard,
     read_params,
     refuse_non_empty,
@@ -86,7 +89,8 @@ def check_distinct_dirs(src: str | os.PathLike[str], out: str | os.PathLike[str]
 def consolidated_shapes(
     shards: Sequence[Mapping[str, torch.Tensor]], paths: Sequence[Path]
 ) -> dict[str, tuple[int, ...]]:
-    """Consolidated shapes of an N-shard checkpoint, checking that the shards agree."""
+    """Consolidated shapes of an N-shard checkpoint, checking that the shards agree (the
+    same keys, the same shapes, and the same values of each replicated parameter)."""
     n = len(shards)
     names = list(shards[0])
     shapes: dict[str, tuple[int, ...]] = {}
@@ -114,6 +118,9 @@ def consolidated_shapes(
                 )
         if dim is None:
             shapes[name] = first
+            if not problems:  # replicated: every shard holds the same copy
+                for s in range(1, n):
+                    check_replicated(name, shards[0][name], paths[0], shards[s][name], paths[s])
         else:
             full = list(first)
             full[dim] *= n
@@ -174,6 +181,8 @@ def reshard(
     Returns:
         The output folder.
     """
+    overwrite = check_overwrite(overwrite)  # before any slow work
+    check_path_given(out_dir, "the output folder (out_dir)")
     paths = shard_paths(ckpt_dir)
     params = read_params(ckpt_dir)
     kv = kv_heads_of(params)

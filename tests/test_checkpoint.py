@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from codellama import CheckpointError, Llama
-from codellama.checkpoint import load_shard, merge_shards, shard_paths, shard_state_dict
+from codellama.checkpoint import (
+    load_shard,
+    merge_shards,
+    read_params,
+    refuse_non_empty,
+    release_pages,
+    shard_paths,
+    shard_state_dict,
+    write_checkpoint,
+)
+from codellama.errors import ConfigError
+from codellama.model import ModelArgs
 
 from .conftest import GQA_ARGS
 
@@ -137,3 +150,236 @@ def test_iter_full_tensors_gives_the_same_tensors_from_one_or_two_shards(make_ch
     assert one.keys() == two.keys()
     for name, t in one.items():
         assert torch.equal(t, two[name]), name
+
+
+# --------------------------------------------------------------------------- overwrite flag
+
+
+@pytest.mark.parametrize("flag", ["false", "0", "no", "", 0, 1, None])
+def test_non_bool_overwrite_is_refused_and_the_output_is_kept(tmp_path, flag):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(ConfigError, match=f"overwrite must be True or False, got {flag!r}"):
+        refuse_non_empty(out, flag)
+    with pytest.raises(ConfigError, match="overwrite must be True or False"):
+        write_checkpoint(out, [{"norm.weight": torch.ones(2)}], {}, overwrite=flag)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_non_bool_overwrite_is_refused_even_for_a_missing_output(tmp_path):
+    with pytest.raises(ConfigError, match="overwrite must be True or False, got 'false'"):
+        refuse_non_empty(tmp_path / "absent", "false")  # type: ignore[arg-type]
+
+
+def test_numpy_bool_overwrite_is_accepted(tmp_path):
+    np = pytest.importorskip("numpy")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        refuse_non_empty(out, np.bool_(False))
+    refuse_non_empty(out, np.bool_(True))
+
+
+# --------------------------------------------------------------------------- params.json
+
+
+@pytest.mark.parametrize("key", ["dim", "n_layers", "n_heads"])
+def test_params_json_without_a_size_key_names_the_file_and_the_key(make_checkpoint, tmp_path, key):
+    d = tmp_path / "c"
+    shutil.copytree(make_checkpoint(GQA_ARGS), d)
+    params = json.loads((d / "params.json").read_text())
+    del params[key]
+    (d / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ConfigError, match=rf"params\.json'? is missing {key}\b") as e:
+        read_params(d)
+    assert str(d / "params.json") in str(e.value)
+
+
+def test_build_with_params_json_without_dim_is_a_config_error(make_checkpoint, build, tmp_path):
+    d = tmp_path / "c"
+    shutil.copytree(make_checkpoint(GQA_ARGS), d)
+    params = json.loads((d / "params.json").read_text())
+    del params["dim"], params["n_layers"]
+    (d / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ConfigError, match="params.json' is missing dim, n_layers"):
+        build(d)
+
+
+@pytest.mark.parametrize("key", ["dim", "n_layers", "n_heads"])
+def test_model_args_from_params_requires_the_size_keys(key):
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4}
+    del params[key]
+    with pytest.raises(ConfigError, match=f"params.json is missing {key}"):
+        ModelArgs.from_params(params)
+
+
+META_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+           "rope_theta": 1000000, "vocab_size": 32016}  # fmt: skip
+META_34B = {"dim": 8192, "n_layers": 48, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 32000,
+            "multiple_of": 256, "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5,
+            "rope_theta": 1000000}  # fmt: skip
+LLAMA2_7B = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+             "vocab_size": -1}  # fmt: skip
+
+
+@pytest.mark.parametrize("params", [META_7B, META_34B, LLAMA2_7B], ids=["7b", "34b", "llama2"])
+def test_meta_params_json_files_still_load(tmp_path, params):
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    args = ModelArgs.from_params(read_params(tmp_path))
+    assert (args.dim, args.n_layers, args.n_heads) == (
+        params["dim"],
+        params["n_layers"],
+        params["n_heads"],
+    )
+    assert args.vocab_size == params["vocab_size"]  # -1: filled from the tokenizer later
+
+
+def test_model_args_built_in_python_keep_their_defaults():
+    args = ModelArgs(dim=64, n_heads=4)
+    assert (args.dim, args.n_layers, args.n_heads, args.vocab_size) == (64, 32, 4, -1)
+    args.validate()
+
+
+# --------------------------------------------------------------------------- shard files
+
+
+def test_legacy_format_shard_loads_like_the_zip_one(make_checkpoint, build, tmp_path):
+    src = make_checkpoint(GQA_ARGS, n_shards=2)
+    d = tmp_path / "c"
+    shutil.copytree(src, d)
+    for shard in shard_paths(d):
+        sd = torch.load(shard, weights_only=True)
+        torch.save(sd, shard, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(d / "consolidated.00.pth")
+    tokens = torch.tensor([[1, 5, 9, 13]])
+    assert torch.equal(build(d).model.forward(tokens, 0), build(src).model.forward(tokens, 0))
+
+
+def test_legacy_format_shard_keeps_its_values_after_loading(make_checkpoint, tmp_path):
+    src = make_checkpoint(GQA_ARGS)
+    shard = tmp_path / "consolidated.00.pth"
+    sd = torch.load(src / "consolidated.00.pth", weights_only=True)
+    torch.save(sd, shard, _use_new_zipfile_serialization=False)
+    loaded = load_shard(shard)
+    for t in loaded.values():
+        release_pages(t)  # in ordinary memory: dropping its pages would zero it
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [(b"", "is empty"), (b"not a checkpoint at all " * 10, "not a PyTorch checkpoint")],
+    ids=["empty", "garbage"],
+)
+def test_unreadable_shard_error_names_the_file_without_torch_hints(
+    make_checkpoint, build, tmp_path, content, what
+):
+    d = tmp_path / "c"
+    shutil.copytree(make_checkpoint(GQA_ARGS), d)
+    (d / "consolidated.00.pth").write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"consolidated.00.pth.*{what}") as e:
+        build(d)
+    assert "mmap" not in str(e.value)
+    assert "_use_new_zipfile_serialization" not in str(e.value)
+    assert "checklist.chk" in str(e.value)
+
+
+def test_stray_pth_file_beside_the_shards_is_ignored_with_a_warning(
+    make_checkpoint, build, tmp_path
+):
+    src = make_checkpoint(GQA_ARGS)
+    d = tmp_path / "c"
+    shutil.copytree(src, d)
+    (d / "backup.pth").write_bytes(b"anything")
+    with pytest.warns(UserWarning, match=r"ignoring \['backup.pth'\].*only consolidated.NN.pth"):
+        assert shard_paths(d) == [d / "consolidated.00.pth"]
+    tokens = torch.tensor([[1, 5, 9]])
+    with pytest.warns(UserWarning, match="backup.pth"):
+        llama = build(d)
+    assert torch.equal(llama.model.forward(tokens, 0), build(src).model.forward(tokens, 0))
+
+
+def test_pth_files_with_other_names_alone_are_used_like_meta_does(make_checkpoint, tmp_path):
+    d = tmp_path / "c"
+    shutil.copytree(make_checkpoint(GQA_ARGS), d)
+    (d / "consolidated.00.pth").rename(d / "model.pth")
+    assert shard_paths(d) == [d / "model.pth"]
+
+
+def test_gap_in_shard_numbers_names_the_missing_shard(make_checkpoint, tmp_path):
+    d = tmp_path / "c"
+    shutil.copytree(make_checkpoint(GQA_ARGS, n_shards=2), d)
+    (d / "consolidated.01.pth").rename(d / "consolidated.02.pth")
+    with pytest.raises(CheckpointError, match=r"missing \['consolidated.01.pth'\]"):
+        shard_paths(d)
+
+
+def test_empty_ckpt_dir_is_reported_as_not_given(tokenizer_path, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # "" would otherwise mean this folder
+    with pytest.raises(ConfigError, match="checkpoint directory .* is not given") as e:
+        Llama.build("", str(tokenizer_path), 32, 1, device="cpu")
+    assert "in '.'" not in str(e.value)
+    with pytest.raises(ConfigError, match="checkpoint directory .* is not given"):
+        read_params("")
+
+
+# --------------------------------------------------------------------------- weight values
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int64, torch.bool, torch.complex64], ids=["int64", "bool", "complex64"]
+)
+def test_non_floating_weight_is_refused_naming_tensor_and_file(
+    make_checkpoint, build, tmp_path, dtype
+):
+    def edit(sd):
+        sd["layers.1.ffn_norm.weight"] = torch.ones_like(sd["layers.1.ffn_norm.weight"]).to(dtype)
+
+    d = _rewrite(make_checkpoint(GQA_ARGS), tmp_path / "c", edit)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(
+        CheckpointError, match=rf"layers.1.ffn_norm.weight in .*consolidated.00.pth.* {name}"
+    ):
+        build(d)
+
+
+@pytest.mark.parametrize("key", ["norm.weight", "layers.1.attention_norm.weight"])
+def test_replicated_weight_differing_between_shards_is_refused(
+    make_checkpoint, build, tmp_path, key
+):
+    d = tmp_path / "c"
+    shutil.copytree(make_checkpoint(GQA_ARGS, n_shards=2), d)
+    shard = d / "consolidated.01.pth"
+    sd = torch.load(shard, weights_only=True)
+    sd[key] = sd[key] + 1
+    torch.save(sd, shard)
+    with pytest.raises(
+        CheckpointError, match=rf"{key} differs between consolidated.00.pth and consolidated.01.pth"
+    ):
+        build(d)
+
+
+def test_iter_full_tensors_refuses_replicated_weights_that_differ(make_checkpoint, tmp_path):
+    from codellama.checkpoint import iter_full_tensors
+
+    d = tmp_path / "c"
+    shutil.copytree(make_checkpoint(GQA_ARGS, n_shards=2), d)
+    shard = d / "consolidated.01.pth"
+    sd = torch.load(shard, weights_only=True)
+    sd["norm.weight"] = -sd["norm.weight"]
+    torch.save(sd, shard)
+    with pytest.raises(CheckpointError, match="norm.weight differs between"):
+        dict(iter_full_tensors(d))
+
+
+def test_replicated_weights_equal_up_to_nan_bits_load(make_checkpoint, build, tmp_path):
+    d = tmp_path / "c"
+    shutil.copytree(make_checkpoint(GQA_ARGS, n_shards=2), d)
+    for shard in shard_paths(d):  # the same NaN in both shards is not a disagreement
+        sd = torch.load(shard, weights_only=True)
+        sd["norm.weight"][0] = float("nan")
+        torch.save(sd, shard)
+    assert torch.isnan(build(d).model.norm.weight[0])

@@ -41,7 +41,7 @@ from codellama.convert import (
     unpermute_rotary,
 )
 from codellama.demo import random_state_dict, write_random_checkpoint
-from codellama.errors import ConfigError
+from codellama.errors import CheckpointError, ConfigError
 from codellama.generation import Llama
 from codellama.model import ModelArgs
 from codellama.tokenizer import Tokenizer
@@ -424,3 +424,70 @@ def test_cli(tmp_path: Path, ckpt: Path) -> None:
     assert len(shard_paths(meta)) == 2
     assert read_params(meta) == read_params(ckpt)
     assert {t.dtype for t in state_dict(meta).values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("flag", ["false", "0", "no", 0])
+def test_non_bool_overwrite_is_refused_and_the_output_is_kept(
+    tmp_path: Path, ckpt: Path, hf_dir: Path, flag: object
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(ConfigError, match=f"overwrite must be True or False, got {flag!r}"):
+        to_hf(ckpt, out, overwrite=flag)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=f"overwrite must be True or False, got {flag!r}"):
+        from_hf(hf_dir, out, overwrite=flag)  # type: ignore[arg-type]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folder left
+
+
+def test_cli_overwrite_false_keeps_the_output(tmp_path: Path, ckpt: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    cmd = [sys.executable, "-m", "codellama.convert", "to_hf", "--ckpt_dir", str(ckpt)]
+    cmd += ["--out_dir", str(out), "--overwrite=false"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "overwrite must be True or False, got 'false'" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_config_without_rms_norm_eps_gets_hugging_face_default(
+    tmp_path: Path, hf_dir: Path
+) -> None:
+    edited = tmp_path / "edited"
+    shutil.copytree(hf_dir, edited)
+    config = json.loads((edited / "config.json").read_text())
+    del config["rms_norm_eps"], config["codellama_params"]
+    (edited / "config.json").write_text(json.dumps(config))
+    out = from_hf(edited, tmp_path / "meta")
+    assert read_params(out)["norm_eps"] == LlamaConfig().rms_norm_eps == 1e-6
+
+
+def test_empty_paths_are_reported_as_not_given(tmp_path: Path, ckpt: Path, hf_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"output folder \(out_dir\) is not given"):
+        to_hf(ckpt, "")
+    with pytest.raises(ConfigError, match=r"checkpoint directory \(ckpt_dir\) is not given"):
+        to_hf("", tmp_path / "hf")
+    with pytest.raises(ConfigError, match=r"Hugging Face folder \(hf_dir\) is not given"):
+        from_hf("", tmp_path / "meta")
+    with pytest.raises(ConfigError, match=r"output folder \(out_dir\) is not given"):
+        from_hf(hf_dir, "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_to_hf_refuses_replicated_weight_differing_between_shards(
+    tmp_path: Path, args: ModelArgs
+) -> None:
+    sd = random_state_dict(args, seed=2)
+    shards = shard_state_dict(sd, 2)
+    shards[1]["layers.0.ffn_norm.weight"] = shards[1]["layers.0.ffn_norm.weight"] * 2
+    src = write_checkpoint(tmp_path / "in", shards, args.to_params())
+    with pytest.raises(
+        CheckpointError,
+        match="layers.0.ffn_norm.weight differs between consolidated.00.pth and consolidated.01",
+    ):
+        to_hf(src, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -896,3 +896,27 @@ def test_numpy_numbers_are_taken_as_python_numbers(ctx):
     want = llama.generate_results([ids], 4, SamplingParams(temperature=0))
     got = llama.generate_results([ids], np.int64(4), SamplingParams(temperature=np.float32(0)))
     assert [r.tokens for r in got] == [r.tokens for r in want]
+
+
+@pytest.mark.parametrize(
+    "tokens, match",
+    [
+        (torch.tensor([[1.0, 2.0]]), "tokens must be an integer tensor"),
+        ([[1, 2]], "tokens must be an integer tensor .torch.long., got list"),
+        (torch.tensor([1, 2]), r"got shape \(2,\)"),
+        (torch.zeros((1, 0), dtype=torch.long), "seqlen >= 1"),
+        (torch.tensor([[1, 10**6]]), "token id 1000000 is outside the vocabulary"),
+        (torch.tensor([[-3, 1]]), "token id -3 is outside the vocabulary"),
+        (torch.ones((MAX_BATCH + 1, 2), dtype=torch.long), "rows but max_batch_size is"),
+    ],
+    ids=["float", "list", "1-d", "empty", "id-too-big", "id-negative", "too-many-rows"],
+)
+def test_model_forward_refuses_bad_tokens_by_name(ctx, tokens, match):
+    model = _build(ctx.ckpt).model
+    with pytest.raises(PromptError, match=match):
+        model.forward(tokens, 0)
+
+
+def test_llama_made_from_something_else_than_a_model_and_tokenizer_is_a_config_error():
+    with pytest.raises(ConfigError, match="takes a Transformer and a Tokenizer, got NoneType"):
+        Llama(None, None)

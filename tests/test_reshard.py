@@ -21,7 +21,7 @@ from codellama.checkpoint import (
     write_checkpoint,
 )
 from codellama.demo import random_state_dict, write_random_checkpoint
-from codellama.errors import ConfigError
+from codellama.errors import CheckpointError, ConfigError
 from codellama.generation import Llama
 from codellama.model import ModelArgs
 from codellama.reshard import reshard, valid_model_parallel_sizes
@@ -186,3 +186,66 @@ def test_cli(checkpoints: dict[int, Path], tmp_path: Path) -> None:
     assert "Wrote 2 shards" in proc.stdout
     assert len(shard_paths(out)) == 2
     assert json.loads((out / "params.json").read_text()) == read_params(checkpoints[1])
+
+
+@pytest.mark.parametrize("flag", ["false", "0", "no", 0, None])
+def test_non_bool_overwrite_is_refused_and_the_output_is_kept(
+    checkpoints: dict[int, Path], tmp_path: Path, flag: object
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(ConfigError, match=f"overwrite must be True or False, got {flag!r}"):
+        reshard(checkpoints[2], out, 1, overwrite=flag)  # type: ignore[arg-type]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folder left
+
+
+@pytest.mark.parametrize("flag", ["--overwrite=false", "--overwrite=no"])
+def test_cli_overwrite_false_keeps_the_output(
+    checkpoints: dict[int, Path], tmp_path: Path, flag: str
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    cmd = [sys.executable, "-m", "codellama.reshard", "--ckpt_dir", str(checkpoints[1])]
+    cmd += ["--out_dir", str(out), "--model_parallel_size", "2", flag]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "overwrite must be True or False" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_empty_out_dir_is_reported_as_not_given(checkpoints: dict[int, Path]) -> None:
+    with pytest.raises(ConfigError, match=r"output folder \(out_dir\) is not given"):
+        reshard(checkpoints[2], "", 1, overwrite=True)
+
+
+@pytest.mark.parametrize("key", ["norm.weight", "layers.1.attention_norm.weight"])
+def test_replicated_weight_differing_between_shards_is_refused(
+    tmp_path: Path, args: ModelArgs, key: str
+) -> None:
+    shards = shard_state_dict(random_state_dict(args, seed=4), 2)
+    shards[1][key] = shards[1][key] + 1
+    src = write_checkpoint(tmp_path / "in", shards, args.to_params())
+    with pytest.raises(
+        CheckpointError, match=rf"{key} differs between consolidated.00.pth and consolidated.01.pth"
+    ):
+        reshard(src, tmp_path / "out", 1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_params_json_without_n_heads_is_refused_naming_the_file(
+    checkpoints: dict[int, Path], tmp_path: Path
+) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in checkpoints[2].iterdir():
+        (src / p.name).symlink_to(p)
+    params = read_params(checkpoints[2])
+    del params["n_heads"]
+    (src / "params.json").unlink()
+    (src / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ConfigError, match=r"params\.json' is missing n_heads"):
+        reshard(src, tmp_path / "out", 1)
