@@ -601,7 +601,8 @@ class Llama:
         if max_steps == 0:  # echo with logprobs and no new tokens: nothing to sample
             return
         draws = None
-        if not sampling.greedy:  # Meta's random numbers, row by row (see MetaDraws)
+        vocab = model.params.vocab_size
+        if not sampling.greedy and MetaDraws.affordable(lens, vocab):  # Meta's draws, by row
             order = sorted(range(bsz), key=lambda i: rows[i].index)
             places = {i: place for place, i in enumerate(order)}
             draws = MetaDraws(
@@ -609,7 +610,7 @@ class Llama:
                 [places[i] for i in range(bsz)],
                 [n - min(lens) for n in lens],
                 [r.budget for r in rows],
-                model.params.vocab_size,
+                vocab,
             )
         pick = functools.partial(
             self._pick, sampling=sampling, generator=generator, seen=seen,

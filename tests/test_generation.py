@@ -428,11 +428,20 @@ def test_sampled_batch_with_early_stops_draws_the_tokens_of_metas_loop(llama):
     assert len(oracle[1]) < 16
 
 
-def test_meta_draws_drawn_again_when_none_can_be_kept_give_the_same_tokens(llama, monkeypatch):
+def test_meta_draws_without_the_cpu_shortcut_give_the_same_tokens(llama, monkeypatch):
     prompts = _prompts(llama.model.params.vocab_size)
-    kept = _sampled(llama, prompts, 10, -1, seed=2)
-    monkeypatch.setattr("codellama.sampling.KEPT_NOISE_BYTES", 0)
-    assert _sampled(llama, prompts, 10, -1, seed=2) == kept
+    fast = _sampled(llama, prompts, 10, -1, seed=2)
+    monkeypatch.setattr("codellama.sampling._cpu_draws_are_serial", lambda: False)
+    assert _sampled(llama, prompts, 10, -1, seed=2) == fast
+
+
+def test_a_batch_too_spread_for_metas_draws_still_samples_reproducibly(llama, monkeypatch):
+    monkeypatch.setattr("codellama.sampling.MAX_CATCH_UP_DRAWS", 0)
+    mixed = _prompts(llama.model.params.vocab_size, [3, 30])
+    assert _sampled(llama, mixed, 8, -1, seed=6) == _sampled(llama, mixed, 8, -1, seed=6)
+    same = _prompts(llama.model.params.vocab_size, [9, 9])  # no catching up: Meta's draws
+    oracle = meta_generate(llama, same, 8, 1.3, 0.97, -1, torch.Generator().manual_seed(6))
+    assert _sampled(llama, same, 8, -1, seed=6) == oracle
 
 
 def test_next_call_continues_metas_random_stream(llama):
@@ -452,3 +461,30 @@ def test_full_length_prompt_beside_a_short_one_leaves_the_short_one_as_alone(lla
     alone, _ = llama.generate([short], 6, temperature=0, stop_token=-1, **extras)
     assert both[1] == alone[0]
     assert both[0] == (full if extras else [])
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["cpu-shortcut", "whole-blocks"])
+@pytest.mark.parametrize("case", range(6))
+def test_meta_draws_give_each_row_its_block_row_as_metas_loop_draws_them(monkeypatch, fast, case):
+    """MetaDraws against the plain definition: block b is the b-th (batch, vocab) Exp(1)
+    draw from the generator; row i takes row batch_rows[i] of block offsets[i] + step."""
+    from codellama.sampling import MetaDraws
+
+    if not fast:
+        monkeypatch.setattr("codellama.sampling._cpu_draws_are_serial", lambda: False)
+    rng = torch.Generator().manual_seed(case)
+    bsz, vocab = int(torch.randint(1, 6, (1,), generator=rng)), 37
+    offsets = torch.randint(0, 9, (bsz,), generator=rng).tolist()
+    offsets = [o - min(offsets) for o in offsets]
+    budgets = torch.randint(0, 7, (bsz,), generator=rng).tolist()
+    places = torch.randperm(bsz, generator=rng).tolist()
+    ends = [int(torch.randint(0, b + 1, (1,), generator=rng)) for b in budgets]  # early stops
+    draws = MetaDraws(torch.Generator().manual_seed(99), places, offsets, budgets, vocab)
+    ref = torch.Generator().manual_seed(99)
+    blocks = [torch.empty(bsz, vocab).exponential_(1, generator=ref) for _ in range(20)]
+    for step in range(max(budgets, default=0)):
+        active = [i for i in range(bsz) if step < ends[i]]
+        noise = draws.take(active)
+        for i in range(bsz):
+            want = blocks[offsets[i] + step][places[i]] if i in active else torch.ones(vocab)
+            assert torch.equal(noise[i], want), (step, i)
