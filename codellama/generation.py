@@ -112,6 +112,27 @@ class _Row:
     searched: int = 0  # generated text before this offset holds no stop string
 
 
+@dataclass(frozen=True)
+class _StopReader:
+    """Finds stop strings in the text of a row's tokens, as ``decode`` reads it."""
+
+    texts: tuple[str, ...]
+    decode: Callable[[Sequence[int]], str]
+
+    def found(self, row: _Row) -> bool:
+        """Whether ``row``'s generated text now holds one of the stop strings (searching
+        only where a new occurrence can be); records the earliest one."""
+        text = self.decode(row.tokens)
+        hit = first_stop(text, self.texts, row.searched)
+        # A stop string can only start in the last (longest - 1) characters; 3 more because
+        # an unfinished UTF-8 character decodes to up to 3 U+FFFD, 1 once complete.
+        row.searched = max(len(text) - max(map(len, self.texts)) - 3, 0)
+        if hit is None:
+            return False
+        row.stop_string = self.texts[hit[1]]
+        return True
+
+
 class Llama:
     """A Code Llama model with its tokenizer, ready to generate."""
 
@@ -315,6 +336,7 @@ class Llama:
         stop_tokens: Sequence[int] = (),
         seed: int | None = None,
         stop_strings: str | Sequence[str] = (),
+        decode: Callable[[Sequence[int]], str] | None = None,
     ) -> list[GenerationResult]:
         """The generation core: batches of at most ``max_batch_size``, results in order.
 
@@ -324,12 +346,14 @@ class Llama:
         or after ``min(max_gen_len, max_seq_len - prompt length)`` tokens (``"length"``).
         ``seed`` gives this call its own sampling generator. Sampling draws what Meta's loop
         draws for each row (see :class:`~codellama.sampling.MetaDraws`), so a row's samples
-        depend on its batch: its place in it and the other prompts' lengths.
+        depend on its batch: its place in it and the other prompts' lengths. ``decode``
+        reads a row's text for stop strings (default ``tokenizer.decode``; infilling's
+        middles are read with ``tokenizer.decode_infilling``).
         """
         rows: list[_Row] = []
         for _ in self._generate(
             prompt_tokens, max_gen_len, sampling, logprobs, echo, stop_tokens, seed, rows,
-            stop_strings,
+            stop_strings, decode,
         ):  # fmt: skip
             pass
         return [self._result(r, logprobs, echo) for r in rows]
@@ -349,14 +373,12 @@ class Llama:
         yielded (the token completing a stop string is). Rows of one batch advance
         together, one token each per step.
         """
-        for row, token in self._generate(
+        events = self._generate(
             prompt_tokens, max_gen_len, sampling, False, False, stop_tokens, seed, [],
             stop_strings,
-        ):  # fmt: skip
-            if token is not None:
-                yield row.index, token
+        )  # fmt: skip
+        return ((row.index, token) for row, token in events if token is not None)
 
-    @torch.inference_mode()
     def _generate(
         self,
         prompt_tokens: Sequence[Sequence[int]],
@@ -368,8 +390,11 @@ class Llama:
         seed: int | None,
         rows_out: list[_Row],
         stop_strings: str | Sequence[str] = (),
+        decode: Callable[[Sequence[int]], str] | None = None,
     ) -> Iterator[tuple[_Row, int | None]]:
-        """Validate, then run the prompts batch by batch; rows are appended to ``rows_out``.
+        """Validate the arguments (now), and return the generation that runs the prompts
+        batch by batch; rows are appended to ``rows_out``; ``decode`` reads a row's text
+        for ``stop_strings`` (default ``tokenizer.decode``).
 
         Yields ``(row, token)`` for each new token, and ``(row, None)`` when a row ends
         without one (a stop token, or no room left); ``row.finish_reason`` is set from the
@@ -400,7 +425,26 @@ class Llama:
         generator = self._generator
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        owner, claim = object(), True
+        reader = _StopReader(texts, decode or self.tokenizer.decode)
+        return self._batches(
+            prompts, max_gen_len, sampling, logprobs, echo, stops, reader, generator, rows_out
+        )
+
+    @torch.inference_mode()
+    def _batches(
+        self,
+        prompts: list[list[int]],
+        max_gen_len: int,
+        sampling: SamplingParams,
+        logprobs: bool,
+        echo: bool,
+        stops: frozenset[int],
+        reader: _StopReader,
+        generator: torch.Generator,
+        rows_out: list[_Row],
+    ) -> Iterator[tuple[_Row, int | None]]:
+        """Run the prompts batch by batch (see :meth:`_generate`)."""
+        owner = object()
         step = self.max_batch_size
         for lo in range(0, len(prompts), step):
             rows = [
@@ -408,19 +452,24 @@ class Llama:
                 for i, p in enumerate(prompts[lo : lo + step])
             ]
             rows_out += rows
-            batch = self._run_batch(rows, sampling, logprobs, echo, stops, texts, generator)
+            # A batch takes the KV cache when it computes (prefills) anything: from then on
+            # another generation in between its steps would have overwritten what it wrote.
+            computes = (logprobs and echo) or any(r.budget > 0 for r in rows)
+            claimed = False
+            batch = self._run_batch(rows, sampling, logprobs, echo, stops, reader, generator)
             while True:
-                with self._cache_turn(owner, claim):
+                with self._cache_turn(owner, claim=computes and not claimed, check=claimed):
                     emitted = next(batch, None)
-                claim = False
+                claimed = claimed or computes
                 if emitted is None:
                     break
                 yield from emitted
 
     @contextlib.contextmanager
-    def _cache_turn(self, owner: object, claim: bool) -> Iterator[None]:
-        """Hold the KV cache for one step of generation ``owner`` (which takes it over when
-        ``claim``): refuse if another thread computes, or another generation took it."""
+    def _cache_turn(self, owner: object, claim: bool, check: bool) -> Iterator[None]:
+        """Hold the KV cache for one step of generation ``owner``, which takes it over when
+        ``claim``; refuse if another thread computes or, when ``check``, if another
+        generation took it over since."""
         if not self._busy.acquire(blocking=False):
             raise StreamInterruptedError(
                 "this Llama is generating in another thread; its KV cache serves one "
@@ -429,7 +478,7 @@ class Llama:
         try:
             if claim:
                 self._owner = owner
-            elif self._owner is not owner:
+            elif check and self._owner is not owner:
                 raise StreamInterruptedError(
                     "another generation ran on this Llama while this stream was paused, and "
                     "they share one KV cache; finish (or close) a stream before starting "
@@ -449,19 +498,6 @@ class Llama:
             f"stop token {t!r:.40} is not an integer token id; pass ids such as "
             f"tokenizer.eos_id ({self.tokenizer.eos_id}), or -1 for none"
         )
-
-    def _found_stop_string(self, row: _Row, texts: tuple[str, ...]) -> bool:
-        """Whether ``row``'s generated text now holds one of ``texts`` (searching only
-        where a new occurrence can be); records the earliest one."""
-        text = self.tokenizer.decode(row.tokens)
-        hit = first_stop(text, texts, row.searched)
-        # A stop string can only start in the last (longest - 1) characters; 3 more because
-        # an unfinished UTF-8 character decodes to up to 3 U+FFFD, 1 once complete.
-        row.searched = max(len(text) - max(map(len, texts)) - 3, 0)
-        if hit is None:
-            return False
-        row.stop_string = texts[hit[1]]
-        return True
 
     def _result(self, row: _Row, logprobs: bool, echo: bool) -> GenerationResult:
         assert row.finish_reason is not None
@@ -528,7 +564,7 @@ class Llama:
         want_logprobs: bool,
         echo: bool,
         stops: frozenset[int],
-        texts: tuple[str, ...],
+        reader: _StopReader,
         generator: torch.Generator,
     ) -> Iterator[list[tuple[_Row, int | None]]]:
         """Prefill then decode ``rows`` together; yields each step's events (see
@@ -644,7 +680,7 @@ class Llama:
                 emitted.append((r, t))
                 if len(r.tokens) >= r.budget:
                     r.finish_reason = "length"
-                if texts and self._found_stop_string(r, texts):
+                if reader.texts and reader.found(r):
                     r.finish_reason = "stop"
             yield emitted
             if not more or all(r.finish_reason is not None for r in rows):
@@ -783,10 +819,13 @@ class Llama:
         prompt_tokens, eot = self._infilling_prompts(prefixes, suffixes, suffix_first)
         _sampling_params(temperature, top_p, sampling_kwargs)
         stops = _check_stop_strings(stop)
-        tokens, lps = self.generate(
-            prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs,
-            echo=False, stop_token=eot, stop_strings=stops, **sampling_kwargs,
+        results = self.generate_results(
+            prompt_tokens, self._max_gen_len(max_gen_len),
+            _sampling_params(temperature, top_p, sampling_kwargs), logprobs=logprobs,
+            stop_tokens=(eot,), stop_strings=stops, decode=self.tokenizer.decode_infilling,
         )  # fmt: skip
+        tokens = [r.tokens for r in results]
+        lps = [r.logprobs or [] for r in results] if logprobs else None
         out: list[InfillingPrediction] = []
         for i, t in enumerate(tokens):
             middle = cut_at_stop(self.tokenizer.decode_infilling(t), stops)
@@ -951,7 +990,7 @@ class Llama:
         stops = _check_stop_strings(stop)
         events = self._generate(
             prompt_tokens, self._max_gen_len(max_gen_len), sampling, False, False, (stop_id,),
-            seed, [], stops,
+            seed, [], stops, decode,
         )  # fmt: skip
 
         def run() -> Iterator[StreamEvent]:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from codellama import Llama, SamplingParams, StreamInterruptedError
+from codellama import Llama, PromptError, SamplingParams, StreamInterruptedError
 from codellama.streaming import TextAssembler
 
 from .conftest import GQA_ARGS
@@ -153,3 +153,39 @@ def test_a_second_thread_is_refused_while_one_generates(llama):
             llama._busy.release()
     assert got == want
     assert len(errors) == 1 and "another thread" in str(errors[0])
+
+
+def test_infilling_stops_at_a_stop_string_that_starts_with_the_middles_leading_space(llama):
+    prefixes, suffixes = ["y ="], ["\n    return c\n"]  # this model's middle: " a..."
+    free = llama.text_infilling(prefixes, suffixes, temperature=0, max_gen_len=16, logprobs=True)
+    middle = free[0]["generation"]
+    assert middle.startswith(" ") and len(middle) > 3  # the case: decode() drops this space
+    stop = middle[:2]
+    cut = llama.text_infilling(
+        prefixes, suffixes, temperature=0, max_gen_len=16, logprobs=True, stop=stop
+    )
+    assert cut[0]["generation"] == "" and len(cut[0]["tokens"]) < len(free[0]["tokens"])
+    events = list(
+        llama.text_infilling_stream(prefixes, suffixes, temperature=0, max_gen_len=16, stop=stop)
+    )
+    assert "".join(e.text for e in events) == ""
+    assert (events[-1].finish_reason, events[-1].stop_string) == ("stop", stop)
+
+
+def test_a_call_that_computes_nothing_leaves_a_paused_stream_going(llama):
+    prompt = llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    greedy = SamplingParams(temperature=0)
+    want = llama.generate_results([prompt], 8, greedy)[0].tokens
+    stream = llama.generate_stream([prompt], 8, greedy)
+    got = [next(stream)[1]]
+    assert llama.text_completion(["x"], max_gen_len=0) == [{"generation": ""}]
+    assert llama.generate_results([[1] * llama.max_seq_len], 5)[0].tokens == []
+    got += [t for _, t in stream]
+    assert got == want
+
+
+def test_stream_arguments_are_checked_when_the_stream_is_made(llama):
+    with pytest.raises(PromptError, match="max_gen_len must be an integer >= 0"):
+        llama.text_completion_stream(["x"], max_gen_len=-1)
+    with pytest.raises(PromptError, match="stop strings must be non-empty"):
+        llama.generate_stream([[1, 5]], 4, stop_strings=[""])
