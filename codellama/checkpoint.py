@@ -522,13 +522,18 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def is_bool(value: object) -> bool:
+    """Whether ``value`` is True or False, numpy's bools included (a string such as the
+    ``'false'`` a command line passes through is not, though it is truthy)."""
+    kind = type(value)
+    return kind is bool or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
+
+
 def check_overwrite(overwrite: object) -> bool:
     """``overwrite`` if it is True or False (numpy's bool too); anything else, such as the
     string ``'false'`` a command line passes through, is a :class:`ConfigError`, never
     taken as True."""
-    if isinstance(overwrite, bool):
-        return overwrite
-    if type(overwrite).__module__ == "numpy" and type(overwrite).__name__ in ("bool_", "bool"):
+    if is_bool(overwrite):
         return bool(overwrite)
     raise ConfigError(
         f"overwrite must be True or False, got {overwrite!r}; on the command line pass "
@@ -556,8 +561,7 @@ def atomic_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iter
     half-written and an existing ``out_dir`` is kept as it was.
     """
     out = check_path_given(out_dir, "the output folder (out_dir)")
-    overwrite = check_overwrite(overwrite)
-    refuse_non_empty(out, overwrite)
+    refuse_non_empty(out, overwrite)  # which checks overwrite
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

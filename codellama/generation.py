@@ -24,7 +24,7 @@ from typing import Any, Literal, TypedDict
 import torch
 
 from . import distributed, gpu_kernels, native
-from .checkpoint import load_weights, read_params, shard_paths, stored_dtypes
+from .checkpoint import is_bool, load_weights, read_params, shard_paths, stored_dtypes
 from .errors import (
     ConfigError,
     NumericalError,
@@ -754,15 +754,26 @@ class Llama:
         """
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stop = self.tokenizer.eos_id if stop_token is None else stop_token
-        results = self.generate_results(
-            prompt_tokens,
-            max_gen_len,
-            sampling,
-            logprobs=logprobs,
-            echo=echo,
-            stop_tokens=(stop,),
-            stop_strings=stop_strings,
+        return self._token_lists(
+            prompt_tokens, max_gen_len, sampling, logprobs, echo, stop, stop_strings
         )
+
+    def _token_lists(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        sampling: SamplingParams,
+        logprobs: bool,
+        echo: bool,
+        stop_token: int,
+        stop_strings: str | Sequence[str],
+        decode: Callable[[Sequence[int]], str] | None = None,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """The core's results as Meta's (tokens, logprobs or None) lists."""
+        results = self.generate_results(
+            prompt_tokens, max_gen_len, sampling, logprobs=logprobs, echo=echo,
+            stop_tokens=(stop_token,), stop_strings=stop_strings, decode=decode,
+        )  # fmt: skip
         tokens = [r.tokens for r in results]
         return tokens, ([r.logprobs or [] for r in results] if logprobs else None)
 
@@ -785,12 +796,12 @@ class Llama:
     ) -> list[CompletionPrediction]:
         """Continue each prompt; an empty string generates from BOS. With ``stop`` (a string
         or a list), a generation ends at the first stop string, which is cut from the text."""
-        _sampling_params(temperature, top_p, sampling_kwargs)  # no Meta keywords in there
+        sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stops = _check_stop_strings(stop)
         prompt_tokens = self._completion_prompts(prompts)
-        tokens, lps = self.generate(
-            prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs, echo,
-            stop_strings=stops, **sampling_kwargs,
+        tokens, lps = self._token_lists(
+            prompt_tokens, self._max_gen_len(max_gen_len), sampling, logprobs, echo,
+            self.tokenizer.eos_id, stops,
         )  # fmt: skip
         out: list[CompletionPrediction] = []
         for i, t in enumerate(tokens):
@@ -817,15 +828,12 @@ class Llama:
     ) -> list[InfillingPrediction]:
         """Fill the middle between each prefix and suffix (7B/13B base and Instruct)."""
         prompt_tokens, eot = self._infilling_prompts(prefixes, suffixes, suffix_first)
-        _sampling_params(temperature, top_p, sampling_kwargs)
+        sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stops = _check_stop_strings(stop)
-        results = self.generate_results(
-            prompt_tokens, self._max_gen_len(max_gen_len),
-            _sampling_params(temperature, top_p, sampling_kwargs), logprobs=logprobs,
-            stop_tokens=(eot,), stop_strings=stops, decode=self.tokenizer.decode_infilling,
+        tokens, lps = self._token_lists(
+            prompt_tokens, self._max_gen_len(max_gen_len), sampling, logprobs, False, eot,
+            stops, self.tokenizer.decode_infilling,
         )  # fmt: skip
-        tokens = [r.tokens for r in results]
-        lps = [r.logprobs or [] for r in results] if logprobs else None
         out: list[InfillingPrediction] = []
         for i, t in enumerate(tokens):
             middle = cut_at_stop(self.tokenizer.decode_infilling(t), stops)
@@ -851,12 +859,12 @@ class Llama:
         """Answer each dialog as the assistant (Code Llama - Instruct formats); ``stop`` as
         in :meth:`text_completion`."""
         prompt_tokens, stop_id = self._chat_prompts(dialogs)
-        _sampling_params(temperature, top_p, sampling_kwargs)
+        sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stops = _check_stop_strings(stop)
         step_format = self.tokenizer.step_id is not None
-        tokens, lps = self.generate(
-            prompt_tokens, self._max_gen_len(max_gen_len), temperature, top_p, logprobs,
-            stop_token=stop_id, stop_strings=stops, **sampling_kwargs,
+        tokens, lps = self._token_lists(
+            prompt_tokens, self._max_gen_len(max_gen_len), sampling, logprobs, False, stop_id,
+            stops,
         )  # fmt: skip
         out: list[ChatPrediction] = []
         for i, (dialog, t) in enumerate(zip(dialogs, tokens)):
@@ -1024,8 +1032,7 @@ def _sampling_params(temperature: float, top_p: float, extras: dict[str, Any]) -
 
 
 def _check_flag(name: str, value: object) -> None:
-    """``value`` must be a bool (numpy's included): a string such as "false" is truthy."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
+    if not is_bool(value):
         raise PromptError(f"{name} must be True or False, got {value!r:.40}")
 
 
