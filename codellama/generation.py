@@ -709,10 +709,11 @@ class Llama:
             return torch.tensor(picked[0], device=device), lambda: values
         noise = None
         if draws is not None:
-            noise = draws.take([i for i, r in enumerate(rows) if r.finish_reason is None])
+            active = [i for i, r in enumerate(rows) if r.finish_reason is None]
+            noise = functools.partial(draws.take, active)  # the columns the nucleus reads
         tok = sample(logits, sampling, generator, seen, noise)
         tok = distributed.broadcast_tokens(tok)
-        finite = torch.isfinite(logits).all(dim=-1)
+        finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float64))  # cannot overflow
         packed = [tok.to(torch.float64), finite.to(torch.float64)]
         if want_logprobs:
             lp = torch.log_softmax(logits, dim=-1).gather(-1, tok.view(-1, 1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,27 +74,122 @@ def apply_repetition_penalty(
     return torch.where(seen, penalised, logits)
 
 
+# On the CPU, the top tokens tried first before sorting a whole row (see _sorted_head).
+HEAD_FIRST = 64
+
+Noise = Callable[[int], torch.Tensor]
+
+
 def sample_top_p(
     probs: torch.Tensor,
     p: float,
     generator: torch.Generator | None = None,
-    noise: torch.Tensor | None = None,
+    noise: torch.Tensor | Noise | None = None,
 ) -> torch.Tensor:
     """Nucleus sampling over (B, V) probabilities; returns (B, 1) token ids (Meta's rule).
 
-    With ``noise`` ((B, V) Exp(1) draws, see :class:`MetaDraws`) the choice is
-    ``argmax(probs / noise)`` over the sorted probabilities: exactly what
-    ``torch.multinomial(probs, 1)`` computes from the draws it makes itself.
+    ``torch.multinomial(probs, 1)`` picks ``argmax(probs / q)`` for (B, V) Exp(1) draws
+    ``q``; so does this, over the sorted probabilities. ``noise`` gives those draws instead
+    of ``generator`` (see :class:`MetaDraws`): a (B, V) tensor, or a function of ``w`` that
+    returns the first ``w`` columns (all that nuclei within ``w`` tokens read).
     """
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    probs_sort = probs_sort.masked_fill(probs_sum - probs_sort > p, 0.0)
-    probs_sort = probs_sort / probs_sort.sum(dim=-1, keepdim=True)
-    if noise is None:
-        choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    head, head_idx = _sorted_head(probs, p)
+    probs_sum = torch.cumsum(head, dim=-1)
+    probs_sort = head.masked_fill(probs_sum - head > p, 0.0)
+    if head.shape[-1] < probs.shape[-1]:  # summed as the whole row is: the same float
+        padded = probs.new_zeros(probs.shape)
+        padded[:, : head.shape[-1]] = probs_sort
+        total = padded.sum(dim=-1, keepdim=True)
     else:
-        choice = torch.argmax(probs_sort / noise, dim=-1, keepdim=True)
-    return torch.gather(probs_idx, -1, choice)
+        total = probs_sort.sum(dim=-1, keepdim=True)
+    probs_sort = probs_sort / total
+    if probs.device.type != "cpu":  # where the host would wait to narrow it down
+        if noise is None:
+            choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+            return torch.gather(head_idx, -1, choice)
+        width = probs_sort.shape[-1]
+    else:  # only the columns a row can pick: up to its last nonzero probability
+        width = int(torch.nonzero((probs_sort > 0).any(dim=0)).max()) + 1
+        probs_sort = probs_sort[:, :width]
+    if noise is None:
+        gen = generator if generator is not None else torch.default_generator
+        bsz, vocab = probs.shape
+        noise = block_noise(gen, bsz, vocab, range(bsz), width, _cpu_draws_are_serial())
+    elif callable(noise):
+        noise = noise(width)
+    else:
+        noise = noise[:, :width]
+    choice = torch.argmax(probs_sort / noise, dim=-1, keepdim=True)
+    tokens = torch.gather(head_idx, -1, choice)
+    if head.shape[-1] < probs.shape[-1]:
+        _order_ties_as_sort(probs, head, choice, tokens)
+    return tokens
+
+
+def _order_ties_as_sort(
+    probs: torch.Tensor, head: torch.Tensor, choice: torch.Tensor, tokens: torch.Tensor
+) -> None:
+    """Give ``tokens`` the token that ``torch.sort`` puts at the chosen place where that
+    place's probability is tied: ``topk`` may order equal values differently. The place
+    itself is the sort's (same values, sums and draws); only which of the equal tokens
+    sits there may differ. The last place of ``head`` may tie with a token beyond it."""
+    width = head.shape[-1]
+    at = head.gather(-1, choice)
+    left = head.gather(-1, (choice - 1).clamp(min=0))
+    right = head.gather(-1, (choice + 1).clamp(max=width - 1))
+    tied = ((choice > 0) & (left == at)) | (right == at) & (choice < width - 1)
+    tied |= choice == width - 1
+    rows = torch.nonzero(tied.view(-1)).view(-1)
+    if rows.numel():
+        order = torch.sort(probs[rows], dim=-1, descending=True).indices
+        tokens[rows] = order.gather(-1, choice[rows])
+
+
+def _sorted_head(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first columns of ``torch.sort(probs, descending=True)``'s values that hold every
+    row's nucleus, with ``topk``'s indices, or the whole sort.
+
+    Sorting (8, 32016) rows takes ~10 ms on a CPU, more than a decoding step of a small
+    model, while a nucleus is mostly a few tokens: ``topk`` finds them in ~0.2 ms. Its
+    values are the sort's, and so are the cumulative sums (a serial loop); equal values
+    may come in another order (see :func:`_order_ties_as_sort`). A nucleus wider than
+    HEAD_FIRST tokens is bounded by the tokens above a threshold whose mass exceeds ``p``,
+    if they are few enough for ``topk`` to beat the sort. On an accelerator the sort is
+    cheap and these checks would wait for the device: it always sorts.
+    """
+    vocab = probs.shape[-1]
+    if probs.device.type != "cpu":
+        return torch.sort(probs, dim=-1, descending=True)
+    k = HEAD_FIRST
+    if p >= 1.0:  # the nucleus is every token of nonzero probability, and a zero after
+        k = int((probs > 0).sum(dim=-1).max()) + 1
+    for attempt in range(2):
+        if k > vocab // 4:  # topk would cost about what the sort does
+            break
+        vals, idx = torch.topk(probs, k, dim=-1)
+        before = torch.cumsum(vals, dim=-1) - vals  # the mass before each token
+        if not bool(((before[:, -1] <= p) & (vals[:, -1] > 0)).any()):  # all nuclei end
+            return vals, idx
+        if attempt == 0:
+            k = _tokens_holding(probs, vals[:, -1:], p, vocab // 4)
+    return torch.sort(probs, dim=-1, descending=True)
+
+
+def _tokens_holding(probs: torch.Tensor, last: torch.Tensor, p: float, most: int) -> int:
+    """How many tokens (the most in any row) have probability above a threshold whose mass
+    exceeds ``p`` in every row, trying thresholds below each row's ``last``; past ``most``
+    tokens, more than ``most``."""
+    threshold = last.clone()
+    for _ in range(6):
+        threshold /= 8
+        above = probs >= threshold
+        count = int(above.sum(dim=-1).max())
+        if count > most:
+            break
+        # With a margin for the order of the sums: the nucleus is checked anyway.
+        if bool((torch.where(above, probs, 0.0).sum(dim=-1) > p + 1e-4).all()):
+            return count
+    return most + 1
 
 
 def sample(
@@ -101,7 +197,7 @@ def sample(
     params: SamplingParams,
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
+    noise: torch.Tensor | Noise | None = None,
 ) -> torch.Tensor:
     """Pick one token per row of float32 ``logits`` (B, V); returns (B,) int64. ``noise``
     replaces the random draws (see :func:`sample_top_p`)."""
@@ -109,7 +205,7 @@ def sample(
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return torch.argmax(logits, dim=-1)
-    best = torch.argmax(logits, dim=-1, keepdim=True)
+    scores = logits
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
@@ -118,9 +214,11 @@ def sample(
     # A row whose probabilities are not finite (NaN/inf logits, or a temperature so small that
     # logits / temperature overflows) falls back to its argmax, the temperature -> 0 limit,
     # instead of failing inside torch.multinomial; callers check the logits themselves
-    # (Llama raises NumericalError naming the step). Branch-free: no host sync.
-    ok = torch.isfinite(probs).all(dim=-1, keepdim=True)
-    probs = torch.where(ok, probs, torch.zeros_like(probs).scatter_(-1, best, 1.0))
+    # (Llama raises NumericalError naming the step). On an accelerator without a host sync.
+    ok = torch.isfinite(probs.sum(dim=-1, keepdim=True))  # a NaN anywhere makes it NaN
+    if probs.device.type != "cpu" or not bool(ok.all()):
+        best = torch.argmax(scores, dim=-1, keepdim=True)
+        probs = torch.where(ok, probs, torch.zeros_like(probs).scatter_(-1, best, 1.0))
     if params.min_p > 0:
         floor = probs.amax(dim=-1, keepdim=True) * params.min_p
         probs = probs.masked_fill(probs < floor, 0.0)
@@ -168,7 +266,6 @@ class MetaDraws:
         self.step = 0
         self.next_block = 0  # the generator is at the start of this block
         self.states: dict[int, torch.Tensor] = {}  # block -> generator state at its start
-        self._scratch = torch.empty(0, dtype=torch.int64)  # for _pass, reused
 
     @staticmethod
     def affordable(lens: list[int], vocab: int) -> bool:
@@ -177,76 +274,102 @@ class MetaDraws:
         (still from its seeded generator), like a batch of equal lengths."""
         return (max(lens) - min(lens)) * len(lens) * vocab <= MAX_CATCH_UP_DRAWS
 
-    def _pass(self, n: int) -> None:
-        """Move the generator past ``n`` Exp(1) draws without keeping them."""
-        if not self.fast:
-            self._draw(n)
-            return
-        if self._scratch.numel() < n:
-            self._scratch = torch.empty(n, dtype=torch.int64)
-        _pass_cpu(self._scratch[:n], self.generator)
-
-    def _draw(self, n: int) -> torch.Tensor:
-        device = self.generator.device
-        return torch.empty(n, device=device).exponential_(1, generator=self.generator)
-
-    def take(self, active: list[int]) -> torch.Tensor:
-        """This step's (B, V) noise: row ``i`` of ``active`` gets its Meta block's row; the
-        other rows (finished) get ones, which pick their most likely token."""
+    def take(self, active: list[int], width: int | None = None) -> torch.Tensor:
+        """This step's noise, (B, V) or its first ``width`` columns: row ``i`` of ``active``
+        gets its Meta block's row; the other rows (finished) get ones, which pick their most
+        likely token."""
         step = self.step
         self.step += 1
         bsz, vocab = self.shape
+        width = vocab if width is None else width
         want: dict[int, list[int]] = {}  # block -> the active rows that take it now
         for i in active:
             want.setdefault(self.offsets[i] + step, []).append(i)
         lowest = min(want, default=-1)  # the block of the row furthest behind
-        noise = torch.ones(self.shape, device=self.generator.device)
+        noise = torch.ones((bsz, width), device=self.generator.device)
 
-        def whole_block(rows: list[int]) -> None:  # as multinomial draws it
-            block = self._draw(bsz * vocab).view(bsz, vocab)
-            for i in rows:
-                noise[i] = block[self.batch_rows[i]]
+        def rows_of_block(rows: list[int], whole: bool) -> None:
+            places = [self.batch_rows[i] for i in rows]
+            got = block_noise(self.generator, bsz, vocab, places, width, self.fast, whole)
+            noise[rows] = got
 
         while want and self.next_block <= max(want):
             b = self.next_block
             self.next_block += 1
             if any(step <= b - self.offsets[i] < self.budgets[i] for i in active):
                 self.states[b] = self.generator.get_state()
-            rows = want.get(b, [])
-            if rows and (not self.fast or len(rows) > 1):
-                whole_block(want.pop(b))  # drawn as it is passed
+            if b in want:
+                rows_of_block(want.pop(b), whole=True)  # drawn as it is passed
             else:
-                self._pass(bsz * vocab)
+                block_noise(self.generator, bsz, vocab, [], 0, self.fast)
         now = self.generator.get_state()
         for b, rows in want.items():
             self.generator.set_state(self.states[b])
-            if not self.fast or len(rows) > 1:
-                whole_block(rows)
-                continue
-            (i,) = rows
-            self._pass(self.batch_rows[i] * vocab)  # the rows before this one
-            noise[i] = self._draw(vocab)
+            rows_of_block(rows, whole=False)
         self.generator.set_state(now)
         for b in [b for b in self.states if b <= lowest]:
             del self.states[b]  # every row that takes it has (rows advance together)
         return noise
 
 
-def _pass_cpu(scratch: torch.Tensor, generator: torch.Generator) -> None:
-    """Take one 64-bit number per element of int64 ``scratch`` from CPU ``generator``."""
-    scratch.random_(generator=generator)
+def block_noise(
+    generator: torch.Generator,
+    bsz: int,
+    vocab: int,
+    places: Sequence[int],
+    width: int,
+    fast: bool,
+    whole: bool = True,
+) -> torch.Tensor:
+    """The first ``width`` columns of (distinct) rows ``places`` of the next (bsz, vocab) block of
+    Exp(1) draws from ``generator``, as ``torch.multinomial`` draws it. ``whole`` leaves the
+    generator past the block; otherwise it stops where it may (its caller resets it).
+
+    ``fast`` (a CPU generator whose draws are serial, see :func:`_cpu_draws_are_serial`)
+    draws only the columns asked for and passes the others as raw 64-bit numbers (4x
+    cheaper than Exp(1) floats); otherwise the block is drawn whole.
+    """
+    if not fast:
+        end = bsz * vocab if whole else (max(places, default=-1) + 1) * vocab
+        drawn = torch.empty(end, device=generator.device).exponential_(1, generator=generator)
+        return drawn.view(-1, vocab)[list(places), :width]
+    out = torch.empty((len(places), width))
+    done = 0  # draws of the block passed so far
+    for j in sorted(range(len(places)), key=lambda j: places[j]):
+        start = places[j] * vocab
+        _pass_cpu(start - done, generator)
+        out[j].exponential_(1, generator=generator)
+        done = start + width
+    if whole:
+        _pass_cpu(bsz * vocab - done, generator)
+    return out
+
+
+def _pass_cpu(n: int, generator: torch.Generator) -> None:
+    """Take ``n`` raw 64-bit numbers from CPU ``generator`` (n Exp(1) draws' worth)."""
+    if n > 0:
+        torch.empty(n, dtype=torch.int64).random_(generator=generator)
 
 
 @functools.cache
 def _cpu_draws_are_serial() -> bool:
     """Whether torch's CPU generator draws Exp(1) floats one 64-bit number each, in order,
-    as :func:`_pass_cpu` takes them (so that passing n draws can be done by it, and a
-    block's row r is what follows r rows of draws)."""
+    as :func:`_pass_cpu` takes them, for short draws as for long ones (so that passing n
+    draws can be done by it, and a block's row r, or its first columns, is what follows r
+    rows of draws)."""
     n = 40_000
     whole = torch.Generator().manual_seed(20231)
     block = torch.empty(3, n).exponential_(1, generator=whole)
     parts = torch.Generator().manual_seed(20231)
-    _pass_cpu(torch.empty(n, dtype=torch.int64), parts)
-    middle = torch.empty(n).exponential_(1, generator=parts)
-    _pass_cpu(torch.empty(n, dtype=torch.int64), parts)
-    return torch.equal(block[1], middle) and torch.equal(whole.get_state(), parts.get_state())
+    pieces = []
+    _pass_cpu(n, parts)
+    for size, skip in ((1, 0), (7, 1), (64, 0), (1024, 3), (n - 1100, 0)):
+        _pass_cpu(skip, parts)
+        pieces.append(torch.full((skip,), math.nan))
+        pieces.append(torch.empty(size).exponential_(1, generator=parts))
+    _pass_cpu(n, parts)
+    middle = torch.cat(pieces)
+    drawn = ~middle.isnan()
+    return torch.equal(block[1][drawn], middle[drawn]) and torch.equal(
+        whole.get_state(), parts.get_state()
+    )

@@ -428,6 +428,29 @@ def test_sampled_batch_with_early_stops_draws_the_tokens_of_metas_loop(llama):
     assert len(oracle[1]) < 16
 
 
+def test_sampled_peaky_batch_draws_the_tokens_of_metas_loop(llama, monkeypatch):
+    # At a low temperature a nucleus is a few tokens: found without sorting whole rows, and
+    # only their columns of Meta's draws are drawn; the tokens must not change.
+    from codellama import sampling
+
+    widths: list[int] = []
+    head = sampling._sorted_head
+
+    def spy(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        vals, idx = head(probs, p)
+        widths.append(vals.shape[-1])
+        return vals, idx
+
+    monkeypatch.setattr(sampling, "_sorted_head", spy)
+    prompts = _prompts(llama.model.params.vocab_size, [9, 3, 14, 6])
+    res = llama.generate_results(
+        prompts, 12, SamplingParams(temperature=0.05, top_p=0.9), stop_tokens=[-1], seed=8
+    )
+    oracle = meta_generate(llama, prompts, 12, 0.05, 0.9, -1, torch.Generator().manual_seed(8))
+    assert [r.tokens for r in res] == oracle
+    assert min(widths) < llama.model.params.vocab_size
+
+
 def test_meta_draws_without_the_cpu_shortcut_give_the_same_tokens(llama, monkeypatch):
     prompts = _prompts(llama.model.params.vocab_size)
     fast = _sampled(llama, prompts, 10, -1, seed=2)
@@ -463,9 +486,12 @@ def test_full_length_prompt_beside_a_short_one_leaves_the_short_one_as_alone(lla
     assert both[0] == (full if extras else [])
 
 
+@pytest.mark.parametrize("width", [None, 5], ids=["all-columns", "first-columns"])
 @pytest.mark.parametrize("fast", [True, False], ids=["cpu-shortcut", "whole-blocks"])
 @pytest.mark.parametrize("case", range(6))
-def test_meta_draws_give_each_row_its_block_row_as_metas_loop_draws_them(monkeypatch, fast, case):
+def test_meta_draws_give_each_row_its_block_row_as_metas_loop_draws_them(
+    monkeypatch, fast, case, width
+):
     """MetaDraws against the plain definition: block b is the b-th (batch, vocab) Exp(1)
     draw from the generator; row i takes row batch_rows[i] of block offsets[i] + step."""
     from codellama.sampling import MetaDraws
@@ -484,7 +510,7 @@ def test_meta_draws_give_each_row_its_block_row_as_metas_loop_draws_them(monkeyp
     blocks = [torch.empty(bsz, vocab).exponential_(1, generator=ref) for _ in range(20)]
     for step in range(max(budgets, default=0)):
         active = [i for i in range(bsz) if step < ends[i]]
-        noise = draws.take(active)
+        noise = draws.take(active, width)
         for i in range(bsz):
             want = blocks[offsets[i] + step][places[i]] if i in active else torch.ones(vocab)
-            assert torch.equal(noise[i], want), (step, i)
+            assert torch.equal(noise[i], want[:width]), (step, i)

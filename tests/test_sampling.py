@@ -1,0 +1,132 @@
+"""Sampling picks Meta's tokens: nucleus sampling over a sorted row, drawn as
+``torch.multinomial`` draws, whichever shortcut the CPU takes to get there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codellama import sampling
+from codellama.sampling import block_noise, sample_top_p
+
+VOCAB = 2000
+
+
+def meta_sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Meta's llama/generation.py sample_top_p, with an explicit generator."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def _probs(kind: str, seed: int, bsz: int = 6) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(bsz, VOCAB, generator=g)
+    if kind == "peaky":  # a trained model's next token: a few likely ones
+        logits = logits * 12
+    elif kind == "medium":  # a nucleus of tens to hundreds of tokens
+        logits = logits * 3
+    elif kind == "flat":  # a nucleus of most of the vocabulary
+        logits = logits * 0.3
+    elif kind == "ties":  # equal logits among the likely tokens, as copies of a row give
+        logits = (logits * 4).round()
+    elif kind == "top-k":  # zeros from a top-k (or min-p) cut
+        logits = logits * 2
+        kth = torch.topk(logits, 40, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    elif kind == "one-hot":
+        logits = torch.full((bsz, VOCAB), float("-inf"))
+        logits[torch.arange(bsz), torch.randint(0, VOCAB, (bsz,), generator=g)] = 0.0
+    return torch.softmax(logits, dim=-1)
+
+
+KINDS = ["peaky", "medium", "flat", "ties", "top-k", "one-hot"]
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.95, 1.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_nucleus_sampling_picks_metas_tokens_and_spends_its_draws(kind, p):
+    probs = _probs(kind, seed=len(kind) * 7 + int(p * 100))
+    ours, meta = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(4):  # consecutive steps: the generators must stay in step too
+        assert torch.equal(sample_top_p(probs, p, ours), meta_sample_top_p(probs, p, meta))
+    assert torch.equal(ours.get_state(), meta.get_state())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_given_noise_picks_what_a_function_of_the_columns_picks(kind):
+    probs = _probs(kind, seed=11)
+    noise = torch.empty(probs.shape).exponential_(1, generator=torch.Generator().manual_seed(5))
+    asked: list[int] = []
+
+    def columns(width: int) -> torch.Tensor:
+        asked.append(width)
+        return noise[:, :width]
+
+    assert torch.equal(
+        sample_top_p(probs, 0.9, noise=columns), sample_top_p(probs, 0.9, noise=noise)
+    )
+    assert len(asked) == 1
+
+
+def test_a_peaky_row_asks_only_for_its_nucleus_columns():
+    probs = _probs("peaky", seed=2)
+    asked: list[int] = []
+
+    def columns(width: int) -> torch.Tensor:
+        asked.append(width)
+        return torch.ones(probs.shape[0], width)
+
+    sample_top_p(probs, 0.9, noise=columns)
+    biggest = int(((torch.sort(probs, descending=True).values.cumsum(-1)) < 0.9).sum(-1).max())
+    assert asked == [biggest + 1]
+
+
+def test_a_peaky_batch_does_not_sort_whole_rows(monkeypatch):
+    probs = _probs("peaky", seed=4)
+
+    def no_sort(*args: object, **kwargs: object) -> None:
+        raise AssertionError("sorted the whole vocabulary")
+
+    monkeypatch.setattr(torch, "sort", no_sort)
+    assert sample_top_p(probs, 0.95, torch.Generator().manual_seed(0)).shape == (6, 1)
+
+
+def test_tied_tokens_at_the_chosen_place_are_the_sorts():
+    # Rows of many exactly equal probabilities: whatever topk's order of equal values,
+    # the token at the chosen place must be the one torch.sort puts there.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (8, VOCAB), generator=g).float() * 4
+    probs = torch.softmax(logits, dim=-1)
+    for seed in range(10):
+        ours, meta = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(sample_top_p(probs, 0.001, ours), meta_sample_top_p(probs, 0.001, meta))
+
+
+def test_without_serial_cpu_draws_multinomial_picks_the_same(monkeypatch):
+    probs = _probs("medium", seed=8)
+    fast = sample_top_p(probs, 0.9, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(sampling, "_cpu_draws_are_serial", lambda: False)
+    assert torch.equal(sample_top_p(probs, 0.9, torch.Generator().manual_seed(1)), fast)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["columns-only", "whole-block"])
+def test_block_noise_gives_the_blocks_columns_and_spends_its_draws(fast):
+    bsz, vocab, width, places = 5, 300, 17, [3, 0, 2]
+    ref = torch.Generator().manual_seed(21)
+    block = torch.empty(bsz, vocab).exponential_(1, generator=ref)
+    gen = torch.Generator().manual_seed(21)
+    assert torch.equal(block_noise(gen, bsz, vocab, places, width, fast), block[places, :width])
+    assert torch.equal(gen.get_state(), ref.get_state())
+    rows_only = block_noise(torch.Generator().manual_seed(21), bsz, vocab, [4], 3, fast, False)
+    assert torch.equal(rows_only, block[[4], :3])
+
+
+def test_the_cpu_draw_check_holds_on_this_torch():
+    # If torch ever draws Exp(1) floats otherwise, MetaDraws and sample_top_p fall back to
+    # whole blocks (still right, slower): this says so loudly instead of silently.
+    assert sampling._cpu_draws_are_serial()
