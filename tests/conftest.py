@@ -75,6 +75,17 @@ GQA_ARGS = ModelArgs(
 CheckpointFactory = Callable[..., Path]
 
 
+def meta_sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Meta's llama/generation.py sample_top_p, with an explicit generator."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
 @pytest.fixture(scope="session")
 def make_checkpoint(
     tmp_path_factory: pytest.TempPathFactory, tokenizer_path: Path

@@ -7,7 +7,7 @@ import torch
 
 from codellama import Llama, SamplingParams
 
-from .conftest import GQA_ARGS, MHA_ARGS
+from .conftest import GQA_ARGS, MHA_ARGS, meta_sample_top_p
 
 PROMPT_LENS = [3, 17, 9, 30, 1]
 
@@ -364,17 +364,6 @@ def test_echo_with_no_new_tokens_draws_nothing_from_the_generator(llama):
             assert [len(t) for t in tokens] == [4, 6] and len(lps[1]) == 6
         runs.append(llama.generate(prompts, 6, temperature=1.0, stop_token=-1)[0])
     assert runs[0] == runs[1]
-
-
-def meta_sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Meta's llama/generation.py sample_top_p, with an explicit generator."""
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    mask = probs_sum - probs_sort > p
-    probs_sort[mask] = 0.0
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, next_token)
 
 
 def meta_generate(llama, prompts, max_gen_len, temperature, top_p, stop, generator):

@@ -9,18 +9,9 @@ import torch
 from codellama import sampling
 from codellama.sampling import block_noise, sample_top_p
 
+from .conftest import meta_sample_top_p
+
 VOCAB = 2000
-
-
-def meta_sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Meta's llama/generation.py sample_top_p, with an explicit generator."""
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    mask = probs_sum - probs_sort > p
-    probs_sort[mask] = 0.0
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, next_token)
 
 
 def _probs(kind: str, seed: int, bsz: int = 6) -> torch.Tensor:
