@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import PromptError
+from .errors import NumericalError, PromptError
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,8 @@ def sample_top_p(
     of ``generator`` (see :class:`MetaDraws`): a (B, V) tensor, or a function of ``w`` that
     returns the first ``w`` columns (all that nuclei within ``w`` tokens read).
     """
+    if probs.device.type == "cpu":  # torch.multinomial's checks, which the shortcuts skip
+        _check_distributions(probs)
     head, head_idx = _sorted_head(probs, p)
     probs_sum = torch.cumsum(head, dim=-1)
     probs_sort = head.masked_fill(probs_sum - head > p, 0.0)
@@ -124,6 +126,17 @@ def sample_top_p(
     if head.shape[-1] < probs.shape[-1]:
         _order_ties_as_sort(probs, head, choice, tokens)
     return tokens
+
+
+def _check_distributions(probs: torch.Tensor) -> None:
+    sums = probs.sum(dim=-1, dtype=torch.float64)
+    if not bool(torch.isfinite(sums).all()) or bool((probs < 0).any()):
+        raise NumericalError(
+            "sampling needs probabilities that are finite and >= 0; got NaN, inf or negative "
+            "values (softmax of broken logits?)"
+        )
+    if not bool((sums > 0).all()):
+        raise NumericalError("sampling needs each row's probabilities to sum to more than 0")
 
 
 def _order_ties_as_sort(

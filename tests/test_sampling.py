@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from codellama import sampling
+from codellama.errors import NumericalError
 from codellama.sampling import block_noise, sample_top_p
 
 from .conftest import meta_sample_top_p
@@ -121,3 +122,14 @@ def test_the_cpu_draw_check_holds_on_this_torch():
     # If torch ever draws Exp(1) floats otherwise, MetaDraws and sample_top_p fall back to
     # whole blocks (still right, slower): this says so loudly instead of silently.
     assert sampling._cpu_draws_are_serial()
+
+
+@pytest.mark.parametrize(
+    "bad", [float("nan"), float("inf"), -0.1, 0.0], ids=["nan", "inf", "negative", "all-zero"]
+)
+def test_probabilities_torch_multinomial_refuses_are_refused(bad):
+    probs = _probs("medium", seed=1)
+    probs[2] = bad if bad == 0.0 else probs[2]
+    probs[2, 5] = bad
+    with pytest.raises(NumericalError, match="sampling needs"):
+        sample_top_p(probs, 0.9, torch.Generator().manual_seed(0))
