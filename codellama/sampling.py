@@ -93,9 +93,18 @@ def sample_top_p(
     of ``generator`` (see :class:`MetaDraws`): a (B, V) tensor, or a function of ``w`` that
     returns the first ``w`` columns (all that nuclei within ``w`` tokens read).
     """
-    if probs.device.type == "cpu":  # torch.multinomial's checks, which the shortcuts skip
+    cpu = probs.device.type == "cpu"
+    if cpu:  # torch.multinomial's checks, which the shortcuts below skip
         _check_distributions(probs)
-    head, head_idx = _sorted_head(probs, p)
+    # The shortcuts (a partial sort, drawing only the noise a nucleus reads) pick torch's own
+    # tokens for float32 probabilities, as sampling makes them, on the CPU; on an accelerator
+    # the host would wait for the device to narrow the rows down.
+    shortcut = cpu and probs.dtype == torch.float32 and probs.numel() > 0
+    shortcut = shortcut and (noise is not None or _serial_cpu(generator))
+    if shortcut:
+        head, head_idx = _sorted_head(probs, p)
+    else:
+        head, head_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(head, dim=-1)
     probs_sort = head.masked_fill(probs_sum - head > p, 0.0)
     if head.shape[-1] < probs.shape[-1]:  # summed as the whole row is: the same float
@@ -105,18 +114,17 @@ def sample_top_p(
     else:
         total = probs_sort.sum(dim=-1, keepdim=True)
     probs_sort = probs_sort / total
-    if probs.device.type != "cpu":  # where the host would wait to narrow it down
-        if noise is None:
-            choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-            return torch.gather(head_idx, -1, choice)
-        width = probs_sort.shape[-1]
-    else:  # only the columns a row can pick: up to its last nonzero probability
+    if noise is None and not shortcut:
+        choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+        return torch.gather(head_idx, -1, choice)
+    width = probs_sort.shape[-1]
+    if shortcut:  # only the columns a row can pick: up to its last nonzero probability
         width = int(torch.nonzero((probs_sort > 0).any(dim=0)).max()) + 1
         probs_sort = probs_sort[:, :width]
     if noise is None:
         gen = generator if generator is not None else torch.default_generator
         bsz, vocab = probs.shape
-        noise = block_noise(gen, bsz, vocab, range(bsz), width, _cpu_draws_are_serial())
+        noise = block_noise(gen, bsz, vocab, range(bsz), width, fast=True)
     elif callable(noise):
         noise = noise(width)
     else:
@@ -126,6 +134,13 @@ def sample_top_p(
     if head.shape[-1] < probs.shape[-1]:
         _order_ties_as_sort(probs, head, choice, tokens)
     return tokens
+
+
+def _serial_cpu(generator: torch.Generator | None) -> bool:
+    """Whether draws from ``generator`` (None: torch's default, a CPU one) can be drawn in
+    part and passed over (see :func:`block_noise`)."""
+    on_cpu = generator is None or generator.device.type == "cpu"
+    return on_cpu and _cpu_draws_are_serial()
 
 
 def _check_distributions(probs: torch.Tensor) -> None:
@@ -167,12 +182,10 @@ def _sorted_head(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Ten
     values are the sort's, and so are the cumulative sums (a serial loop); equal values
     may come in another order (see :func:`_order_ties_as_sort`). A nucleus wider than
     HEAD_FIRST tokens is bounded by the tokens above a threshold whose mass exceeds ``p``,
-    if they are few enough for ``topk`` to beat the sort. On an accelerator the sort is
-    cheap and these checks would wait for the device: it always sorts.
+    if they are few enough for ``topk`` to beat the sort. For CPU rows: the checks wait for
+    the values (on an accelerator the sort is cheap).
     """
     vocab = probs.shape[-1]
-    if probs.device.type != "cpu":
-        return torch.sort(probs, dim=-1, descending=True)
     k = HEAD_FIRST
     if p >= 1.0:  # the nucleus is every token of nonzero probability, and a zero after
         k = int((probs > 0).sum(dim=-1).max()) + 1

@@ -133,3 +133,27 @@ def test_probabilities_torch_multinomial_refuses_are_refused(bad):
     probs[2, 5] = bad
     with pytest.raises(NumericalError, match="sampling needs"):
         sample_top_p(probs, 0.9, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_dtypes_pick_what_multinomial_picks_in_that_dtype(dtype):
+    # torch.multinomial draws its noise in the probabilities' dtype: float32 noise must not
+    # stand in for it (it picks otherwise where probs / noise is nearly tied).
+    for seed in range(1000):
+        g = torch.Generator().manual_seed(seed)
+        probs = torch.softmax(torch.randn(1, 2 + seed % 6, generator=g).to(dtype), dim=-1)
+        ours, meta = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(sample_top_p(probs, 1.0, ours), meta_sample_top_p(probs, 1.0, meta))
+
+
+def test_float64_probabilities_are_divided_by_float64_noise():
+    seed = 0
+    q = torch.empty(2, dtype=torch.float64).exponential_(
+        1, generator=torch.Generator().manual_seed(seed)
+    )
+    exact, rounded = (q[0] / q[1]).item(), (q.float()[0].double() / q.float()[1].double()).item()
+    assert exact != rounded  # so that a ratio between them tells the two apart
+    ratio = (exact + rounded) / 2
+    probs = torch.tensor([[ratio / (1 + ratio), 1 / (1 + ratio)]], dtype=torch.float64)
+    ours, meta = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    assert torch.equal(sample_top_p(probs, 1.0, ours), meta_sample_top_p(probs, 1.0, meta))
