@@ -94,33 +94,36 @@ def sample_top_p(
     returns the first ``w`` columns (all that nuclei within ``w`` tokens read).
     """
     cpu = probs.device.type == "cpu"
-    if cpu:  # torch.multinomial's checks, which the shortcuts below skip
-        _check_distributions(probs)
+    if cpu and not bool(torch.isfinite(probs.sum(dim=-1, dtype=torch.float64)).all()):
+        raise NumericalError(_NOT_FINITE)  # torch.multinomial's check, before any shortcut
     # The shortcuts (a partial sort, drawing only the noise a nucleus reads) pick torch's own
     # tokens for float32 probabilities, as sampling makes them, on the CPU; on an accelerator
     # the host would wait for the device to narrow the rows down.
-    shortcut = cpu and probs.dtype == torch.float32 and probs.numel() > 0
+    shortcut = cpu and probs.dtype == torch.float32 and probs.dim() == 2 and probs.numel() > 0
+    shortcut = shortcut and probs.is_contiguous()  # multinomial's noise follows the layout
     shortcut = shortcut and (noise is not None or _serial_cpu(generator))
-    if shortcut:
-        head, head_idx = _sorted_head(probs, p)
-    else:
-        head, head_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(head, dim=-1)
-    probs_sort = head.masked_fill(probs_sum - head > p, 0.0)
+    if not shortcut:  # Meta's steps, in place as there: multinomial's noise follows the layout
+        probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+        probs_sort[torch.cumsum(probs_sort, dim=-1) - probs_sort > p] = 0.0
+        probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+        if noise is None:
+            choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+        else:
+            noise = noise(probs.shape[-1]) if callable(noise) else noise
+            choice = torch.argmax(probs_sort / noise, dim=-1, keepdim=True)
+        return torch.gather(probs_idx, -1, choice)
+    head, head_idx = _sorted_head(probs, p)
+    probs_sort = head.masked_fill(torch.cumsum(head, dim=-1) - head > p, 0.0)
     if head.shape[-1] < probs.shape[-1]:  # summed as the whole row is: the same float
         padded = probs.new_zeros(probs.shape)
         padded[:, : head.shape[-1]] = probs_sort
         total = padded.sum(dim=-1, keepdim=True)
     else:
         total = probs_sort.sum(dim=-1, keepdim=True)
-    probs_sort = probs_sort / total
-    if noise is None and not shortcut:
-        choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-        return torch.gather(head_idx, -1, choice)
-    width = probs_sort.shape[-1]
-    if shortcut:  # only the columns a row can pick: up to its last nonzero probability
-        width = int(torch.nonzero((probs_sort > 0).any(dim=0)).max()) + 1
-        probs_sort = probs_sort[:, :width]
+    _check_nucleus(probs_sort, total)  # torch.multinomial's other checks, on what it sees
+    # Only the columns a row can pick: up to its last nonzero probability.
+    width = int(torch.nonzero((probs_sort > 0).any(dim=0)).max()) + 1
+    probs_sort = probs_sort[:, :width] / total
     if noise is None:
         gen = generator if generator is not None else torch.default_generator
         bsz, vocab = probs.shape
@@ -143,14 +146,13 @@ def _serial_cpu(generator: torch.Generator | None) -> bool:
     return on_cpu and _cpu_draws_are_serial()
 
 
-def _check_distributions(probs: torch.Tensor) -> None:
-    sums = probs.sum(dim=-1, dtype=torch.float64)
-    if not bool(torch.isfinite(sums).all()) or bool((probs < 0).any()):
-        raise NumericalError(
-            "sampling needs probabilities that are finite and >= 0; got NaN, inf or negative "
-            "values (softmax of broken logits?)"
-        )
-    if not bool((sums > 0).all()):
+_NOT_FINITE = "sampling needs finite probabilities; got NaN or inf (softmax of broken logits?)"
+
+
+def _check_nucleus(probs_sort: torch.Tensor, total: torch.Tensor) -> None:
+    if bool((probs_sort < 0).any()):
+        raise NumericalError("sampling needs probabilities >= 0 in the nucleus; got a negative one")
+    if not bool((total > 0).all()):
         raise NumericalError("sampling needs each row's probabilities to sum to more than 0")
 
 
@@ -194,17 +196,18 @@ def _sorted_head(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Ten
             break
         vals, idx = torch.topk(probs, k, dim=-1)
         before = torch.cumsum(vals, dim=-1) - vals  # the mass before each token
-        if not bool(((before[:, -1] <= p) & (vals[:, -1] > 0)).any()):  # all nuclei end
+        going_on = (before[:, -1] <= p) & (vals[:, -1] > 0)  # rows whose nucleus may go on
+        if not bool(going_on.any()):
             return vals, idx
         if attempt == 0:
-            k = _tokens_holding(probs, vals[:, -1:], p, vocab // 4)
+            k = _tokens_holding(probs[going_on], vals[going_on, -1:], p, vocab // 4)
     return torch.sort(probs, dim=-1, descending=True)
 
 
 def _tokens_holding(probs: torch.Tensor, last: torch.Tensor, p: float, most: int) -> int:
     """How many tokens (the most in any row) have probability above a threshold whose mass
-    exceeds ``p`` in every row, trying thresholds below each row's ``last``; past ``most``
-    tokens, more than ``most``."""
+    exceeds ``p`` in every row, trying thresholds below each row's ``last`` (> 0); past
+    ``most`` tokens, more than ``most``."""
     threshold = last.clone()
     for _ in range(6):
         threshold /= 8

@@ -124,15 +124,64 @@ def test_the_cpu_draw_check_holds_on_this_torch():
     assert sampling._cpu_draws_are_serial()
 
 
-@pytest.mark.parametrize(
-    "bad", [float("nan"), float("inf"), -0.1, 0.0], ids=["nan", "inf", "negative", "all-zero"]
-)
-def test_probabilities_torch_multinomial_refuses_are_refused(bad):
+def _both(probs: torch.Tensor, p: float, seed: int = 0) -> tuple[object, object]:
+    """(ours, Meta's): the tokens, or the type of the error raised."""
+    out = []
+    for fn in (sample_top_p, meta_sample_top_p):
+        try:
+            out.append(fn(probs.clone(), p, torch.Generator().manual_seed(seed)).tolist())
+        except RuntimeError as e:
+            out.append(RuntimeError if not isinstance(e, NumericalError) else NumericalError)
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_probabilities_are_refused(bad):
     probs = _probs("medium", seed=1)
-    probs[2] = bad if bad == 0.0 else probs[2]
     probs[2, 5] = bad
-    with pytest.raises(NumericalError, match="sampling needs"):
+    with pytest.raises(NumericalError, match="finite"):
         sample_top_p(probs, 0.9, torch.Generator().manual_seed(0))
+    assert _both(probs, 0.9)[1] is RuntimeError  # as torch.multinomial refuses them
+
+
+def test_a_negative_probability_is_refused_inside_the_nucleus_only_as_metas_code_does():
+    probs = torch.tensor([[0.6, 0.5, -1e-9]])
+    assert _both(probs, 0.5) == ([[0]], [[0]])  # masked out before multinomial sees it
+    assert _both(probs[:, 1:], 1.0) == (NumericalError, RuntimeError)  # in the nucleus
+
+
+def test_a_row_of_zeros_is_refused():
+    probs = _probs("peaky", seed=3)
+    probs[1] = 0.0
+    assert _both(probs, 0.9) == (NumericalError, RuntimeError)
+
+
+@pytest.mark.parametrize("layout", ["column-major", "strided", "one-row-1d"], ids=lambda x: str(x))
+def test_other_layouts_pick_metas_tokens(layout):
+    probs = _probs("medium", seed=6)
+    if layout == "column-major":  # multinomial's noise follows the memory layout
+        probs = probs.t().contiguous().t()
+    elif layout == "strided":
+        probs = torch.softmax(torch.randn(4, 2 * VOCAB) * 3, dim=-1)[:, ::2]
+    else:
+        probs = probs[0]
+    for seed in range(5):
+        assert _both(probs, 0.9, seed)[0] == _both(probs, 0.9, seed)[1]
+
+
+def test_a_row_cut_by_top_k_does_not_make_a_wide_nucleus_sort_whole_rows(monkeypatch):
+    probs = torch.cat([_probs("top-k", seed=1, bsz=1), _probs("medium", seed=2, bsz=1)])
+    widest = int(((torch.sort(probs, descending=True).values.cumsum(-1)) < 0.95).sum(-1).max())
+    assert widest > sampling.HEAD_FIRST  # the medium row's nucleus needs a second look
+    sort = torch.sort
+
+    def sort_only_rows_with_ties(t: torch.Tensor, *args: object, **kwargs: object):
+        assert t.shape[0] < probs.shape[0], "sorted the whole batch"
+        return sort(t, *args, **kwargs)
+
+    want = meta_sample_top_p(probs.clone(), 0.95, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch, "sort", sort_only_rows_with_ties)
+    assert torch.equal(sample_top_p(probs, 0.95, torch.Generator().manual_seed(0)), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
