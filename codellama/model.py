@@ -497,7 +497,15 @@ class Transformer(nn.Module):
         if other != [s for i, s in enumerate(shape) if i != dim]:
             return False
         if not linear:
-            if not whole or kernel is None or param.numel() * param.element_size() < 1 << 20:
+            if not whole or param.numel() * param.element_size() < 1 << 20:
+                return False
+            if mapped and weight.dtype == param.dtype and weight.is_contiguous():
+                # The embedding as the checkpoint holds it: its pages stay in the file
+                # mapping (a token reads one row) instead of being copied into fresh memory,
+                # which costs as much as packing the output matrix (torch's mmap+assign).
+                setattr(module, attr, nn.Parameter(weight, requires_grad=False))
+                return True
+            if kernel is None:
                 return False
             with torch.no_grad():
                 kernel.fill(param, weight, mapped)  # the embedding: fresh memory, mapped in first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -132,6 +133,25 @@ def test_checkpoint_files_are_not_modified_by_loading(make_checkpoint, build):
     before = {p.name: p.read_bytes() for p in d.iterdir()}
     build(d).generate([[1, 2, 3]], 3, temperature=0)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_model_keeps_working_after_its_checkpoint_is_deleted(
+    make_checkpoint, build, tmp_path, dtype
+):
+    # The embedding stays in the checkpoint's file mapping (an embedding over 1 MiB is not
+    # copied): deleting the files must not break the model, nor change its answers.
+    args = dataclasses.replace(GQA_ARGS, dim=576 if dtype == "float32" else 1152, n_layers=1)
+    src = make_checkpoint(args, dtype=getattr(torch, dtype))
+    llama = build(shutil.copytree(src, tmp_path / "copy"), dtype=dtype)
+    assert llama.model.tok_embeddings.weight.nbytes > 1 << 20
+    prompts = [[1, 5, 9, 30], [1, 7]]
+    before, _ = llama.generate(prompts, 8, temperature=0, stop_token=-1)
+    shutil.rmtree(tmp_path / "copy")
+    after, _ = llama.generate(prompts, 8, temperature=0, stop_token=-1)
+    assert after == before
+    fresh, _ = build(src, dtype=dtype).generate(prompts, 8, temperature=0, stop_token=-1)
+    assert after == fresh
 
 
 def test_llama_build_is_usable_without_torchrun_environment(make_checkpoint, monkeypatch):
