@@ -44,7 +44,7 @@ from .prompt_formats import (
     infilling_prompt_tokens,
     validate_dialog,
 )
-from .sampling import MetaDraws, SamplingParams, sample
+from .sampling import MetaDraws, SamplingParams, rows_finite, sample
 from .streaming import StreamEvent, TextAssembler
 from .tokenizer import Tokenizer
 
@@ -713,7 +713,7 @@ class Llama:
             noise = functools.partial(draws.take, active)  # the columns the nucleus reads
         tok = sample(logits, sampling, generator, seen, noise)
         tok = distributed.broadcast_tokens(tok)
-        finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float64))  # cannot overflow
+        finite = rows_finite(logits)
         packed = [tok.to(torch.float64), finite.to(torch.float64)]
         if want_logprobs:
             lp = torch.log_softmax(logits, dim=-1).gather(-1, tok.view(-1, 1))

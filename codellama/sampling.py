@@ -94,7 +94,7 @@ def sample_top_p(
     returns the first ``w`` columns (all that nuclei within ``w`` tokens read).
     """
     cpu = probs.device.type == "cpu"
-    if cpu and not bool(torch.isfinite(probs.sum(dim=-1, dtype=torch.float64)).all()):
+    if cpu and not bool(rows_finite(probs).all()):
         raise NumericalError(_NOT_FINITE)  # torch.multinomial's check, before any shortcut
     # The shortcuts (a partial sort, drawing only the noise a nucleus reads) pick torch's own
     # tokens for float32 probabilities, as sampling makes them, on the CPU; on an accelerator
@@ -102,24 +102,26 @@ def sample_top_p(
     shortcut = cpu and probs.dtype == torch.float32 and probs.dim() == 2 and probs.numel() > 0
     shortcut = shortcut and probs.is_contiguous()  # multinomial's noise follows the layout
     shortcut = shortcut and (noise is not None or _serial_cpu(generator))
-    if not shortcut:  # Meta's steps, in place as there: multinomial's noise follows the layout
-        probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    head = head_idx = None
+    if shortcut:
+        head, head_idx = _sorted_head(probs, p)
+    if head is None or head_idx is None:  # Meta's steps, in place: multinomial's noise follows
+        probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)  # the layout
         probs_sort[torch.cumsum(probs_sort, dim=-1) - probs_sort > p] = 0.0
-        probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+        total = probs_sort.sum(dim=-1, keepdim=True)
+        if cpu:  # torch.multinomial's other checks, as a typed error
+            _check_nucleus(probs_sort, total)
+        probs_sort.div_(total)
         if noise is None:
             choice = torch.multinomial(probs_sort, num_samples=1, generator=generator)
         else:
             noise = noise(probs.shape[-1]) if callable(noise) else noise
             choice = torch.argmax(probs_sort / noise, dim=-1, keepdim=True)
         return torch.gather(probs_idx, -1, choice)
-    head, head_idx = _sorted_head(probs, p)
     probs_sort = head.masked_fill(torch.cumsum(head, dim=-1) - head > p, 0.0)
-    if head.shape[-1] < probs.shape[-1]:  # summed as the whole row is: the same float
-        padded = probs.new_zeros(probs.shape)
-        padded[:, : head.shape[-1]] = probs_sort
-        total = padded.sum(dim=-1, keepdim=True)
-    else:
-        total = probs_sort.sum(dim=-1, keepdim=True)
+    padded = probs.new_zeros(probs.shape)  # summed as the whole row is: the same float
+    padded[:, : head.shape[-1]] = probs_sort
+    total = padded.sum(dim=-1, keepdim=True)
     _check_nucleus(probs_sort, total)  # torch.multinomial's other checks, on what it sees
     # Only the columns a row can pick: up to its last nonzero probability.
     width = int(torch.nonzero((probs_sort > 0).any(dim=0)).max()) + 1
@@ -134,9 +136,19 @@ def sample_top_p(
         noise = noise[:, :width]
     choice = torch.argmax(probs_sort / noise, dim=-1, keepdim=True)
     tokens = torch.gather(head_idx, -1, choice)
-    if head.shape[-1] < probs.shape[-1]:
-        _order_ties_as_sort(probs, head, choice, tokens)
+    _order_ties_as_sort(probs, head, choice, tokens)
     return tokens
+
+
+def rows_finite(x: torch.Tensor) -> torch.Tensor:
+    """Whether each row of ``x`` is free of NaN and inf. On the CPU by a row sum first (a
+    NaN or inf makes it so; one pass instead of isfinite's three), checked one value at a time
+    only if a sum is not finite, which an overflow alone could also make it."""
+    if x.device.type == "cpu":
+        ok = torch.isfinite(x.sum(dim=-1))
+        if bool(ok.all()):
+            return ok
+    return torch.isfinite(x).all(dim=-1)
 
 
 def _serial_cpu(generator: torch.Generator | None) -> bool:
@@ -175,9 +187,11 @@ def _order_ties_as_sort(
         tokens[rows] = order.gather(-1, choice[rows])
 
 
-def _sorted_head(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _sorted_head(
+    probs: torch.Tensor, p: float
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
     """The first columns of ``torch.sort(probs, descending=True)``'s values that hold every
-    row's nucleus, with ``topk``'s indices, or the whole sort.
+    row's nucleus, with ``topk``'s indices; (None, None) where whole rows should be sorted.
 
     Sorting (8, 32016) rows takes ~10 ms on a CPU, more than a decoding step of a small
     model, while a nucleus is mostly a few tokens: ``topk`` finds them in ~0.2 ms. Its
@@ -196,19 +210,21 @@ def _sorted_head(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Ten
             break
         vals, idx = torch.topk(probs, k, dim=-1)
         before = torch.cumsum(vals, dim=-1) - vals  # the mass before each token
-        going_on = (before[:, -1] <= p) & (vals[:, -1] > 0)  # rows whose nucleus may go on
+        going_on = (before[:, -1:] <= p) & (vals[:, -1:] > 0)  # rows whose nucleus may go on
         if not bool(going_on.any()):
             return vals, idx
         if attempt == 0:
-            k = _tokens_holding(probs[going_on], vals[going_on, -1:], p, vocab // 4)
-    return torch.sort(probs, dim=-1, descending=True)
+            k = _tokens_holding(probs, vals[:, -1:], going_on, p, vocab // 4)
+    return None, None
 
 
-def _tokens_holding(probs: torch.Tensor, last: torch.Tensor, p: float, most: int) -> int:
-    """How many tokens (the most in any row) have probability above a threshold whose mass
-    exceeds ``p`` in every row, trying thresholds below each row's ``last`` (> 0); past
-    ``most`` tokens, more than ``most``."""
-    threshold = last.clone()
+def _tokens_holding(
+    probs: torch.Tensor, last: torch.Tensor, rows: torch.Tensor, p: float, most: int
+) -> int:
+    """How many tokens (the most in any of ``rows``, a (B, 1) mask) have probability above a
+    threshold whose mass exceeds ``p`` in each of them, trying thresholds below each row's
+    ``last`` (> 0 in those rows); past ``most`` tokens, more than ``most``."""
+    threshold = torch.where(rows, last, math.inf)  # other rows: no tokens, and no mass needed
     for _ in range(6):
         threshold /= 8
         above = probs >= threshold
@@ -216,7 +232,8 @@ def _tokens_holding(probs: torch.Tensor, last: torch.Tensor, p: float, most: int
         if count > most:
             break
         # With a margin for the order of the sums: the nucleus is checked anyway.
-        if bool((torch.where(above, probs, 0.0).sum(dim=-1) > p + 1e-4).all()):
+        mass = torch.where(above, probs, 0.0).sum(dim=-1, keepdim=True)
+        if bool(((mass > p + 1e-4) | ~rows).all()):
             return count
     return most + 1
 

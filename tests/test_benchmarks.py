@@ -45,3 +45,12 @@ def test_cuda_check_script_passes_its_cpu_smoke_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all CUDA checks passed" in proc.stdout
     assert "FAIL" not in proc.stdout
+
+
+def test_sampling_bench_reports_every_shape_with_metas_tokens(tmp_path):
+    proc = _run(["benchmarks/bench_sampling.py", "--vocab", "3000", "--reps", "2"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and "codellama ms" not in line]
+    assert len(rows) == 4, proc.stdout
+    assert all(row.endswith("| yes |") for row in rows), proc.stdout
