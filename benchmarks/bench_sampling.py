@@ -59,11 +59,16 @@ def hf_picker() -> Callable[..., torch.Tensor] | None:
 
 
 def timed(reps: int, fn: Callable[..., object], *args: object) -> float:
-    fn(*args)
+    def call() -> None:
+        fn(*args)
+        if torch.cuda.is_available():  # wait for the device's work, not just its launch
+            torch.cuda.synchronize()
+
+    call()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        fn(*args)
+        call()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
