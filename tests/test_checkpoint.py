@@ -154,6 +154,18 @@ def test_a_model_keeps_working_after_its_checkpoint_is_deleted(
     assert after == fresh
 
 
+def test_editing_a_mapped_embedding_in_place_leaves_the_checkpoint_file_as_it_was(
+    make_checkpoint, build
+):
+    src = make_checkpoint(dataclasses.replace(GQA_ARGS, dim=576, n_layers=1))
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    weight = build(src).model.tok_embeddings.weight
+    assert weight.nbytes > 1 << 20  # kept in the file mapping (copy-on-write), not copied
+    with torch.no_grad():
+        weight.mul_(2)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
 def test_llama_build_is_usable_without_torchrun_environment(make_checkpoint, monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
