@@ -179,7 +179,7 @@ def _order_ties_as_sort(
     at = head.gather(-1, choice)
     left = head.gather(-1, (choice - 1).clamp(min=0))
     right = head.gather(-1, (choice + 1).clamp(max=width - 1))
-    tied = ((choice > 0) & (left == at)) | (right == at) & (choice < width - 1)
+    tied = ((choice > 0) & (left == at)) | ((choice < width - 1) & (right == at))
     tied |= choice == width - 1
     rows = torch.nonzero(tied.view(-1)).view(-1)
     if rows.numel():
