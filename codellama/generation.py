@@ -45,7 +45,7 @@ from .prompt_formats import (
     validate_dialog,
 )
 from .sampling import MetaDraws, SamplingParams, rows_finite, sample
-from .streaming import StreamEvent, TextAssembler
+from .streaming import IncrementalDecoder, StreamEvent, TextAssembler
 from .tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length"]
@@ -110,6 +110,7 @@ class _Row:
     index: int = 0  # position in the caller's list
     stop_string: str | None = None
     searched: int = 0  # generated text before this offset holds no stop string
+    text: IncrementalDecoder | None = None  # its generated text, for stop strings
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,14 @@ class _StopReader:
 
     texts: tuple[str, ...]
     decode: Callable[[Sequence[int]], str]
+    plain: Callable[[int], bool]  # the tokenizer's is_plain_piece
 
     def found(self, row: _Row) -> bool:
         """Whether ``row``'s generated text now holds one of the stop strings (searching
         only where a new occurrence can be); records the earliest one."""
-        text = self.decode(row.tokens)
+        if row.text is None:
+            row.text = IncrementalDecoder(self.decode, self.plain)
+        text = row.text(row.tokens)
         hit = first_stop(text, self.texts, row.searched)
         # A stop string can only start in the last (longest - 1) characters; 3 more because
         # an unfinished UTF-8 character decodes to up to 3 U+FFFD, 1 once complete.
@@ -425,7 +429,7 @@ class Llama:
         generator = self._generator
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        reader = _StopReader(texts, decode or self.tokenizer.decode)
+        reader = _StopReader(texts, decode or self.tokenizer.decode, self.tokenizer.is_plain_piece)
         return self._batches(
             prompts, max_gen_len, sampling, logprobs, echo, stops, reader, generator, rows_out
         )
@@ -1007,7 +1011,12 @@ class Llama:
             for row, token in events:
                 i = row.index
                 if i not in texts:
-                    texts[i] = TextAssembler((lambda t: "") if i in unsafe else decode, stops)
+                    plain = self.tokenizer.is_plain_piece
+                    texts[i] = TextAssembler(
+                        (lambda t: "") if i in unsafe else decode,
+                        stops,
+                        None if i in unsafe else plain,
+                    )
                 if row.finish_reason is None:
                     yield StreamEvent(i, texts[i].push(row.tokens), token)
                     continue

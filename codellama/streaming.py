@@ -25,6 +25,57 @@ class StreamEvent:
     stop_string: str | None = None
 
 
+class IncrementalDecoder:
+    """``decode(tokens)`` for one row's growing token list, decoding only its newest tokens.
+
+    SentencePiece decodes left to right: later tokens append to a prefix's text, except where
+    a character spelt in byte pieces spans the cut (unfinished, it decodes to U+FFFD) and for
+    the first piece's leading space, which is dropped. So once a prefix ``tokens[:s]`` is
+    settled, the text is the prefix's plus what ``tokens[w:]`` adds to the text of
+    ``tokens[w:s]``, ``w`` a plain piece (``plain``: not a byte, control or unused piece)
+    shortly before ``s``, at which both decodes are in the same state. Every SETTLE tokens
+    the cut moves on, where a whole decode confirms that the parts add up; a row of n tokens
+    then costs O(n^2 / SETTLE) to decode as it grows instead of O(n^2) (0.5 ms per call at
+    4,000 tokens with Code Llama's tokenizer, for every row and step of a long stream).
+    """
+
+    SETTLE = 32
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], plain: Callable[[int], bool]):
+        self.decode = decode
+        self.plain = plain
+        self.settled = 0  # s: the tokens whose text is `head`
+        self.head = ""
+        self.start = 0  # w: the context's first token; `context` is the text of tokens[w:s]
+        self.context = ""
+
+    def __call__(self, tokens: Sequence[int]) -> str:
+        text = None
+        if self.settled:
+            window = self.decode(tokens[self.start :])
+            if window.startswith(self.context):
+                text = self.head + window[len(self.context) :]
+        if text is None:  # nothing settled yet (or the row was replaced): a whole decode
+            self.settled = 0
+            text = self.decode(tokens)
+        if len(tokens) - self.settled >= 2 * self.SETTLE:
+            self._settle(tokens, text)
+        return text
+
+    def _settle(self, tokens: Sequence[int], text: str) -> None:
+        """Move the cut to SETTLE tokens before the end, if the parts add up to ``text``."""
+        s = len(tokens) - self.SETTLE
+        w = next((i for i in range(s - 1, max(s - 16, 0), -1) if self.plain(tokens[i])), None)
+        if w is None:
+            return
+        head, context = self.decode(tokens[:s]), self.decode(tokens[w:s])
+        if head.endswith(_UNFINISHED) or context.endswith(_UNFINISHED):
+            return  # a character may go on past s
+        window = self.decode(tokens[w:])
+        if window.startswith(context) and head + window[len(context) :] == text:
+            self.settled, self.head, self.start, self.context = s, head, w, context
+
+
 class TextAssembler:
     """Turns one row's growing token list into text pieces.
 
@@ -33,8 +84,15 @@ class TextAssembler:
     stop string, since the finished text is cut there; both are sent once settled.
     """
 
-    def __init__(self, decode: Callable[[Sequence[int]], str], stops: Sequence[str] = ()):
-        self.decode = decode
+    def __init__(
+        self,
+        decode: Callable[[Sequence[int]], str],
+        stops: Sequence[str] = (),
+        plain: Callable[[int], bool] | None = None,
+    ):
+        """``plain``: the tokenizer's :meth:`~codellama.Tokenizer.is_plain_piece`, to decode
+        only the newest tokens (see :class:`IncrementalDecoder`)."""
+        self.decode = decode if plain is None else IncrementalDecoder(decode, plain)
         self.stops = tuple(stops)
         self.sent = ""
 

@@ -80,6 +80,14 @@ class Tokenizer:
         """Text of ``t`` (ids of -1, Meta's padding, are dropped)."""
         return self.sp_model.decode(self._ids(t))
 
+    def is_plain_piece(self, t: int) -> bool:
+        """Whether id ``t`` is a piece of text: not a byte, control, unknown or unused one
+        (see :class:`~codellama.streaming.IncrementalDecoder`)."""
+        sp = self.sp_model
+        if not 0 <= t < self.n_words:
+            return False
+        return not (sp.is_byte(t) or sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t))
+
     def token_piece(self, t: int) -> str:
         return self.sp_model.id_to_piece(self._ids([t])[0])
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from codellama import Llama, PromptError, SamplingParams, StreamInterruptedError
-from codellama.streaming import TextAssembler
+from codellama.streaming import IncrementalDecoder, TextAssembler
 
 from .conftest import GQA_ARGS
 
@@ -189,3 +189,54 @@ def test_stream_arguments_are_checked_when_the_stream_is_made(llama):
         llama.text_completion_stream(["x"], max_gen_len=-1)
     with pytest.raises(PromptError, match="stop strings must be non-empty"):
         llama.generate_stream([[1, 5]], 4, stop_strings=[""])
+
+
+def _token_runs(tok, seed: int, n: int = 300) -> list[int]:
+    """Tokens as a model may emit them: runs of encoded text (words, code, emoji, CJK, which
+    byte pieces spell) mixed with arbitrary ids (bytes cut mid-character, controls, unused)."""
+    import random
+
+    rng = random.Random(seed)
+    texts = ["def f(x):\n    return x", " héllo", "😀👍", "日本語", " ", "\n\n", "a  b", "ü"]
+    out: list[int] = []
+    while len(out) < n:
+        if rng.random() < 0.6:
+            out += tok.encode(rng.choice(texts), bos=False, eos=False)
+        else:
+            out.append(rng.randrange(tok.n_words))
+    return out[:n]
+
+
+@pytest.mark.parametrize("infilling", [False, True], ids=["decode", "decode_infilling"])
+@pytest.mark.parametrize("seed", range(4))
+def test_incremental_decoding_equals_a_whole_decode_at_every_length(
+    meta_tokenizer, infilling, seed
+):
+    decode = meta_tokenizer.decode_infilling if infilling else meta_tokenizer.decode
+    tokens = _token_runs(meta_tokenizer, seed)
+    text = IncrementalDecoder(decode, meta_tokenizer.is_plain_piece)
+    for n in range(len(tokens) + 1):
+        assert text(tokens[:n]) == decode(tokens[:n]), n
+    assert text.settled > 0  # it did decode only the newest tokens
+
+
+def test_incremental_decoding_with_a_small_vocabulary(tokenizer):
+    tokens = _token_runs(tokenizer, 7)
+    text = IncrementalDecoder(tokenizer.decode, tokenizer.is_plain_piece)
+    for n in range(len(tokens) + 1):
+        assert text(tokens[:n]) == tokenizer.decode(tokens[:n]), n
+
+
+def test_long_streams_decode_only_their_newest_tokens(meta_tokenizer):
+    tokens = meta_tokenizer.encode("x = 1\n" * 2000, bos=False, eos=False)
+    seen: list[int] = []
+
+    def decode(t):
+        seen.append(len(t))
+        return meta_tokenizer.decode(t)
+
+    text = IncrementalDecoder(decode, meta_tokenizer.is_plain_piece)
+    for n in range(len(tokens) + 1):
+        text(tokens[:n])
+    # a whole decode per step would read n^2 / 2 tokens; settling reads ~n^2 / SETTLE
+    assert sum(seen) < len(tokens) ** 2 / 8
