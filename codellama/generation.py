@@ -1008,10 +1008,10 @@ class Llama:
 
         def run() -> Iterator[StreamEvent]:
             texts: dict[int, TextAssembler] = {}
+            plain = self.tokenizer.is_plain_piece
             for row, token in events:
                 i = row.index
                 if i not in texts:
-                    plain = self.tokenizer.is_plain_piece
                     texts[i] = TextAssembler(
                         (lambda t: "") if i in unsafe else decode,
                         stops,

@@ -308,7 +308,7 @@ class MetaDraws:
         self.offsets = offsets  # row i's first block: its prompt length - the shortest
         self.budgets = budgets  # how many tokens row i may take
         self.shape = (len(batch_rows), vocab)
-        self.fast = generator.device.type == "cpu" and _cpu_draws_are_serial()
+        self.fast = _serial_cpu(generator)
         self.step = 0
         self.next_block = 0  # the generator is at the start of this block
         self.states: dict[int, torch.Tensor] = {}  # block -> generator state at its start
