@@ -44,6 +44,10 @@ def time_per_call(fn, xs, ws, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def _first(t: float | list[float]) -> float:
+    return t[0] if isinstance(t, (list, tuple)) else t
+
+
 def main(rows: str = "1,2,4,8,16", dim: int = 4096, hidden: int = 11008, layers: int = 32,
          vocab: int = 32016) -> None:  # fmt: skip
     assert gpu_kernels.enable(), "Triton or CUDA is missing"
@@ -58,6 +62,7 @@ def main(rows: str = "1,2,4,8,16", dim: int = 4096, hidden: int = 11008, layers:
           "| rel err cuBLAS | rel err Triton |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     token: dict[int, list[float]] = {m: [0.0, 0.0] for m in row_list}
+    tuned: dict[tuple[str, str], dict] = {}
     g = torch.Generator(device="cuda").manual_seed(0)
     for name, (n, k) in shapes.items():
         nbytes = n * k * 2
@@ -72,6 +77,10 @@ def main(rows: str = "1,2,4,8,16", dim: int = 4096, hidden: int = 11008, layers:
             for fn in (F.linear, gpu_kernels.small_matmul):
                 out = fn(xs[0], ws[0]).float()
                 errs.append(((out - ref).norm() / ref.norm()).item())
+            label = "one row" if m == 1 else "2-16 rows"
+            tuner = gpu_kernels._kernels()[0 if m == 1 else 1]
+            if (label, f"{n}x{k}") not in tuned and getattr(tuner, "configs_timings", None):
+                tuned[(label, f"{n}x{k}")] = dict(tuner.configs_timings)
             t_cublas = time_per_call(F.linear, xs, ws)
             t_triton = time_per_call(gpu_kernels.small_matmul, xs, ws)
             count = layers if name in per_layer else 1
@@ -82,10 +91,16 @@ def main(rows: str = "1,2,4,8,16", dim: int = 4096, hidden: int = 11008, layers:
                   f"{t_cublas / t_triton:.2f}x | {errs[0]:.1e} | {errs[1]:.1e} |",
                   flush=True)  # fmt: skip
         del ws
+    print("\nautotuned configs, each as Triton timed it (us), best first:")
+    for (label, shape), timings in tuned.items():
+        ranked = sorted(timings.items(), key=lambda kv: _first(kv[1]))
+        print(f"  {label} {shape}: " + "; ".join(
+            f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages} "
+            f"{_first(t) * 1e3:.1f}" for c, t in ranked), flush=True)  # fmt: skip
     total = sum(n * k * 2 * (layers if name in per_layer else 1) for name, (n, k) in shapes.items())
     print(
         f"\none token's products ({layers} layers + output, {total / 1e9:.2f} GB), "
-        f"against a plain read at {bw:.0f} GB/s ({total / bw / 1e6 * 1e3:.2f} ms):"
+        f"against a plain read at {bw:.0f} GB/s ({total / bw / 1e6:.2f} ms):"
     )
     for m, (a, b) in token.items():
         print(f"  rows {m}: cuBLAS {a * 1e3:.2f} ms ({total / a / 1e9 / bw:.0%} of the read), "

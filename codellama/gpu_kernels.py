@@ -177,9 +177,11 @@ def _kernels() -> tuple[Any, Any]:
             for bn, bk, w, s in pairs
         ]
 
-    one = configs([(8, 512, 4, 4), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 8, 3),
-                   (4, 1024, 4, 4), (8, 1024, 8, 3)])  # fmt: skip
-    few = configs([(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4),
+    # The candidates that an H100 ranked in its top five for some 7B shape (2026-11-26;
+    # benchmarks/results/h100-2026-11-26/matmul.log): fewer candidates, shorter autotuning.
+    one = configs([(1, 4096, 8, 1), (4, 2048, 8, 2), (8, 1024, 8, 3), (2, 1024, 4, 2),
+                   (16, 1024, 8, 1), (8, 512, 4, 4)])  # fmt: skip
+    few = configs([(32, 128, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 256, 4, 3),
                    (16, 512, 4, 3)])  # fmt: skip
     return (
         triton.autotune(configs=one, key=["N", "K"])(one_row),

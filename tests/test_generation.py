@@ -246,6 +246,23 @@ def test_compiled_decode_step_is_one_graph(make_checkpoint, build):
 
 
 @pytest.mark.slow
+def test_compiled_decode_writes_the_cache_in_place(make_checkpoint, build):
+    """The compiled step stores each new key and value where it goes; it does not copy the
+    rows' whole cache and back (that cost an H100 over half of a batch-8 step)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    compiled = build(make_checkpoint(GQA_ARGS), max_seq_len=999, max_batch_size=3, compile=True)
+    prompts = _prompts(compiled.model.params.vocab_size, [4, 7])
+    _, sources = run_and_get_code(compiled.generate, prompts, 3, temperature=0, stop_token=-1)
+    assert sources, "nothing was compiled"
+    allocations = re.findall(r"empty_strided\w*\(\(([^)]*)\)", "\n".join(sources))
+    assert allocations, "the generated code's allocations were not found"
+    assert not [a for a in allocations if "999" in a.replace(" ", "").split(",")]
+
+
+@pytest.mark.slow
 def test_compiled_decode_crosses_cache_buckets_without_recompiling(make_checkpoint, build):
     """Compiled steps attend over the cache in buckets of 256 positions (not max_seq_len):
     the length is symbolic, so crossing buckets neither recompiles nor changes tokens."""
