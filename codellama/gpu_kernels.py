@@ -14,6 +14,7 @@ import. ``CODELLAMA_TRITON_MATMUL=0`` turns them off.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import warnings
 from typing import Any
@@ -23,13 +24,14 @@ import torch
 MAX_ROWS = 16  # rows (batch x tokens) up to which the kernels are used
 _DTYPES = (torch.bfloat16, torch.float16)
 _enabled = False
-_failed: Exception | None = None  # the first failure of the kernels; then F.linear runs
+_failed: Exception | None = None  # the first failure of the kernels; then torch runs
+_fused = False  # whether decoder layers use the fused ops (see fuses)
 
 
 def enable() -> bool:
     """Register the custom op (once) if Triton is importable and CUDA is there; returns
     whether :func:`applies` can be true."""
-    global _enabled
+    global _enabled, _fused
     if os.environ.get("CODELLAMA_TRITON_MATMUL", "1") == "0" or not torch.cuda.is_available():
         return False
     try:
@@ -37,6 +39,7 @@ def enable() -> bool:
     except ImportError:  # no Triton (a CPU build of torch)
         return False
     _enabled = True
+    _fused = os.environ.get("CODELLAMA_TRITON_FUSED", "1") != "0"
     return True
 
 
@@ -61,29 +64,107 @@ def small_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.codellama.small_matmul(x, weight)  # type: ignore[no-any-return]
 
 
+def fuses(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a decoder layer can run as the fused products below: every weight as
+    :func:`applies` needs, and fusion not turned off (``CODELLAMA_TRITON_FUSED=0``). The
+    caller checks that one process holds the whole model (the residual is added in the
+    products, before which model-parallel ranks would have to sum their parts)."""
+    return _fused and all(applies(x, w) for w in weights)
+
+
+def rms_matmul(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+) -> torch.Tensor:
+    """``F.linear(RMSNorm(x), weight)`` in one kernel: the norm's sum of squares is
+    accumulated while the rows are read for the product, and applied to its result (fp32
+    throughout, where the unfused path rounds the normed rows to the model's dtype)."""
+    return torch.ops.codellama.rms_matmul(x, norm_weight, eps, weight)  # type: ignore[no-any-return]
+
+
+def matmul_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + F.linear(x, weight)`` in one kernel (rounded as the two steps are)."""
+    return torch.ops.codellama.matmul_add(x, weight, residual)  # type: ignore[no-any-return]
+
+
+def swiglu_matmul_add(
+    gate_up: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """``residual + F.linear(silu(gate) * up, weight)``, ``gate, up = gate_up.chunk(2, -1)``,
+    in one kernel (rounded as the unfused steps are)."""
+    return torch.ops.codellama.swiglu_matmul_add(gate_up, weight, residual)  # type: ignore[no-any-return]
+
+
+def rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """:class:`codellama.model.RMSNorm`'s arithmetic (the fused ops' reference)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * norm_weight
+
+
+def _reference(op: str, x: torch.Tensor, weight: torch.Tensor, *extra: Any) -> torch.Tensor:
+    """What each op computes, in torch: run where the kernels cannot."""
+    F = torch.nn.functional
+    if op == "rms_matmul":
+        norm_weight, eps = extra
+        return F.linear(rms_norm(x, norm_weight, eps), weight)
+    if op == "matmul_add":
+        return extra[0] + F.linear(x, weight)
+    if op == "swiglu_matmul_add":
+        gate, up = x.chunk(2, dim=-1)
+        return extra[0] + F.linear(F.silu(gate) * up, weight)
+    return F.linear(x, weight)
+
+
+def _run(op: str, x: torch.Tensor, weight: torch.Tensor, *extra: Any) -> torch.Tensor:
+    """The kernel for ``op``, or its torch reference after the kernels have failed once."""
+    global _failed
+    if _failed is None:
+        try:
+            if op == "rms_matmul":
+                return launch(x, weight, _kernels(), norm=extra)
+            if op == "matmul_add":
+                return launch(x, weight, _kernels(), residual=extra[0])
+            if op == "swiglu_matmul_add":
+                return launch(x, weight, _kernels(), residual=extra[0], swiglu=True)
+            return launch(x, weight, _kernels())
+        except Exception as exc:  # a Triton that cannot build or run them here
+            _failed = exc
+            warnings.warn(
+                f"codellama: the Triton matrix products failed ({exc!r:.200}); using "
+                "F.linear instead (set CODELLAMA_TRITON_MATMUL=0 to skip them)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _reference(op, x, weight, *extra)
+
+
 @functools.cache
 def _register() -> None:
-    kernels = _kernels()
+    _kernels()
+    lib = "codellama::"
 
-    @torch.library.custom_op("codellama::small_matmul", mutates_args=())  # type: ignore[misc]
-    def _op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        global _failed
-        if _failed is None:
-            try:
-                return launch(x, weight, kernels)
-            except Exception as exc:  # a Triton that cannot build or run them here
-                _failed = exc
-                warnings.warn(
-                    f"codellama: the Triton matrix products failed ({exc!r:.200}); using "
-                    "F.linear instead (set CODELLAMA_TRITON_MATMUL=0 to skip them)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return torch.nn.functional.linear(x, weight)
+    @torch.library.custom_op(lib + "small_matmul", mutates_args=())  # type: ignore[misc]
+    def _small(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _run("small_matmul", x, weight)
 
-    @_op.register_fake  # type: ignore[misc]
-    def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    @torch.library.custom_op(lib + "rms_matmul", mutates_args=())  # type: ignore[misc]
+    def _rms(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return _run("rms_matmul", x, weight, norm_weight, eps)
+
+    @torch.library.custom_op(lib + "matmul_add", mutates_args=())  # type: ignore[misc]
+    def _add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return _run("matmul_add", x, weight, residual)
+
+    @torch.library.custom_op(lib + "swiglu_matmul_add", mutates_args=())  # type: ignore[misc]
+    def _swiglu(gate_up: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return _run("swiglu_matmul_add", gate_up, weight, residual)
+
+    def fake(x: torch.Tensor, weight: torch.Tensor, *_: Any) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    _small.register_fake(fake)
+    _add.register_fake(fake)
+    _swiglu.register_fake(fake)
+    _rms.register_fake(lambda x, norm_weight, eps, weight: fake(x, weight))
 
 
 def launch(
@@ -91,19 +172,29 @@ def launch(
     weight: torch.Tensor,
     kernels: tuple[Any, Any],
     config: dict[str, int] | None = None,
+    *,
+    norm: tuple[torch.Tensor, float] | None = None,
+    residual: torch.Tensor | None = None,
+    swiglu: bool = False,
 ) -> torch.Tensor:
     """Run ``x @ weight.T`` (x: (..., K), weight: (N, K), rows of K contiguous) through
     the one-row kernel or the few-rows kernel; ``config`` fixes the tile sizes (for tests
-    under ``TRITON_INTERPRET=1``, where nothing can be autotuned)."""
+    under ``TRITON_INTERPRET=1``, where nothing can be autotuned). ``norm`` (weight, eps)
+    RMS-normalises the rows first; ``swiglu`` reads x as (..., 2K) ``gate, up`` halves and
+    multiplies by ``silu(gate) * up``; ``residual`` (..., N) is added to the result."""
     import triton
 
-    k = x.shape[-1]
+    k = x.shape[-1] // 2 if swiglu else x.shape[-1]
     n = weight.shape[0]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    res = weight if residual is None else residual.reshape(m, n)
+    if res.stride(-1) != 1:
+        res = res.contiguous()
+    g, eps = (weight, 0.0) if norm is None else norm
     one_row, few_rows = kernels
     kernel = one_row if m == 1 else few_rows
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":
@@ -114,25 +205,37 @@ def launch(
     def grid(meta: dict[str, int]) -> tuple[int]:
         return (triton.cdiv(n, block_n or meta["BLOCK_N"]),)
 
-    kernel[grid](x2, weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0), **extra)
+    kernel[grid](
+        x2, weight, y, g, res, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+        res.stride(0), float(eps), NORM=norm is not None, SWIGLU=swiglu,
+        ADD=residual is not None, **extra,
+    )  # fmt: skip
     return y.view(*x.shape[:-1], n)
 
 
 @functools.cache
 def _kernels() -> tuple[Any, Any]:
-    """(one-row kernel, few-rows kernel); autotuned per (N, K) unless interpreted."""
+    """(one-row kernel, few-rows kernel); autotuned per (N, K) unless interpreted.
+
+    Both can fuse what surrounds a product in a decoder layer (constexpr switches, so each
+    combination compiles to its own kernel): NORM, an RMSNorm of the input rows (its sum of
+    squares accumulated as the rows are read, applied to the result); SWIGLU, input rows
+    ``silu(gate) * up`` from halves of a (M, 2K) input; ADD, a residual added to the result.
+    """
     import triton
     import triton.language as tl
 
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
 
     @triton.jit  # type: ignore[misc]
-    def one_row(x_ptr, w_ptr, y_ptr, M, N, K, sxm, swn, sym,  # noqa: N803
+    def one_row(x_ptr, w_ptr, y_ptr, g_ptr, r_ptr, M, N, K, sxm, swn, sym, srm, eps,  # noqa: N803
+                NORM: tl.constexpr, SWIGLU: tl.constexpr, ADD: tl.constexpr,  # noqa: N803
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         # y[n] = sum_k x[k] w[n, k]: each program owns BLOCK_N rows of w, read along K.
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk0 = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + rk0
             w = tl.load(
@@ -140,18 +243,33 @@ def _kernels() -> tuple[Any, Any]:
                 mask=(rn[:, None] < N) & (rk[None, :] < K),
                 other=0.0,
             )
-            x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+            x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+            if SWIGLU:  # silu(gate) and its product with up, each rounded as torch does
+                up = tl.load(x_ptr + K + rk, mask=rk < K, other=0.0).to(tl.float32)
+                x = (x / (1.0 + tl.exp(-x))).to(x_ptr.dtype.element_ty).to(tl.float32)
+                x = (x * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+            if NORM:
+                ss += x * x
+                x = x * tl.load(g_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        if NORM:
+            acc = acc * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        out = acc.to(y_ptr.dtype.element_ty)
+        if ADD:
+            res = tl.load(r_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+            out = (out.to(tl.float32) + res).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + rn, out, mask=rn < N)
 
     @triton.jit  # type: ignore[misc]
-    def few_rows(x_ptr, w_ptr, y_ptr, M, N, K, sxm, swn, sym,  # noqa: N803
+    def few_rows(x_ptr, w_ptr, y_ptr, g_ptr, r_ptr, M, N, K, sxm, swn, sym, srm, eps,  # noqa: N803
+                 NORM: tl.constexpr, SWIGLU: tl.constexpr, ADD: tl.constexpr,  # noqa: N803
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         # Up to 16 rows: one tensor-core product per tile, rows beyond M read as zeros.
         rm = tl.arange(0, 16)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk0 = tl.arange(0, BLOCK_K)
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        ss = tl.zeros((16, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + rk0
             w = tl.load(
@@ -159,14 +277,27 @@ def _kernels() -> tuple[Any, Any]:
                 mask=(rn[None, :] < N) & (rk[:, None] < K),
                 other=0.0,
             )
-            x = tl.load(
-                x_ptr + rm[:, None] * sxm + rk[None, :],
-                mask=(rm[:, None] < M) & (rk[None, :] < K),
-                other=0.0,
-            )
+            xmask = (rm[:, None] < M) & (rk[None, :] < K)
+            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=xmask, other=0.0)
+            if SWIGLU:
+                gate = x.to(tl.float32)
+                up = tl.load(x_ptr + rm[:, None] * sxm + K + rk[None, :], mask=xmask, other=0.0)
+                s = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)
+                x = (s * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if NORM:
+                xf = x.to(tl.float32)
+                ss += xf * xf
+                g = tl.load(g_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+                x = (xf * g[None, :]).to(w_ptr.dtype.element_ty)
             acc += tl.dot(x, w)
+        if NORM:
+            acc = acc * tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
         mask = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+        out = acc.to(y_ptr.dtype.element_ty)
+        if ADD:
+            res = tl.load(r_ptr + rm[:, None] * srm + rn[None, :], mask=mask, other=0.0)
+            out = (out.to(tl.float32) + res.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :], out, mask=mask)
 
     if interpreted:
         return one_row, few_rows
@@ -183,7 +314,10 @@ def _kernels() -> tuple[Any, Any]:
                    (16, 1024, 8, 1), (8, 512, 4, 4)])  # fmt: skip
     few = configs([(32, 128, 4, 4), (16, 256, 4, 4), (64, 128, 4, 4), (32, 256, 4, 3),
                    (16, 512, 4, 3)])  # fmt: skip
+    key = ["N", "K", "NORM", "SWIGLU", "ADD"]
+    # Choices kept on disk (Triton's cache) where this Triton can: later processes skip tuning.
+    keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}  # fmt: skip
     return (
-        triton.autotune(configs=one, key=["N", "K"])(one_row),
-        triton.autotune(configs=few, key=["N", "K"])(few_rows),
+        triton.autotune(configs=one, key=key, **keep)(one_row),
+        triton.autotune(configs=few, key=key, **keep)(few_rows),
     )

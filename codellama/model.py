@@ -347,20 +347,31 @@ class Attention(nn.Module):
         self.wqkv: torch.Tensor | None = None  # wq, wk, wv as one matrix: see fuse_rows
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        if self.wqkv is not None:
+            return linear(self.wo, self.attend(matmul(x, self.wqkv), step))
+        bsz, seqlen, _ = x.shape
+        q = linear(self.wq, x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        k = linear(self.wk, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = linear(self.wv, x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, step.rotation), apply_rotary(k, step.rotation)
+        return linear(self.wo, self._attend(q, k, v, step))
+
+    def attend(self, qkv: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """Attention of the (B, T, (H + 2 Hkv) D) product with ``wqkv``, before ``wo``."""
+        bsz, seqlen, _ = qkv.shape
+        heads, kv_heads = self.n_local_heads, self.n_local_kv_heads
+        qkv = qkv.view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
+        qk = apply_rotary(qkv[:, :, : heads + kv_heads], step.rotation)  # adjacent: one go
+        q, k = qk.split([heads, kv_heads], dim=2)
+        return self._attend(q, k, qkv[:, :, heads + kv_heads :], step)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepInputs
+    ) -> torch.Tensor:
+        """Store rotated k and v (B, T, Hkv, D) in the cache; attend with rotated q."""
         if self.cache is None:
             raise RuntimeError("KV cache not allocated: call Transformer.setup_cache() first")
-        bsz, seqlen, _ = x.shape
-        heads, kv_heads, head_dim = self.n_local_heads, self.n_local_kv_heads, self.head_dim
-        if self.wqkv is not None:  # q and k are adjacent: rotate them in one go
-            qkv = matmul(x, self.wqkv).view(bsz, seqlen, heads + 2 * kv_heads, head_dim)
-            qk = apply_rotary(qkv[:, :, : heads + kv_heads], step.rotation)
-            q, k = qk.split([heads, kv_heads], dim=2)
-            v = qkv[:, :, heads + kv_heads :]
-        else:
-            q = linear(self.wq, x).view(bsz, seqlen, heads, head_dim)
-            k = linear(self.wk, x).view(bsz, seqlen, kv_heads, head_dim)
-            v = linear(self.wv, x).view(bsz, seqlen, kv_heads, head_dim)
-            q, k = apply_rotary(q, step.rotation), apply_rotary(k, step.rotation)
+        bsz, seqlen = q.shape[:2]
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         keys, values = self.cache.update(k, v.transpose(1, 2), step)
 
@@ -369,18 +380,16 @@ class Attention(nn.Module):
             # them along the query axis instead of repeating K/V.
             qg = q.reshape(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
             out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=step.mask)
-            out = out.reshape(bsz, 1, self.n_local_heads * self.head_dim)
-        else:
-            out = F.scaled_dot_product_attention(
-                q,
-                keys,
-                values,
-                attn_mask=step.mask,
-                is_causal=step.causal,
-                enable_gqa=self.n_rep > 1,
-            )
-            out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_local_heads * self.head_dim)
-        return linear(self.wo, out)
+            return out.reshape(bsz, 1, self.n_local_heads * self.head_dim)
+        out = F.scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=step.mask,
+            is_causal=step.causal,
+            enable_gqa=self.n_rep > 1,
+        )
+        return out.transpose(1, 2).reshape(bsz, seqlen, self.n_local_heads * self.head_dim)
 
 
 class FeedForward(nn.Module):
@@ -416,8 +425,26 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), step)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attn, ffn = self.attention, self.feed_forward
+        if attn.wqkv is not None and ffn.w13 is not None and self._fuses(x):
+            # Decoding on CUDA under torch.compile: the norms, SwiGLU and residual adds run
+            # inside the matrix products (four kernels fewer a layer; see gpu_kernels).
+            an, fn = self.attention_norm, self.ffn_norm
+            qkv = gpu_kernels.rms_matmul(x, an.weight, an.eps, attn.wqkv)
+            h = gpu_kernels.matmul_add(attn.attend(qkv, step), _weight(attn.wo), x)
+            gate_up = gpu_kernels.rms_matmul(h, fn.weight, fn.eps, ffn.w13)
+            return gpu_kernels.swiglu_matmul_add(gate_up, _weight(ffn.w2), h)
+        h = x + attn(self.attention_norm(x), step)
+        return h + ffn(self.ffn_norm(h))
+
+    def _fuses(self, x: torch.Tensor) -> bool:
+        attn, ffn = self.attention, self.feed_forward
+        return (
+            fs_init.get_model_parallel_world_size() == 1
+            and attn.wqkv is not None
+            and ffn.w13 is not None
+            and gpu_kernels.fuses(x, attn.wqkv, _weight(attn.wo), ffn.w13, _weight(ffn.w2))
+        )
 
 
 class Transformer(nn.Module):
@@ -848,6 +875,12 @@ class Transformer(nn.Module):
         rot = self.rope[positions].view(bsz, seqlen, 1, -1, 2)
         keys = self.key_positions[:kv_len].view(1, 1, kv_len)
         mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)
+        if mask.is_cuda and torch.compiler.is_compiling():
+            # Additive, in the model's dtype, once a step: SDPA's CUDA kernels take that
+            # form, and each layer converted the boolean mask with a kernel of its own.
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(
+                ~mask, float("-inf")
+            )
         return StepInputs(rot, 0, kv_len, positions=positions, mask=mask)
 
     def _check_span(self, start_pos: int, seqlen: int) -> None:

@@ -101,3 +101,96 @@ def test_products_equal_an_fp32_reference(interpreted, rows, n, k, tiles, dtype)
 def test_strided_rows_are_read_right(interpreted):
     got = interpreted["4-24-48-float16-2"]
     assert got["shape"] == [4, 1, 24] and got["err"] < 2e-2
+
+
+# Fused variants: (rows, N, K, tiles, what), every tile tail again.
+FUSED_CASES = [(1, 40, 100, (8, 32), "norm"), (3, 40, 100, (16, 32), "norm"),
+               (1, 24, 70, (8, 32), "swiglu"), (5, 33, 70, (16, 16), "swiglu"),
+               (1, 40, 96, (16, 64), "add"), (16, 40, 96, (16, 32), "add")]  # fmt: skip
+
+_FUSED_SCRIPT = r"""
+import json, sys, torch
+from codellama import gpu_kernels
+kernels, out = gpu_kernels._kernels(), {}
+for rows, n, k, (bn, bk), what, dtype in json.loads(sys.argv[1]):
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, 1, 2 * k if what == "swiglu" else k, generator=g).to(dt)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dt)
+    res = torch.randn(rows, 1, n, generator=g).to(dt)
+    nw = (1 + torch.rand(k, generator=g)).to(dt)
+    tiles = {"BLOCK_N": bn, "BLOCK_K": bk}
+    if what == "norm":
+        got = gpu_kernels.launch(x, w, kernels, tiles, norm=(nw, 1e-5))
+        want = gpu_kernels._reference("rms_matmul", x.float(), w.float(), nw.float(), 1e-5)
+    elif what == "swiglu":
+        got = gpu_kernels.launch(x, w, kernels, tiles, residual=res, swiglu=True)
+        want = gpu_kernels._reference("swiglu_matmul_add", x.float(), w.float(), res.float())
+    else:
+        got = gpu_kernels.launch(x, w, kernels, tiles, residual=res)
+        want = gpu_kernels._reference("matmul_add", x.float(), w.float(), res.float())
+    out[f"{rows}-{n}-{k}-{what}-{dtype}"] = {
+        "shape": list(got.shape), "dtype": str(got.dtype).removeprefix("torch."),
+        "err": ((got.float() - want).abs().max() / want.abs().max()).item(),
+    }
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted_fused() -> dict:
+    """Each fused case's output shape, dtype and max error relative to the largest output."""
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
+    cases = [[*case, d] for case in FUSED_CASES for d in DTYPES]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _FUSED_SCRIPT, json.dumps(cases)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("rows,n,k,tiles,what", FUSED_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_products_equal_their_torch_reference(interpreted_fused, rows, n, k, tiles, what, dtype):  # fmt: skip
+    if dtype == "bfloat16" and rows > 1:
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly (GPUs run it right)")
+    got = interpreted_fused[f"{rows}-{n}-{k}-{what}-{dtype}"]
+    assert got["shape"] == [rows, 1, n] and got["dtype"] == dtype
+    assert got["err"] < 2e-2
+
+
+def test_the_fusion_switch_turns_fused_layers_off(monkeypatch):
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_kernels, "_fused", True)
+    monkeypatch.setenv("CODELLAMA_TRITON_FUSED", "0")
+    assert gpu_kernels.enable() is True
+    assert gpu_kernels._fused is False
+
+
+def test_fused_layers_compute_what_the_unfused_layers_do(monkeypatch, make_checkpoint, build):
+    """The decoder layers' fused path (norms, SwiGLU and residuals inside the products), run
+    here through the ops' torch references: the wiring feeds each op the right tensors."""
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
+    from tests.conftest import GQA_ARGS
+
+    gpu_kernels._register()
+    llama = build(make_checkpoint(GQA_ARGS), compile=True)  # plain weights on the CPU
+    model = llama.model
+    assert model.fuse_projections()
+    tokens = torch.tensor([[1, 5, 9, 30, 7], [1, 8, 3, 2, 11]])
+    want = model.forward_tokens(tokens)
+    calls: list[str] = []
+    for name in ("rms_matmul", "matmul_add", "swiglu_matmul_add"):
+        real = getattr(gpu_kernels, name)
+        monkeypatch.setattr(
+            gpu_kernels, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a)
+        )
+    monkeypatch.setattr(gpu_kernels, "fuses", lambda x, *w: True)
+    monkeypatch.setattr(gpu_kernels, "_failed", RuntimeError("run the torch references"))
+    got = model.forward_tokens(tokens)
+    assert calls.count("rms_matmul") == 2 * GQA_ARGS.n_layers
+    assert calls.count("swiglu_matmul_add") == GQA_ARGS.n_layers
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
