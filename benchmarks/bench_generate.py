@@ -20,8 +20,9 @@ bfloat16|float16, --device cpu|cuda, --runs 3 (median after one warm-up), --peer
 --compile False (ours only; HF always runs eagerly), --bandwidth_gbs (skip measuring it),
 --threads (default: the CPUs this process may use), --prefill_chunk_size (the library's default),
 --max_seq_len 1088 (ours preallocates its KV cache for this many positions: a larger value
-shows that decoding does not slow down with it), --sequential True,
---out FILE (JSON with every timing).
+shows that decoding does not slow down with it), --sequential True, --build_runs N (fresh-process
+builds after the first; default --runs: on a GPU each costs a 13 GB load), --out FILE (JSON
+with every timing).
 
 Figures: batch-1 and batch-8 decode tok/s (new tokens after the first / (time - time to
 first token)), prefill tok/s of one 1024-token prompt, wall time of a mixed batch (8 prompts
@@ -486,7 +487,12 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def benchmark(
-    base: dict[str, Any], libs: list[str], runs: int, paired: bool, probe: Worker | None = None
+    base: dict[str, Any],
+    libs: list[str],
+    runs: int,
+    paired: bool,
+    probe: Worker | None = None,
+    build_runs: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Time every figure for ``libs``; ``paired`` keeps all workers alive and alternates them
     run by run, so that load from other processes hits every library alike. ``probe`` (a
@@ -494,7 +500,7 @@ def benchmark(
     last: on a shared machine it drifts by 2x within minutes, so each library's batch-1
     figure is set against the bandwidth of its own minute. Building is timed ``runs`` more
     times, each in a fresh process, the libraries alternating: one build is a single sample
-    of something that varies by +-20% here."""
+    of something that varies by +-20% here (``build_runs`` times instead, if given)."""
     results: dict[str, dict[str, Any]] = {}
     for group in [libs] if paired else [[lib] for lib in libs]:
         workers = {}
@@ -521,13 +527,19 @@ def benchmark(
                 for lib in workers:
                     bandwidth = probe.ask({"op": "probe"})["bandwidth_gbs"]
                     results[lib]["bandwidth_b1"].append(bandwidth)
+            for lib in workers:  # as measured: a run cut off later still leaves these
+                med = statistics.median(results[lib]["times"][name])
+                bw = results[lib].get("bandwidth_b1", []) if name == "b1" else []
+                print(f"    {lib} {name}: median {med:.4f} s" + (
+                    f" (bandwidth probes {', '.join(f'{b:.0f}' for b in bw)} GB/s)" if bw else ""),
+                    flush=True)  # fmt: skip
         for lib, w in workers.items():
             results[lib].update(w.ask({"op": "done"}))
             results[lib]["loadavg"].append(os.getloadavg()[0])
             w.close()
     for res in results.values():
         res["build_s_all"] = [res["build_s"]]
-    for _ in range(runs):
+    for _ in range(runs if build_runs is None else build_runs):
         for lib in libs:
             print(f"--- building {lib} again (a fresh process)", flush=True)
             w = Worker({**base, "task": lib})
@@ -604,6 +616,7 @@ def main(
     max_seq_len: int = MAX_SEQ_LEN,
     disk_dtype: str = "bfloat16",
     sequential: bool = True,
+    build_runs: int | None = None,
     worker: bool = False,
 ) -> None:
     """Benchmark generation; see the module docstring."""
@@ -660,7 +673,10 @@ def main(
         probe = Worker({**base, "task": "bandwidth"})
         probe.ask()
     try:
-        results = benchmark(base, libs, int(runs), paired=not sequential, probe=probe)
+        results = benchmark(
+            base, libs, int(runs), paired=not sequential, probe=probe,
+            build_runs=None if build_runs is None else int(build_runs),
+        )  # fmt: skip
     finally:
         if probe is not None:
             probe.close()
