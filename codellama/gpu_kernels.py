@@ -1,14 +1,16 @@
 """Matrix products of decoding on CUDA: Triton kernels that stream each weight once.
 
 Decoding multiplies 1-16 rows by every weight matrix; the time is the time to read the
-weights. cuBLAS's kernels read an H200's memory at about 70% of what a plain read reaches
-for these shapes (73% over a 7B model's products, one row). Replayed in a CUDA graph, these
-kernels made 7B-shaped compiled decoding 7% faster at batch 1 and 3% at batch 8 (same
-machine, same run); launched from Python they are slower than cuBLAS, so they are used only
-while torch.compile traces (see :func:`applies`). They are registered as the torch custom op
-``codellama::small_matmul`` (one opaque kernel to torch.compile and CUDA graphs) by
-:func:`enable`, which :meth:`codellama.Llama.build` calls on CUDA; nothing is registered at
-import. ``CODELLAMA_TRITON_MATMUL=0`` turns them off.
+weights. Over one token's 7B products, replayed in a CUDA graph, these kernels read an H100's
+memory at 96% of what a plain read reaches at one row (cuBLAS: 84%) and 86% at 8 rows (83%).
+Launched from Python they are slower than cuBLAS, so they are used only while torch.compile
+traces (see :func:`applies`). For one row they also take in what surrounds each product in a
+decoder layer: the RMSNorm before q/k/v and w1/w3, SwiGLU before w2, the residual adds after
+wo and w2 (:func:`rms_matmul`, :func:`swiglu_matmul_add`, :func:`matmul_add`; three kernels
+fewer a layer). They are registered as torch custom ops (``codellama::small_matmul`` and the
+three fused ones: each one opaque kernel to torch.compile and CUDA graphs) by :func:`enable`,
+which :meth:`codellama.Llama.build` calls on CUDA; nothing is registered at import.
+``CODELLAMA_TRITON_MATMUL=0`` turns them all off, ``CODELLAMA_TRITON_FUSED=0`` the fused ones.
 """
 
 from __future__ import annotations
