@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of a session in one go, each step under a deadline: the CUDA correctness
 # checks, the per-kernel profile of compiled decoding (7B dims, 8 layers, batch 1 and 8), the
-# matrix-product kernels against cuBLAS, then the full 7B bf16 benchmark with compile=True
+# same with the opt-in Triton attention (CODELLAMA_TRITON_ATTENTION=1: turn it on by default
+# if it is faster), then the full 7B bf16 benchmark with compile=True
 # against Hugging Face (one fresh-process rebuild), then (ours only, if time is left) compiled
 # with a 16K-position cache. Logs and JSON go to OUTDIR.
 #
@@ -11,8 +12,8 @@
 # them (pure Python) into .gpu/site, which .git/info/exclude ignores, and carry .gpu:
 #     mkdir -p .gpu/site && cp -r "$(python -c 'import fairscale,os;print(os.path.dirname(
 #         os.path.dirname(fairscale.__file__)))')"/{fairscale,fire,termcolor} .gpu/site/
-# On an H100 (2026-11-26) the checks took ~120 s, the profile ~75 s, the products ~25 s and
-# the 7B benchmark over 255 s (with three rebuilds, which did not fit).
+# On an H100 (2026-11-26) the checks took ~120 s, a profile ~75 s and the 7B benchmark over
+# 255 s (with three rebuilds, which did not fit). bench_gpu_matmul.py (~25 s) is not run.
 set -u -o pipefail
 out=${1:-gpu-out}
 total=${2:-540}
@@ -30,8 +31,10 @@ triton.__version__)" | tee -a "$out/gpu.txt"
 timeout 130 python3 benchmarks/cuda_check.py 2>&1 | tee "$out/cuda_check.log" | grep -E "PASS|FAIL|all"
 (cd benchmarks && timeout 100 python3 profile_decode.py --n_layers 8 --batches 1,8) 2>&1 |
     tee "$out/profile.log" | grep -E "^batch .* a step"
-(cd benchmarks && timeout 60 python3 bench_gpu_matmul.py --rows 1,8) 2>&1 | tee "$out/matmul.log" |
-    grep -E "rows [0-9]+:"
+# The opt-in Triton attention for decoding, against the default (cuDNN's SDPA) just above
+(cd benchmarks && CODELLAMA_TRITON_ATTENTION=1 timeout 100 python3 profile_decode.py \
+    --n_layers 8 --batches 1,8) 2>&1 | tee "$out/profile_triton_attention.log" |
+    grep -E "^batch .* a step|RuntimeWarning"
 
 timeout $(($(left) - 10)) python3 benchmarks/bench_generate.py --shape 7b --device cuda \
     --dtype bfloat16 --compile True --runs 3 --build_runs 1 --out "$out/7b_bf16_compile.json" \

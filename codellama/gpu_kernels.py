@@ -11,6 +11,9 @@ fewer a layer). They are registered as torch custom ops (``codellama::small_matm
 three fused ones: each one opaque kernel to torch.compile and CUDA graphs) by :func:`enable`,
 which :meth:`codellama.Llama.build` calls on CUDA; nothing is registered at import.
 ``CODELLAMA_TRITON_MATMUL=0`` turns them all off, ``CODELLAMA_TRITON_FUSED=0`` the fused ones.
+``CODELLAMA_TRITON_ATTENTION=1`` turns on a kernel for one-token attention
+(:func:`decode_attention`), to replace cuDNN's SDPA (~10 us a layer with its input kernel on
+an H100); it is checked under Triton's interpreter but not yet timed on a GPU, so it is off.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ _DTYPES = (torch.bfloat16, torch.float16)
 _enabled = False
 _failed: Exception | None = None  # the first failure of the kernels; then torch runs
 _fused = False  # whether decoder layers use the fused ops (see fuses)
+_attention = False  # whether one-token attention uses decode_attention (see attends)
 
 
 def enable() -> bool:
     """Register the custom op (once) if Triton is importable and CUDA is there; returns
     whether :func:`applies` can be true."""
-    global _enabled, _fused
+    global _enabled, _fused, _attention
     if os.environ.get("CODELLAMA_TRITON_MATMUL", "1") == "0" or not torch.cuda.is_available():
         return False
     try:
@@ -42,6 +46,7 @@ def enable() -> bool:
         return False
     _enabled = True
     _fused = os.environ.get("CODELLAMA_TRITON_FUSED", "1") != "0"
+    _attention = os.environ.get("CODELLAMA_TRITON_ATTENTION", "0") == "1"
     return True
 
 
@@ -142,6 +147,7 @@ def _run(op: str, x: torch.Tensor, weight: torch.Tensor, *extra: Any) -> torch.T
 @functools.cache
 def _register() -> None:
     _kernels()
+    _attention_kernel()
     lib = "codellama::"
 
     @torch.library.custom_op(lib + "small_matmul", mutates_args=())  # type: ignore[misc]
@@ -159,6 +165,24 @@ def _register() -> None:
     @torch.library.custom_op(lib + "swiglu_matmul_add", mutates_args=())  # type: ignore[misc]
     def _swiglu(gate_up: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # fmt: skip
         return _run("swiglu_matmul_add", gate_up, weight, residual)
+
+    @torch.library.custom_op(lib + "decode_attention", mutates_args=())  # type: ignore[misc]
+    def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        global _failed
+        if _failed is None:
+            try:
+                return launch_attention(q, keys, values, positions, _attention_kernel())
+            except Exception as exc:  # a Triton that cannot build or run it here
+                _failed = exc
+                warnings.warn(
+                    f"codellama: the Triton attention kernel failed ({exc!r:.200}); using "
+                    "SDPA instead (CODELLAMA_TRITON_ATTENTION=0 skips it)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return attention_reference(q, keys, values, positions)
+
+    _attend.register_fake(lambda q, keys, values, positions: q.new_empty(q.shape))
 
     def fake(x: torch.Tensor, weight: torch.Tensor, *_: Any) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -323,3 +347,120 @@ def _kernels() -> tuple[Any, Any]:
         triton.autotune(configs=one, key=key, **keep)(one_row),
         triton.autotune(configs=few, key=key, **keep)(few_rows),
     )
+
+
+def attends(q: torch.Tensor, positions: torch.Tensor | None) -> bool:
+    """Whether one-token attention runs through :func:`decode_attention`: only when turned
+    on (``CODELLAMA_TRITON_ATTENTION=1``; not yet timed on a GPU), while torch.compile
+    traces, for one query token a row at per-row positions."""
+    return (
+        _attention
+        and torch.compiler.is_compiling()
+        and q.is_cuda
+        and q.dtype in _DTYPES
+        and q.shape[2] == 1
+        and positions is not None
+    )
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one query token a row: q (B, H, 1, D), keys and values (B, Hkv, L, D)
+    (views of the cache), row b attending to keys ``0..positions[b]``; returns (B, H, 1, D).
+    One program a (row, KV head) reads only those keys, whatever the cache bucket L."""
+    return torch.ops.codellama.decode_attention(q, keys, values, positions)  # type: ignore[no-any-return]
+
+
+def attention_reference(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """:func:`decode_attention` in torch (SDPA with a boolean mask)."""
+    kv_len = keys.shape[2]
+    mask = torch.arange(kv_len, device=q.device).view(1, 1, 1, kv_len)
+    mask = mask <= positions.reshape(-1, 1, 1, 1)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != keys.shape[1]
+    )
+
+
+def launch_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    kernel: Any,
+    block_l: int = 64,
+) -> torch.Tensor:
+    """Run :func:`decode_attention`'s kernel (``kernel`` from :func:`_attention_kernel`)."""
+    bsz, heads, _, dim = q.shape
+    kv_heads = keys.shape[1]
+    rep = heads // kv_heads
+    q3 = q.reshape(bsz, heads, dim)
+    if q3.stride(-1) != 1:
+        q3 = q3.contiguous()
+    out = torch.empty((bsz, heads, dim), device=q.device, dtype=q.dtype)
+    pos = positions.reshape(bsz)
+    rep_p2 = 1 << (rep - 1).bit_length()
+    kernel[(bsz, kv_heads)](
+        q3, keys, values, out, pos, q3.stride(0), q3.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        out.stride(0), out.stride(1), rep, dim ** -0.5,
+        REP=rep_p2, D=dim, BLOCK_L=max(16, block_l // rep_p2),
+    )  # fmt: skip
+    return out.view(bsz, heads, 1, dim)
+
+
+@functools.cache
+def _attention_kernel() -> Any:
+    """Online-softmax attention of one query token, the n_rep query heads of a KV group
+    together; keys in blocks of BLOCK_L up to the row's position (a loop bound read from
+    memory, so a 100K-position cache costs nothing until it is used)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit  # type: ignore[misc]
+    def attend(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, sqb, sqh, skb, skh, skl, svb, svh, svl,  # noqa: N803
+               sob, soh, n_rep, scale, REP: tl.constexpr, D: tl.constexpr,  # noqa: N803
+               BLOCK_L: tl.constexpr):  # fmt: skip
+        b = tl.program_id(0)
+        g = tl.program_id(1)
+        rr = tl.arange(0, REP)
+        rd = tl.arange(0, D)
+        rl0 = tl.arange(0, BLOCK_L)
+        heads = g * n_rep + rr
+        q = tl.load(
+            q_ptr + b * sqb + heads[:, None] * sqh + rd[None, :],
+            mask=rr[:, None] < n_rep,
+            other=0.0,
+        ).to(tl.float32)
+        n_keys = tl.load(pos_ptr + b) + 1
+        m = tl.full((REP,), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((REP,), dtype=tl.float32)
+        acc = tl.zeros((REP, D), dtype=tl.float32)
+        k_base = k_ptr + b * skb + g * skh
+        v_base = v_ptr + b * svb + g * svh
+        for start in range(0, n_keys, BLOCK_L):
+            rl = start + rl0
+            live = rl < n_keys
+            k = tl.load(k_base + rl[:, None] * skl + rd[None, :], mask=live[:, None], other=0.0)
+            v = tl.load(v_base + rl[:, None] * svl + rd[None, :], mask=live[:, None], other=0.0)
+            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale
+            scores = tl.where(live[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            s = s * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(
+                p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1
+            )
+            m = m_new
+        out = acc / s[:, None]
+        tl.store(
+            o_ptr + b * sob + heads[:, None] * soh + rd[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=rr[:, None] < n_rep,
+        )
+
+    return attend

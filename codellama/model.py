@@ -374,6 +374,9 @@ class Attention(nn.Module):
         bsz, seqlen = q.shape[:2]
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         keys, values = self.cache.update(k, v.transpose(1, 2), step)
+        if seqlen == 1 and gpu_kernels.attends(q, step.positions):
+            out = gpu_kernels.decode_attention(q, keys, values, step.positions)  # type: ignore[arg-type]
+            return out.reshape(bsz, 1, self.n_local_heads * self.head_dim)
 
         if self.n_rep > 1 and seqlen == 1:
             # GQA decode: the n_rep query heads of a group attend to the same K/V, so stack

@@ -212,3 +212,94 @@ def test_layers_fuse_only_for_one_row(monkeypatch, make_checkpoint, build):
     assert layer._fuses(torch.zeros(1, 1, GQA_ARGS.dim))
     assert not layer._fuses(torch.zeros(2, 1, GQA_ARGS.dim))
     assert not layer._fuses(torch.zeros(1, 3, GQA_ARGS.dim))
+
+
+# Decoding attention: (rows, heads, kv_heads, head_dim, cached positions, each row's last position)
+ATTENTION_CASES = [(2, 4, 4, 16, 40, [5, 39]), (2, 8, 2, 32, 70, [0, 69]),
+                   (1, 6, 2, 16, 20, [19]), (3, 4, 1, 16, 130, [64, 127, 1])]  # fmt: skip
+
+_ATTENTION_SCRIPT = r"""
+import json, sys, torch
+from codellama import gpu_kernels
+kernel, out = gpu_kernels._attention_kernel(), {}
+for bsz, heads, kv_heads, dim, length, pos, dtype in json.loads(sys.argv[1]):
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(bsz * 100 + heads)
+    cache_k = torch.randn(bsz + 1, kv_heads, length + 9, dim, generator=g).to(dt)
+    cache_v = torch.randn(bsz + 1, kv_heads, length + 9, dim, generator=g).to(dt)
+    keys, values = cache_k[1:, :, :length], cache_v[1:, :, :length]  # strided views
+    q = torch.randn(bsz, 1, heads, dim, generator=g).to(dt).transpose(1, 2)
+    positions = torch.tensor(pos).view(bsz, 1)
+    got = gpu_kernels.launch_attention(q, keys, values, positions, kernel, block_l=16)
+    want = gpu_kernels.attention_reference(q.float(), keys.float(), values.float(), positions)
+    out[f"{bsz}-{heads}-{kv_heads}-{dtype}"] = {
+        "shape": list(got.shape), "dtype": str(got.dtype).removeprefix("torch."),
+        "err": (got.float() - want).abs().max().item(),
+    }
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted_attention() -> dict:
+    """Each attention case's output shape, dtype and max absolute error."""
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
+    cases = [[*case, d] for case in ATTENTION_CASES for d in DTYPES]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _ATTENTION_SCRIPT, json.dumps(cases)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("bsz,heads,kv_heads,dim,length,pos", ATTENTION_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_equals_sdpa_up_to_each_rows_position(
+    interpreted_attention, bsz, heads, kv_heads, dim, length, pos, dtype
+):
+    got = interpreted_attention[f"{bsz}-{heads}-{kv_heads}-{dtype}"]
+    assert got["shape"] == [bsz, heads, 1, dim] and got["dtype"] == dtype
+    assert got["err"] < 2e-2  # values ~N(0, 1): the output's rounding to 16 bits
+
+
+def test_decode_attention_is_off_unless_asked(monkeypatch):
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("CODELLAMA_TRITON_ATTENTION", raising=False)
+    assert gpu_kernels.enable() is True
+    assert gpu_kernels._attention is False
+    monkeypatch.setenv("CODELLAMA_TRITON_ATTENTION", "1")
+    assert gpu_kernels.enable() is True
+    assert gpu_kernels._attention is True
+    monkeypatch.setattr(gpu_kernels, "_attention", False)
+
+
+def test_decode_attention_wiring_gives_the_sdpa_path_logits(monkeypatch, make_checkpoint, build):
+    """Attention through the op (its torch reference here) at per-row positions, as compiled
+    decoding calls it, gives what SDPA with the mask gives."""
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
+    from tests.conftest import GQA_ARGS
+
+    gpu_kernels._register()
+    model = build(make_checkpoint(GQA_ARGS), compile=True).model
+    tokens = torch.tensor([[1, 5, 9, 30, 7], [1, 8, 3, 2, 11]])
+
+    def decode() -> torch.Tensor:  # rows at different positions (the second one ahead)
+        steps = []
+        for i in range(4):
+            positions = torch.tensor([[i], [i + 1]])
+            step = tokens[:, i : i + 1]
+            steps.append(model.forward_tokens(step, positions=positions, kv_len=16))
+        return torch.cat(steps, 1)
+
+    want = decode()
+    calls: list[int] = []
+    real = gpu_kernels.decode_attention
+    monkeypatch.setattr(gpu_kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(gpu_kernels, "attends", lambda q, positions: positions is not None)
+    monkeypatch.setattr(gpu_kernels, "_failed", RuntimeError("run the torch reference"))
+    got = decode()
+    assert len(calls) == 4 * GQA_ARGS.n_layers
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
