@@ -107,9 +107,12 @@ def rms_norm(x: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Te
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * norm_weight
 
 
-def _reference(op: str, x: torch.Tensor, weight: torch.Tensor, *extra: Any) -> torch.Tensor:
+def _reference(op: str, *args: Any) -> torch.Tensor:
     """What each op computes, in torch: run where the kernels cannot."""
     F = torch.nn.functional
+    if op == "decode_attention":
+        return attention_reference(*args)
+    x, weight, *extra = args
     if op == "rms_matmul":
         norm_weight, eps = extra
         return F.linear(rms_norm(x, norm_weight, eps), weight)
@@ -121,27 +124,36 @@ def _reference(op: str, x: torch.Tensor, weight: torch.Tensor, *extra: Any) -> t
     return F.linear(x, weight)
 
 
-def _run(op: str, x: torch.Tensor, weight: torch.Tensor, *extra: Any) -> torch.Tensor:
-    """The kernel for ``op``, or its torch reference after the kernels have failed once."""
+def _launch(op: str, *args: Any) -> torch.Tensor:
+    if op == "decode_attention":
+        q, keys, values, positions = args
+        return launch_attention(q, keys, values, positions, _attention_kernel())
+    x, weight, *extra = args
+    if op == "rms_matmul":
+        return launch(x, weight, _kernels(), norm=(extra[0], extra[1]))
+    if op == "matmul_add":
+        return launch(x, weight, _kernels(), residual=extra[0])
+    if op == "swiglu_matmul_add":
+        return launch(x, weight, _kernels(), residual=extra[0], swiglu=True)
+    return launch(x, weight, _kernels())
+
+
+def _run(op: str, *args: Any) -> torch.Tensor:
+    """The kernel for ``op``, or its torch reference after a kernel has failed once."""
     global _failed
     if _failed is None:
         try:
-            if op == "rms_matmul":
-                return launch(x, weight, _kernels(), norm=extra)
-            if op == "matmul_add":
-                return launch(x, weight, _kernels(), residual=extra[0])
-            if op == "swiglu_matmul_add":
-                return launch(x, weight, _kernels(), residual=extra[0], swiglu=True)
-            return launch(x, weight, _kernels())
+            return _launch(op, *args)
         except Exception as exc:  # a Triton that cannot build or run them here
             _failed = exc
+            instead = "SDPA" if op == "decode_attention" else "F.linear"
             warnings.warn(
-                f"codellama: the Triton matrix products failed ({exc!r:.200}); using "
-                "F.linear instead (set CODELLAMA_TRITON_MATMUL=0 to skip them)",
+                f"codellama: the Triton kernels failed ({exc!r:.200}); using {instead} "
+                "instead (set CODELLAMA_TRITON_MATMUL=0 to skip them)",
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return _reference(op, x, weight, *extra)
+    return _reference(op, *args)
 
 
 @functools.cache
@@ -168,19 +180,7 @@ def _register() -> None:
 
     @torch.library.custom_op(lib + "decode_attention", mutates_args=())  # type: ignore[misc]
     def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        global _failed
-        if _failed is None:
-            try:
-                return launch_attention(q, keys, values, positions, _attention_kernel())
-            except Exception as exc:  # a Triton that cannot build or run it here
-                _failed = exc
-                warnings.warn(
-                    f"codellama: the Triton attention kernel failed ({exc!r:.200}); using "
-                    "SDPA instead (CODELLAMA_TRITON_ATTENTION=0 skips it)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return attention_reference(q, keys, values, positions)
+        return _run("decode_attention", q, keys, values, positions)
 
     _attend.register_fake(lambda q, keys, values, positions: q.new_empty(q.shape))
 

@@ -59,6 +59,18 @@ print(json.dumps(out))
 """
 
 
+def _interpret(script: str, cases: list) -> dict:
+    """Run ``script`` on ``cases`` with Triton's interpreter in a fresh process; its JSON."""
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_a_kernel_failure_falls_back_to_f_linear_with_a_warning(monkeypatch):
     """Triton present but unable to run the kernels (here: CPU tensors, not interpreted)."""
     pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
@@ -76,16 +88,9 @@ def test_a_kernel_failure_falls_back_to_f_linear_with_a_warning(monkeypatch):
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
     """Each case's output shape, dtype and max error relative to the largest output."""
-    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
     cases = [[r, n, k, t, d, 1] for r, n, k, t in CASES for d in DTYPES]
     cases.append([4, 24, 48, (16, 32), "float16", 2])  # strided rows
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, json.dumps(cases)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _interpret(_SCRIPT, cases)
 
 
 @pytest.mark.parametrize("rows,n,k,tiles", CASES)
@@ -140,15 +145,8 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def interpreted_fused() -> dict:
     """Each fused case's output shape, dtype and max error relative to the largest output."""
-    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
     cases = [[*case, d] for case in FUSED_CASES for d in DTYPES]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", _FUSED_SCRIPT, json.dumps(cases)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _interpret(_FUSED_SCRIPT, cases)
 
 
 @pytest.mark.parametrize("rows,n,k,tiles,what", FUSED_CASES)
@@ -243,15 +241,8 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def interpreted_attention() -> dict:
     """Each attention case's output shape, dtype and max absolute error."""
-    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
     cases = [[*case, d] for case in ATTENTION_CASES for d in DTYPES]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", _ATTENTION_SCRIPT, json.dumps(cases)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _interpret(_ATTENTION_SCRIPT, cases)
 
 
 @pytest.mark.parametrize("bsz,heads,kv_heads,dim,length,pos", ATTENTION_CASES)
