@@ -11,9 +11,10 @@ fewer a layer). They are registered as torch custom ops (``codellama::small_matm
 three fused ones: each one opaque kernel to torch.compile and CUDA graphs) by :func:`enable`,
 which :meth:`codellama.Llama.build` calls on CUDA; nothing is registered at import.
 ``CODELLAMA_TRITON_MATMUL=0`` turns them all off, ``CODELLAMA_TRITON_FUSED=0`` the fused ones.
-``CODELLAMA_TRITON_ATTENTION=1`` turns on a kernel for one-token attention
-(:func:`decode_attention`), to replace cuDNN's SDPA (~10 us a layer with its input kernel on
-an H100); it is checked under Triton's interpreter but not yet timed on a GPU, so it is off.
+``CODELLAMA_TRITON_ATTENTION=1`` turns on one kernel for a decoding token's rotary embedding,
+cache store and attention (:func:`decode_attention`), to replace three (~11 us a layer on an
+H100, most of it cuDNN's SDPA); it is checked under Triton's interpreter but not yet timed on
+a GPU, so it is off.
 """
 
 from __future__ import annotations
@@ -126,8 +127,11 @@ def _reference(op: str, *args: Any) -> torch.Tensor:
 
 def _launch(op: str, *args: Any) -> torch.Tensor:
     if op == "decode_attention":
-        q, keys, values, positions = args
-        return launch_attention(q, keys, values, positions, _attention_kernel())
+        qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads = args
+        return launch_attention(
+            qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads,
+            _attention_kernel(),
+        )  # fmt: skip
     x, weight, *extra = args
     if op == "rms_matmul":
         return launch(x, weight, _kernels(), norm=(extra[0], extra[1]))
@@ -178,11 +182,20 @@ def _register() -> None:
     def _swiglu(gate_up: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # fmt: skip
         return _run("swiglu_matmul_add", gate_up, weight, residual)
 
-    @torch.library.custom_op(lib + "decode_attention", mutates_args=())  # type: ignore[misc]
-    def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        return _run("decode_attention", q, keys, values, positions)
+    @torch.library.custom_op(lib + "decode_attention", mutates_args=("k_cache", "v_cache"))  # type: ignore[misc]
+    def _attend(
+        qkv: torch.Tensor, rotation: torch.Tensor, positions: torch.Tensor,
+        k_cache: torch.Tensor, v_cache: torch.Tensor, row_offset: int, heads: int,
+        kv_heads: int,
+    ) -> torch.Tensor:  # fmt: skip
+        return _run("decode_attention", qkv, rotation, positions, k_cache, v_cache,
+                    row_offset, heads, kv_heads)  # fmt: skip
 
-    _attend.register_fake(lambda q, keys, values, positions: q.new_empty(q.shape))
+    @_attend.register_fake  # type: ignore[misc]
+    def _(qkv: torch.Tensor, rotation: torch.Tensor, positions: torch.Tensor,
+          k_cache: torch.Tensor, *rest: Any) -> torch.Tensor:  # fmt: skip
+        heads = rest[-2]
+        return qkv.new_empty((qkv.shape[0], 1, heads * k_cache.shape[-1]))
 
     def fake(x: torch.Tensor, weight: torch.Tensor, *_: Any) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -349,104 +362,162 @@ def _kernels() -> tuple[Any, Any]:
     )
 
 
-def attends(q: torch.Tensor, positions: torch.Tensor | None) -> bool:
+def attends(qkv: torch.Tensor, positions: torch.Tensor | None, head_dim: int) -> bool:
     """Whether one-token attention runs through :func:`decode_attention`: only when turned
     on (``CODELLAMA_TRITON_ATTENTION=1``; not yet timed on a GPU), while torch.compile
-    traces, for one query token a row at per-row positions."""
+    traces, for one token a row at per-row positions, with a power-of-two head size."""
     return (
         _attention
         and torch.compiler.is_compiling()
-        and q.is_cuda
-        and q.dtype in _DTYPES
-        and q.shape[2] == 1
+        and qkv.is_cuda
+        and qkv.dtype in _DTYPES
+        and qkv.shape[1] == 1
         and positions is not None
+        and head_dim >= 2
+        and head_dim & (head_dim - 1) == 0
     )
 
 
 def decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+    qkv: torch.Tensor,
+    rotation: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row_offset: int,
+    heads: int,
+    kv_heads: int,
 ) -> torch.Tensor:
-    """Attention of one query token a row: q (B, H, 1, D), keys and values (B, Hkv, L, D)
-    (views of the cache), row b attending to keys ``0..positions[b]``; returns (B, H, 1, D).
-    One program a (row, KV head) reads only those keys, whatever the cache bucket L."""
-    return torch.ops.codellama.decode_attention(q, keys, values, positions)  # type: ignore[no-any-return]
-
-
-def attention_reference(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
-) -> torch.Tensor:
-    """:func:`decode_attention` in torch (SDPA with a boolean mask)."""
-    kv_len = keys.shape[2]
-    mask = torch.arange(kv_len, device=q.device).view(1, 1, 1, kv_len)
-    mask = mask <= positions.reshape(-1, 1, 1, 1)
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != keys.shape[1]
+    """One decoding token's attention, in one kernel, from its q/k/v product: rotate q and k
+    (``rotation``: the (cos, sin) pairs at each row's position, (B, 1, 1, D/2, 2)), store k
+    and v in the caches (max_batch, Hkv, max_seq_len, D) at row ``row_offset + b`` and
+    position ``positions[b]``, attend over keys ``0..positions[b]``. qkv is (B, 1, (H + 2 Hkv)
+    D); returns (B, 1, H D). One program a (row, KV head) reads only that row's keys."""
+    return torch.ops.codellama.decode_attention(  # type: ignore[no-any-return]
+        qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads
     )
 
 
-def launch_attention(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+def attention_reference(
+    qkv: torch.Tensor,
+    rotation: torch.Tensor,
     positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row_offset: int,
+    heads: int,
+    kv_heads: int,
+) -> torch.Tensor:
+    """:func:`decode_attention` in torch: the steps the unfused layer takes."""
+    from .model import rotate_real  # model imports this module
+
+    bsz, dim = qkv.shape[0], k_cache.shape[-1]
+    x = qkv.view(bsz, 1, heads + 2 * kv_heads, dim)
+    q, k = rotate_real(x[:, :, : heads + kv_heads], rotation).split([heads, kv_heads], dim=2)
+    v = x[:, :, heads + kv_heads :]
+    rows = torch.arange(row_offset, row_offset + bsz, device=qkv.device).view(bsz, 1, 1)
+    kv = torch.arange(kv_heads, device=qkv.device).view(1, kv_heads, 1)
+    pos = positions.reshape(bsz, 1, 1)
+    k_cache.index_put_((rows, kv, pos), k.transpose(1, 2))
+    v_cache.index_put_((rows, kv, pos), v.transpose(1, 2))
+    keys, values = k_cache[row_offset : row_offset + bsz], v_cache[row_offset : row_offset + bsz]
+    length = keys.shape[2]
+    mask = torch.arange(length, device=qkv.device).view(1, 1, 1, length) <= pos.view(bsz, 1, 1, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=heads != kv_heads
+    )
+    return out.transpose(1, 2).reshape(bsz, 1, heads * dim)
+
+
+def launch_attention(
+    qkv: torch.Tensor,
+    rotation: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row_offset: int,
+    heads: int,
+    kv_heads: int,
     kernel: Any,
     block_l: int = 64,
 ) -> torch.Tensor:
     """Run :func:`decode_attention`'s kernel (``kernel`` from :func:`_attention_kernel`)."""
-    bsz, heads, _, dim = q.shape
-    kv_heads = keys.shape[1]
+    bsz, dim = qkv.shape[0], k_cache.shape[-1]
     rep = heads // kv_heads
-    q3 = q.reshape(bsz, heads, dim)
-    if q3.stride(-1) != 1:
-        q3 = q3.contiguous()
-    out = torch.empty((bsz, heads, dim), device=q.device, dtype=q.dtype)
-    pos = positions.reshape(bsz)
+    x = qkv.reshape(bsz, -1)
+    rot = rotation.reshape(bsz, -1)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if rot.stride(-1) != 1:
+        rot = rot.contiguous()
+    out = torch.empty((bsz, heads, dim), device=qkv.device, dtype=qkv.dtype)
     rep_p2 = 1 << (rep - 1).bit_length()
     kernel[(bsz, kv_heads)](
-        q3, keys, values, out, pos, q3.stride(0), q3.stride(1),
-        keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
-        out.stride(0), out.stride(1), rep, dim ** -0.5,
-        REP=rep_p2, D=dim, BLOCK_L=max(16, block_l // rep_p2),
+        x, rot, positions.reshape(bsz), k_cache, v_cache, out, row_offset, x.stride(0),
+        rot.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), heads,
+        kv_heads, rep, dim**-0.5, REP=rep_p2, D=dim, BLOCK_L=max(16, block_l // rep_p2),
     )  # fmt: skip
-    return out.view(bsz, heads, 1, dim)
+    return out.view(bsz, 1, heads * dim)
 
 
 @functools.cache
 def _attention_kernel() -> Any:
-    """Online-softmax attention of one query token, the n_rep query heads of a KV group
-    together; keys in blocks of BLOCK_L up to the row's position (a loop bound read from
-    memory, so a 100K-position cache costs nothing until it is used)."""
+    """Rotate, store, attend: one program a (row, KV head), the group's n_rep query heads
+    together. Rotary pairs (x[2i], x[2i+1]) are kept as even and odd halves (a dot product
+    is the sum over both). Cached keys ``0..pos-1`` are read in blocks of BLOCK_L (a loop
+    bound read from memory: a 100K-position cache costs nothing until used) with an online
+    softmax; the new key and value join from registers, so nothing just stored is read."""
     import triton
     import triton.language as tl
 
     @triton.jit  # type: ignore[misc]
-    def attend(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, sqb, sqh, skb, skh, skl, svb, svh, svl,  # noqa: N803
-               sob, soh, n_rep, scale, REP: tl.constexpr, D: tl.constexpr,  # noqa: N803
-               BLOCK_L: tl.constexpr):  # fmt: skip
+    def attend(x_ptr, rot_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, row_offset, sxb, srb,  # noqa: N803
+               skb, skh, skl, svb, svh, svl, sob, n_heads, n_kv, n_rep, scale,  # noqa: N803
+               REP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr):  # fmt: skip
         b = tl.program_id(0)
         g = tl.program_id(1)
+        dt = x_ptr.dtype.element_ty
         rr = tl.arange(0, REP)
+        ri = tl.arange(0, D // 2)
         rd = tl.arange(0, D)
         rl0 = tl.arange(0, BLOCK_L)
+        live_q = rr < n_rep
         heads = g * n_rep + rr
-        q = tl.load(
-            q_ptr + b * sqb + heads[:, None] * sqh + rd[None, :],
-            mask=rr[:, None] < n_rep,
-            other=0.0,
-        ).to(tl.float32)
-        n_keys = tl.load(pos_ptr + b) + 1
+        pos = tl.load(pos_ptr + b)
+        cos = tl.load(rot_ptr + b * srb + 2 * ri)
+        sin = tl.load(rot_ptr + b * srb + 2 * ri + 1)
+        # q and the new k, rotated in fp32 and rounded to the model's dtype (as the layer does)
+        q_at = x_ptr + b * sxb + heads[:, None] * D + 2 * ri[None, :]
+        qe = tl.load(q_at, mask=live_q[:, None], other=0.0).to(tl.float32)
+        qo = tl.load(q_at + 1, mask=live_q[:, None], other=0.0).to(tl.float32)
+        q_even = (qe * cos[None, :] - qo * sin[None, :]).to(dt).to(tl.float32)
+        q_odd = (qe * sin[None, :] + qo * cos[None, :]).to(dt).to(tl.float32)
+        k_at = x_ptr + b * sxb + (n_heads + g) * D + 2 * ri
+        ke = tl.load(k_at).to(tl.float32)
+        ko = tl.load(k_at + 1).to(tl.float32)
+        k_even = (ke * cos - ko * sin).to(dt)
+        k_odd = (ke * sin + ko * cos).to(dt)
+        v_new = tl.load(x_ptr + b * sxb + (n_heads + n_kv + g) * D + rd)
+        row = row_offset + b
+        k_row = kc_ptr + row * skb + g * skh
+        v_row = vc_ptr + row * svb + g * svh
+        tl.store(k_row + pos * skl + 2 * ri, k_even)
+        tl.store(k_row + pos * skl + 2 * ri + 1, k_odd)
+        tl.store(v_row + pos * svl + rd, v_new)
+        # the cached keys before this position
         m = tl.full((REP,), float("-inf"), dtype=tl.float32)
         s = tl.zeros((REP,), dtype=tl.float32)
         acc = tl.zeros((REP, D), dtype=tl.float32)
-        k_base = k_ptr + b * skb + g * skh
-        v_base = v_ptr + b * svb + g * svh
-        for start in range(0, n_keys, BLOCK_L):
+        for start in range(0, pos, BLOCK_L):
             rl = start + rl0
-            live = rl < n_keys
-            k = tl.load(k_base + rl[:, None] * skl + rd[None, :], mask=live[:, None], other=0.0)
-            v = tl.load(v_base + rl[:, None] * svl + rd[None, :], mask=live[:, None], other=0.0)
-            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale
+            live = rl < pos
+            at = k_row + rl[:, None] * skl + 2 * ri[None, :]
+            ce = tl.load(at, mask=live[:, None], other=0.0).to(tl.float32)
+            co = tl.load(at + 1, mask=live[:, None], other=0.0).to(tl.float32)
+            v = tl.load(v_row + rl[:, None] * svl + rd[None, :], mask=live[:, None], other=0.0)
+            scores = tl.sum(q_even[:, None, :] * ce[None, :, :], axis=2)
+            scores = (scores + tl.sum(q_odd[:, None, :] * co[None, :, :], axis=2)) * scale
             scores = tl.where(live[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             alpha = tl.exp(m - m_new)
@@ -456,11 +527,17 @@ def _attention_kernel() -> Any:
                 p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1
             )
             m = m_new
+        # the new key and value
+        own = tl.sum(q_even * k_even.to(tl.float32)[None, :], axis=1)
+        own = (own + tl.sum(q_odd * k_odd.to(tl.float32)[None, :], axis=1)) * scale
+        m_new = tl.maximum(m, own)
+        alpha = tl.exp(m - m_new)
+        p_own = tl.exp(own - m_new)
+        s = s * alpha + p_own
+        acc = acc * alpha[:, None] + p_own[:, None] * v_new.to(tl.float32)[None, :]
         out = acc / s[:, None]
         tl.store(
-            o_ptr + b * sob + heads[:, None] * soh + rd[None, :],
-            out.to(o_ptr.dtype.element_ty),
-            mask=rr[:, None] < n_rep,
+            o_ptr + b * sob + heads[:, None] * D + rd[None, :], out.to(dt), mask=live_q[:, None]
         )
 
     return attend

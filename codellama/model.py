@@ -360,6 +360,11 @@ class Attention(nn.Module):
         """Attention of the (B, T, (H + 2 Hkv) D) product with ``wqkv``, before ``wo``."""
         bsz, seqlen, _ = qkv.shape
         heads, kv_heads = self.n_local_heads, self.n_local_kv_heads
+        positions, cache = step.positions, self.cache
+        if positions is not None and cache is not None and gpu_kernels.attends(qkv, positions, self.head_dim):  # fmt: skip
+            return gpu_kernels.decode_attention(
+                qkv, step.rotation, positions, cache.k, cache.v, step.row_offset, heads, kv_heads
+            )
         qkv = qkv.view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
         qk = apply_rotary(qkv[:, :, : heads + kv_heads], step.rotation)  # adjacent: one go
         q, k = qk.split([heads, kv_heads], dim=2)
@@ -374,9 +379,6 @@ class Attention(nn.Module):
         bsz, seqlen = q.shape[:2]
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         keys, values = self.cache.update(k, v.transpose(1, 2), step)
-        if seqlen == 1 and gpu_kernels.attends(q, step.positions):
-            out = gpu_kernels.decode_attention(q, keys, values, step.positions)  # type: ignore[arg-type]
-            return out.reshape(bsz, 1, self.n_local_heads * self.head_dim)
 
         if self.n_rep > 1 and seqlen == 1:
             # GQA decode: the n_rep query heads of a group attend to the same K/V, so stack

@@ -212,27 +212,34 @@ def test_layers_fuse_only_for_one_row(monkeypatch, make_checkpoint, build):
     assert not layer._fuses(torch.zeros(1, 3, GQA_ARGS.dim))
 
 
-# Decoding attention: (rows, heads, kv_heads, head_dim, cached positions, each row's last position)
-ATTENTION_CASES = [(2, 4, 4, 16, 40, [5, 39]), (2, 8, 2, 32, 70, [0, 69]),
-                   (1, 6, 2, 16, 20, [19]), (3, 4, 1, 16, 130, [64, 127, 1])]  # fmt: skip
+# Decoding attention: (rows, heads, kv_heads, head_dim, cache length, each row's position, row_offset)
+ATTENTION_CASES = [(2, 4, 4, 16, 40, [5, 39], 0), (2, 8, 2, 32, 70, [0, 69], 1),
+                   (1, 6, 2, 16, 20, [19], 2), (3, 4, 1, 16, 130, [64, 127, 1], 0)]  # fmt: skip
 
 _ATTENTION_SCRIPT = r"""
 import json, sys, torch
 from codellama import gpu_kernels
+from codellama.model import rope_table
 kernel, out = gpu_kernels._attention_kernel(), {}
-for bsz, heads, kv_heads, dim, length, pos, dtype in json.loads(sys.argv[1]):
+for bsz, heads, kv_heads, dim, length, pos, lo, dtype in json.loads(sys.argv[1]):
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(bsz * 100 + heads)
-    cache_k = torch.randn(bsz + 1, kv_heads, length + 9, dim, generator=g).to(dt)
-    cache_v = torch.randn(bsz + 1, kv_heads, length + 9, dim, generator=g).to(dt)
-    keys, values = cache_k[1:, :, :length], cache_v[1:, :, :length]  # strided views
-    q = torch.randn(bsz, 1, heads, dim, generator=g).to(dt).transpose(1, 2)
+    caches = [torch.randn(bsz + lo + 1, kv_heads, length, dim, generator=g).to(dt) for _ in "kv"]
+    qkv = torch.randn(bsz, 1, (heads + 2 * kv_heads) * dim, generator=g).to(dt)
     positions = torch.tensor(pos).view(bsz, 1)
-    got = gpu_kernels.launch_attention(q, keys, values, positions, kernel, block_l=16)
-    want = gpu_kernels.attention_reference(q.float(), keys.float(), values.float(), positions)
+    rotation = rope_table(dim, length, 1e4)[positions].view(bsz, 1, 1, -1, 2)
+    args = (positions, *[c.clone() for c in caches], lo, heads, kv_heads)
+    got = gpu_kernels.launch_attention(qkv, rotation, *args, kernel, block_l=16)
+    want_caches = [c.float() for c in caches]
+    want = gpu_kernels.attention_reference(
+        qkv.float(), rotation, positions, *want_caches, lo, heads, kv_heads)
     out[f"{bsz}-{heads}-{kv_heads}-{dtype}"] = {
         "shape": list(got.shape), "dtype": str(got.dtype).removeprefix("torch."),
         "err": (got.float() - want).abs().max().item(),
+        "cache_err": max((c.float() - w).abs().max().item() for c, w in zip(args[1:3], want_caches)),
+        "others_kept": all(
+            torch.equal(torch.cat([c[:lo], c[lo + bsz:]]), torch.cat([o[:lo], o[lo + bsz:]]))
+            for c, o in zip(args[1:3], caches)),
     }
 print(json.dumps(out))
 """
@@ -240,19 +247,23 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreted_attention() -> dict:
-    """Each attention case's output shape, dtype and max absolute error."""
+    """Each attention case's output shape, dtype and errors (output, stored caches)."""
     cases = [[*case, d] for case in ATTENTION_CASES for d in DTYPES]
     return _interpret(_ATTENTION_SCRIPT, cases)
 
 
-@pytest.mark.parametrize("bsz,heads,kv_heads,dim,length,pos", ATTENTION_CASES)
+@pytest.mark.parametrize("bsz,heads,kv_heads,dim,length,pos,lo", ATTENTION_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_attention_equals_sdpa_up_to_each_rows_position(
-    interpreted_attention, bsz, heads, kv_heads, dim, length, pos, dtype
+def test_decode_attention_equals_the_unfused_steps(
+    interpreted_attention, bsz, heads, kv_heads, dim, length, pos, lo, dtype
 ):
+    """Rotary embedding, the cache store at each row's position (only that row's), and
+    attention over keys up to it, against SDPA with a mask on an fp32 copy."""
     got = interpreted_attention[f"{bsz}-{heads}-{kv_heads}-{dtype}"]
-    assert got["shape"] == [bsz, heads, 1, dim] and got["dtype"] == dtype
+    assert got["shape"] == [bsz, 1, heads * dim] and got["dtype"] == dtype
     assert got["err"] < 2e-2  # values ~N(0, 1): the output's rounding to 16 bits
+    assert got["cache_err"] < 2e-2  # the stored k rounds the rotation once, as the layer does
+    assert got["others_kept"]
 
 
 def test_decode_attention_is_off_unless_asked(monkeypatch):
@@ -269,12 +280,13 @@ def test_decode_attention_is_off_unless_asked(monkeypatch):
 
 def test_decode_attention_wiring_gives_the_sdpa_path_logits(monkeypatch, make_checkpoint, build):
     """Attention through the op (its torch reference here) at per-row positions, as compiled
-    decoding calls it, gives what SDPA with the mask gives."""
+    decoding calls it, gives the unfused layer's logits."""
     pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
     from tests.conftest import GQA_ARGS
 
     gpu_kernels._register()
     model = build(make_checkpoint(GQA_ARGS), compile=True).model
+    assert model.fuse_projections()  # the op takes the q/k/v product
     tokens = torch.tensor([[1, 5, 9, 30, 7], [1, 8, 3, 2, 11]])
 
     def decode() -> torch.Tensor:  # rows at different positions (the second one ahead)
@@ -282,15 +294,50 @@ def test_decode_attention_wiring_gives_the_sdpa_path_logits(monkeypatch, make_ch
         for i in range(4):
             positions = torch.tensor([[i], [i + 1]])
             step = tokens[:, i : i + 1]
-            steps.append(model.forward_tokens(step, positions=positions, kv_len=16))
+            steps.append(model.forward_tokens(step, positions=positions, kv_len=16, row_offset=1))
         return torch.cat(steps, 1)
 
     want = decode()
     calls: list[int] = []
     real = gpu_kernels.decode_attention
     monkeypatch.setattr(gpu_kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(gpu_kernels, "attends", lambda q, positions: positions is not None)
+    monkeypatch.setattr(gpu_kernels, "attends", lambda qkv, positions, dim: True)
     monkeypatch.setattr(gpu_kernels, "_failed", RuntimeError("run the torch reference"))
     got = decode()
     assert len(calls) == 4 * GQA_ARGS.n_layers
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_through_the_attention_op_stores_in_place(
+    monkeypatch, make_checkpoint, build
+):
+    """The op mutates the caches: torch.compile must neither copy them nor break the graph,
+    and the tokens are eager's (the op's torch reference runs here, on the CPU)."""
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
+    import re
+
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    from tests.conftest import GQA_ARGS
+
+    ckpt = make_checkpoint(GQA_ARGS)
+    prompts = [[1, 5, 6, 7], [1, 9, 10, 11, 12, 13]]
+    want = build(ckpt, max_seq_len=999).generate(prompts, 6, temperature=0, stop_token=-1)[0]
+    compiled = build(ckpt, max_seq_len=999, compile=True)
+    assert compiled.model.fuse_projections()
+    gpu_kernels._register()
+    calls: list[int] = []
+    real = gpu_kernels.attention_reference
+    monkeypatch.setattr(gpu_kernels, "attention_reference", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(gpu_kernels, "attends", lambda qkv, positions, dim: True)
+    monkeypatch.setattr(gpu_kernels, "_failed", RuntimeError("run the torch reference"))
+    counters.clear()
+    (got, _), sources = run_and_get_code(
+        compiled.generate, prompts, 6, temperature=0, stop_token=-1
+    )
+    assert got == want
+    assert calls and dict(counters["graph_break"]) == {}
+    allocations = re.findall(r"empty_strided\w*\(\(([^)]*)\)", "\n".join(sources))
+    assert not [a for a in allocations if "999" in a.replace(" ", "").split(",")]
