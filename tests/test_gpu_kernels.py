@@ -341,3 +341,47 @@ def test_compiled_decoding_through_the_attention_op_stores_in_place(
     assert calls and dict(counters["graph_break"]) == {}
     allocations = re.findall(r"empty_strided\w*\(\(([^)]*)\)", "\n".join(sources))
     assert not [a for a in allocations if "999" in a.replace(" ", "").split(",")]
+
+
+def _compile_for(fn: object, signature: dict, constants: dict, arch: int, warps: int) -> dict:
+    """Compile a kernel for an NVIDIA GPU of compute capability ``arch`` (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants)
+    options = {"num_warps": warps}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm
+
+
+_MM_SIGNATURE = {
+    **dict.fromkeys(["x_ptr", "w_ptr", "y_ptr", "g_ptr", "r_ptr"], "*bf16"),
+    **dict.fromkeys(["M", "N", "K", "sxm", "swn", "sym", "srm"], "i32"), "eps": "fp32",
+    **dict.fromkeys(["NORM", "SWIGLU", "ADD", "BLOCK_N", "BLOCK_K"], "constexpr"),
+}  # fmt: skip
+_ATTENTION_SIGNATURE = {
+    **dict.fromkeys(["x_ptr", "kc_ptr", "vc_ptr", "o_ptr"], "*bf16"), "rot_ptr": "*fp32",
+    "pos_ptr": "*i64", "scale": "fp32", **dict.fromkeys(["REP", "D", "BLOCK_L"], "constexpr"),
+    **dict.fromkeys(["row_offset", "sxb", "srb", "skb", "skh", "skl", "svb", "svh", "svl",
+                     "sob", "n_heads", "n_kv", "n_rep"], "i32"),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_kernel_the_model_uses_compiles_for_ampere_and_hopper(arch):
+    """Built for the GPU without one (Triton's own compiler and ptxas): the one-row products
+    with each fusion, the few-row products, and the attention for GQA groups of 1 to 8."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
+    one_row, few_rows = (k.fn for k in gpu_kernels._kernels())
+    for fusion in [(0, 0, 0), (1, 0, 0), (0, 0, 1), (0, 1, 1)]:
+        flags = dict(zip(["NORM", "SWIGLU", "ADD"], map(bool, fusion)))
+        asm = _compile_for(one_row, _MM_SIGNATURE, {**flags, "BLOCK_N": 1, "BLOCK_K": 4096},
+                           arch, 8)  # fmt: skip
+        assert asm["cubin"]
+    plain = {"NORM": False, "SWIGLU": False, "ADD": False, "BLOCK_N": 32, "BLOCK_K": 128}
+    assert _compile_for(few_rows, _MM_SIGNATURE, plain, arch, 4)["cubin"]
+    for rep in (1, 2, 4, 8):
+        consts = {"REP": rep, "D": 128, "BLOCK_L": max(16, 32 // rep)}
+        assert _compile_for(gpu_kernels._attention_kernel(), _ATTENTION_SIGNATURE, consts,
+                            arch, 8)["cubin"]  # fmt: skip
