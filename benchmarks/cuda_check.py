@@ -7,7 +7,8 @@ Checks, each printed as PASS/FAIL with its figures, going on after a failure:
   2. greedy tokens of a mixed-length batch on CUDA equal the CPU's (fp32);
   3. ``compile=True`` (torch.compile, CUDA graphs) gives the eager tokens and logprobs, with
      one graph per batch size and no CUDA-graph skips, also across the cache-length buckets
-     up to the end of the cache; the Triton products equal F.linear's;
+     up to the end of the cache; the Triton products equal F.linear's; one row through the
+     fused layers gives eager's bf16 tokens, and the opt-in Triton attention the default's;
   4. seeded sampling on CUDA repeats itself, and the overlapped decode loop (the next step
      queued before the host reads tokens) gives what the plain loop gives.
 
@@ -174,6 +175,37 @@ def main() -> int:
         check("compile=True across cache buckets == eager", ok, f"rows {same}, graphs {graphs}")
     except Exception as exc:
         check("compile=True across cache buckets", False, repr(exc))
+
+    # 3d. one row decodes through the fused layers (norms, SwiGLU, residuals inside the
+    # products: rounded differently, so compared on tokens); the opt-in Triton attention
+    # (rotary, cache store, attention in one kernel) against the default, rows at
+    # different positions
+    try:
+        from codellama import gpu_kernels
+
+        one = ps[1:2]
+        a1 = b16.generate_results(one, 12, greedy, logprobs=True)
+        c1 = compiled16.generate_results(one, 12, greedy, logprobs=True)
+        lp = max(abs(x - y) for x, y in zip(a1[0].logprobs or [], c1[0].logprobs or []))
+        detail = f"tokens equal: {a1[0].tokens == c1[0].tokens}, logprob diff {lp:.1e}"
+        check("compile=True == eager (bf16, one row, fused layers)", a1[0].tokens == c1[0].tokens, detail)  # fmt: skip
+        torch._dynamo.reset()
+        gpu_kernels._attention = DEVICE == "cuda"
+        with_kernel = build(dtype="bfloat16", compile=True)
+        k16 = with_kernel.generate_results(ps, 12, greedy, logprobs=True)
+        k1 = with_kernel.generate_results(one, 12, greedy, logprobs=True)
+        gpu_kernels._attention = False
+        same = [x.tokens == y.tokens for x, y in zip(c16 + c1, k16 + k1)]
+        lp = max(
+            abs(x - y)
+            for a, b in zip(c16 + c1, k16 + k1)
+            for x, y in zip(a.logprobs or [], b.logprobs or [])
+        )
+        failed = gpu_kernels._failed
+        detail = f"rows {same}, logprob diff {lp:.1e}, kernel failure: {failed!r:.200}"
+        check("Triton attention (opt-in) == SDPA (bf16, compiled)", all(same) and failed is None, detail)  # fmt: skip
+    except Exception as exc:
+        check("fused layers / Triton attention", False, repr(exc))
 
     # 4. seeded sampling and the overlapped loop
     sampling = SamplingParams(temperature=0.8, top_p=0.95, repetition_penalty=1.2)
