@@ -33,6 +33,9 @@ _enabled = False
 _failed: Exception | None = None  # the first failure of the kernels; then torch runs
 _fused = False  # whether decoder layers use the fused ops (see fuses)
 _attention = False  # whether one-token attention uses decode_attention (see attends)
+# Cache positions up to which decode_attention's kernel runs (it walks a row's keys with one
+# program a KV head; SDPA spreads longer contexts over the GPU). Not yet tuned on a GPU.
+ATTENTION_MAX_KEYS = 4096
 
 
 def enable() -> bool:
@@ -127,7 +130,9 @@ def _reference(op: str, *args: Any) -> torch.Tensor:
 
 def _launch(op: str, *args: Any) -> torch.Tensor:
     if op == "decode_attention":
-        qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads = args
+        qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads, kv_len = args
+        if kv_len > ATTENTION_MAX_KEYS:  # one program a KV head would walk the keys alone
+            return attention_reference(*args)
         return launch_attention(
             qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads,
             _attention_kernel(),
@@ -186,15 +191,15 @@ def _register() -> None:
     def _attend(
         qkv: torch.Tensor, rotation: torch.Tensor, positions: torch.Tensor,
         k_cache: torch.Tensor, v_cache: torch.Tensor, row_offset: int, heads: int,
-        kv_heads: int,
+        kv_heads: int, kv_len: int,
     ) -> torch.Tensor:  # fmt: skip
         return _run("decode_attention", qkv, rotation, positions, k_cache, v_cache,
-                    row_offset, heads, kv_heads)  # fmt: skip
+                    row_offset, heads, kv_heads, kv_len)  # fmt: skip
 
     @_attend.register_fake  # type: ignore[misc]
     def _(qkv: torch.Tensor, rotation: torch.Tensor, positions: torch.Tensor,
           k_cache: torch.Tensor, *rest: Any) -> torch.Tensor:  # fmt: skip
-        heads = rest[-2]
+        heads = rest[-3]
         return qkv.new_empty((qkv.shape[0], 1, heads * k_cache.shape[-1]))
 
     def fake(x: torch.Tensor, weight: torch.Tensor, *_: Any) -> torch.Tensor:
@@ -387,14 +392,17 @@ def decode_attention(
     row_offset: int,
     heads: int,
     kv_heads: int,
+    kv_len: int,
 ) -> torch.Tensor:
     """One decoding token's attention, in one kernel, from its q/k/v product: rotate q and k
     (``rotation``: the (cos, sin) pairs at each row's position, (B, 1, 1, D/2, 2)), store k
     and v in the caches (max_batch, Hkv, max_seq_len, D) at row ``row_offset + b`` and
-    position ``positions[b]``, attend over keys ``0..positions[b]``. qkv is (B, 1, (H + 2 Hkv)
-    D); returns (B, 1, H D). One program a (row, KV head) reads only that row's keys."""
+    position ``positions[b]`` (< ``kv_len``), attend over keys ``0..positions[b]``. qkv is
+    (B, 1, (H + 2 Hkv) D); returns (B, 1, H D). One program a (row, KV head) reads only that
+    row's keys; past ATTENTION_MAX_KEYS positions the torch steps run instead (SDPA's
+    kernels spread a long context's keys over the whole GPU)."""
     return torch.ops.codellama.decode_attention(  # type: ignore[no-any-return]
-        qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads
+        qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads, kv_len
     )
 
 
@@ -407,6 +415,7 @@ def attention_reference(
     row_offset: int,
     heads: int,
     kv_heads: int,
+    kv_len: int,
 ) -> torch.Tensor:
     """:func:`decode_attention` in torch: the steps the unfused layer takes."""
     from .model import rotate_real  # model imports this module
@@ -420,9 +429,9 @@ def attention_reference(
     pos = positions.reshape(bsz, 1, 1)
     k_cache.index_put_((rows, kv, pos), k.transpose(1, 2))
     v_cache.index_put_((rows, kv, pos), v.transpose(1, 2))
-    keys, values = k_cache[row_offset : row_offset + bsz], v_cache[row_offset : row_offset + bsz]
-    length = keys.shape[2]
-    mask = torch.arange(length, device=qkv.device).view(1, 1, 1, length) <= pos.view(bsz, 1, 1, 1)
+    rows_of = slice(row_offset, row_offset + bsz)
+    keys, values = k_cache[rows_of, :, :kv_len], v_cache[rows_of, :, :kv_len]
+    mask = torch.arange(kv_len, device=qkv.device).view(1, 1, 1, kv_len) <= pos.view(bsz, 1, 1, 1)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=heads != kv_heads
     )

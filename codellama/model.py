@@ -363,8 +363,9 @@ class Attention(nn.Module):
         positions, cache = step.positions, self.cache
         if positions is not None and cache is not None and gpu_kernels.attends(qkv, positions, self.head_dim):  # fmt: skip
             return gpu_kernels.decode_attention(
-                qkv, step.rotation, positions, cache.k, cache.v, step.row_offset, heads, kv_heads
-            )
+                qkv, step.rotation, positions, cache.k, cache.v, step.row_offset, heads,
+                kv_heads, step.kv_len,
+            )  # fmt: skip
         qkv = qkv.view(bsz, seqlen, heads + 2 * kv_heads, self.head_dim)
         qk = apply_rotary(qkv[:, :, : heads + kv_heads], step.rotation)  # adjacent: one go
         q, k = qk.split([heads, kv_heads], dim=2)

@@ -232,7 +232,7 @@ for bsz, heads, kv_heads, dim, length, pos, lo, dtype in json.loads(sys.argv[1])
     got = gpu_kernels.launch_attention(qkv, rotation, *args, kernel, block_l=16)
     want_caches = [c.float() for c in caches]
     want = gpu_kernels.attention_reference(
-        qkv.float(), rotation, positions, *want_caches, lo, heads, kv_heads)
+        qkv.float(), rotation, positions, *want_caches, lo, heads, kv_heads, length)
     out[f"{bsz}-{heads}-{kv_heads}-{dtype}"] = {
         "shape": list(got.shape), "dtype": str(got.dtype).removeprefix("torch."),
         "err": (got.float() - want).abs().max().item(),
@@ -385,3 +385,25 @@ def test_every_kernel_the_model_uses_compiles_for_ampere_and_hopper(arch):
         consts = {"REP": rep, "D": 128, "BLOCK_L": max(16, 32 // rep)}
         assert _compile_for(gpu_kernels._attention_kernel(), _ATTENTION_SIGNATURE, consts,
                             arch, 8)["cubin"]  # fmt: skip
+
+
+def test_decode_attention_leaves_long_contexts_to_sdpa(monkeypatch):
+    """Past ATTENTION_MAX_KEYS cached positions the op runs the torch steps (SDPA), which
+    store and attend as the kernel would."""
+    launched: list[int] = []
+    monkeypatch.setattr(gpu_kernels, "launch_attention", lambda *a: launched.append(1))
+    monkeypatch.setattr(gpu_kernels, "_attention_kernel", lambda: None)
+    heads, kv_heads, dim, bsz = 4, 2, 8, 1
+    qkv = torch.randn(bsz, 1, (heads + 2 * kv_heads) * dim)
+    rotation = torch.zeros(bsz, 1, 1, dim // 2, 2)
+    rotation[..., 0] = 1.0  # no rotation
+    positions = torch.tensor([[3]])
+    k_cache, v_cache = torch.zeros(2, kv_heads, 8, dim), torch.zeros(2, kv_heads, 8, dim)
+    args = (qkv, rotation, positions, k_cache, v_cache, 1, heads, kv_heads)
+    gpu_kernels._launch("decode_attention", *args, 8)
+    assert launched == [1]
+    monkeypatch.setattr(gpu_kernels, "ATTENTION_MAX_KEYS", 7)
+    out = gpu_kernels._launch("decode_attention", *args, 8)
+    assert launched == [1] and out.shape == (bsz, 1, heads * dim)
+    new_k = qkv.view(heads + 2 * kv_heads, dim)[heads : heads + kv_heads]
+    torch.testing.assert_close(k_cache[1, :, 3], new_k)  # stored at row 1, position 3
