@@ -17,6 +17,7 @@ Checks, each printed as PASS/FAIL with its figures, going on after a failure:
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -190,11 +191,18 @@ def main() -> int:
         detail = f"tokens equal: {a1[0].tokens == c1[0].tokens}, logprob diff {lp:.1e}"
         check("compile=True == eager (bf16, one row, fused layers)", a1[0].tokens == c1[0].tokens, detail)  # fmt: skip
         torch._dynamo.reset()
-        gpu_kernels._attention = DEVICE == "cuda"
-        with_kernel = build(dtype="bfloat16", compile=True)
-        k16 = with_kernel.generate_results(ps, 12, greedy, logprobs=True)
-        k1 = with_kernel.generate_results(one, 12, greedy, logprobs=True)
-        gpu_kernels._attention = False
+        os.environ["CODELLAMA_TRITON_ATTENTION"] = "1"  # read by Llama.build (enable())
+        launches: list[int] = []
+        launch = gpu_kernels.launch_attention
+        gpu_kernels.launch_attention = lambda *a, **k: launches.append(1) or launch(*a, **k)
+        try:
+            with_kernel = build(dtype="bfloat16", compile=True)
+            k16 = with_kernel.generate_results(ps, 12, greedy, logprobs=True)
+            k1 = with_kernel.generate_results(one, 12, greedy, logprobs=True)
+        finally:
+            os.environ.pop("CODELLAMA_TRITON_ATTENTION")
+            gpu_kernels.launch_attention = launch
+            gpu_kernels._attention = False
         same = [x.tokens == y.tokens for x, y in zip(c16 + c1, k16 + k1)]
         lp = max(
             abs(x - y)
@@ -202,8 +210,12 @@ def main() -> int:
             for x, y in zip(a.logprobs or [], b.logprobs or [])
         )
         failed = gpu_kernels._failed
-        detail = f"rows {same}, logprob diff {lp:.1e}, kernel failure: {failed!r:.200}"
-        check("Triton attention (opt-in) == SDPA (bf16, compiled)", all(same) and failed is None, detail)  # fmt: skip
+        ran = bool(launches) or DEVICE == "cpu"  # the CPU (a smoke run) never launches it
+        detail = (
+            f"rows {same}, logprob diff {lp:.1e}, kernel launches {len(launches)}, kernel "
+            f"failure: {failed!r:.200}"
+        )
+        check("Triton attention (opt-in) == SDPA (bf16, compiled)", all(same) and failed is None and ran, detail)  # fmt: skip
     except Exception as exc:
         check("fused layers / Triton attention", False, repr(exc))
 

@@ -134,7 +134,7 @@ def _launch(op: str, *args: Any) -> torch.Tensor:
         if kv_len > ATTENTION_MAX_KEYS:  # one program a KV head would walk the keys alone
             return attention_reference(*args)
         return launch_attention(
-            qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads,
+            qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads, kv_len,
             _attention_kernel(),
         )  # fmt: skip
     x, weight, *extra = args
@@ -432,10 +432,11 @@ def attention_reference(
     rows_of = slice(row_offset, row_offset + bsz)
     keys, values = k_cache[rows_of, :, :kv_len], v_cache[rows_of, :, :kv_len]
     mask = torch.arange(kv_len, device=qkv.device).view(1, 1, 1, kv_len) <= pos.view(bsz, 1, 1, 1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=heads != kv_heads
-    )
-    return out.transpose(1, 2).reshape(bsz, 1, heads * dim)
+    # The query heads of a KV group stacked along the query axis, as the layer does: SDPA's
+    # enable_gqa with a mask would take its unfused math path, repeating K and V.
+    qg = q.reshape(bsz, kv_heads, heads // kv_heads, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+    return out.reshape(bsz, 1, heads * dim)
 
 
 def launch_attention(
@@ -447,6 +448,7 @@ def launch_attention(
     row_offset: int,
     heads: int,
     kv_heads: int,
+    kv_len: int,
     kernel: Any,
     block_l: int | None = None,
 ) -> torch.Tensor:
@@ -454,7 +456,7 @@ def launch_attention(
 
     Keys are read ``block_l`` at a time: by default 32 for one query head a KV head, 16 for
     GQA groups, with 8 warps. Compiled for sm_90 (Triton 3.9, ptxas -v), that keeps every
-    group size from 1 to 8 within 242 registers and unspilled; 64 keys with 4 warps spilled
+    group size from 1 to 8 within 244 registers and unspilled; 64 keys with 4 warps spilled
     even for one head."""
     bsz, dim = qkv.shape[0], k_cache.shape[-1]
     rep = heads // kv_heads
@@ -467,10 +469,10 @@ def launch_attention(
     out = torch.empty((bsz, heads, dim), device=qkv.device, dtype=qkv.dtype)
     rep_p2 = 1 << (rep - 1).bit_length()
     kernel[(bsz, kv_heads)](
-        x, rot, positions.reshape(bsz), k_cache, v_cache, out, row_offset, x.stride(0),
-        rot.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        x, rot, positions.reshape(bsz).contiguous(), k_cache, v_cache, out, row_offset,
+        x.stride(0), rot.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), heads,
-        kv_heads, rep, dim**-0.5, REP=rep_p2, D=dim,
+        kv_heads, rep, kv_len, dim**-0.5, REP=rep_p2, D=dim,
         BLOCK_L=block_l or max(16, 32 // rep_p2), num_warps=8,
     )  # fmt: skip
     return out.view(bsz, 1, heads * dim)
@@ -482,13 +484,14 @@ def _attention_kernel() -> Any:
     together. Rotary pairs (x[2i], x[2i+1]) are kept as even and odd halves (a dot product
     is the sum over both). Cached keys ``0..pos-1`` are read in blocks of BLOCK_L (a loop
     bound read from memory: a 100K-position cache costs nothing until used) with an online
-    softmax; the new key and value join from registers, so nothing just stored is read."""
+    softmax; the new key and value join from registers, so nothing just stored is read.
+    As with SDPA's mask, keys at ``kv_len`` and beyond are not attended to."""
     import triton
     import triton.language as tl
 
     @triton.jit  # type: ignore[misc]
     def attend(x_ptr, rot_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, row_offset, sxb, srb,  # noqa: N803
-               skb, skh, skl, svb, svh, svl, sob, n_heads, n_kv, n_rep, scale,  # noqa: N803
+               skb, skh, skl, svb, svh, svl, sob, n_heads, n_kv, n_rep, kv_len, scale,  # noqa: N803
                REP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr):  # fmt: skip
         b = tl.program_id(0)
         g = tl.program_id(1)
@@ -514,7 +517,7 @@ def _attention_kernel() -> Any:
         k_even = (ke * cos - ko * sin).to(dt)
         k_odd = (ke * sin + ko * cos).to(dt)
         v_new = tl.load(x_ptr + b * sxb + (n_heads + n_kv + g) * D + rd)
-        row = row_offset + b
+        row = (row_offset + b).to(tl.int64)  # a cache's rows can pass 2**31 elements
         k_row = kc_ptr + row * skb + g * skh
         v_row = vc_ptr + row * svb + g * svh
         tl.store(k_row + pos * skl + 2 * ri, k_even)
@@ -524,9 +527,10 @@ def _attention_kernel() -> Any:
         m = tl.full((REP,), float("-inf"), dtype=tl.float32)
         s = tl.zeros((REP,), dtype=tl.float32)
         acc = tl.zeros((REP, D), dtype=tl.float32)
-        for start in range(0, pos, BLOCK_L):
+        n_old = tl.minimum(pos, kv_len)  # a row fed past kv_len attends to keys below it only
+        for start in range(0, n_old, BLOCK_L):
             rl = start + rl0
-            live = rl < pos
+            live = rl < n_old
             at = k_row + rl[:, None] * skl + 2 * ri[None, :]
             ce = tl.load(at, mask=live[:, None], other=0.0).to(tl.float32)
             co = tl.load(at + 1, mask=live[:, None], other=0.0).to(tl.float32)
@@ -545,6 +549,7 @@ def _attention_kernel() -> Any:
         # the new key and value
         own = tl.sum(q_even * k_even.to(tl.float32)[None, :], axis=1)
         own = (own + tl.sum(q_odd * k_odd.to(tl.float32)[None, :], axis=1)) * scale
+        own = tl.where(pos < kv_len, own, float("-inf"))
         m_new = tl.maximum(m, own)
         alpha = tl.exp(m - m_new)
         p_own = tl.exp(own - m_new)

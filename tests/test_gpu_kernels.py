@@ -212,28 +212,30 @@ def test_layers_fuse_only_for_one_row(monkeypatch, make_checkpoint, build):
     assert not layer._fuses(torch.zeros(1, 3, GQA_ARGS.dim))
 
 
-# Decoding attention: (rows, heads, kv_heads, head_dim, cache length, each row's position, row_offset)
-ATTENTION_CASES = [(2, 4, 4, 16, 40, [5, 39], 0), (2, 8, 2, 32, 70, [0, 69], 1),
-                   (1, 6, 2, 16, 20, [19], 2), (3, 4, 1, 16, 130, [64, 127, 1], 0)]  # fmt: skip
+# Decoding attention: (rows, heads, kv_heads, head_dim, cache length, each row's position,
+# row_offset, kv_len); the last case feeds a row past kv_len, as generation feeds finished rows
+ATTENTION_CASES = [(2, 4, 4, 16, 40, [5, 39], 0, 40), (2, 8, 2, 32, 70, [0, 69], 1, 70),
+                   (1, 6, 2, 16, 20, [19], 2, 20), (3, 4, 1, 16, 130, [64, 127, 1], 0, 130),
+                   (2, 4, 2, 16, 40, [39, 10], 0, 30)]  # fmt: skip
 
 _ATTENTION_SCRIPT = r"""
 import json, sys, torch
 from codellama import gpu_kernels
 from codellama.model import rope_table
 kernel, out = gpu_kernels._attention_kernel(), {}
-for bsz, heads, kv_heads, dim, length, pos, lo, dtype in json.loads(sys.argv[1]):
+for bsz, heads, kv_heads, dim, length, pos, lo, kv_len, dtype in json.loads(sys.argv[1]):
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(bsz * 100 + heads)
     caches = [torch.randn(bsz + lo + 1, kv_heads, length, dim, generator=g).to(dt) for _ in "kv"]
     qkv = torch.randn(bsz, 1, (heads + 2 * kv_heads) * dim, generator=g).to(dt)
-    positions = torch.tensor(pos).view(bsz, 1)
+    positions = torch.tensor([[0, p] for p in pos])[:, 1:]  # (bsz, 1), rows 2 apart
     rotation = rope_table(dim, length, 1e4)[positions].view(bsz, 1, 1, -1, 2)
-    args = (positions, *[c.clone() for c in caches], lo, heads, kv_heads)
+    args = (positions, *[c.clone() for c in caches], lo, heads, kv_heads, kv_len)
     got = gpu_kernels.launch_attention(qkv, rotation, *args, kernel, block_l=16)
     want_caches = [c.float() for c in caches]
     want = gpu_kernels.attention_reference(
-        qkv.float(), rotation, positions, *want_caches, lo, heads, kv_heads, length)
-    out[f"{bsz}-{heads}-{kv_heads}-{dtype}"] = {
+        qkv.float(), rotation, positions, *want_caches, lo, heads, kv_heads, kv_len)
+    out[f"{bsz}-{heads}-{kv_heads}-{kv_len}-{dtype}"] = {
         "shape": list(got.shape), "dtype": str(got.dtype).removeprefix("torch."),
         "err": (got.float() - want).abs().max().item(),
         "cache_err": max((c.float() - w).abs().max().item() for c, w in zip(args[1:3], want_caches)),
@@ -252,14 +254,14 @@ def interpreted_attention() -> dict:
     return _interpret(_ATTENTION_SCRIPT, cases)
 
 
-@pytest.mark.parametrize("bsz,heads,kv_heads,dim,length,pos,lo", ATTENTION_CASES)
+@pytest.mark.parametrize("bsz,heads,kv_heads,dim,length,pos,lo,kv_len", ATTENTION_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_equals_the_unfused_steps(
-    interpreted_attention, bsz, heads, kv_heads, dim, length, pos, lo, dtype
+    interpreted_attention, bsz, heads, kv_heads, dim, length, pos, lo, kv_len, dtype
 ):
     """Rotary embedding, the cache store at each row's position (only that row's), and
     attention over keys up to it, against SDPA with a mask on an fp32 copy."""
-    got = interpreted_attention[f"{bsz}-{heads}-{kv_heads}-{dtype}"]
+    got = interpreted_attention[f"{bsz}-{heads}-{kv_heads}-{kv_len}-{dtype}"]
     assert got["shape"] == [bsz, 1, heads * dim] and got["dtype"] == dtype
     assert got["err"] < 2e-2  # values ~N(0, 1): the output's rounding to 16 bits
     assert got["cache_err"] < 2e-2  # the stored k rounds the rotation once, as the layer does
@@ -363,7 +365,7 @@ _ATTENTION_SIGNATURE = {
     **dict.fromkeys(["x_ptr", "kc_ptr", "vc_ptr", "o_ptr"], "*bf16"), "rot_ptr": "*fp32",
     "pos_ptr": "*i64", "scale": "fp32", **dict.fromkeys(["REP", "D", "BLOCK_L"], "constexpr"),
     **dict.fromkeys(["row_offset", "sxb", "srb", "skb", "skh", "skl", "svb", "svh", "svl",
-                     "sob", "n_heads", "n_kv", "n_rep"], "i32"),
+                     "sob", "n_heads", "n_kv", "n_rep", "kv_len"], "i32"),
 }  # fmt: skip
 
 
