@@ -54,3 +54,14 @@ def test_sampling_bench_reports_every_shape_with_metas_tokens(tmp_path):
     rows = [line for line in lines if line.startswith("| ") and "codellama ms" not in line]
     assert len(rows) == 4, proc.stdout
     assert all(row.endswith("| yes |") for row in rows), proc.stdout
+
+
+def test_decode_profile_script_prints_step_times_and_a_kernel_table(tmp_path):
+    """run_gpu.sh profiles compiled decoding with it; on the CPU it lists torch ops."""
+    args = ["benchmarks/profile_decode.py", "--device", "cpu", "--dim", "128", "--n_heads",
+            "4", "--n_layers", "1", "--batches", "1,2", "--tokens", "4"]  # fmt: skip
+    proc = _run(args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    steps = [line for line in proc.stdout.splitlines() if " us a step (" in line]
+    assert [line.split(":")[0] for line in steps] == ["batch 1", "batch 2"], proc.stdout
+    assert proc.stdout.count("| kernel | count a step | us a step |") == 2
