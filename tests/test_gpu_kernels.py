@@ -207,9 +207,10 @@ def test_layers_fuse_only_for_one_row(monkeypatch, make_checkpoint, build):
     assert model.fuse_projections()
     monkeypatch.setattr(gpu_kernels, "fuses", lambda x, *w: True)
     layer = model.layers[0]
-    assert layer._fuses(torch.zeros(1, 1, GQA_ARGS.dim))
-    assert not layer._fuses(torch.zeros(2, 1, GQA_ARGS.dim))
-    assert not layer._fuses(torch.zeros(1, 3, GQA_ARGS.dim))
+    weights = (layer.attention.wqkv, layer.feed_forward.w13)
+    assert layer._fuses(torch.zeros(1, 1, GQA_ARGS.dim), *weights)
+    assert not layer._fuses(torch.zeros(2, 1, GQA_ARGS.dim), *weights)
+    assert not layer._fuses(torch.zeros(1, 3, GQA_ARGS.dim), *weights)
 
 
 # Decoding attention: (rows, heads, kv_heads, head_dim, cache length, each row's position,
