@@ -750,17 +750,20 @@ class Llama:
         echo: bool = False,
         stop_token: int | None = None,
         stop_strings: str | Sequence[str] = (),
+        seed: int | None = None,
         **sampling_kwargs: Any,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Meta's ``generate``: (tokens, logprobs or None) per prompt.
 
         Extra keyword arguments (``top_k``, ``min_p``, ``repetition_penalty``) refine sampling;
-        ``stop_strings`` end a row once its text holds one (see :meth:`generate_results`).
+        ``stop_strings`` end a row once its text holds one (see :meth:`generate_results`);
+        ``seed`` gives this call its own sampling generator (None: the model's, which
+        advances from call to call).
         """
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stop = self.tokenizer.eos_id if stop_token is None else stop_token
         return self._token_lists(
-            prompt_tokens, max_gen_len, sampling, logprobs, echo, stop, stop_strings
+            prompt_tokens, max_gen_len, sampling, logprobs, echo, stop, stop_strings, seed
         )
 
     def _token_lists(
@@ -772,12 +775,13 @@ class Llama:
         echo: bool,
         stop_token: int,
         stop_strings: str | Sequence[str],
+        seed: int | None,
         decode: Callable[[Sequence[int]], str] | None = None,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """The core's results as Meta's (tokens, logprobs or None) lists."""
         results = self.generate_results(
             prompt_tokens, max_gen_len, sampling, logprobs=logprobs, echo=echo,
-            stop_tokens=(stop_token,), stop_strings=stop_strings, decode=decode,
+            stop_tokens=(stop_token,), seed=seed, stop_strings=stop_strings, decode=decode,
         )  # fmt: skip
         tokens = [r.tokens for r in results]
         return tokens, ([r.logprobs or [] for r in results] if logprobs else None)
@@ -797,16 +801,18 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
         **sampling_kwargs: Any,
     ) -> list[CompletionPrediction]:
         """Continue each prompt; an empty string generates from BOS. With ``stop`` (a string
-        or a list), a generation ends at the first stop string, which is cut from the text."""
+        or a list), a generation ends at the first stop string, which is cut from the text;
+        ``seed`` makes this call's samples reproducible on their own (see :meth:`generate`)."""
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stops = _check_stop_strings(stop)
         prompt_tokens = self._completion_prompts(prompts)
         tokens, lps = self._token_lists(
             prompt_tokens, self._max_gen_len(max_gen_len), sampling, logprobs, echo,
-            self.tokenizer.eos_id, stops,
+            self.tokenizer.eos_id, stops, seed,
         )  # fmt: skip
         out: list[CompletionPrediction] = []
         for i, t in enumerate(tokens):
@@ -829,15 +835,17 @@ class Llama:
         logprobs: bool = False,
         suffix_first: bool = False,
         stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
         **sampling_kwargs: Any,
     ) -> list[InfillingPrediction]:
-        """Fill the middle between each prefix and suffix (7B/13B base and Instruct)."""
+        """Fill the middle between each prefix and suffix (7B/13B base and Instruct);
+        ``stop`` and ``seed`` as in :meth:`text_completion`."""
         prompt_tokens, eot = self._infilling_prompts(prefixes, suffixes, suffix_first)
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stops = _check_stop_strings(stop)
         tokens, lps = self._token_lists(
             prompt_tokens, self._max_gen_len(max_gen_len), sampling, logprobs, False, eot,
-            stops, self.tokenizer.decode_infilling,
+            stops, seed, self.tokenizer.decode_infilling,
         )  # fmt: skip
         out: list[InfillingPrediction] = []
         for i, t in enumerate(tokens):
@@ -859,17 +867,18 @@ class Llama:
         max_gen_len: int | None = None,
         logprobs: bool = False,
         stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
         **sampling_kwargs: Any,
     ) -> list[ChatPrediction]:
-        """Answer each dialog as the assistant (Code Llama - Instruct formats); ``stop`` as
-        in :meth:`text_completion`."""
+        """Answer each dialog as the assistant (Code Llama - Instruct formats); ``stop`` and
+        ``seed`` as in :meth:`text_completion`."""
         prompt_tokens, stop_id = self._chat_prompts(dialogs)
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stops = _check_stop_strings(stop)
         step_format = self.tokenizer.step_id is not None
         tokens, lps = self._token_lists(
             prompt_tokens, self._max_gen_len(max_gen_len), sampling, logprobs, False, stop_id,
-            stops,
+            stops, seed,
         )  # fmt: skip
         out: list[ChatPrediction] = []
         for i, (dialog, t) in enumerate(zip(dialogs, tokens)):
