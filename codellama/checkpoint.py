@@ -31,6 +31,7 @@ from .errors import (
     CheckpointNotFoundError,
     ConfigError,
     OutputExistsError,
+    OutputNotWritableError,
     UnknownWeightError,
 )
 
@@ -541,43 +542,106 @@ def check_overwrite(overwrite: object) -> bool:
     )
 
 
-def refuse_non_empty(out: Path, overwrite: bool) -> None:
-    """Raise :class:`OutputExistsError` (a ``FileExistsError``) if ``out`` holds anything,
-    unless ``overwrite``; a non-bool ``overwrite`` is a :class:`ConfigError`."""
+# The files a checkpoint folder holds (Meta's layout, Hugging Face's): ``overwrite`` replaces
+# a folder only when it holds nothing else, so no file of the user's goes with it.
+_CHECKPOINT_FILE_RE = re.compile(
+    r"^(consolidated\.\d+\.pth|params\.json|tokenizer\.model|checklist\.chk|config\.json"
+    r"|generation_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json"
+    r"|.*\.safetensors|.*\.safetensors\.index\.json|pytorch_model.*\.bin"
+    r"|pytorch_model\.bin\.index\.json)$"
+)
+
+
+def refuse_non_empty(out: Path, overwrite: bool, *, folder: bool = True) -> None:
+    """Raise :class:`OutputExistsError` (a ``FileExistsError``) if the output ``out`` (a
+    folder, or a file if not ``folder``) holds anything, unless ``overwrite``; even then a
+    folder is replaced only if it holds nothing but checkpoint files, and a folder is never
+    taken for a file nor a file for a folder. A non-bool ``overwrite`` is a
+    :class:`ConfigError`."""
     overwrite = check_overwrite(overwrite)
-    out = check_path_given(out, "the output folder (out_dir)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    out = check_path_given(out, "the output folder (out_dir)" if folder else "the output file")
+    if not out.exists():
+        return
+    if folder != out.is_dir():
+        raise OutputExistsError(
+            f"{str(out)!r} is a {'file' if folder else 'folder'}, not a "
+            f"{'folder' if folder else 'file'}; choose another output (nothing was written)"
+        )
+    names = sorted(p.name for p in out.iterdir()) if folder else []
+    if not names if folder else out.stat().st_size == 0:
+        return
+    if not overwrite:
         raise OutputExistsError(
             f"{str(out)!r} exists and is not empty; choose another output or pass "
             "overwrite=True (--overwrite)"
         )
+    foreign = [n for n in names if not (_CHECKPOINT_FILE_RE.match(n) and (out / n).is_file())]
+    if foreign:
+        shown = ", ".join(repr(n) for n in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise OutputExistsError(
+            f"{str(out)!r} holds {len(foreign)} file(s) or folder(s) that are not a "
+            f"checkpoint's ({shown}); overwrite replaces a checkpoint folder only, so nothing "
+            "of yours is deleted: move them out or choose another output"
+        )
+
+
+def _refuse_working_folder(out: Path) -> None:
+    """A folder that holds the current directory cannot be replaced (and must not be)."""
+    cwd = Path.cwd().resolve()
+    target = out.resolve()
+    if target == cwd or target in cwd.parents:
+        raise OutputExistsError(
+            f"the output folder {str(out)!r} is the current folder or holds it; it cannot be "
+            "replaced from inside: pass a new folder (e.g. converted/) or cd elsewhere"
+        )
+
+
+def _writable_beside(out: Path, what: str) -> Path:
+    """A new temporary folder beside ``out`` (its parent created if need be); an OS refusal
+    is an :class:`OutputNotWritableError` naming ``out``, not the temporary path."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.{what}-", dir=out.parent))
+    except OSError as e:
+        raise OutputNotWritableError(
+            f"cannot write the output {str(out)!r}: {e.strerror or e}; choose a folder you "
+            "can write to"
+        ) from e
 
 
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out_dir`` that replaces it when the block succeeds.
 
-    Refuses a non-empty ``out_dir`` unless ``overwrite``; on failure nothing is left
-    half-written and an existing ``out_dir`` is kept as it was.
+    Refuses a non-empty ``out_dir`` unless ``overwrite`` (see :func:`refuse_non_empty`); on
+    failure nothing is left half-written and an existing ``out_dir`` is kept as it was.
     """
-    out = check_path_given(out_dir, "the output folder (out_dir)")
+    given = check_path_given(out_dir, "the output folder (out_dir)")
+    out = Path(os.path.abspath(given))  # "." has no name nor parent to write beside
     refuse_non_empty(out, overwrite)  # which checks overwrite
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    if out.exists():
+        _refuse_working_folder(out)
+    tmp = _writable_beside(out, "tmp")
     try:
         yield tmp
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, backup / out.name)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(backup / out.name, out)  # put the old output back
-                raise
-            finally:
-                shutil.rmtree(backup, ignore_errors=True)
-        else:
+        if not out.exists():
             os.replace(tmp, out)
+            return
+        backup = _writable_beside(out, "old")
+        try:
+            os.replace(out, backup / out.name)
+        except OSError as e:
+            shutil.rmtree(backup, ignore_errors=True)
+            raise OutputNotWritableError(
+                f"cannot replace the output folder {str(given)!r}: {e.strerror or e}"
+            ) from e
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(backup / out.name, out)  # put the old output back, then drop the backup
+            shutil.rmtree(backup, ignore_errors=True)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import shard_state_dict, write_checkpoint
+from .checkpoint import refuse_non_empty, shard_state_dict, write_checkpoint
 from .errors import ConfigError
 from .model import ModelArgs
 
@@ -175,16 +175,21 @@ def demo_dir() -> Path:
 
 
 def ensure_demo_checkpoint(directory: str | os.PathLike[str] | None = None) -> Path:
-    """The demo checkpoint folder (with tokenizer.model), written on first use."""
+    """The demo checkpoint folder (with tokenizer.model), written on first use. A folder
+    the caller names is written only if it is absent or empty (never replaced: it may be
+    theirs); the package's own cache folder is rewritten if incomplete."""
     d = Path(directory) if directory is not None else demo_dir()
     if (d / "consolidated.00.pth").is_file() and (d / "tokenizer.model").is_file():
         return d
+    ours = directory is None
+    if not ours:
+        refuse_non_empty(d, overwrite=False)
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tokenizer(Path(tmp) / "tokenizer.model")
         from .tokenizer import Tokenizer
 
         args = ModelArgs(**{**DEMO_ARGS.__dict__, "vocab_size": Tokenizer(tok).n_words})
-        write_random_checkpoint(d, args, seed=0, std=0.5, tokenizer_path=tok, overwrite=True)
+        write_random_checkpoint(d, args, seed=0, std=0.5, tokenizer_path=tok, overwrite=ours)
     return d
 
 

@@ -31,6 +31,10 @@ class OutputExistsError(CodeLlamaError, FileExistsError):
     """An output folder already holds files; nothing is overwritten unless asked."""
 
 
+class OutputNotWritableError(CodeLlamaError, PermissionError):
+    """An output folder or file cannot be created or replaced where asked."""
+
+
 class CheckpointNotFoundError(CodeLlamaError, FileNotFoundError):
     """A checkpoint directory, shard, params.json or tokenizer file does not exist."""
 

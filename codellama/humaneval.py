@@ -20,12 +20,15 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .checkpoint import refuse_non_empty
-from .errors import ConfigError, DataNotFoundError, PromptError
+from .errors import ConfigError, DataNotFoundError, PromptError, PromptTooLongError
 from .generation import Llama, _check_stop_strings, cut_at_stop
 from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+T = TypeVar("T")
 
 # A completion ends where the next top-level statement would begin (Codex/HumanEval practice).
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -90,22 +93,39 @@ def generate_samples(
     """
     stops = _check_stop_strings(stop)
     checked = [_problem(p, f"problem {i}", set()) for i, p in enumerate(problems)]
-    jobs = _jobs(checked, n_samples)[skip:]
     sampling = SamplingParams(temperature=temperature, top_p=top_p)
     tok = llama.tokenizer
+    encoded = encode_problems(tok, checked, llama.max_seq_len)  # all before any is run
+    jobs = _jobs(list(zip(checked, encoded)), n_samples)[skip:]
     step = llama.max_batch_size
     for lo in range(0, len(jobs), step):
-        batch = jobs[lo : lo + step]
+        batch = [p for p, _ in jobs[lo : lo + step]]
         results = llama.generate_results(
-            [tok.encode(p["prompt"], bos=True, eos=False) for p in batch], max_gen_len,
-            sampling, stop_tokens=[tok.eos_id], stop_strings=stops,
+            [ids for _, ids in jobs[lo : lo + step]], max_gen_len, sampling,
+            stop_tokens=[tok.eos_id], stop_strings=stops,
         )  # fmt: skip
         for p, res in zip(batch, results):
             completion = cut_at_stop(tok.decode_infilling(res.tokens), stops)
             yield {"task_id": p["task_id"], "completion": completion}
 
 
-def _jobs(problems: Sequence[dict[str, Any]], n_samples: int) -> list[dict[str, Any]]:
+def encode_problems(
+    tokenizer: Tokenizer, problems: Sequence[dict[str, Any]], max_seq_len: int
+) -> list[list[int]]:
+    """BOS + each problem's prompt; a prompt longer than ``max_seq_len`` is a
+    :class:`PromptTooLongError` naming its task, raised before anything is generated."""
+    prompts = [tokenizer.encode(p["prompt"], bos=True, eos=False) for p in problems]
+    for p, ids in zip(problems, prompts):
+        if len(ids) > max_seq_len:
+            raise PromptTooLongError(
+                f"problem {p['task_id']!r} has a {len(ids)}-token prompt but max_seq_len is "
+                f"{max_seq_len}; pass --max_seq_len {len(ids) + 64} or more (room for the "
+                "completion too)"
+            )
+    return prompts
+
+
+def _jobs(problems: Sequence[T], n_samples: int) -> list[T]:
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise PromptError(f"n_samples must be a positive integer, got {n_samples!r}")
     return [p for p in problems for _ in range(n_samples)]
@@ -161,7 +181,7 @@ def write_samples(
     """Write ``done`` then ``samples`` as JSON lines to ``out`` via ``out.partial`` (renamed
     when complete, so a crash never leaves a truncated file under the final name, and a
     rerun can resume from it); returns how many lines were written."""
-    refuse_non_empty(out, overwrite)
+    refuse_non_empty(out, overwrite, folder=False)
     partial = partial_path(out)
     count = 0
     with open(partial, "w", encoding="utf-8") as f:
@@ -194,11 +214,18 @@ def main(
     target = Path(out)
     # Everything that can be wrong is refused before the slow build.
     _check_output(target)
-    refuse_non_empty(target, overwrite)
+    source = Path(problems) if isinstance(problems, (str, os.PathLike)) else None
+    if source is not None and target.exists() and os.path.samefile(source, target):
+        raise ConfigError(
+            f"--out {str(target)!r} is the problems file itself; write the samples elsewhere, "
+            "e.g. --out samples.jsonl"
+        )
+    refuse_non_empty(target, overwrite, folder=False)
     _jobs(items, n_samples)
     SamplingParams(temperature=temperature, top_p=top_p)
     if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1:
         raise PromptError(f"max_gen_len must be a positive integer, got {max_gen_len!r}")
+    encode_problems(Tokenizer(tokenizer_path), items, max_seq_len)  # before the slow build
     done = [] if overwrite else finished_samples(target, items, n_samples)
     if done:
         print(f"resuming: {len(done)} samples found in {partial_path(target)}")

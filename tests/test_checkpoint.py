@@ -209,10 +209,58 @@ def test_numpy_bool_overwrite_is_accepted(tmp_path):
     np = pytest.importorskip("numpy")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("x")
+    (out / "params.json").write_text("{}")
     with pytest.raises(FileExistsError, match="not empty"):
         refuse_non_empty(out, np.bool_(False))
     refuse_non_empty(out, np.bool_(True))
+
+
+# --------------------------------------------------------------------------- output folders
+
+SHARD = [{"norm.weight": torch.ones(2)}]
+
+
+def test_overwrite_never_deletes_files_that_are_not_a_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "params.json").write_text("{}")
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"not a checkpoint's \('notes.txt'\)"):
+        write_checkpoint(out, SHARD, {"dim": 2}, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "params.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
+
+
+def test_overwrite_replaces_a_checkpoint_folder(tmp_path):
+    out = write_checkpoint(tmp_path / "out", SHARD * 2, {"dim": 1})
+    write_checkpoint(out, SHARD, {"dim": 2}, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "params.json"]
+    assert json.loads((out / "params.json").read_text()) == {"dim": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_file_given_as_the_output_folder_is_kept_even_with_overwrite(tmp_path):
+    target = tmp_path / "p.jsonl"
+    target.write_text("data")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        write_checkpoint(target, SHARD, {}, overwrite=True)
+    assert target.read_text() == "data"
+
+
+def test_the_current_folder_is_refused_as_an_output_to_replace(tmp_path, monkeypatch):
+    out = write_checkpoint(tmp_path / "out", SHARD, {"dim": 1})
+    monkeypatch.chdir(out)
+    with pytest.raises(FileExistsError, match="current folder"):
+        write_checkpoint(".", SHARD, {"dim": 2}, overwrite=True)
+    assert json.loads((out / "params.json").read_text()) == {"dim": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no backup left beside it
+
+
+def test_an_output_that_cannot_be_created_names_the_path_given(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match=f"cannot write the output '{blocker}/out'"):
+        write_checkpoint(blocker / "out", SHARD, {})
 
 
 # --------------------------------------------------------------------------- params.json

@@ -395,8 +395,12 @@ def test_non_empty_out_dir_refused(tmp_path: Path, ckpt: Path, hf_dir: Path) -> 
     assert (out / "keep.txt").read_text() == "precious"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folder left
 
-    to_hf(ckpt, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(FileExistsError, match="keep.txt"):
+        to_hf(ckpt, out, overwrite=True)  # overwrite never deletes a file of the user's
+    (out / "keep.txt").unlink()
+    from_hf(hf_dir, out)
+    to_hf(ckpt, out, overwrite=True)  # a checkpoint folder is replaced
+    assert not (out / "params.json").exists() and (out / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match="input folder"):
         from_hf(out, out, overwrite=True)
 

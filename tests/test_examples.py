@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from codellama.demo import ensure_demo_checkpoint
+
 from .conftest import GQA_ARGS, REPO
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -51,3 +53,17 @@ def test_demo_command_runs_completion_infilling_and_chat(tmp_path):
     for section in ("[completion]", "[infilling]", "[chat]"):
         assert section in proc.stdout
     assert (tmp_path / "demo" / "consolidated.00.pth").is_file()
+
+
+def test_the_demo_never_writes_into_a_folder_of_the_users(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not empty"):
+        ensure_demo_checkpoint(mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    a_file = tmp_path / "p.jsonl"
+    a_file.write_text("data")
+    with pytest.raises(FileExistsError, match="is a file"):
+        ensure_demo_checkpoint(a_file)
+    assert a_file.read_text() == "data"

@@ -10,7 +10,14 @@ import sys
 
 import pytest
 
-from codellama import ConfigError, DataNotFoundError, Llama, OutputExistsError, PromptError
+from codellama import (
+    ConfigError,
+    DataNotFoundError,
+    Llama,
+    OutputExistsError,
+    PromptError,
+    PromptTooLongError,
+)
 from codellama.generation import GenerationResult
 from codellama.humaneval import (
     HUMANEVAL_STOP,
@@ -95,7 +102,8 @@ class _Scripted:
     """A stand-in for Llama whose every row generates ``tokens``."""
 
     def __init__(self, tokenizer, tokens):
-        self.tokenizer, self.tokens, self.max_batch_size = tokenizer, tokens, 4
+        self.tokenizer, self.tokens = tokenizer, tokens
+        self.max_batch_size, self.max_seq_len = 4, 1024
 
     def generate_results(self, prompt_tokens, max_gen_len, sampling, **kwargs):
         return [GenerationResult(list(self.tokens), None, "stop", len(p)) for p in prompt_tokens]
@@ -201,3 +209,41 @@ def test_bad_arguments_are_refused_before_the_model_is_built(tmp_path, args, err
     with pytest.raises(error, match=match):  # the checkpoint does not exist: never reached
         main(str(tmp_path / "no-ckpt"), str(tmp_path / "no.model"), str(problems), out, **args)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_prompt_too_long_is_named_by_task_before_the_model_is_built(tmp_path, tokenizer_path):
+    rows = [*PROBLEMS, {"task_id": "T/long", "prompt": "x = 1\n" * 200}]
+    problems = _write(tmp_path / "p.jsonl", rows)
+    with pytest.raises(PromptTooLongError, match="problem 'T/long' has a .*max_seq_len is 64"):
+        main(str(tmp_path / "no-ckpt"), str(tokenizer_path), str(problems), max_seq_len=64)
+
+
+def test_a_prompt_too_long_is_refused_before_any_sample_is_made(tokenizer):
+    class Counting(_Scripted):
+        calls = 0
+
+        def generate_results(self, *args, **kwargs):
+            Counting.calls += 1
+            return super().generate_results(*args, **kwargs)
+
+    llama = Counting(tokenizer, [])
+    llama.max_seq_len = 16
+    rows = [{"task_id": "T/0", "prompt": "x"}, {"task_id": "T/long", "prompt": "x = 1\n" * 40}]
+    with pytest.raises(PromptTooLongError, match="'T/long'"):
+        list(generate_samples(llama, rows))
+    assert Counting.calls == 0
+
+
+def test_the_problems_file_is_refused_as_the_output(tmp_path, tokenizer_path):
+    problems = _write(tmp_path / "p.jsonl", PROBLEMS)
+    before = problems.read_text()
+    with pytest.raises(ConfigError, match="is the problems file itself"):
+        main(str(tmp_path / "no-ckpt"), str(tokenizer_path), str(problems), str(problems),
+             overwrite=True)  # fmt: skip
+    assert problems.read_text() == before
+
+
+def test_an_empty_existing_output_file_is_not_data_to_keep(tmp_path):
+    out = tmp_path / "s.jsonl"
+    out.write_text("")
+    assert write_samples([{"task_id": "T/0", "completion": "x"}], out) == 1

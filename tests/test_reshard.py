@@ -156,7 +156,13 @@ def test_non_empty_out_dir_refused_unless_overwrite(
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "precious"
 
-    reshard(checkpoints[2], out, 1, overwrite=True)
+    with pytest.raises(FileExistsError, match="not a checkpoint's.*keep.txt"):
+        reshard(checkpoints[2], out, 1, overwrite=True)  # never deletes a file of the user's
+    assert (out / "keep.txt").read_text() == "precious"
+
+    (out / "keep.txt").unlink()
+    reshard(checkpoints[2], out, 2)
+    reshard(checkpoints[2], out, 1, overwrite=True)  # a checkpoint folder is replaced
     assert sorted(p.name for p in out.iterdir()) == [
         "consolidated.00.pth",
         "params.json",
