@@ -12,6 +12,7 @@ import hashlib
 import math
 import os
 import pickle
+from collections.abc import Mapping
 from typing import Any
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -207,23 +208,39 @@ def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def check_same_on_all_ranks(what: str, value: Any) -> None:
-    """Raise :class:`DistributedError` if ``value`` differs between model-parallel ranks.
+def check_same_on_all_ranks(what: str, fields: Mapping[str, Any]) -> None:
+    """Raise :class:`DistributedError` on every rank if any of ``fields`` (name -> value)
+    differs between model-parallel ranks, naming each field that differs and its value on
+    every rank.
 
     Ranks of one model must see the same prompts and sampling parameters, or their
     collectives would pair up different computations (a silent wrong answer or a hang).
     """
     if model_parallel_world() == 1:
         return
-    digest = hashlib.sha256(pickle.dumps(value, protocol=4)).digest()[:8]
+    names = list(fields)
+    digests = [hashlib.sha256(pickle.dumps(fields[n], protocol=4)).digest()[:8] for n in names]
     group = fs_init.get_model_parallel_group()
     on_gpu = dist.get_backend(group) == "nccl"  # nccl only moves CUDA tensors
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    mine = torch.tensor(list(digest), dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    mine = torch.tensor([list(d) for d in digests], dtype=torch.int64, device=device)
+    world = dist.get_world_size(group)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
-    if any(not torch.equal(g, gathered[0]) for g in gathered):
+    # Every rank gathered the same digests, so every rank finds the same fields here.
+    differ = [
+        n
+        for j, n in enumerate(names)
+        if any(not torch.equal(g[j], gathered[0][j]) for g in gathered)
+    ]
+    if differ:
+        shown = {n: f"{fields[n]!r:.60}" for n in differ}
+        values: list[Any] = [None] * world
+        dist.all_gather_object(values, shown, group=group)
+        detail = "; ".join(
+            f"{n}: " + ", ".join(f"rank {r} {v[n]}" for r, v in enumerate(values)) for n in differ
+        )
         raise DistributedError(
-            f"{what} differ between model-parallel ranks (rank {dist.get_rank()}); every "
-            "process must pass the same inputs, e.g. do not read prompts from a per-rank source"
+            f"{what} differ between model-parallel ranks ({detail}); every process must pass "
+            "the same inputs, e.g. do not read prompts from a per-rank source"
         )

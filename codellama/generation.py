@@ -248,6 +248,16 @@ class Llama:
                 f"{type(model).__name__} and {type(tokenizer).__name__}; Llama.build(ckpt_dir, "
                 "tokenizer_path, ...) makes both from a checkpoint"
             )
+        if tokenizer.n_words != model.params.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {tokenizer.n_words} pieces but the model's vocabulary has "
+                f"{model.params.vocab_size} rows; pass the tokenizer.model that came with the "
+                "checkpoint"
+            )
+        if not _seed_ok(seed):
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**64), got {seed!r:.40}")
+        if not isinstance(compile, bool):
+            raise ConfigError(f"compile must be True or False, got {compile!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.seed = seed
@@ -424,8 +434,12 @@ class Llama:
             )
         distributed.check_same_on_all_ranks(
             "prompts or sampling parameters",
-            (prompts, max_gen_len, sampling, logprobs, echo, sorted(stops), seed, texts),
-        )
+            {
+                "prompts": prompts, "max_gen_len": max_gen_len, "sampling": sampling,
+                "logprobs": logprobs, "echo": echo, "stop tokens": sorted(stops),
+                "seed": seed, "stop strings": texts,
+            },
+        )  # fmt: skip
         generator = self._generator
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)

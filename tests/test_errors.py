@@ -920,3 +920,19 @@ def test_model_forward_refuses_bad_tokens_by_name(ctx, tokens, match):
 def test_llama_made_from_something_else_than_a_model_and_tokenizer_is_a_config_error():
     with pytest.raises(ConfigError, match="takes a Transformer and a Tokenizer, got NoneType"):
         Llama(None, None)
+
+
+def test_llama_made_from_a_tokenizer_of_another_vocabulary_is_a_config_error(ctx):
+    small = Tokenizer(str(ctx.small_tokenizer))
+    with pytest.raises(ConfigError, match=f"tokenizer has 400 pieces but .* has {VOCAB} rows"):
+        Llama(ctx.llama.model, small)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"seed": "x"}, "seed must be an integer"), ({"compile": "x"}, "compile must be True")],
+    ids=["seed", "compile"],
+)
+def test_llama_constructor_checks_seed_and_compile(ctx, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        Llama(ctx.llama.model, ctx.llama.tokenizer, **kwargs)

@@ -130,4 +130,7 @@ def test_prompts_that_differ_between_ranks_fail_every_process(make_checkpoint, t
                     timeout=90)  # fmt: skip
     assert time.monotonic() - start < 60
     assert proc.returncode != 0
-    assert "differ between model-parallel ranks" in proc.stderr
+    assert (
+        "differ between model-parallel ranks (prompts: rank 0 [[1, 5, 3]], rank 1 [[1, 5, 4]])"
+        in proc.stderr
+    )
