@@ -46,7 +46,7 @@ from .prompt_formats import (
 )
 from .sampling import MetaDraws, SamplingParams, rows_finite, sample
 from .streaming import IncrementalDecoder, StreamEvent, TextAssembler
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_text
 
 FinishReason = Literal["stop", "length"]
 # Prompt tokens per forward pass. 1024 against 512 (bf16 `small`, 2-core CPU): prefill of a
@@ -932,7 +932,7 @@ class Llama:
         if eot is None:  # unreachable: supports_infilling checked it
             raise UnsupportedError("the tokenizer has no end-of-infilling piece (▁<EOT>)")
         prompt_tokens = [
-            infilling_prompt_tokens(self.tokenizer, p, s, suffix_first=suffix_first)
+            infilling_prompt_tokens(self.tokenizer, p, s, suffix_first=bool(suffix_first))
             for p, s in zip(prefixes, suffixes)
         ]
         return prompt_tokens, eot
@@ -1206,6 +1206,7 @@ def _check_str_list(name: str, values: object) -> None:
     for i, v in enumerate(values):
         if not isinstance(v, str):
             raise PromptError(f"{name}[{i}] must be a str, got {type(v).__name__}: {v!r:.60}")
+        check_text(v, f"{name}[{i}]")
 
 
 def _prefill_groups(lens: list[int], overhead: int) -> list[tuple[int, int]]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Literal, NotRequired, TypedDict
 
 from .errors import PromptError, UnsupportedError
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_text
 
 Role = Literal["system", "user", "assistant"]
 
@@ -48,6 +48,8 @@ def infilling_prompt_tokens(
     for name, value in (("prefix", prefix), ("suffix", suffix)):
         if not isinstance(value, str):
             raise PromptError(f"{name} must be a str, got {type(value).__name__}: {value!r:.80}")
+    if not isinstance(suffix_first, bool):
+        raise PromptError(f"suffix_first must be True or False, got {suffix_first!r:.40}")
     assert tokenizer.prefix_id is not None and tokenizer.suffix_id is not None
     assert tokenizer.middle_id is not None
     bos, pre, suf, mid = (
@@ -74,7 +76,10 @@ def infilling_prompt_tokens(
 
 def has_special_tags(dialog: Dialog) -> bool:
     """True if a message contains a tag of the chat formats (Meta answers UNSAFE_ERROR)."""
-    return any(tag in msg["content"] for msg in dialog for tag in SPECIAL_TAGS)
+    texts = [m["content"] for m in dialog] + [
+        m["destination"] for m in dialog if m.get("destination")
+    ]
+    return any(tag in text for text in texts for tag in SPECIAL_TAGS)
 
 
 def validate_dialog(dialog: Dialog, *, index: int | None = None) -> None:
@@ -105,9 +110,12 @@ def validate_dialog(dialog: Dialog, *, index: int | None = None) -> None:
                 f"{where}message {i} ({msg['role']}) needs a 'content' string, "
                 f"got {msg.get('content')!r:.80}"
             )
+        check_text(msg["content"], f"{where}message {i} ({msg['role']}) content")
         dest = msg.get("destination")
         if dest is not None and not isinstance(dest, str):
             raise PromptError(f"{where}message {i} has a non-string destination {dest!r:.80}")
+        if dest is not None:
+            check_text(dest, f"{where}message {i} destination")
     turns = list(dialog[1:] if dialog[0]["role"] == "system" else dialog)
     for i, msg in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from sentencepiece import SentencePieceProcessor
 
@@ -68,7 +69,10 @@ class Tokenizer:
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
         """Token ids of ``s``, optionally framed by BOS/EOS."""
-        _check_text(s)
+        check_text(s)
+        for name, flag in (("bos", bos), ("eos", eos)):
+            if not isinstance(flag, bool):
+                raise PromptError(f"{name} must be True or False, got {flag!r:.40}")
         t: list[int] = self.sp_model.encode(s)
         if bos:
             t = [self.bos_id] + t
@@ -84,16 +88,20 @@ class Tokenizer:
         """Whether id ``t`` is a piece of text: not a byte, control, unknown or unused one
         (see :class:`~codellama.streaming.IncrementalDecoder`)."""
         sp = self.sp_model
-        if not 0 <= t < self.n_words:
+        if not _is_index(t) or not 0 <= t < self.n_words:
             return False
         return not (sp.is_byte(t) or sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t))
 
     def token_piece(self, t: int) -> str:
-        return self.sp_model.id_to_piece(self._ids([t])[0])
+        """The SentencePiece piece of id ``t`` (e.g. ``'▁def'``)."""
+        ids = self._ids([t])
+        if not ids:  # -1, Meta's padding, is no piece
+            raise PromptError(f"token id {t} is outside the vocabulary [0, {self.n_words})")
+        return self.sp_model.id_to_piece(ids[0])
 
     def encode_infilling(self, s: str) -> list[int]:
         """Encode without SentencePiece's implicit leading space (Meta's ☺ trick)."""
-        _check_text(s)
+        check_text(s)
         return self.sp_model.encode(_SMILEY + s)[2:]
 
     def decode_infilling(self, t: Sequence[int]) -> str:
@@ -102,8 +110,18 @@ class Tokenizer:
         return self.sp_model.decode([smiley] + self._ids(t))[1:]
 
     def _ids(self, t: Sequence[int]) -> list[int]:
-        """``t`` as ints without Meta's -1 padding; an id outside the vocabulary is refused."""
-        ids = [int(x) for x in t if x != -1]
+        """``t`` as ints without Meta's -1 padding; an id outside the vocabulary, or one
+        that is not an integer (a float would be truncated), is refused."""
+        if isinstance(t, (str, bytes)) or not isinstance(t, Iterable):
+            raise PromptError(f"expected a list of token ids, got {type(t).__name__}: {t!r:.60}")
+        try:
+            ids = [operator.index(x) for x in t]
+        except TypeError:
+            bad_type = next(x for x in t if not _is_index(x))
+            raise PromptError(
+                f"token ids must be integers, got {type(bad_type).__name__}: {bad_type!r:.40}"
+            ) from None
+        ids = [x for x in ids if x != -1]
         bad = [x for x in ids if not 0 <= x < self.n_words]
         if bad:
             raise PromptError(
@@ -113,15 +131,25 @@ class Tokenizer:
         return ids
 
 
-def _check_text(s: object) -> None:
-    """``s`` must be a str that UTF-8 can encode (no lone surrogates)."""
+def _is_index(x: object) -> bool:
+    """Whether ``x`` is an integer (Python's, numpy's, a 0-d integer tensor)."""
+    try:
+        operator.index(x)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
+
+
+def check_text(s: object, where: str = "text") -> None:
+    """``s`` must be a str that UTF-8 can encode (no lone surrogates); ``where`` names it
+    in the error (e.g. ``prompts[3]``)."""
     if not isinstance(s, str):
         raise PromptError(f"expected a str to encode, got {type(s).__name__}: {s!r:.80}")
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise PromptError(
-            f"text holds {s[exc.start]!r} at offset {exc.start}, a lone surrogate that is not "
+            f"{where} holds {s[exc.start]!r} at offset {exc.start}, a lone surrogate that is not "
             "valid Unicode; remove it (text read with errors='surrogateescape' should be "
             "decoded with errors='replace')"
         ) from exc

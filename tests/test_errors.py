@@ -644,11 +644,40 @@ INFILL_CASES = [
                  id="chat-tokens-bad-dialog"),
     pytest.param(lambda c: c.tok.encode(None, bos=True, eos=False), PromptError,  # type: ignore[arg-type]
                  re.escape("expected a str to encode, got NoneType: None"), id="encode-None"),
+    pytest.param(lambda c: infilling_prompt_tokens(c.tok, "a", "b", suffix_first="no"),  # type: ignore[arg-type]
+                 PromptError, re.escape("suffix_first must be True or False, got 'no'"),
+                 id="infill-tokens-str-suffix-first"),
+    pytest.param(lambda c: c.tok.encode("x", bos="yes", eos=False), PromptError,  # type: ignore[arg-type]
+                 re.escape("bos must be True or False, got 'yes'"), id="encode-str-bos"),
+]  # fmt: skip
+
+TEXT_CASES = [
+    pytest.param(lambda c: c.llama.text_completion(["a", "b\udc80"]), PromptError,
+                 re.escape("prompts[1] holds '\\udc80' at offset 1, a lone surrogate"),
+                 id="completion-lone-surrogate"),
+    pytest.param(_infill_case(["a"], ["\ud800"]), PromptError,
+                 re.escape("suffixes[0] holds '\\ud800' at offset 0"),
+                 id="infill-lone-surrogate"),
+    pytest.param(_chat_case([[S, {"role": "user", "content": "x\ud800"}]]), PromptError,
+                 re.escape("dialog 0: message 1 (user) content holds '\\ud800' at offset 1"),
+                 id="chat-lone-surrogate"),
+    pytest.param(lambda c: c.tok.decode(None), PromptError,  # type: ignore[arg-type]
+                 re.escape("expected a list of token ids, got NoneType"), id="decode-None"),
+    pytest.param(lambda c: c.tok.decode("abc"), PromptError,  # type: ignore[arg-type]
+                 re.escape("expected a list of token ids, got str: 'abc'"), id="decode-str"),
+    pytest.param(lambda c: c.tok.decode([1.5, 2.7]), PromptError,  # type: ignore[list-item]
+                 re.escape("token ids must be integers, got float: 1.5"), id="decode-floats"),
+    pytest.param(lambda c: c.tok.decode([[1, 2]]), PromptError,  # type: ignore[list-item]
+                 re.escape("token ids must be integers, got list: [1, 2]"), id="decode-nested"),
+    pytest.param(lambda c: c.tok.token_piece(-1), PromptError,
+                 re.escape(f"token id -1 is outside the vocabulary [0, {VOCAB})"),
+                 id="token-piece-padding"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "call, exc, match", PROMPT_CASES + SAMPLING_CASES + TOKEN_CASES + CHAT_CASES + INFILL_CASES
+    "call, exc, match",
+    PROMPT_CASES + SAMPLING_CASES + TOKEN_CASES + CHAT_CASES + INFILL_CASES + TEXT_CASES,
 )
 def test_generation_rejects_bad_input(ctx, call, exc, match):
     _raises(call, ctx, exc, match)

@@ -221,7 +221,7 @@ def test_text_with_a_lone_surrogate_is_refused_with_its_offset(tokenizer, encode
             tokenizer.encode_infilling("abc\ud800")
 
 
-@pytest.mark.parametrize("ids", [[5, 10**6], [-5], [3.0e9]])
+@pytest.mark.parametrize("ids", [[5, 10**6], [-5], [3 * 10**9]])
 def test_decoding_an_id_outside_the_vocabulary_names_it(tokenizer, ids):
     with pytest.raises(PromptError, match=f"token id {int(ids[-1])} is outside the vocabulary"):
         tokenizer.decode(ids)
