@@ -148,13 +148,15 @@ def check_params(params: Mapping[str, object], where: str = PARAMS_FILE) -> None
 def read_params(ckpt_dir: str | os.PathLike[str]) -> dict:
     """params.json of a checkpoint, as a dict (with at least dim, n_layers and n_heads)."""
     path = check_path_given(ckpt_dir, "the checkpoint directory (ckpt_dir)") / PARAMS_FILE
+    if path.is_dir():
+        raise ConfigError(f"{str(path)!r} is a folder; params.json must be a JSON file")
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"{str(path)!r} does not exist; every checkpoint folder has a params.json beside its "
             "consolidated.NN.pth files: download the model again with download.sh"
         )
     try:
-        params = json.loads(path.read_text())
+        params = json.loads(path.read_text(encoding="utf-8-sig"))  # an editor's BOM is fine
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{str(path)!r} is not valid JSON: {exc}") from exc
     if not isinstance(params, dict):

@@ -196,6 +196,8 @@ class Llama:
             sys.stdout = open(os.devnull, "w")  # as Meta's: only rank 0 prints
 
         vocab = params.get("vocab_size", -1)
+        if vocab is not None and not _is_int(vocab):
+            raise ConfigError(f"params.json's vocab_size must be an integer, got {vocab!r}")
         if vocab not in (-1, None) and vocab != tokenizer.n_words:
             raise ConfigError(
                 f"params.json has vocab_size={vocab} but the tokenizer {tokenizer_path!r} has "

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import math
 import mmap
+import numbers
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -243,15 +244,22 @@ def rotate_real(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
+# The most a prefill chunk's attention mask may take past position 0 where PyTorch's CPU
+# flash attention is not used (see Attention._attend_past).
+ATTENTION_MASK_BYTES = 16 * 2**20
+
+
 @dataclass
 class StepInputs:
     """Where one forward pass reads and writes: shared by every layer of that pass.
 
     ``positions`` is None when every row covers ``start_pos .. start_pos+T-1`` (then the
     cache is written with a slice), else a (B, T) tensor of per-row positions.
-    ``mask`` is a boolean (B|1, 1, T, kv_len) mask or None; ``causal`` asks SDPA for a
-    top-left causal mask (valid only when the pass starts at position 0). The pass reads and
-    writes cache rows ``row_offset .. row_offset+B-1``.
+    ``mask`` is a boolean (B|1, 1, T, kv_len) mask or None; ``causal`` means the query at
+    ``start_pos + i`` attends keys ``0 .. start_pos + i`` (from position 0, SDPA's own causal
+    mask; past it, attention builds small masks block by block, see
+    :data:`ATTENTION_MASK_BYTES`). The pass reads and writes cache rows
+    ``row_offset .. row_offset+B-1``.
     """
 
     rotation: torch.Tensor  # (cos, sin) pairs, (B|1, T, 1, head_dim/2, 2): apply_rotary's
@@ -385,6 +393,8 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         keys, values = self.cache.update(k, v.transpose(1, 2), step)
 
+        if step.causal and step.start_pos > 0:
+            return self._attend_past(q, keys, values, step.start_pos)
         if self.n_rep > 1 and seqlen == 1:
             # GQA decode: the n_rep query heads of a group attend to the same K/V, so stack
             # them along the query axis instead of repeating K/V.
@@ -400,6 +410,58 @@ class Attention(nn.Module):
             enable_gqa=self.n_rep > 1,
         )
         return out.transpose(1, 2).reshape(bsz, seqlen, self.n_local_heads * self.head_dim)
+
+    def _attend_past(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """Causal attention of T queries at ``start ..`` (a prefill chunk past position 0)
+        over the cached keys, without a (T, start + T) mask: SDPA takes that as a tensor,
+        which its CPU kernels widen to floats (400 MB for a 1024-token chunk at 100K
+        positions). Peak memory then does not grow with the context."""
+        bsz, _, seqlen, dim = q.shape
+        heads, kv_heads, rep = self.n_local_heads, self.n_local_kv_heads, self.n_rep
+        flash = _cpu_flash_attention() if q.device.type == "cpu" else None
+        if flash is not None:
+            # Keys before the chunk are seen by every query: no mask, and a group's query
+            # heads stacked along the query axis share their K/V. The chunk's own keys are
+            # a square causal block. The two parts merge by their log-sum-exps.
+            qg = q.reshape(bsz, kv_heads, rep * seqlen, dim)
+            past, past_lse = flash(qg, keys[:, :, :start], values[:, :, :start])
+            past = past.reshape(bsz, heads, seqlen, dim)
+            past_lse = past_lse.reshape(bsz, heads, seqlen, 1)
+            k_new, v_new = keys[:, :, start : start + seqlen], values[:, :, start : start + seqlen]
+            if rep > 1:  # (T, Hkv, D) only: the chunk's keys, not the context's
+                k_new, v_new = k_new.repeat_interleave(rep, 1), v_new.repeat_interleave(rep, 1)
+            new, new_lse = flash(q, k_new, v_new, is_causal=True)
+            new_lse = new_lse.view(bsz, heads, seqlen, 1)
+            lse = torch.logaddexp(past_lse, new_lse)
+            out = past.float() * (past_lse - lse).exp() + new.float() * (new_lse - lse).exp()
+            out = out.to(q.dtype)
+        else:  # blocks of query rows, each under a mask of at most ATTENTION_MASK_BYTES
+            rows = max(1, min(seqlen, ATTENTION_MASK_BYTES // (4 * (start + seqlen))))
+            outs = []
+            for a in range(0, seqlen, rows):
+                b = min(seqlen, a + rows)
+                n_keys = start + b
+                key_pos = torch.arange(n_keys, device=q.device).view(1, -1)
+                q_pos = torch.arange(start + a, start + b, device=q.device).view(-1, 1)
+                outs.append(
+                    F.scaled_dot_product_attention(
+                        q[:, :, a:b],
+                        keys[:, :, :n_keys],
+                        values[:, :, :n_keys],
+                        attn_mask=key_pos <= q_pos,
+                        enable_gqa=rep > 1,
+                    )  # fmt: skip
+                )
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out.transpose(1, 2).reshape(bsz, seqlen, heads * dim)
+
+
+def _cpu_flash_attention() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """PyTorch's CPU flash attention, which also returns each query's log-sum-exp (the
+    kernel public SDPA runs on the CPU); None if this torch lacks it."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 class FeedForward(nn.Module):
@@ -829,8 +891,12 @@ class Transformer(nn.Module):
         """Logits (float32) for every position of ``tokens`` (batch, seqlen) placed at
         ``start_pos`` (Meta's signature; the inputs are checked, as it is public)."""
         self._check_tokens(tokens)
+        if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral):
+            raise PromptError(f"start_pos must be an integer >= 0, got {start_pos!r:.40}")
+        if start_pos < 0:
+            raise PromptError(f"start_pos must be >= 0, got {start_pos}")
         with torch.inference_mode():
-            return self.forward_tokens(tokens, start_pos=start_pos)
+            return self.forward_tokens(tokens, start_pos=int(start_pos))
 
     def _check_tokens(self, tokens: object) -> None:
         """``tokens`` must be a (batch <= max_batch_size, seqlen >= 1) tensor of ids in the
@@ -878,11 +944,7 @@ class Transformer(nn.Module):
             rot = self.rope[start_pos:end].view(1, seqlen, 1, -1, 2)
             if seqlen == 1:
                 return StepInputs(rot, start_pos, end)
-            if start_pos == 0:
-                return StepInputs(rot, 0, end, causal=True)
-            q_pos = torch.arange(start_pos, end, device=rot.device)
-            mask = torch.arange(end, device=rot.device).view(1, -1) <= q_pos.view(-1, 1)
-            return StepInputs(rot, start_pos, end, mask=mask.view(1, 1, seqlen, end))
+            return StepInputs(rot, start_pos, end, causal=True)
         kv_len = max_len if kv_len is None else kv_len
         bsz = positions.shape[0]
         rot = self.rope[positions].view(bsz, seqlen, 1, -1, 2)

@@ -124,3 +124,29 @@ print(json.dumps({"base": base, "built": built, "after": peak_mib(), "cache": ca
     assert out["after"] - out["base"] < 120, out
     assert out["n"] == [8] * 4
     assert out["unused_zero"] == 0.0
+
+
+def test_a_prefill_chunk_far_into_the_context_needs_no_more_memory_than_one_near_its_start():
+    """A 1024-token chunk at position 60K attends 61K keys: with a (chunk, keys) mask SDPA
+    would take ~300 MB more than at position 1K (its CPU kernels widen masks to floats)."""
+    out = _run(
+        PEAK
+        + SMALL_CHECKPOINT
+        + """
+llama = Llama.build(str(d / "ckpt"), str(tok), 62_000, 1, device="cpu", dtype="float32")
+model = llama.model
+with torch.inference_mode():
+    for layer in model.layers:  # the cache as a long prompt leaves it: every page written
+        layer.attention.cache.k.normal_()
+        layer.attention.cache.v.normal_()
+    chunk = torch.randint(3, 500, (1, 1024), generator=torch.Generator().manual_seed(0))
+    model.fill_cache(chunk, 0)
+    base = peak_mib()
+    model.fill_cache(chunk, 1024)
+    near = peak_mib()
+    model.fill_cache(chunk, 60_000)
+    far = peak_mib()
+print(json.dumps({"base": base, "near": near, "far": far}))
+"""
+    )
+    assert out["far"] - out["near"] < 32, out

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from codellama import model as model_module
 from codellama.checkpoint import load_shard, merge_shards, shard_paths
 from codellama.model import ModelArgs
 
@@ -83,9 +84,18 @@ def test_incremental_decoding_equals_full_forward(make_checkpoint, build):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_chunks_at_nonzero_start_pos_equal_full_forward(make_checkpoint, build):
-    """Meta's square mask is wrong here (start_pos > 0 with several tokens)."""
-    llama = build(make_checkpoint(GQA_ARGS), max_seq_len=64)
+@pytest.mark.parametrize("args", [GQA_ARGS, MHA_ARGS], ids=["gqa", "mha"])
+@pytest.mark.parametrize("path", ["cpu-flash", "masked-blocks"])
+def test_chunks_at_nonzero_start_pos_equal_full_forward(
+    make_checkpoint, build, monkeypatch, args, path
+):
+    """Meta's square mask is wrong here (start_pos > 0 with several tokens). On the CPU a
+    chunk attends its past and itself apart (merged by log-sum-exp); elsewhere in blocks of
+    query rows under small masks (forced here: 3 rows a block)."""
+    if path == "masked-blocks":
+        monkeypatch.setattr(model_module, "_cpu_flash_attention", lambda: None)
+        monkeypatch.setattr(model_module, "ATTENTION_MASK_BYTES", 4 * 3 * 64)
+    llama = build(make_checkpoint(args), max_seq_len=64)
     tokens = torch.randint(
         0, llama.model.params.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2)
     )
