@@ -20,12 +20,13 @@ bfloat16|float16, --device cpu|cuda, --runs 3 (median after one warm-up), --peer
 --compile False (ours only; HF always runs eagerly), --bandwidth_gbs (skip measuring it),
 --threads (default: the CPUs this process may use), --prefill_chunk_size (the library's default),
 --max_seq_len 1088 (ours preallocates its KV cache for this many positions: a larger value
-shows that decoding does not slow down with it), --sequential True, --build_runs N (fresh-process
+shows that decoding does not slow down with it), --disk_dtype bfloat16|float16|float32 (the
+checkpoint's, as Meta's are bf16), --sequential True, --build_runs N (fresh-process
 builds after the first; default --runs: on a GPU each costs a 13 GB load), --out FILE (JSON
 with every timing).
 
-Figures: batch-1 and batch-8 decode tok/s (new tokens after the first / (time - time to
-first token)), prefill tok/s of one 1024-token prompt, wall time of a mixed batch (8 prompts
+Figures: batch-1 and batch-8 decode tok/s (new tokens after the first / the time from the
+first token to the last, within each run), prefill tok/s of one 1024-token prompt, wall time of a mixed batch (8 prompts
 of 16..512 tokens, 64 new tokens each), time to first token, build time (the median of
 1 + runs builds, each in a fresh process, the libraries alternating), peak RSS (and peak
 GPU memory on CUDA), and the fraction of the memory-bandwidth bound reached at batch-1
@@ -70,7 +71,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 PROMPT_LEN, NEW_TOKENS, BATCH, PREFILL_LEN = 32, 64, 8, 1024
 MIXED_LENS = [16, 48, 80, 128, 200, 300, 400, 512]
 MAX_SEQ_LEN = PREFILL_LEN + NEW_TOKENS
-GenFn = Callable[[list[list[int]], int], list[list[int]]]
+# generate(prompts, new tokens) -> (tokens, perf_counter() when the first token was there)
+GenFn = Callable[[list[list[int]], int], tuple[list[list[int]], float]]
 Built = tuple[GenFn, int, int, str]  # generate, parameter bytes, KV bytes, decode kernel
 try:
     HF_VERSION: str | None = version("transformers")
@@ -289,8 +291,14 @@ def _build_ours(spec: dict[str, Any]) -> Built:
     )  # fmt: skip
     greedy = SamplingParams(temperature=0.0)
 
-    def gen(ps: list[list[int]], n: int) -> list[list[int]]:
-        return [r.tokens for r in llama.generate_results(ps, n, greedy, stop_tokens=())]
+    def gen(ps: list[list[int]], n: int) -> tuple[list[list[int]], float]:
+        tokens: list[list[int]] = [[] for _ in ps]
+        first = None
+        for i, token in llama.generate_stream(ps, n, greedy, stop_tokens=()):
+            if first is None:  # the host has the first token (the stream syncs for it)
+                first = time.perf_counter()
+            tokens[i].append(token)
+        return tokens, first if first is not None else time.perf_counter()
 
     model = llama.model
     packed = "oneDNN prepacked" if any(p.is_mkldnn for p in model.parameters()) else "F.linear"
@@ -352,7 +360,20 @@ def _build_hf(spec: dict[str, Any]) -> Built:
         do_sample=False, eos_token_id=None, pad_token_id=0, bos_token_id=1
     )
 
-    def gen(ps: list[list[int]], n: int) -> list[list[int]]:
+    class FirstToken(transformers.StoppingCriteria):
+        """Notes when generate has its first token (it asks after every step); never stops."""
+
+        first: float | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            if self.first is None:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                self.first = time.perf_counter()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def gen(ps: list[list[int]], n: int) -> tuple[list[list[int]], float]:
+        first = FirstToken()
         width = max(len(p) for p in ps)
         ids = torch.zeros((len(ps), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -362,8 +383,9 @@ def _build_hf(spec: dict[str, Any]) -> Built:
         out = model.generate(
             input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=n,
             min_new_tokens=n, do_sample=False, use_cache=True,
+            stopping_criteria=transformers.StoppingCriteriaList([first]),
         )  # fmt: skip
-        return out[:, width:].tolist()
+        return out[:, width:].tolist(), first.first or time.perf_counter()
 
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return gen, nbytes, 0, "F.linear"  # 0: the dynamic cache grows during generation
@@ -442,12 +464,12 @@ def serve(spec: dict[str, Any]) -> None:
             prompts, n = MEASURES[name]
             sync()
             t = time.perf_counter()
-            tokens = gen(batches[prompts], n)
+            tokens, first = gen(batches[prompts], n)
             sync()
             dt = time.perf_counter() - t
             got = {len(r) for r in tokens}
             assert got == {n}, f"{name}: expected {n} new tokens per row, got {got}"
-            _reply({"s": dt, "tokens": tokens[0] if name == "b1" else None})
+            _reply({"s": dt, "first_s": first - t, "tokens": tokens[0] if name == "b1" else None})
 
 
 class Worker:
@@ -519,6 +541,12 @@ def benchmark(
                     reply = w.ask({"op": name})
                     if run:
                         results[lib]["times"][name].append(reply["s"])
+                        if name in ("b1", "b8"):  # decoding alone: after this run's first token
+                            rows = 1 if name == "b1" else BATCH
+                            decode = reply["s"] - reply["first_s"]
+                            results[lib].setdefault(f"decode_{name}_all", []).append(
+                                rows * (NEW_TOKENS - 1) / max(decode, 1e-9)
+                            )
                     elif name in ("b1", "b8"):  # its first decode steps: compiling, if any
                         results[lib][f"warmup_{name}_s"] = reply["s"]
                     if reply["tokens"] is not None:
@@ -551,8 +579,8 @@ def benchmark(
         med = {k: statistics.median(v) for k, v in res["times"].items()}
         res.update(
             ttft_b1_s=med["ttft_b1"],
-            decode_b1_tok_s=(NEW_TOKENS - 1) / max(med["b1"] - med["ttft_b1"], 1e-9),
-            decode_b8_tok_s=BATCH * (NEW_TOKENS - 1) / max(med["b8"] - med["ttft_b8"], 1e-9),
+            decode_b1_tok_s=statistics.median(res["decode_b1_all"]),
+            decode_b8_tok_s=statistics.median(res["decode_b8_all"]),
             e2e_b8_tok_s=BATCH * NEW_TOKENS / med["b8"],
             prefill_tok_s=PREFILL_LEN / med["prefill"],
             mixed_batch_s=med["mixed"],
@@ -622,6 +650,8 @@ def main(
     """Benchmark generation; see the module docstring."""
     if worker:  # internal: this process is a worker; its spec is the first line of stdin
         return serve(json.loads(sys.stdin.readline()))
+    _check_options(runs, build_runs, n_layers, threads, prefill_chunk_size, max_seq_len,
+                   bandwidth_gbs, disk_dtype, device, compile, sequential)  # fmt: skip
     if int(max_seq_len) < MAX_SEQ_LEN:
         raise SystemExit(f"--max_seq_len must be at least {MAX_SEQ_LEN} (the longest prompt + "
                          f"new tokens), got {max_seq_len}")  # fmt: skip
@@ -763,8 +793,68 @@ def main(
         print(f"\nwrote {out}")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_options(
+    runs: Any, build_runs: Any, n_layers: Any, threads: Any, prefill_chunk_size: Any,
+    max_seq_len: Any, bandwidth_gbs: Any, disk_dtype: Any, device: Any, compile: Any,
+    sequential: Any,
+) -> None:  # fmt: skip
+    """Refuse bad options before anything is written or built (SystemExit naming the flag)."""
+    for flag, value, low, optional in (
+        ("runs", runs, 1, False), ("build_runs", build_runs, 0, True),
+        ("n_layers", n_layers, 1, True), ("threads", threads, 1, True),
+        ("prefill_chunk_size", prefill_chunk_size, 1, True), ("max_seq_len", max_seq_len, 1, False),
+    ):  # fmt: skip
+        if (value is not None or not optional) and (not _is_int(value) or value < low):
+            raise SystemExit(f"--{flag} must be an integer >= {low}, got {value!r}")
+    if bandwidth_gbs is not None and (
+        isinstance(bandwidth_gbs, bool)
+        or not isinstance(bandwidth_gbs, (int, float))
+        or not bandwidth_gbs > 0
+    ):
+        raise SystemExit(f"--bandwidth_gbs must be a number of GB/s > 0, got {bandwidth_gbs!r}")
+    if disk_dtype not in ("bfloat16", "float16", "float32"):
+        raise SystemExit(f"--disk_dtype must be bfloat16, float16 or float32, got {disk_dtype!r}")
+    for flag, value in (("compile", compile), ("sequential", sequential)):
+        if not isinstance(value, bool):
+            raise SystemExit(f"--{flag} must be True or False, got {value!r}")
+    try:
+        kind = torch.device(str(device)).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda (cuda:N), got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this torch sees no CUDA GPU; use --device cpu")
+
+
+def _refuse_unknown_flags(argv: list[str]) -> None:
+    """Fire reports a flag that main lacks only after main returns (a whole benchmark later,
+    a 13 GB checkpoint written): refuse it first."""
+    import inspect
+
+    known = set(inspect.signature(main).parameters) | {"help"}
+    for arg in argv:
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            name = name[2:] if name.startswith("no") and name[2:] in known else name
+            if name not in known:
+                raise SystemExit(
+                    f"unknown option {arg!r}; the options are "
+                    + ", ".join(f"--{k}" for k in sorted(known - {"worker", "help"}))
+                )
+    values = [a for a in argv if not a.startswith("-")]
+    flags = [a for a in argv if a.startswith("--")]
+    if values and not flags:
+        raise SystemExit(f"bench_generate takes options only (e.g. --shape small), got {values}")
+
+
 if __name__ == "__main__":
     import fire
 
+    _refuse_unknown_flags(sys.argv[1:])
     main.__doc__ = __doc__  # so that --help shows the usage
     fire.Fire(main)

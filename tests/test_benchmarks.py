@@ -39,6 +39,39 @@ def test_bench_script_reports_every_figure_for_both_libraries(tmp_path):
     assert "| decode tok/s, batch 1 (32-token prompt) |" in proc.stdout
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n_layer", "2"], "unknown option '--n_layer'"),
+        (["--runs", "0"], "--runs must be an integer >= 1, got 0"),
+        (["--n_layers", "-1"], "--n_layers must be an integer >= 1, got -1"),
+        (["--device", "foo"], "--device must be cpu or cuda"),
+        (["--disk_dtype", "foo"], "--disk_dtype must be bfloat16, float16 or float32"),
+    ],
+    ids=["typo", "runs", "n_layers", "device", "disk_dtype"],
+)
+def test_bench_script_refuses_bad_options_before_writing_anything(tmp_path, args, message):
+    proc = _run(["benchmarks/bench_generate.py", "--shape", "tiny", *args], tmp_path, timeout=60)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert not (tmp_path / "cache").exists()  # no checkpoint written, no tokenizer trained
+
+
+def test_bench_decode_rate_is_timed_from_each_runs_first_token(tmp_path):
+    pytest.importorskip("transformers", reason="the HF peer needs `transformers`")
+    out = tmp_path / "tiny.json"
+    proc = _run(["benchmarks/bench_generate.py", "--shape", "tiny", "--n_layers", "1", "--runs",
+                 "2", "--build_runs", "0", "--threads", "1", "--out", str(out)], tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for lib, res in json.loads(out.read_text())["results"].items():
+        rates = res["decode_b1_all"]
+        assert len(rates) == 2 and res["decode_b1_tok_s"] == pytest.approx(
+            sorted(rates)[1] / 2 + sorted(rates)[0] / 2
+        )
+        b1 = res["times"]["b1"]
+        assert all(63 / r < t for r, t in zip(rates, b1)), lib  # decoding is part of a run
+
+
 def test_cuda_check_script_passes_its_cpu_smoke_run(tmp_path):
     pytest.importorskip("transformers", reason="the HF comparison needs `transformers`")
     proc = _run(["benchmarks/cuda_check.py", "cpu"], tmp_path)
