@@ -80,7 +80,17 @@ def check_path_given(path: object, what: str) -> Path:
             f"{what} is not given (got {path!r}); pass the path of the folder, "
             "e.g. CodeLlama-7b/ (use '.' for the current folder)"
         )
-    return Path(path)  # type: ignore[arg-type]
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"{what} must be a path (str or os.PathLike), {path_type_hint(path)}")
+    return Path(path)
+
+
+def path_type_hint(path: object) -> str:
+    """'got int: 123', and for a number the command-line reason and fix."""
+    text = f"got {type(path).__name__}: {path!r:.60}"
+    if isinstance(path, (int, float)) and not isinstance(path, bool):
+        text += f" (a command line reads a name of digits as a number: write ./{path})"
+    return text
 
 
 def shard_paths(ckpt_dir: str | os.PathLike[str]) -> list[Path]:

@@ -24,7 +24,14 @@ from typing import Any, Literal, TypedDict
 import torch
 
 from . import distributed, gpu_kernels, native
-from .checkpoint import is_bool, load_weights, read_params, shard_paths, stored_dtypes
+from .checkpoint import (
+    is_bool,
+    load_weights,
+    path_type_hint,
+    read_params,
+    shard_paths,
+    stored_dtypes,
+)
 from .errors import (
     ConfigError,
     NumericalError,
@@ -180,8 +187,7 @@ class Llama:
         for name, path in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
             if not isinstance(path, (str, os.PathLike)):
                 raise ConfigError(
-                    f"{name} must be a path (str or os.PathLike), got {type(path).__name__}: "
-                    f"{path!r:.60}"
+                    f"{name} must be a path (str or os.PathLike), {path_type_hint(path)}"
                 )
         start = time.time()
         dev = distributed.resolve_device(device)
@@ -511,9 +517,17 @@ class Llama:
     def _stop_id(self, t: object) -> int:
         if not isinstance(t, bool):
             try:
-                return operator.index(t)  # type: ignore[arg-type]
+                i = operator.index(t)  # type: ignore[arg-type]
             except TypeError:
                 pass
+            else:
+                vocab = self.model.params.vocab_size
+                if i == -1 or 0 <= i < vocab:
+                    return i
+                raise PromptError(
+                    f"stop token {i} is outside the vocabulary [0, {vocab}), so it would never "
+                    "stop a row; pass an id of this tokenizer, or -1 for none"
+                )
         raise PromptError(
             f"stop token {t!r:.40} is not an integer token id; pass ids such as "
             f"tokenizer.eos_id ({self.tokenizer.eos_id}), or -1 for none"

@@ -248,6 +248,11 @@ BUILD_CASES = [
         id="tokenizer_path-int",
     ),
     pytest.param(
+        _build_with(ckpt_dir=123), ConfigError,
+        esc("ckpt_dir must be a path", "got int: 123", "a name of digits as a number", "./123"),
+        id="ckpt_dir-digits-from-a-command-line",
+    ),
+    pytest.param(
         _remove("params.json"), CheckpointNotFoundError, esc("params.json", "does not exist"),
         id="params.json-missing",
     ),
@@ -546,6 +551,11 @@ TOKEN_CASES = [
                  id="stop_token-str"),
     pytest.param(_tokens_case([[1, 5]], stop_token=1.5), PromptError,
                  re.escape("stop token 1.5 is not an integer token id"), id="stop_token-float"),
+    pytest.param(_tokens_case([[1, 5]], stop_token=-5), PromptError,
+                 re.escape(f"stop token -5 is outside the vocabulary [0, {VOCAB}), so it would never"),
+                 id="stop_token-negative"),
+    pytest.param(_tokens_case([[1, 5]], stop_token=VOCAB), PromptError,
+                 re.escape(f"stop token {VOCAB} is outside the vocabulary"), id="stop_token-past-vocab"),
     pytest.param(_results_case(stop_tokens="2"), PromptError,
                  re.escape("stop_tokens must be a list of token ids, got '2'"),
                  id="stop_tokens-str"),
