@@ -396,7 +396,14 @@ def load_weights(
                     full = dst.shape[dim] * mp_size
                     expected = list(dst.shape)
                     expected[dim] = full // n
-                    if full % n or list(src.shape) != expected:
+                    if full % n:
+                        mismatched.append(
+                            f"{name} in {path.name}: {tuple(src.shape)}; its {full} rows along "
+                            f"dim {dim} do not split into {n} equal shards, so this folder's "
+                            f"{n} consolidated.NN.pth files are not one checkpoint's (a stray "
+                            "or missing shard?)"
+                        )
+                    elif list(src.shape) != expected:
                         mismatched.append(
                             f"{name} in {path.name}: {tuple(src.shape)}, expected "
                             f"{tuple(expected)} (a {n}-way shard of {full} along dim {dim})"
@@ -453,8 +460,9 @@ def check_replicated(
     """Raise :class:`CheckpointError` if replicated parameter ``name`` differs between two
     shards (each model-parallel process would use different weights)."""
     if not same_tensor(a, b):
+        dtypes = f" ({a.dtype} against {b.dtype})" if a.dtype != b.dtype else ""
         raise CheckpointError(
-            f"{name} differs between {path_a.name} and {path_b.name} in "
+            f"{name} differs between {path_a.name} and {path_b.name}{dtypes} in "
             f"{str(path_a.parent)!r}: it is not split across shards, so every shard must hold "
             "the same copy; the checkpoint is damaged or mixes shards of different models: "
             "download it again and check it against checklist.chk"

@@ -503,7 +503,12 @@ def _rope_theta(config: Mapping[str, Any]) -> float:
     """rope_theta of a config (transformers 4.x or 5.x); non-default RoPE is refused."""
     rope = config.get("rope_parameters")
     scaling = config.get("rope_scaling")
-    for spec in (rope, scaling):
+    for key, spec in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        if spec is not None and not isinstance(spec, dict):
+            raise ConfigError(
+                f'config.json\'s {key} must be an object (e.g. {{"rope_type": "default"}}) '
+                f"or null, got {spec!r:.60}"
+            )
         if isinstance(spec, dict):
             kind = spec.get("rope_type", spec.get("type", "default"))
             if kind not in (None, "default"):
@@ -578,9 +583,9 @@ def _meta_params(config: Mapping[str, Any], vocab: int, where: str) -> dict[str,
             raise UnsupportedError(f"{where}: {key}=true is not supported (no biases)")
     dim = need_int("hidden_size")
     n_heads = need_int("num_attention_heads")
-    kv = config.get("num_key_value_heads") or n_heads
+    kv = n_heads if config.get("num_key_value_heads") is None else need_int("num_key_value_heads")
     hidden = need_int("intermediate_size")
-    head_dim = config.get("head_dim")
+    head_dim = None if config.get("head_dim") is None else need_int("head_dim")
     if head_dim is not None and head_dim * n_heads != dim:
         raise UnsupportedError(
             f"{where}: head_dim={head_dim} with {n_heads} heads does not equal hidden_size "

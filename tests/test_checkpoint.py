@@ -14,6 +14,7 @@ import torch
 
 from codellama import CheckpointError, Llama
 from codellama.checkpoint import (
+    check_replicated,
     load_shard,
     merge_shards,
     read_params,
@@ -463,3 +464,20 @@ def test_replicated_weights_equal_up_to_nan_bits_load(make_checkpoint, build, tm
         sd["norm.weight"][0] = float("nan")
         torch.save(sd, shard)
     assert torch.isnan(build(d).model.norm.weight[0])
+
+
+def test_a_stray_shard_is_reported_as_a_shard_count_that_does_not_split_the_weights(
+    make_checkpoint, tmp_path
+):
+    src = make_checkpoint(GQA_ARGS, n_shards=2)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(src, ckpt)
+    shutil.copyfile(ckpt / "consolidated.01.pth", ckpt / "consolidated.02.pth")
+    with pytest.raises(CheckpointError, match="do not split into 3 equal shards.*stray or missing"):
+        Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), 32, 1, device="cpu")
+
+
+def test_replicated_weights_of_different_dtypes_name_both(tmp_path):
+    a, b = torch.ones(4), torch.full((4,), 2.0, dtype=torch.bfloat16)
+    with pytest.raises(CheckpointError, match=r"torch.float32 against torch.bfloat16"):
+        check_replicated("norm.weight", a, tmp_path / "consolidated.00.pth", b, tmp_path / "x.pth")

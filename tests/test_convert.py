@@ -41,7 +41,7 @@ from codellama.convert import (
     unpermute_rotary,
 )
 from codellama.demo import random_state_dict, write_random_checkpoint
-from codellama.errors import CheckpointError, ConfigError
+from codellama.errors import CheckpointError, ConfigError, UnsupportedError
 from codellama.generation import Llama
 from codellama.model import ModelArgs
 from codellama.tokenizer import Tokenizer
@@ -495,3 +495,32 @@ def test_to_hf_refuses_replicated_weight_differing_between_shards(
     ):
         to_hf(src, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, error, match",
+    [
+        (
+            {"num_key_value_heads": 0},
+            ConfigError,
+            "num_key_value_heads must be a positive integer, got 0",
+        ),
+        ({"head_dim": "8"}, ConfigError, "head_dim must be a positive integer, got '8'"),
+        ({"rope_scaling": "linear"}, ConfigError, "rope_scaling must be an object .* got 'linear'"),
+        (
+            {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+            UnsupportedError,
+            "RoPE scaling 'linear'",
+        ),
+    ],
+    ids=["kv-heads-0", "head-dim-str", "rope-scaling-str", "rope-scaling-linear"],
+)
+def test_a_config_from_hugging_face_is_checked_field_by_field(tmp_path, hf_dir, edit, error, match):
+    edited = tmp_path / "edited"
+    shutil.copytree(hf_dir, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config.pop("codellama_params", None)
+    (edited / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(error, match=match):
+        from_hf(edited, tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()
