@@ -269,7 +269,7 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         self.seed = seed
-        self.prefill_chunk_size = prefill_chunk_size
+        self._prefill_chunk_size = prefill_chunk_size
         self._generator = torch.Generator(device=model.device).manual_seed(seed)
         self._owner: object = None  # the generation that last used the KV cache
         self._busy = threading.Lock()  # held while a generation computes
@@ -284,6 +284,15 @@ class Llama:
             self._decode = torch.compile(self._decode_step, mode=mode, dynamic=True)
 
     # ------------------------------------------------------------------ core
+
+    @property
+    def prefill_chunk_size(self) -> int:
+        """Most prompt tokens a prefill pass takes at once (bounds prefill's memory)."""
+        return self._prefill_chunk_size
+
+    @prefill_chunk_size.setter
+    def prefill_chunk_size(self, value: int) -> None:
+        self._prefill_chunk_size = _positive_int("prefill_chunk_size", value)
 
     @property
     def max_seq_len(self) -> int:
@@ -451,6 +460,10 @@ class Llama:
         generator = self._generator
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        if decode is not None and not callable(decode):
+            raise PromptError(
+                f"decode must be a function from token ids to text, got {type(decode).__name__}"
+            )
         reader = _StopReader(texts, decode or self.tokenizer.decode, self.tokenizer.is_plain_piece)
         return self._batches(
             prompts, max_gen_len, sampling, logprobs, echo, stops, reader, generator, rows_out

@@ -975,3 +975,14 @@ def test_llama_made_from_a_tokenizer_of_another_vocabulary_is_a_config_error(ctx
 def test_llama_constructor_checks_seed_and_compile(ctx, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         Llama(ctx.llama.model, ctx.llama.tokenizer, **kwargs)
+
+
+def test_prefill_chunk_size_set_after_build_is_checked_too(ctx):
+    with pytest.raises(ConfigError, match="prefill_chunk_size must be a positive integer"):
+        ctx.llama.prefill_chunk_size = 0
+    assert ctx.llama.prefill_chunk_size > 0
+
+
+def test_a_decode_that_is_not_a_function_is_refused(ctx):
+    with pytest.raises(PromptError, match="decode must be a function"):
+        ctx.llama.generate_results([[1, 5]], 2, stop_strings=["x"], decode=5)
