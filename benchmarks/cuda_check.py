@@ -4,7 +4,8 @@ Checks, each printed as PASS/FAIL with its figures, going on after a failure:
   1. logits on CUDA equal Hugging Face ``LlamaForCausalLM`` on the same random weights
      (fp32: relative error < 1e-4; bf16: no further from HF's fp32 logits than HF's bf16
      is), with GQA, ffn_dim_multiplier and rope_theta;
-  2. greedy tokens of a mixed-length batch on CUDA equal the CPU's (fp32);
+  2. greedy tokens of a mixed-length batch on CUDA equal the CPU's (fp32), also with the
+     prompts prefilled in chunks of 7 tokens;
   3. ``compile=True`` (torch.compile, CUDA graphs) gives the eager tokens and logprobs, with
      one graph per batch size and no CUDA-graph skips, also across the cache-length buckets
      up to the end of the cache; the Triton products equal F.linear's; one row through the
@@ -106,6 +107,21 @@ def main() -> int:
         abs(x - y) for a, b in zip(want, got) for x, y in zip(a.logprobs or [], b.logprobs or [])
     )
     check("CUDA greedy == CPU greedy (fp32)", all(same), f"rows {same}, logprob diff {lp:.1e}")
+    # prompts prefilled in chunks of 7: past position 0 a chunk attends in blocks of rows
+    chunked = build(dtype="float32", prefill_chunk_size=7).generate_results(
+        ps, 12, greedy, logprobs=True
+    )
+    same = [a.tokens == b.tokens for a, b in zip(want, chunked)]
+    lp = max(
+        abs(x - y)
+        for a, b in zip(want, chunked)
+        for x, y in zip(a.logprobs or [], b.logprobs or [])
+    )
+    check(
+        "chunked prefill == whole prefill (fp32)",
+        all(same) and lp < 1e-4,
+        f"rows {same}, logprob diff {lp:.1e}",
+    )
 
     # 3. compile=True (CUDA graphs) equals eager
     from torch._dynamo.utils import counters
