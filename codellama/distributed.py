@@ -143,7 +143,10 @@ def _read_int(path: str) -> int | None:
 
 
 def setup_model_parallel(model_parallel_size: int | None, device: torch.device) -> tuple[int, int]:
-    """Initialise torch.distributed and fairscale; return (rank, model_parallel_size).
+    """Initialise torch.distributed and fairscale; return (this process's rank within its
+    model-parallel group, model_parallel_size). With more processes than
+    ``model_parallel_size`` (a multiple of it), each group of that many runs its own copy of
+    the model, on its own prompts, as with Meta's code.
 
     Safe to call again in the same process (a notebook rebuilding a model).
     """
@@ -168,19 +171,20 @@ def setup_model_parallel(model_parallel_size: int | None, device: torch.device) 
     mp = world if model_parallel_size is None else model_parallel_size
     if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1:
         raise ConfigError(f"model_parallel_size must be a positive integer, got {mp!r}")
-    if mp != world:
+    if world % mp:
         raise ConfigError(
-            f"model_parallel_size={mp} but {world} process(es) are running; launch with "
-            f"`torchrun --nproc_per_node {mp} ...` or pass model_parallel_size={world}"
+            f"model_parallel_size={mp} but {world} process(es) are running, which {mp} does "
+            f"not divide; launch with `torchrun --nproc_per_node {mp} ...` (or a multiple of "
+            f"it, for {mp}-process copies of the model), or pass model_parallel_size={world}"
         )
     if fs_init.model_parallel_is_initialized():
         if fs_init.get_model_parallel_world_size() == mp:
-            return dist.get_rank(), mp
+            return fs_init.get_model_parallel_rank(), mp
         fs_init.destroy_model_parallel()
-    fs_init.initialize_model_parallel(mp)
+    fs_init.initialize_model_parallel(mp)  # world // mp copies (data parallel), as Meta's
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), mp
+    return fs_init.get_model_parallel_rank(), mp
 
 
 def shutdown() -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
 import torch
+import torch.distributed as dist
 
 from . import distributed, gpu_kernels, native
 from .checkpoint import (
@@ -198,7 +199,7 @@ class Llama:
         rank, mp = distributed.setup_model_parallel(model_parallel_size, dev)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-        if mp > 1 and int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        if dist.get_world_size() > 1 and int(os.environ.get("LOCAL_RANK", 0)) > 0:
             sys.stdout = open(os.devnull, "w")  # as Meta's: only rank 0 prints
 
         vocab = params.get("vocab_size", -1)

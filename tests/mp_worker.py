@@ -1,5 +1,7 @@
 """Run under torchrun by tests: build, generate, and write this rank's tokens as JSON."""
 
+from __future__ import annotations
+
 import json
 import sys
 
@@ -17,10 +19,11 @@ def main(
     temperature: float = 0.0,
     per_rank_prompts: bool = False,
     compile: bool = False,
+    model_parallel_size: int | None = None,
 ):
     llama = Llama.build(
         ckpt_dir, f"{ckpt_dir}/tokenizer.model", 64, 4, device="cpu", dtype="float32",
-        compile=compile,
+        compile=compile, model_parallel_size=model_parallel_size,
     )  # fmt: skip
     batch = prompts if isinstance(prompts, list) else json.loads(prompts)
     if per_rank_prompts:  # a caller's bug: every rank reads its own prompts

@@ -134,3 +134,29 @@ def test_prompts_that_differ_between_ranks_fail_every_process(make_checkpoint, t
         "differ between model-parallel ranks (prompts: rank 0 [[1, 5, 3]], rank 1 [[1, 5, 4]])"
         in proc.stderr
     )
+
+
+def test_model_parallel_size_below_the_process_count_runs_a_copy_a_process(
+    make_checkpoint, build, tmp_path
+):
+    """Meta's data parallelism: 2 processes at model_parallel_size 1 each hold the whole
+    model (from a 2-shard checkpoint) and may run prompts of their own."""
+    ckpt = make_checkpoint(MP_ARGS, n_shards=2)
+    prompts = [[1, 5, 9], [1, 7]]
+    outs = run_mp(ckpt, 2, prompts, tmp_path, 0.0, "--model_parallel_size", "1",
+                  "--per_rank_prompts", "True")  # fmt: skip
+    llama = build(ckpt, max_seq_len=64, max_batch_size=4)
+    for rank, out in enumerate(outs):
+        own = [p + [rank + 3] for p in prompts]  # mp_worker's per-rank prompts
+        want, _ = llama.generate(own, 8, temperature=0, stop_token=-1)
+        assert out["tokens"] == want, rank
+
+
+def test_a_model_parallel_size_that_does_not_divide_the_processes_is_refused(
+    make_checkpoint, tmp_path
+):
+    proc = torchrun(2, REPO / "tests" / "mp_worker.py", "--ckpt_dir", str(make_checkpoint(MP_ARGS)),
+                    "--out", str(tmp_path / "x"), "--prompts", "[[1, 5]]",
+                    "--model_parallel_size", "4", timeout=90)  # fmt: skip
+    assert proc.returncode != 0
+    assert "model_parallel_size=4 but 2 process(es) are running" in proc.stderr
