@@ -267,6 +267,7 @@ class Llama:
             raise ConfigError(f"seed must be an integer in [-2**63, 2**64), got {seed!r:.40}")
         if not isinstance(compile, bool):
             raise ConfigError(f"compile must be True or False, got {compile!r}")
+        model.ensure_cache()
         self.model = model
         self.tokenizer = tokenizer
         self.seed = seed

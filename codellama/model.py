@@ -31,7 +31,7 @@ from fairscale.nn.model_parallel.mappings import (
 )
 from torch import nn
 
-from . import gpu_kernels
+from . import distributed, gpu_kernels
 from .checkpoint import REQUIRED_PARAMS  # in every params.json; the defaults are only 7B's
 from .errors import ConfigError, PromptError, PromptTooLongError, UnsupportedError
 from .native import (
@@ -529,6 +529,11 @@ class Transformer(nn.Module):
         super().__init__()
         if params.vocab_size < 1:
             raise ConfigError("vocab_size must be set (from the tokenizer) before building")
+        if not fs_init.model_parallel_is_initialized():
+            # Made directly, as Meta's code makes it (whose Llama.build set up model
+            # parallelism first): one process, or torchrun's processes.
+            cuda = torch.cuda.is_available()
+            distributed.setup_model_parallel(None, torch.device("cuda" if cuda else "cpu"))
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
@@ -887,10 +892,18 @@ class Transformer(nn.Module):
         self.key_positions = torch.arange(p.max_seq_len, device=device)  # sliced by masks
         self._plan_native_decoder()  # the caches moved
 
+    def ensure_cache(self) -> None:
+        """Allocate the KV cache and rotary tables if they are missing or on another device
+        than the weights (a model made as Meta's code makes it: ``Transformer(params)``,
+        ``load_state_dict``, ``.to(device)``)."""
+        if self.rope is None or self.rope.device != self.device:
+            self.setup_cache()
+
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Logits (float32) for every position of ``tokens`` (batch, seqlen) placed at
         ``start_pos`` (Meta's signature; the inputs are checked, as it is public)."""
         self._check_tokens(tokens)
+        self.ensure_cache()
         if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral):
             raise PromptError(f"start_pos must be an integer >= 0, got {start_pos!r:.40}")
         if start_pos < 0:

@@ -7,8 +7,14 @@ headers with ``<step>`` between turns. :func:`chat_prompt_tokens` picks by the t
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from typing import Literal, NotRequired, TypedDict
+from typing import Literal
+
+if sys.version_info >= (3, 11):
+    from typing import NotRequired, TypedDict
+else:  # Python 3.10: typing_extensions (a dependency of torch) has them
+    from typing_extensions import NotRequired, TypedDict
 
 from .errors import PromptError, UnsupportedError
 from .tokenizer import Tokenizer, check_text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -561,3 +562,32 @@ def test_meta_draws_give_each_row_its_block_row_as_metas_loop_draws_them(
         for i in range(bsz):
             want = blocks[offsets[i] + step][places[i]] if i in active else torch.ones(vocab)
             assert torch.equal(noise[i], want[:width]), (step, i)
+
+
+def test_a_model_made_as_metas_code_makes_it_generates_what_build_gives(make_checkpoint):
+    """Transformer(params) in a fresh process (no process group yet), load_state_dict,
+    Llama(model, tokenizer): the cache and model parallelism are set up on the way."""
+    import subprocess
+    import sys
+    import textwrap
+
+    ckpt = make_checkpoint(GQA_ARGS, n_shards=2)
+    code = textwrap.dedent(f"""
+        import json
+        from codellama import Llama, ModelArgs, Tokenizer, Transformer
+        from codellama.checkpoint import load_shard, merge_shards, shard_paths
+        ck = {str(ckpt)!r}
+        tok = Tokenizer(ck + "/tokenizer.model")
+        params = json.load(open(ck + "/params.json"))
+        args = ModelArgs(max_seq_len=64, max_batch_size=2, **{{**params, "vocab_size": tok.n_words}})
+        model = Transformer(args)
+        model.load_state_dict(merge_shards(load_shard(p) for p in shard_paths(ck)))
+        mine = Llama(model, tok).text_completion(["def f("], temperature=0, max_gen_len=8)
+        built = Llama.build(ck, ck + "/tokenizer.model", 64, 2, device="cpu", dtype="float32")
+        theirs = built.text_completion(["def f("], temperature=0, max_gen_len=8)
+        print(json.dumps([mine, theirs]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mine, theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert mine == theirs and mine[0]["generation"]
