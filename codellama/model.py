@@ -923,6 +923,11 @@ class Transformer(nn.Module):
                 f"tokens must be a (batch, seqlen) integer tensor with seqlen >= 1, got shape "
                 f"{tuple(tokens.shape)} {tokens.dtype}; e.g. torch.tensor([ids])"
             )
+        if tokens.device != self.device:
+            raise PromptError(
+                f"tokens are on {tokens.device} but the model is on {self.device}; make them "
+                "with torch.tensor(ids, device=model.device)"
+            )
         if not 1 <= tokens.shape[0] <= p.max_batch_size:
             raise PromptError(
                 f"tokens has {tokens.shape[0]} rows but max_batch_size is {p.max_batch_size}"

@@ -947,8 +947,12 @@ def test_numpy_numbers_are_taken_as_python_numbers(ctx):
         (torch.tensor([[1, 10**6]]), "token id 1000000 is outside the vocabulary"),
         (torch.tensor([[-3, 1]]), "token id -3 is outside the vocabulary"),
         (torch.ones((MAX_BATCH + 1, 2), dtype=torch.long), "rows but max_batch_size is"),
+        (
+            torch.ones((1, 2), dtype=torch.long, device="meta"),
+            "tokens are on meta but the model is on cpu",
+        ),
     ],
-    ids=["float", "list", "1-d", "empty", "id-too-big", "id-negative", "too-many-rows"],
+    ids=["float", "list", "1-d", "empty", "id-too-big", "id-negative", "too-many-rows", "device"],
 )
 def test_model_forward_refuses_bad_tokens_by_name(ctx, tokens, match):
     model = _build(ctx.ckpt).model
