@@ -831,6 +831,18 @@ class Llama:
         tokens = [r.tokens for r in results]
         return tokens, ([r.logprobs or [] for r in results] if logprobs else None)
 
+    def _cut_echo(
+        self, text: str, generated: list[int], prompt: list[int], stops: Sequence[str]
+    ) -> str:
+        """An echoed ``text`` (prompt and generation) cut where generation stopped: at the
+        first stop string in the generation's own text, which generation watched (it lacks
+        the space SentencePiece drops before a text's first piece, which the echo keeps)."""
+        own = self.tokenizer.decode(generated)
+        if not text.endswith(own):  # a character across the seam: search the echo's tail
+            return cut_at_stop(text, stops, len(self.tokenizer.decode(prompt)))
+        hit = first_stop(own, stops)
+        return text if hit is None else text[: len(text) - len(own) + hit[0]]
+
     def _max_gen_len(self, max_gen_len: int | None) -> int:
         return self.max_seq_len - 1 if max_gen_len is None else max_gen_len
 
@@ -861,8 +873,11 @@ class Llama:
         )  # fmt: skip
         out: list[CompletionPrediction] = []
         for i, t in enumerate(tokens):
-            start = len(self.tokenizer.decode(prompt_tokens[i])) if echo and stops else 0
-            text = cut_at_stop(self.tokenizer.decode(t), stops, start)
+            text = self.tokenizer.decode(t)
+            if echo and stops:
+                text = self._cut_echo(text, t[len(prompt_tokens[i]) :], prompt_tokens[i], stops)
+            else:
+                text = cut_at_stop(text, stops)
             pred = CompletionPrediction(generation=text)
             if lps is not None:
                 pred["tokens"] = self._pieces(t)

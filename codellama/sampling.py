@@ -17,8 +17,9 @@ from .errors import NumericalError, PromptError
 class SamplingParams:
     """How to pick the next token. ``temperature == 0`` is greedy (argmax).
 
-    ``top_p`` keeps the smallest set of tokens whose probability mass reaches p (Meta's
-    nucleus sampling); ``top_k`` (0 = off) the k most likely; ``min_p`` (0 = off) the tokens
+    ``top_p`` keeps, most likely first, each token whose predecessors' mass is at most p
+    (Meta's nucleus sampling: at an exact tie with p one more token than Hugging Face's
+    rule, and at p = 1 the float32 sum may drop tails below 1e-8, as Meta's does); ``top_k`` (0 = off) the k most likely; ``min_p`` (0 = off) the tokens
     at least ``min_p`` times as likely as the best one; ``repetition_penalty`` (1 = off)
     divides positive logits (multiplies negative ones) of tokens already in the sequence.
     """

@@ -121,3 +121,26 @@ def test_infilling_and_chat_cut_their_text_at_the_stop_string(llama):
 def test_bad_stop_strings_are_refused(llama, bad):
     with pytest.raises(PromptError, match="stop strings must be"):
         llama.text_completion(["x"], max_gen_len=2, stop=bad)
+
+
+def test_echo_cuts_where_generation_stopped_not_at_the_space_decoding_drops(llama):
+    """A generation's text loses the space before its first piece (SentencePiece), the echoed
+    text keeps it: a stop string made of that space and the piece never stopped generation,
+    so the echo must not be cut there either."""
+    tok = llama.tokenizer
+    prompts = [tok.decode([i]) for i in range(3, tok.n_words) if tok.is_plain_piece(i)][:200]
+    firsts = llama.generate_results(
+        [tok.encode(p, bos=True, eos=False) for p in prompts], 1, GREEDY, stop_tokens=()
+    )
+    prompt = next(
+        p for p, r in zip(prompts, firsts)
+        if tok.token_piece(r.tokens[0]).startswith("▁") and len(tok.token_piece(r.tokens[0])) > 1
+    )  # fmt: skip
+    ids, tokens, _ = _free_run(llama, prompt)
+    piece = tok.token_piece(tokens[0])
+    stop = " " + piece[1:]
+    plain = llama.text_completion([prompt], temperature=0, max_gen_len=N, stop=[stop])
+    echoed = llama.text_completion([prompt], temperature=0, max_gen_len=N, stop=[stop], echo=True)
+    whole = llama.text_completion([prompt], temperature=0, max_gen_len=N, echo=True)
+    assert plain[0]["generation"] == tok.decode(tokens)  # not stopped: " " is not in its text
+    assert echoed[0]["generation"] == whole[0]["generation"]
