@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from codellama.generation import ChatPrediction, CompletionPrediction, InfillingPrediction, Llama
+from codellama.model import ModelArgs, Transformer
 from codellama.prompt_formats import (
     B_INST,
     B_SYS,
@@ -45,7 +46,9 @@ __all__ = [
     "InfillingPrediction",
     "Llama",
     "Message",
+    "ModelArgs",
     "Role",
+    "Transformer",
     "dialog_prompt_tokens",
     "infilling_prompt_tokens",
     "sample_top_p",

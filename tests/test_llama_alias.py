@@ -62,3 +62,31 @@ def test_a_script_importing_llama_runs_in_a_fresh_process(make_checkpoint, tmp_p
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GENERATION str" in proc.stdout
+
+
+def test_metas_rotary_helpers_rotate_as_the_model_does():
+    import torch
+
+    from codellama.model import apply_rotary, rope_table
+
+    g = torch.Generator().manual_seed(0)
+    xq, xk = torch.randn(2, 5, 4, 16, generator=g), torch.randn(2, 5, 2, 16, generator=g)
+    freqs = llama.model.precompute_freqs_cis(16, 12, theta=1e6)[3:8]
+    # Meta's formula, written out: angles t / theta^(2i/d) as unit complex numbers
+    inv = 1.0 / (1e6 ** (torch.arange(0, 16, 2)[:8].float() / 16))
+    want = torch.polar(torch.ones(5, 8), torch.outer(torch.arange(3, 8).float(), inv))
+    torch.testing.assert_close(freqs, want)
+    q, k = llama.model.apply_rotary_emb(xq, xk, freqs)
+    rotation = rope_table(16, 12, 1e6)[3:8].view(1, 5, 1, 8, 2)
+    torch.testing.assert_close(q, apply_rotary(xq, rotation))
+    torch.testing.assert_close(k, apply_rotary(xk, rotation))
+
+
+def test_metas_repeat_kv_repeats_each_head_in_place():
+    import torch
+
+    x = torch.arange(2 * 3 * 2 * 4, dtype=torch.float32).view(2, 3, 2, 4)
+    out = llama.model.repeat_kv(x, 3)
+    assert out.shape == (2, 3, 6, 4)
+    torch.testing.assert_close(out, torch.repeat_interleave(x, 3, dim=2))
+    assert llama.model.repeat_kv(x, 1) is x
