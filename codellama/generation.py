@@ -231,8 +231,7 @@ class Llama:
                 model.prepack_cpu_weights()
                 if dev.type == "cpu":
                     model.use_native_kernel(model.native_kernel)
-        if rank == 0:
-            print(f"Loaded in {time.time() - start:.2f} seconds")
+        print(f"Loaded in {time.time() - start:.2f} seconds")  # each node's local rank 0
         return Llama(
             model,
             tokenizer,
