@@ -179,7 +179,8 @@ fetch() {
     local url=${PRESIGNED_URL/'*'/"$rel"}
     local rc=0
 
-    if [[ $mode == fresh ]]; then
+    if [[ $mode == fresh ]] || looks_like_html "$dest"; then
+        # fresh, or an error page an earlier run kept: resuming would only append to it
         rm -f -- "$dest" || return 1
         wget "${WGET_ARGS[@]}" -O "$dest" -- "$url" || rc=$?
     else
@@ -331,7 +332,7 @@ log "Downloading Code Llama into '${TARGET_FOLDER}': ${MODELS}"
 
 for f in LICENSE USE_POLICY.md; do
     log "  ${f}"
-    fetch "$f" continue no || die 1 "could not download ${f}; no model was downloaded."
+    fetch "$f" continue yes || die 1 "could not download ${f}; no model was downloaded."
 done
 
 OK_MODELS=""

@@ -629,6 +629,30 @@ def _writable_beside(out: Path, what: str) -> Path:
         ) from e
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``kill``, a job scheduler) into SystemExit for a command-line run, so
+    that :func:`atomic_dir` removes its temporary folder as it does on Ctrl-C."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give ``folder`` and what it holds the modes a plain mkdir or open would (the umask's):
+    mkdtemp makes the folder private (0700), some writers their files (0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out_dir`` that replaces it when the block succeeds.
@@ -644,6 +668,7 @@ def atomic_dir(out_dir: str | os.PathLike[str], overwrite: bool = False) -> Iter
     tmp = _writable_beside(out, "tmp")
     try:
         yield tmp
+        _usual_modes(tmp)
         if not out.exists():
             os.replace(tmp, out)
             return

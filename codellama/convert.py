@@ -36,6 +36,7 @@ from .checkpoint import (
     atomic_dir,
     check_overwrite,
     check_path_given,
+    exit_on_sigterm,
     load_shard,
     read_params,
     refuse_non_empty,
@@ -761,6 +762,7 @@ def from_hf(
 def main() -> None:
     import fire
 
+    exit_on_sigterm()
     fire.Fire({"to_hf": to_hf, "from_hf": from_hf})
 
 

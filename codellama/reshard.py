@@ -19,6 +19,7 @@ from .checkpoint import (
     check_overwrite,
     check_path_given,
     check_replicated,
+    exit_on_sigterm,
     load_shard,
     read_params,
     refuse_non_empty,
@@ -224,4 +225,5 @@ def main(
 if __name__ == "__main__":
     import fire
 
+    exit_on_sigterm()
     fire.Fire(main)

@@ -481,3 +481,38 @@ def test_replicated_weights_of_different_dtypes_name_both(tmp_path):
     a, b = torch.ones(4), torch.full((4,), 2.0, dtype=torch.bfloat16)
     with pytest.raises(CheckpointError, match=r"torch.float32 against torch.bfloat16"):
         check_replicated("norm.weight", a, tmp_path / "consolidated.00.pth", b, tmp_path / "x.pth")
+
+
+def test_an_output_folder_gets_the_umasks_modes_not_private_ones(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = write_checkpoint(tmp_path / "out", SHARD, {"dim": 1})
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o755  # mkdtemp's folder is 0700
+    assert all((p.stat().st_mode & 0o777) == 0o644 for p in out.iterdir())
+
+
+def test_sigterm_during_a_command_line_write_leaves_no_temporary_folder(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import time, torch\n"
+        "from codellama.checkpoint import exit_on_sigterm, write_checkpoint\n"
+        "exit_on_sigterm()\n"
+        "def shards():\n"
+        "    yield {'norm.weight': torch.ones(2)}\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+        "    yield {'norm.weight': torch.ones(2)}\n"
+        f"write_checkpoint({str(tmp_path / 'out')!r}, shards(), {{}})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(0.1)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary folder

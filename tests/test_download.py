@@ -328,6 +328,20 @@ def test_html_page_served_with_200_is_rejected(server: FakeMetaServer, target: P
     assert not (target / "CodeLlama-7b" / "tokenizer.model").exists()
 
 
+def test_an_html_license_is_rejected_and_a_rerun_replaces_it(
+    server: FakeMetaServer, target: Path
+) -> None:
+    server.html.add("/LICENSE")
+    first = run_download(server, target)
+    assert first.returncode != 0
+    assert "LICENSE" in first.stdout and "HTML" in first.stdout
+    (target / "LICENSE").write_text("<!DOCTYPE html><html>an old run's error page</html>")
+    server.html.clear()
+    second = run_download(server, target)
+    assert second.returncode == 0, second.stdout
+    assert (target / "LICENSE").read_bytes() == LICENSE
+
+
 def test_interrupted_download_resumes_with_range_request(
     server: FakeMetaServer, target: Path
 ) -> None:
