@@ -328,7 +328,9 @@ class NativeLinear:
             if status == 0:
                 return
         self._populate(dst.data_ptr(), dst.numel() * dst.element_size(), threads)
-        dst.copy_(src)
+        from .checkpoint import copy_releasing  # imports nothing of this module
+
+        copy_releasing(dst, src, release=mapped)  # a block of rows at a time
 
     def plan_packed(
         self, packed: torch.Tensor, n: int, k: int, dtype: torch.dtype | None = None

@@ -78,6 +78,31 @@ print(json.dumps({{"base": base, "after": after, "need": need}}))
     assert growth <= 1.2 * out["need"], out
 
 
+def test_an_fp32_checkpoint_built_in_bf16_stays_within_1_2x_model_and_cache(make_checkpoint):
+    """Converting while loading (fp32 file, bf16 model): the file's pages are dropped a few
+    MB at a time as they are converted, not once a whole matrix is (which held each fp32
+    source beside its bf16 copy: 1.4-1.5x for checkpoints of a few hundred MB)."""
+    args = ModelArgs(dim=2048, n_layers=2, n_heads=16, n_kv_heads=4, multiple_of=256)
+    ckpt = make_checkpoint(args, dtype=torch.float32, std=0.02)
+    out = _run(
+        PEAK
+        + f"""
+import torch
+from codellama import Llama
+from codellama.model import kv_cache_bytes, weight_bytes
+torch.ones(1) @ torch.ones(1)  # runtime warm-up
+base = peak_mib()
+llama = Llama.build({str(ckpt)!r}, {str(ckpt / "tokenizer.model")!r}, 256, 1, device="cpu", dtype="bfloat16")
+after = peak_mib()
+p = llama.model.params
+need = (weight_bytes(p, torch.bfloat16) + kv_cache_bytes(p, torch.bfloat16)) / 2**20
+print(json.dumps({{"base": base, "after": after, "need": need}}))
+"""
+    )
+    assert out["need"] > 170, out
+    assert out["after"] - out["base"] <= 1.2 * out["need"], out
+
+
 def test_long_prompt_peak_rss_growth_is_bounded():
     """A 16K-token prompt needs no more memory beyond the KV cache than a 1K-token one."""
     out = _run(
