@@ -53,13 +53,10 @@ write_random_checkpoint(d / "ckpt", args, tokenizer_path=tok)
 """
 
 
-def test_build_peak_rss_stays_within_1_2x_model_and_cache(make_checkpoint):
-    """A bf16 checkpoint of ~180 MB built in fp32 (179 MB: the linear weights stay bf16, the
-    embedding becomes fp32; 356 MB all fp32): no double allocation, and the checkpoint's
-    pages are released as they are copied."""
-    args = ModelArgs(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, multiple_of=256)
-    ckpt = make_checkpoint(args, dtype=torch.bfloat16, std=0.02)
-    out = _run(
+def _build_growth(ckpt, dtype: str) -> dict:
+    """Peak RSS before and after building ``ckpt`` in ``dtype`` in a fresh process, and what
+    the built model needs: its parameters (as stored) and KV cache, MiB."""
+    return _run(
         PEAK
         + f"""
 import torch
@@ -67,15 +64,22 @@ from codellama import Llama
 from codellama.model import parameter_bytes, kv_cache_bytes
 torch.ones(1) @ torch.ones(1)  # runtime warm-up
 base = peak_mib()
-llama = Llama.build({str(ckpt)!r}, {str(ckpt / "tokenizer.model")!r}, 256, 1, device="cpu", dtype="float32")
+llama = Llama.build({str(ckpt)!r}, {str(ckpt / "tokenizer.model")!r}, 256, 1, device="cpu", dtype={dtype!r})
 after = peak_mib()
-need = (parameter_bytes(llama.model) + kv_cache_bytes(llama.model.params, torch.float32)) / 2**20
+need = (parameter_bytes(llama.model) + kv_cache_bytes(llama.model.params, llama.model.dtype)) / 2**20
 print(json.dumps({{"base": base, "after": after, "need": need}}))
 """
     )
-    growth = out["after"] - out["base"]
+
+
+def test_build_peak_rss_stays_within_1_2x_model_and_cache(make_checkpoint):
+    """A bf16 checkpoint of ~180 MB built in fp32 (179 MB: the linear weights stay bf16, the
+    embedding becomes fp32; 356 MB all fp32): no double allocation, and the checkpoint's
+    pages are released as they are copied."""
+    args = ModelArgs(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, multiple_of=256)
+    out = _build_growth(make_checkpoint(args, dtype=torch.bfloat16, std=0.02), "float32")
     assert out["need"] > 170
-    assert growth <= 1.2 * out["need"], out
+    assert out["after"] - out["base"] <= 1.2 * out["need"], out
 
 
 def test_an_fp32_checkpoint_built_in_bf16_stays_within_1_2x_model_and_cache(make_checkpoint):
@@ -83,22 +87,7 @@ def test_an_fp32_checkpoint_built_in_bf16_stays_within_1_2x_model_and_cache(make
     MB at a time as they are converted, not once a whole matrix is (which held each fp32
     source beside its bf16 copy: 1.4-1.5x for checkpoints of a few hundred MB)."""
     args = ModelArgs(dim=2048, n_layers=2, n_heads=16, n_kv_heads=4, multiple_of=256)
-    ckpt = make_checkpoint(args, dtype=torch.float32, std=0.02)
-    out = _run(
-        PEAK
-        + f"""
-import torch
-from codellama import Llama
-from codellama.model import kv_cache_bytes, weight_bytes
-torch.ones(1) @ torch.ones(1)  # runtime warm-up
-base = peak_mib()
-llama = Llama.build({str(ckpt)!r}, {str(ckpt / "tokenizer.model")!r}, 256, 1, device="cpu", dtype="bfloat16")
-after = peak_mib()
-p = llama.model.params
-need = (weight_bytes(p, torch.bfloat16) + kv_cache_bytes(p, torch.bfloat16)) / 2**20
-print(json.dumps({{"base": base, "after": after, "need": need}}))
-"""
-    )
+    out = _build_growth(make_checkpoint(args, dtype=torch.float32, std=0.02), "bfloat16")
     assert out["need"] > 170, out
     assert out["after"] - out["base"] <= 1.2 * out["need"], out
 
