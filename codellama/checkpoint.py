@@ -291,10 +291,14 @@ def release_pages(t: torch.Tensor) -> None:
     if _madvise is None or t.device.type != "cpu" or not is_mapped(t):
         return
     storage = t.untyped_storage()
-    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    _drop_pages(storage.data_ptr(), storage.data_ptr() + storage.nbytes())
+
+
+def _drop_pages(start: int, end: int) -> None:
+    """MADV_DONTNEED the whole pages inside [start, end) of a file mapping."""
     page = mmap.PAGESIZE
     lo, hi = (start + page - 1) // page * page, end // page * page
-    if hi > lo:
+    if _madvise is not None and hi > lo:
         _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
 
 
@@ -314,18 +318,11 @@ def copy_releasing(dst: torch.Tensor, piece: torch.Tensor, release: bool) -> Non
     ):
         dst.copy_(piece)
         return
-    row_bytes = max(1, piece[0].numel() * size)
-    step = max(1, _COPY_BLOCK_BYTES // row_bytes)
-    page = mmap.PAGESIZE
+    step = max(1, _COPY_BLOCK_BYTES // max(1, piece[0].numel() * size))
     for a in range(0, piece.shape[0], step):
         b = min(piece.shape[0], a + step)
         dst[a:b].copy_(piece[a:b])
-        first, last = piece[a], piece[b - 1]
-        lo = first.data_ptr()
-        hi = last.data_ptr() + (last.numel() * size if last.dim() == 0 else _span(last))
-        lo, hi = (lo + page - 1) // page * page, hi // page * page
-        if hi > lo:
-            _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+        _drop_pages(piece[a].data_ptr(), piece[b - 1].data_ptr() + _span(piece[b - 1]))
 
 
 _COPY_BLOCK_BYTES = 16 * 2**20

@@ -181,10 +181,7 @@ class Llama:
         max_seq_len = _positive_int("max_seq_len", max_seq_len)
         max_batch_size = _positive_int("max_batch_size", max_batch_size)
         prefill_chunk_size = _positive_int("prefill_chunk_size", prefill_chunk_size)
-        if not _seed_ok(seed):
-            raise ConfigError(f"seed must be an integer in [-2**63, 2**64), got {seed!r:.40}")
-        if not isinstance(compile, bool):
-            raise ConfigError(f"compile must be True or False, got {compile!r}")
+        _check_seed_and_compile(seed, compile)  # before the slow load (Llama() checks again)
         for name, path in (("ckpt_dir", ckpt_dir), ("tokenizer_path", tokenizer_path)):
             if not isinstance(path, (str, os.PathLike)):
                 raise ConfigError(
@@ -262,10 +259,7 @@ class Llama:
                 f"{model.params.vocab_size} rows; pass the tokenizer.model that came with the "
                 "checkpoint"
             )
-        if not _seed_ok(seed):
-            raise ConfigError(f"seed must be an integer in [-2**63, 2**64), got {seed!r:.40}")
-        if not isinstance(compile, bool):
-            raise ConfigError(f"compile must be True or False, got {compile!r}")
+        _check_seed_and_compile(seed, compile)
         model.ensure_cache()
         self.model = model
         self.tokenizer = tokenizer
@@ -450,6 +444,10 @@ class Llama:
             raise PromptError(
                 f"seed must be None or an integer in [-2**63, 2**64), got {seed!r:.40}"
             )
+        if decode is not None and not callable(decode):
+            raise PromptError(
+                f"decode must be a function from token ids to text, got {type(decode).__name__}"
+            )
         distributed.check_same_on_all_ranks(
             "prompts or sampling parameters",
             {
@@ -461,10 +459,6 @@ class Llama:
         generator = self._generator
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        if decode is not None and not callable(decode):
-            raise PromptError(
-                f"decode must be a function from token ids to text, got {type(decode).__name__}"
-            )
         reader = _StopReader(texts, decode or self.tokenizer.decode, self.tokenizer.is_plain_piece)
         return self._batches(
             prompts, max_gen_len, sampling, logprobs, echo, stops, reader, generator, rows_out
@@ -1224,6 +1218,13 @@ def _cyclic_gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def _check_seed_and_compile(seed: object, compile: object) -> None:
+    if not _seed_ok(seed):
+        raise ConfigError(f"seed must be an integer in [-2**63, 2**64), got {seed!r:.40}")
+    if not isinstance(compile, bool):
+        raise ConfigError(f"compile must be True or False, got {compile!r}")
 
 
 def _seed_ok(seed: object) -> bool:

@@ -257,8 +257,8 @@ class StepInputs:
     cache is written with a slice), else a (B, T) tensor of per-row positions.
     ``mask`` is a boolean (B|1, 1, T, kv_len) mask or None; ``causal`` means the query at
     ``start_pos + i`` attends keys ``0 .. start_pos + i`` (from position 0, SDPA's own causal
-    mask; past it, attention builds small masks block by block, see
-    :data:`ATTENTION_MASK_BYTES`). The pass reads and writes cache rows
+    mask; past it, no (T, kv_len) mask is built: see ``Attention._attend_past``). The pass
+    reads and writes cache rows
     ``row_offset .. row_offset+B-1``.
     """
 
@@ -452,7 +452,7 @@ class Attention(nn.Module):
                         values[:, :, :n_keys],
                         attn_mask=key_pos <= q_pos,
                         enable_gqa=rep > 1,
-                    )  # fmt: skip
+                    )
                 )
             out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out.transpose(1, 2).reshape(bsz, seqlen, heads * dim)
