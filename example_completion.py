@@ -52,7 +52,7 @@ if __name__ == "__main__":""",
         temperature=temperature,
         top_p=top_p,
     )
-    for prompt, result in zip(prompts, results):
+    for prompt, result in zip(prompts, results, strict=True):
         print(prompt)
         print(f"> {result['generation']}")
         print("\n==================================\n")

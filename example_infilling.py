@@ -79,7 +79,7 @@ end
         temperature=temperature,
         top_p=top_p,
     )
-    for prompt, result in zip(prompts, results):
+    for prompt, result in zip(prompts, results, strict=True):
         print("\n================= Prompt text =================\n")
         print(prompt)
         print("\n================= Filled text =================\n")

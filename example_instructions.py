@@ -64,7 +64,7 @@ def main(
         top_p=top_p,
     )
 
-    for instruction, result in zip(instructions, results):
+    for instruction, result in zip(instructions, results, strict=True):
         for msg in instruction:
             print(f"{msg['role'].capitalize()}: {msg['content']}\n")
         print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")

@@ -27,7 +27,7 @@ from .generation import (
 from .model import ModelArgs, Transformer
 from .prompt_formats import Dialog, Message, chat_prompt_tokens, infilling_prompt_tokens
 from .sampling import SamplingParams
-from .streaming import StreamEvent
+from .streaming import FinishReason, StreamEvent
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -42,6 +42,7 @@ __all__ = [
     "DataNotFoundError",
     "Dialog",
     "DistributedError",
+    "FinishReason",
     "GenerationResult",
     "InfillingPrediction",
     "Llama",

@@ -330,7 +330,7 @@ _COPY_BLOCK_BYTES = 16 * 2**20
 
 def _span(t: torch.Tensor) -> int:
     """Bytes from ``t``'s first element to the end of its last."""
-    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
     return (last + 1) * t.element_size()
 
 
@@ -538,7 +538,7 @@ def shard_state_dict(
             raise ConfigError(
                 f"{name} has {t.shape[dim]} rows along dim {dim}; not divisible by {n}"
             )
-        for sd, piece in zip(shards, torch.chunk(t, n, dim=dim)):
+        for sd, piece in zip(shards, torch.chunk(t, n, dim=dim), strict=False):
             sd[name] = piece.clone()
     return shards
 

@@ -206,7 +206,7 @@ def main(
     d = ensure_demo_checkpoint(ckpt_dir)
     llama = Llama.build(str(d), str(d / "tokenizer.model"), max_seq_len, 4, device=device)
     prompts = ["def fizzbuzz(n: int):", "import argparse\n\ndef main(string: str):"]
-    for p, r in zip(prompts, llama.text_completion(prompts, max_gen_len=max_gen_len)):
+    for p, r in zip(prompts, llama.text_completion(prompts, max_gen_len=max_gen_len), strict=True):
         print(f"\n[completion] {p}\n> {r['generation']!r}")
     r = llama.text_infilling(
         ["def add(a, b):\n    "], ["\n    return c\n"], max_gen_len=max_gen_len

@@ -154,8 +154,7 @@ def setup_model_parallel(model_parallel_size: int | None, device: torch.device) 
     if not dist.is_initialized():
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
             backend = "nccl" if device.type == "cuda" else "gloo"
-            if device.type == "cuda":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            select_cuda_device(device)  # before nccl's first use of a device
             dist.init_process_group(backend, timeout=collective_timeout())
         else:
             dist.init_process_group(
@@ -177,14 +176,21 @@ def setup_model_parallel(model_parallel_size: int | None, device: torch.device) 
             f"not divide; launch with `torchrun --nproc_per_node {mp} ...` (or a multiple of "
             f"it, for {mp}-process copies of the model), or pass model_parallel_size={world}"
         )
+    select_cuda_device(device)
     if fs_init.model_parallel_is_initialized():
         if fs_init.get_model_parallel_world_size() == mp:
             return fs_init.get_model_parallel_rank(), mp
         fs_init.destroy_model_parallel()
     fs_init.initialize_model_parallel(mp)  # world // mp copies (data parallel), as Meta's
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return fs_init.get_model_parallel_rank(), mp
+
+
+def select_cuda_device(device: torch.device) -> None:
+    """Make ``device`` CUDA's current device: the one named (``cuda:1``), else torchrun's
+    LOCAL_RANK. Streams and events without a device argument then belong to the model's."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(index)
 
 
 def shutdown() -> None:

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, TypedDict
 
 import torch
 import torch.distributed as dist
@@ -53,10 +53,9 @@ from .prompt_formats import (
     validate_dialog,
 )
 from .sampling import MetaDraws, SamplingParams, rows_finite, sample
-from .streaming import IncrementalDecoder, StreamEvent, TextAssembler
+from .streaming import FinishReason, IncrementalDecoder, StreamEvent, TextAssembler
 from .tokenizer import Tokenizer, check_text
 
-FinishReason = Literal["stop", "length"]
 # Prompt tokens per forward pass. 1024 against 512 (bf16 `small`, 2-core CPU): prefill of a
 # 1-2K prompt 11-12% faster, a 16K one 7%; peak memory at 16K +29 MiB (184 MiB in all).
 DEFAULT_PREFILL_CHUNK = 1024
@@ -594,7 +593,7 @@ class Llama:
         targets = prompt[:, start + 1 : start + 1 + logits.shape[1]]
         n = targets.shape[1]
         lp = torch.log_softmax(logits[:, :n], dim=-1).gather(-1, targets.unsqueeze(-1))
-        for r, values in zip(rows, lp.squeeze(-1).tolist()):
+        for r, values in zip(rows, lp.squeeze(-1).tolist(), strict=True):
             for j, value in enumerate(values):
                 if start + 1 + j < len(r.prompt):
                     r.logprobs[start + 1 + j] = value
@@ -768,7 +767,7 @@ class Llama:
         buf = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
         buf.copy_(stacked, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(stacked.device))
 
         def wait() -> list[list[Any]]:
             done.synchronize()
@@ -934,7 +933,7 @@ class Llama:
             stops, seed,
         )  # fmt: skip
         out: list[ChatPrediction] = []
-        for i, (dialog, t) in enumerate(zip(dialogs, tokens)):
+        for i, (dialog, t) in enumerate(zip(dialogs, tokens, strict=True)):
             answer = cut_at_stop(self.tokenizer.decode(t), stops)
             content = UNSAFE_ERROR if has_special_tags(dialog) else answer
             message = Message(role="assistant", content=content)
@@ -972,7 +971,7 @@ class Llama:
             raise UnsupportedError("the tokenizer has no end-of-infilling piece (▁<EOT>)")
         prompt_tokens = [
             infilling_prompt_tokens(self.tokenizer, p, s, suffix_first=bool(suffix_first))
-            for p, s in zip(prefixes, suffixes)
+            for p, s in zip(prefixes, suffixes, strict=True)
         ]
         return prompt_tokens, eot
 

@@ -96,7 +96,7 @@ def generate_samples(
     sampling = SamplingParams(temperature=temperature, top_p=top_p)
     tok = llama.tokenizer
     encoded = encode_problems(tok, checked, llama.max_seq_len)  # all before any is run
-    jobs = _jobs(list(zip(checked, encoded)), n_samples)[skip:]
+    jobs = _jobs(list(zip(checked, encoded, strict=True)), n_samples)[skip:]
     step = llama.max_batch_size
     for lo in range(0, len(jobs), step):
         batch = [p for p, _ in jobs[lo : lo + step]]
@@ -104,7 +104,7 @@ def generate_samples(
             [ids for _, ids in jobs[lo : lo + step]], max_gen_len, sampling,
             stop_tokens=[tok.eos_id], stop_strings=stops,
         )  # fmt: skip
-        for p, res in zip(batch, results):
+        for p, res in zip(batch, results, strict=True):
             completion = cut_at_stop(tok.decode_infilling(res.tokens), stops)
             yield {"task_id": p["task_id"], "completion": completion}
 
@@ -115,7 +115,7 @@ def encode_problems(
     """BOS + each problem's prompt; a prompt longer than ``max_seq_len`` is a
     :class:`PromptTooLongError` naming its task, raised before anything is generated."""
     prompts = [tokenizer.encode(p["prompt"], bos=True, eos=False) for p in problems]
-    for p, ids in zip(problems, prompts):
+    for p, ids in zip(problems, prompts, strict=True):
         if len(ids) > max_seq_len:
             raise PromptTooLongError(
                 f"problem {p['task_id']!r} has a {len(ids)}-token prompt but max_seq_len is "
@@ -159,7 +159,7 @@ def finished_samples(
     jobs = _jobs(problems, n_samples)
     done: list[dict[str, str]] = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line, job in zip(f, jobs):
+        for line, job in zip(f, jobs, strict=False):
             try:
                 sample = json.loads(line) if line.endswith("\n") else None
             except json.JSONDecodeError:

@@ -358,6 +358,26 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         self.wqkv: torch.Tensor | None = None  # wq, wk, wv as one matrix: see fuse_rows
 
+    @property
+    def cache_k(self) -> torch.Tensor:
+        """Meta's name and layout for the cached keys: a (max_batch_size, max_seq_len,
+        n_local_kv_heads, head_dim) view of the cache, for code that reaches into layers."""
+        return self._cache_buffer("k")
+
+    @property
+    def cache_v(self) -> torch.Tensor:
+        """Meta's name and layout for the cached values (see :attr:`cache_k`)."""
+        return self._cache_buffer("v")
+
+    def _cache_buffer(self, name: str) -> torch.Tensor:
+        if self.cache is None:
+            raise RuntimeError(
+                f"cache_{name}: the KV cache is not allocated yet; it is allocated by the first "
+                "forward pass, or call Transformer.setup_cache() first"
+            )
+        buffer: torch.Tensor = getattr(self.cache, name)
+        return buffer.transpose(1, 2)
+
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
         if self.wqkv is not None:
             return linear(self.wo, self.attend(matmul(x, self.wqkv), step))
@@ -736,7 +756,10 @@ class Transformer(nn.Module):
                 )  # fmt: skip
             )
             # What the plan holds pointers into: checked before every use (_decoder_is_current).
-            owns += [_owned(m._parameters, "weight", p.weight) for m, p in zip(modules, plans)]
+            owns += [
+                _owned(m._parameters, "weight", p.weight)
+                for m, p in zip(modules, plans, strict=True)
+            ]
             owns += [_owned(n._parameters, "weight", n.weight) for n in norms]
             owns += [_owned(attn._modules, "cache", attn.cache)]
             owns += [_owned(attn.cache._buffers, b, getattr(attn.cache, b)) for b in ("k", "v")]
@@ -973,7 +996,7 @@ class Transformer(nn.Module):
     def _check_span(self, start_pos: int, seqlen: int) -> None:
         max_len = self.params.max_seq_len
         if start_pos < 0:
-            raise ConfigError(f"start_pos must be >= 0, got {start_pos}")
+            raise PromptError(f"start_pos must be >= 0, got {start_pos}")
         if start_pos + seqlen > max_len:
             raise PromptTooLongError(
                 f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={max_len}; "

@@ -524,8 +524,8 @@ class DecoderPlan:
             _CLinear(out.ptr, out.n, out.k, out.padded_k, out.w16), out.n, head.eps,
         )  # fmt: skip
         self._structs = (_CLayer * len(layers))()
-        for struct, layer in zip(self._structs, layers):
-            for name, plan in zip(LAYER_LINEARS, layer.linears):
+        for struct, layer in zip(self._structs, layers, strict=True):
+            for name, plan in zip(LAYER_LINEARS, layer.linears, strict=True):
                 c_linear = _CLinear(plan.ptr, plan.n, plan.k, plan.padded_k, plan.w16)
                 setattr(struct, name, c_linear)
             rows, kv_heads, max_seq, head_dim = layer.cache_k.shape

@@ -150,7 +150,7 @@ def _inst_format_tokens(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     if msgs[0][0] == "system":
         msgs = [(msgs[1][0], B_SYS + msgs[0][1] + E_SYS + msgs[1][1])] + msgs[2:]
     tokens: list[int] = []
-    for (_, prompt), (_, answer) in zip(msgs[0:-1:2], msgs[1::2]):
+    for (_, prompt), (_, answer) in zip(msgs[0:-1:2], msgs[1::2], strict=False):
         text = f"{B_INST} {prompt.strip()} {E_INST} {answer.strip()} "
         tokens += tokenizer.encode(text, bos=True, eos=True)
     tokens += tokenizer.encode(f"{B_INST} {msgs[-1][1].strip()} {E_INST}", bos=True, eos=False)

@@ -69,7 +69,9 @@ def test_bench_decode_rate_is_timed_from_each_runs_first_token(tmp_path):
             sorted(rates)[1] / 2 + sorted(rates)[0] / 2
         )
         b1 = res["times"]["b1"]
-        assert all(63 / r < t for r, t in zip(rates, b1)), lib  # decoding is part of a run
+        assert all(63 / r < t for r, t in zip(rates, b1, strict=True)), (
+            lib
+        )  # decoding is part of a run
 
 
 def test_cuda_check_script_passes_its_cpu_smoke_run(tmp_path):

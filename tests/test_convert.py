@@ -255,7 +255,7 @@ def test_round_trip_keeps_rope_freqs_buffer(
     back = from_hf(hf, tmp_path / "back")
     assert_same_state_dict(load_shard(shard_paths(back)[0]), sd)
     two = from_hf(hf, tmp_path / "back2", model_parallel_size=2)
-    for path, want in zip(shard_paths(two), shard_state_dict(sd, 2)):
+    for path, want in zip(shard_paths(two), shard_state_dict(sd, 2), strict=True):
         assert_same_state_dict(load_shard(path), want)
 
 
@@ -288,7 +288,7 @@ def test_from_hf_two_shards(tmp_path: Path, hf_dir: Path, ckpt: Path) -> None:
     out = from_hf(hf_dir, tmp_path / "mp2", model_parallel_size=2)
     paths = shard_paths(out)
     assert [p.name for p in paths] == ["consolidated.00.pth", "consolidated.01.pth"]
-    for path, want in zip(paths, shard_state_dict(state_dict(ckpt), 2)):
+    for path, want in zip(paths, shard_state_dict(state_dict(ckpt), 2), strict=True):
         assert_same_state_dict(load_shard(path), want)
     with pytest.raises(ConfigError, match=r"valid values: \[1, 2\]"):
         from_hf(hf_dir, tmp_path / "mp3", model_parallel_size=3)

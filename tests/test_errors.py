@@ -796,7 +796,7 @@ def test_more_prompts_than_max_batch_size_keep_caller_order(ctx):
     assert len(prompts) > llama.max_batch_size
     together = llama.text_completion(prompts, temperature=0, max_gen_len=5, logprobs=True)
     assert len(together) == len(prompts)
-    for p, got in zip(prompts, together):
+    for p, got in zip(prompts, together, strict=True):
         alone = llama.text_completion([p], temperature=0, max_gen_len=5, logprobs=True)[0]
         assert got["tokens"] == alone["tokens"]
         assert got["generation"] == alone["generation"]

@@ -44,7 +44,7 @@ def test_greedy_tokens_equal_full_recompute_oracle(llama):
 def test_mixed_length_batch_equals_each_prompt_alone(llama):
     prompts = _prompts(llama.model.params.vocab_size)
     batched, _ = llama.generate(prompts, max_gen_len=10, temperature=0, stop_token=-1)
-    for p, got in zip(prompts, batched):
+    for p, got in zip(prompts, batched, strict=True):
         alone, _ = llama.generate([p], max_gen_len=10, temperature=0, stop_token=-1)
         assert got == alone[0]
         assert len(got) == 10
@@ -58,7 +58,7 @@ def test_chunked_prefill_equals_unchunked(make_checkpoint, build):
     a, la = whole.generate(prompts, 8, temperature=0, logprobs=True, stop_token=-1)
     b, lb = chunked.generate(prompts, 8, temperature=0, logprobs=True, stop_token=-1)
     assert a == b
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=True):
         assert x == pytest.approx(y, abs=1e-4)
 
 
@@ -68,7 +68,7 @@ def test_more_prompts_than_max_batch_size_run_in_order(make_checkpoint, build):
     prompts = _prompts(small.model.params.vocab_size)
     got, _ = small.generate(prompts, 6, temperature=0, stop_token=-1)
     assert len(got) == len(prompts)
-    for p, g in zip(prompts, got):
+    for p, g in zip(prompts, got, strict=True):
         assert g == reference_greedy(small, p, 6)
 
 
@@ -77,7 +77,7 @@ def test_logprobs_are_log_softmax_of_chosen_tokens(llama):
     tokens, logprobs = llama.generate(
         prompts, 6, temperature=0.8, top_p=0.95, logprobs=True, stop_token=-1
     )
-    for p, t, lp in zip(prompts, tokens, logprobs):
+    for p, t, lp in zip(prompts, tokens, logprobs, strict=True):
         full = llama.model.forward(torch.tensor([p + t]), 0)[0]
         want = torch.log_softmax(full[len(p) - 1 : -1], dim=-1).gather(
             -1, torch.tensor(t)[:, None]
@@ -373,7 +373,7 @@ def test_prefill_groups_equal_lengths_together_and_split_far_apart_ones():
 def test_echo_logprobs_of_mixed_batch_equal_each_prompt_alone(llama):
     prompts = _prompts(llama.model.params.vocab_size, [4, 13, 7])
     tokens, lps = llama.generate(prompts, 3, temperature=0, logprobs=True, echo=True, stop_token=-1)
-    for p, t, lp in zip(prompts, tokens, lps):
+    for p, t, lp in zip(prompts, tokens, lps, strict=True):
         t1, lp1 = llama.generate([p], 3, temperature=0, logprobs=True, echo=True, stop_token=-1)
         assert t == t1[0] and t[: len(p)] == p
         assert lp == pytest.approx(lp1[0], abs=1e-4)

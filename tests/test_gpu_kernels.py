@@ -378,7 +378,7 @@ def test_every_kernel_the_model_uses_compiles_for_ampere_and_hopper(arch):
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
     one_row, few_rows = (k.fn for k in gpu_kernels._kernels())
     for fusion in [(0, 0, 0), (1, 0, 0), (0, 0, 1), (0, 1, 1)]:
-        flags = dict(zip(["NORM", "SWIGLU", "ADD"], map(bool, fusion)))
+        flags = dict(zip(["NORM", "SWIGLU", "ADD"], map(bool, fusion), strict=True))
         asm = _compile_for(one_row, _MM_SIGNATURE, {**flags, "BLOCK_N": 1, "BLOCK_K": 4096},
                            arch, 8)  # fmt: skip
         assert asm["cubin"]

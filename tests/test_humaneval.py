@@ -88,7 +88,7 @@ def test_each_sample_is_the_completion_cut_at_the_first_stop_string(llama):
     samples = list(generate_samples(llama, PROBLEMS, n_samples=2, temperature=0.0, max_gen_len=24))
     assert [s["task_id"] for s in samples] == ["T/0", "T/0", "T/1", "T/1", "T/2", "T/2"]
     tok = llama.tokenizer
-    for s, p in zip(samples, [p for p in PROBLEMS for _ in range(2)]):
+    for s, p in zip(samples, [p for p in PROBLEMS for _ in range(2)], strict=True):
         prompt = tok.encode(p["prompt"], bos=True, eos=False)
         free = llama.generate(
             [prompt], 24, temperature=0.0, stop_strings=HUMANEVAL_STOP

@@ -90,3 +90,37 @@ def test_metas_repeat_kv_repeats_each_head_in_place():
     assert out.shape == (2, 3, 6, 4)
     torch.testing.assert_close(out, torch.repeat_interleave(x, 3, dim=2))
     assert llama.model.repeat_kv(x, 1) is x
+
+
+def test_cache_k_and_cache_v_hold_metas_layout_of_the_cached_keys(make_checkpoint, build):
+    import torch
+
+    llama_ = build(make_checkpoint(GQA_ARGS), max_seq_len=32, max_batch_size=2)
+    model = llama_.model
+    attn = model.layers[0].attention
+    tokens = torch.tensor([[1, 5, 9, 12, 3], [1, 7, 2, 8, 4]])
+    model(tokens, 0)
+    h = model.layers[0].attention_norm(model.tok_embeddings(tokens))
+    linear = codellama.model.linear  # the weights may be packed for the CPU kernels
+    k = linear(attn.wk, h).view(2, 5, attn.n_local_kv_heads, attn.head_dim)
+    v = linear(attn.wv, h).view(2, 5, attn.n_local_kv_heads, attn.head_dim)
+    freqs = llama.model.precompute_freqs_cis(attn.head_dim, 64, theta=GQA_ARGS.rope_theta)[:5]
+    _, k = llama.model.apply_rotary_emb(k, k, freqs)
+    assert attn.cache_k.shape == (2, 32, attn.n_local_kv_heads, attn.head_dim)
+    torch.testing.assert_close(attn.cache_k[:2, :5], k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn.cache_v[:2, :5], v)
+    attn.cache_k.zero_()  # a view: writes reach the cache the model reads
+    assert not attn.cache.k.any()
+
+
+def test_cache_k_before_the_cache_exists_says_how_to_allocate_it(make_checkpoint, build):
+    import dataclasses
+
+    import pytest
+
+    build(make_checkpoint(GQA_ARGS))  # sets up (one-process) model parallelism
+    model = llama.model.Transformer(dataclasses.replace(GQA_ARGS, vocab_size=64))
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        _ = model.layers[0].attention.cache_k
+    model.setup_cache(max_batch_size=1, max_seq_len=8)
+    assert model.layers[0].attention.cache_v.shape == (1, 8, 4, 8)

@@ -62,7 +62,7 @@ def test_torchrun_greedy_tokens_equal_mp1(make_checkpoint, mp1_tokens, tmp_path,
     outs = run_mp(make_checkpoint(MP_ARGS, n_shards=n_shards), nproc, prompts, tmp_path)
     for out in outs:  # every rank returns the same, and the same as MP=1
         assert out["tokens"] == want
-        for a, b in zip(out["logprobs"], want_lp):
+        for a, b in zip(out["logprobs"], want_lp, strict=True):
             assert a == pytest.approx(b, abs=1e-4)
 
 
@@ -76,7 +76,7 @@ def test_torchrun_on_a_bf16_checkpoint_in_fp32_equals_mp1(make_checkpoint, tmp_p
     want, want_lp = llama.generate(prompts, 8, temperature=0, logprobs=True, stop_token=-1)
     for out in run_mp(ckpt, 2, prompts, tmp_path):
         assert out["tokens"] == want
-        for a, b in zip(out["logprobs"], want_lp):
+        for a, b in zip(out["logprobs"], want_lp, strict=True):
             assert a == pytest.approx(b, abs=1e-4)
 
 
@@ -89,7 +89,7 @@ def test_compiled_model_parallel_decode_equals_mp1_without_graph_breaks(
     outs = run_mp(make_checkpoint(MP_ARGS, n_shards=2), 2, prompts, tmp_path, 0.0, "--compile")
     for out in outs:
         assert out["tokens"] == want
-        for a, b in zip(out["logprobs"], want_lp):
+        for a, b in zip(out["logprobs"], want_lp, strict=True):
             assert a == pytest.approx(b, abs=1e-4)
         assert out["graph_breaks"] == 0
 

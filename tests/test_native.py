@@ -227,7 +227,7 @@ def test_native_and_onednn_models_agree_on_greedy_tokens(
     got = with_kernel.generate(prompts, 6, temperature=0, stop_token=-1, logprobs=True)
     assert got[0] == want[0]
     tol = 1e-4 if dtype == "float32" else 0.1
-    for a, b in zip(got[1], want[1]):
+    for a, b in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=tol, rtol=tol)
 
 

@@ -89,7 +89,7 @@ def test_native_step_writes_the_same_kv_cache_as_the_torch_layers(kernel, make_c
         _step(model, prompt, token, native_step=native_step)
         cache = model.layers[1].attention.cache
         caches.append((cache.k[:2, :, :7].clone(), cache.v[:2, :, :7].clone()))
-    for got, want in zip(*caches):
+    for got, want in zip(*caches, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -134,7 +134,7 @@ def test_greedy_generation_is_the_same_with_and_without_native_steps(
     llama.model.native_decoder = decoder
     assert got[0] == want[0]
     tol = 1e-4 if dtype == "float32" else 0.1
-    for a, b in zip(got[1], want[1]):
+    for a, b in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=tol, rtol=tol)
 
 

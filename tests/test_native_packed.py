@@ -4,6 +4,7 @@ number of rows, unpacked, and refused once changed behind the model's back."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import shutil
 import subprocess
@@ -199,7 +200,7 @@ def test_rows_cut_anywhere_are_packed_in_any_order(kernel, dtype, cuts):
     _packable(kernel, dtype)
     w = torch.randn(200, 131, generator=torch.Generator().manual_seed(8)).bfloat16()
     packed = kernel.empty_packed(200, 131, dtype).fill_(float("nan"))
-    for lo, hi in reversed(list(zip(cuts, cuts[1:]))):
+    for lo, hi in reversed(list(itertools.pairwise(cuts))):
         kernel.pack_piece(packed, 200, 131, w[lo:hi], row=lo)
     assert torch.equal(packed, kernel.pack(w, dtype))
 
@@ -238,7 +239,7 @@ def test_a_sharded_checkpoint_is_packed_piece_by_piece(
     two = build(make_checkpoint(SHARDED_ARGS, n_shards=2), dtype=dtype).model
     assert any(p[2][1] < p[1] for p in pieces)  # wo, w2: halves of the columns
     assert {p[0] for p in pieces if p[2][0] < p[0]} >= {64, 256}  # wk/wv and wq: row halves
-    for a, b in zip(one.linear_layers(), two.linear_layers()):
+    for a, b in zip(one.linear_layers(), two.linear_layers(), strict=True):
         assert b.native_plan.owned_layout
         assert torch.equal(a.native_plan.unpack(), b.native_plan.unpack())
     tokens = torch.tensor([[1, 5, 9, 14, 3, 7, 11, 2, 6, 8, 10]])

@@ -4,6 +4,7 @@ multiply them in fp32: half the memory, the same products bit for bit."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def test_bf16_pieces_whose_cuts_split_column_pairs_are_kept_in_fp32(kernel):
     model.native_kernel = kernel
     w = _bf16_values(128, 128, 5).bfloat16()
     cuts = (0, 63, 128)
-    for lo, hi in zip(cuts, cuts[1:]):
+    for lo, hi in itertools.pairwise(cuts):
         assert model.store_prepacked("layers.0.attention.wo.weight", w[:, lo:hi], 1, lo, cuts)
     layer = model.layers[0].attention.wo
     assert layer.weight.dtype == torch.float32 and not layer.native_plan.w16

@@ -216,7 +216,7 @@ def test_text_completion_never_raises(llama: Llama, prompts, sampling, max_gen_l
         repetition_penalty=sampling.repetition_penalty,
     )
     assert len(out) == len(prompts)
-    for p, pred in zip(prompts, out):
+    for p, pred in zip(prompts, out, strict=True):
         assert isinstance(pred["generation"], str)
         if echo:
             assert pred["generation"].startswith(expected_text(p))
@@ -243,7 +243,7 @@ def test_generate_results_respect_budget_and_stops(llama: Llama, prompts, sampli
     tokens = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
     results = llama.generate_results(tokens, max_gen_len, sampling, stop_tokens=stop, seed=seed)
     assert len(results) == len(tokens)
-    for t, r in zip(tokens, results):
+    for t, r in zip(tokens, results, strict=True):
         budget = min(max_gen_len, MAX_SEQ_LEN - len(t))
         assert r.prompt_len == len(t)
         assert len(r.tokens) <= budget
@@ -272,7 +272,7 @@ def test_chat_and_infilling_never_raise(llama: Llama, dialogs, infills, sampling
     )
     chats = llama.chat_completion(dialogs, logprobs=True, **kw)
     assert len(chats) == len(dialogs)
-    for d, c in zip(dialogs, chats):
+    for d, c in zip(dialogs, chats, strict=True):
         assert c["generation"]["role"] == "assistant"
         if has_special_tags(d):
             assert c["generation"]["content"] == UNSAFE_ERROR
@@ -282,5 +282,5 @@ def test_chat_and_infilling_never_raise(llama: Llama, dialogs, infills, sampling
     suffixes = [s for _, s in infills]
     filled = llama.text_infilling(prefixes, suffixes, suffix_first=suffix_first, **kw)
     assert len(filled) == len(infills)
-    for p, s, f in zip(prefixes, suffixes, filled):
+    for p, s, f in zip(prefixes, suffixes, filled, strict=True):
         assert f["full_text"] == p + f["generation"] + s

@@ -81,7 +81,7 @@ def test_reshard_matches_shard_state_dict(
     paths = shard_paths(out)
     assert [p.name for p in paths] == [f"consolidated.{i:02d}.pth" for i in range(m)]
     expected = shard_state_dict(merge_shards(load_shard(p) for p in shard_paths(src)), m)
-    for path, want in zip(paths, expected):
+    for path, want in zip(paths, expected, strict=True):
         assert_same_state_dict(load_shard(path), want)
     assert read_params(out) == read_params(src)
     assert (out / "params.json").read_text() == (src / "params.json").read_text()
@@ -108,7 +108,7 @@ def test_reshard_keeps_rope_freqs_buffer(tmp_path: Path, args: ModelArgs) -> Non
     src = write_checkpoint(tmp_path / "in", shard_state_dict(sd, 2), args.to_params())
     for m in (1, 4):
         out = reshard(src, tmp_path / f"mp{m}", m)
-        for path, want in zip(shard_paths(out), shard_state_dict(sd, m)):
+        for path, want in zip(shard_paths(out), shard_state_dict(sd, m), strict=True):
             assert_same_state_dict(load_shard(path), want)
 
 

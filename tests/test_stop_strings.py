@@ -82,7 +82,7 @@ def test_rows_of_a_batch_stop_independently(llama):
     batch = llama.generate_results(
         [r[0] for r in runs], N, GREEDY, stop_tokens=(), stop_strings=[stop]
     )
-    for (_, tokens, text), res in zip(runs, batch):
+    for (_, tokens, text), res in zip(runs, batch, strict=True):
         want = _shortest_prefix_holding(llama, tokens, stop) if stop in text else tokens
         assert res.tokens == want
 
@@ -133,7 +133,7 @@ def test_echo_cuts_where_generation_stopped_not_at_the_space_decoding_drops(llam
         [tok.encode(p, bos=True, eos=False) for p in prompts], 1, GREEDY, stop_tokens=()
     )
     prompt = next(
-        p for p, r in zip(prompts, firsts)
+        p for p, r in zip(prompts, firsts, strict=True)
         if tok.token_piece(r.tokens[0]).startswith("▁") and len(tok.token_piece(r.tokens[0])) > 1
     )  # fmt: skip
     ids, tokens, _ = _free_run(llama, prompt)
