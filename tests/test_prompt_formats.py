@@ -110,7 +110,7 @@ def expected_inst(tok: Tokenizer, dialog: list[dict]) -> list[int]:
         first = f"<<SYS>>\n{dialog[0]['content']}\n<</SYS>>\n\n{dialog[1]['content']}"
         dialog = [{"role": "user", "content": first}] + dialog[2:]
     ids: list[int] = []
-    for user, answer in zip(dialog[0::2], dialog[1::2], strict=True):
+    for user, answer in zip(dialog[0::2], dialog[1::2], strict=False):
         turn = "[INST] " + user["content"].strip() + " [/INST] " + answer["content"].strip() + " "
         ids += [tok.bos_id] + sp.encode(turn) + [tok.eos_id]
     ids += [tok.bos_id] + sp.encode("[INST] " + dialog[-1]["content"].strip() + " [/INST]")
