@@ -1,10 +1,17 @@
 """Packaging for codellama."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+
+
+def version() -> str:
+    """The one version string, kept in codellama/__init__.py."""
+    text = (HERE / "codellama" / "__init__.py").read_text(encoding="utf-8")
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)  # type: ignore[union-attr]
 
 
 def requirements() -> list[str]:
@@ -14,7 +21,7 @@ def requirements() -> list[str]:
 
 setup(
     name="codellama",
-    version="0.1.0",
+    version=version(),
     description="Inference for Meta's Code Llama models, compatible with Meta's reference code",
     long_description=(HERE / "README.md").read_text(encoding="utf-8")
     if (HERE / "README.md").exists()

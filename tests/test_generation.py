@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from codellama import Llama, SamplingParams
-from codellama.prompt_formats import UNSAFE_ERROR
+from codellama.prompt_formats import UNSAFE_ERROR, infilling_prompt_tokens
 
 from .conftest import GQA_ARGS, MHA_ARGS, meta_sample_top_p
 
@@ -177,7 +177,7 @@ def test_top_k_one_is_greedy(llama):
     assert greedy == topk
 
 
-def test_repetition_penalty_changes_greedy_choice_away_from_seen_tokens(llama):
+def test_a_huge_repetition_penalty_never_picks_a_seen_token(llama):
     prompt = _prompts(llama.model.params.vocab_size, [5])[0]
     plain = llama.generate_results([prompt], 12, SamplingParams(temperature=0))[0].tokens
     penal = llama.generate_results(
@@ -188,6 +188,8 @@ def test_repetition_penalty_changes_greedy_choice_away_from_seen_tokens(llama):
         assert t not in seen
         seen.add(t)
     assert len(plain) == len(penal) == 12
+    # without the penalty this model does repeat itself, so the penalty changed the choice
+    assert len(set(prompt + plain)) < len(prompt + plain)
 
 
 def test_text_completion_returns_meta_shaped_dicts(llama):
@@ -205,11 +207,16 @@ def test_text_infilling_full_text_is_prefix_middle_suffix(llama):
     assert out[0]["full_text"] == "def f(a):\n    " + out[0]["generation"] + "\n    return b\n"
 
 
-def test_suffix_first_infilling_runs(llama):
+@pytest.mark.parametrize("suffix_first", [False, True])
+def test_infilling_generates_from_the_prompt_of_its_format(llama, suffix_first):
+    prefix, suffix = "a = ", "\nprint(a)"
     out = llama.text_infilling(
-        ["a = "], ["\nprint(a)"], max_gen_len=4, temperature=0, suffix_first=True
+        [prefix], [suffix], max_gen_len=6, temperature=0, suffix_first=suffix_first
     )
-    assert out[0]["full_text"].startswith("a = ")
+    ids = infilling_prompt_tokens(llama.tokenizer, prefix, suffix, suffix_first=suffix_first)
+    tokens, _ = llama.generate([ids], 6, temperature=0, stop_token=llama.tokenizer.eot_id)
+    assert out[0]["generation"] == llama.tokenizer.decode_infilling(tokens[0])
+    assert out[0]["full_text"] == prefix + out[0]["generation"] + suffix
 
 
 def test_chat_with_special_tags_answers_meta_error(llama):
@@ -239,12 +246,6 @@ def test_step_format_chat_sets_destination(make_checkpoint, build, step_tokenize
     llama = build(make_checkpoint(GQA_ARGS, tokenizer=step_tokenizer_path))
     out = llama.chat_completion([[{"role": "user", "content": "hi"}]], max_gen_len=3, temperature=0)
     assert out[0]["generation"]["destination"] == "user"
-
-
-def test_empty_batch_returns_empty_list(llama):
-    assert llama.text_completion([]) == []
-    assert llama.chat_completion([]) == []
-    assert llama.text_infilling([], []) == []
 
 
 def test_rebuild_in_same_process_with_other_max_seq_len(make_checkpoint, build):
