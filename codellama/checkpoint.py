@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import mmap
 import os
@@ -288,7 +289,7 @@ def release_pages(t: torch.Tensor) -> None:
     Does nothing for any other tensor: dropping the pages of ordinary memory would lose
     its data.
     """
-    if _madvise is None or t.device.type != "cpu" or not is_mapped(t):
+    if _madvise() is None or t.device.type != "cpu" or not is_mapped(t):
         return
     storage = t.untyped_storage()
     _drop_pages(storage.data_ptr(), storage.data_ptr() + storage.nbytes())
@@ -298,8 +299,9 @@ def _drop_pages(start: int, end: int) -> None:
     """MADV_DONTNEED the whole pages inside [start, end) of a file mapping."""
     page = mmap.PAGESIZE
     lo, hi = (start + page - 1) // page * page, end // page * page
-    if _madvise is not None and hi > lo:
-        _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+    madvise = _madvise()
+    if madvise is not None and hi > lo:
+        madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
 
 
 def copy_releasing(dst: torch.Tensor, piece: torch.Tensor, release: bool) -> None:
@@ -310,7 +312,7 @@ def copy_releasing(dst: torch.Tensor, piece: torch.Tensor, release: bool) -> Non
     embedding) besides what it builds."""
     size = piece.element_size()
     if (
-        _madvise is None
+        _madvise() is None
         or not release
         or piece.device.type != "cpu"
         or piece.dim() == 0
@@ -334,7 +336,9 @@ def _span(t: torch.Tensor) -> int:
     return (last + 1) * t.element_size()
 
 
-def _find_madvise():  # type: ignore[no-untyped-def]
+@functools.cache
+def _madvise():  # type: ignore[no-untyped-def]
+    """libc's madvise (Linux), looked up on first use; None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -344,9 +348,6 @@ def _find_madvise():  # type: ignore[no-untyped-def]
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fn.restype = ctypes.c_int
     return fn
-
-
-_madvise = _find_madvise()
 
 
 def _overlap(a0: int, a1: int, b0: int, b1: int) -> tuple[int, int]:

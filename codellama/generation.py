@@ -902,13 +902,18 @@ class Llama:
         out: list[InfillingPrediction] = []
         for i, t in enumerate(tokens):
             middle = cut_at_stop(self.tokenizer.decode_infilling(t), stops)
-            pred = InfillingPrediction(
-                generation=middle, full_text=prefixes[i] + middle + suffixes[i]
-            )
-            if lps is not None:
-                pred["tokens"] = self._pieces(t)
-                pred["logprobs"] = lps[i]
-            out.append(pred)
+            full_text = prefixes[i] + middle + suffixes[i]
+            if lps is None:
+                out.append(InfillingPrediction(generation=middle, full_text=full_text))
+            else:  # keys in the order of Meta's dicts
+                out.append(
+                    InfillingPrediction(
+                        generation=middle,
+                        logprobs=lps[i],
+                        tokens=self._pieces(t),
+                        full_text=full_text,
+                    )  # fmt: skip
+                )
         return out
 
     def chat_completion(
@@ -935,10 +940,11 @@ class Llama:
         out: list[ChatPrediction] = []
         for i, (dialog, t) in enumerate(zip(dialogs, tokens, strict=True)):
             answer = cut_at_stop(self.tokenizer.decode(t), stops)
-            content = UNSAFE_ERROR if has_special_tags(dialog) else answer
-            message = Message(role="assistant", content=content)
-            if step_format:
-                message["destination"] = "user"
+            content = UNSAFE_ERROR if has_special_tags(dialog, step_format) else answer
+            if step_format:  # keys in the order of Meta's dicts
+                message = Message(role="assistant", destination="user", content=content)
+            else:
+                message = Message(role="assistant", content=content)
             pred = ChatPrediction(generation=message)
             if lps is not None:
                 pred["tokens"] = self._pieces(t)
@@ -1043,7 +1049,8 @@ class Llama:
         ``content`` (a dialog with special tags gets Meta's error text, at its end)."""
         prompt_tokens, stop_id = self._chat_prompts(dialogs)
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
-        unsafe = {i for i, d in enumerate(dialogs) if has_special_tags(d)}
+        step_format = self.tokenizer.step_id is not None
+        unsafe = {i for i, d in enumerate(dialogs) if has_special_tags(d, step_format)}
         return self._stream_text(
             prompt_tokens, stop_id, self.tokenizer.decode, max_gen_len, sampling, stop, seed,
             unsafe,

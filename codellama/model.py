@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import mmap
 import numbers
@@ -1251,7 +1252,9 @@ def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
     return gather_from_model_parallel_region(x)  # type: ignore[no-any-return]
 
 
-def _find_malloc_trim() -> Callable[[int], int] | None:
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, looked up on first use; None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -1260,13 +1263,11 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-_malloc_trim = _find_malloc_trim()
-
-
 def _return_freed_memory() -> None:
     """Give free heap pages back to the OS (glibc), so RSS follows what is really in use."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _can_prepack(device: torch.device, dtype: torch.dtype) -> bool:

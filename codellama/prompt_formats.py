@@ -80,11 +80,15 @@ def infilling_prompt_tokens(
     )
 
 
-def has_special_tags(dialog: Dialog) -> bool:
-    """True if a message contains a tag of the chat formats (Meta answers UNSAFE_ERROR)."""
-    texts = [m["content"] for m in dialog] + [
-        m["destination"] for m in dialog if m.get("destination")
-    ]
+def has_special_tags(dialog: Dialog, destinations: bool = True) -> bool:
+    """True if a message contains a tag of the chat formats (Meta answers UNSAFE_ERROR).
+
+    Meta's code checks the contents only; with ``destinations`` (the 70B format, which puts
+    them in the prompt) the destinations are checked too, so that none can inject a turn.
+    """
+    texts = [m["content"] for m in dialog]
+    if destinations:
+        texts += [m["destination"] for m in dialog if m.get("destination")]
     return any(tag in text for text in texts for tag in SPECIAL_TAGS)
 
 

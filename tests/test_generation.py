@@ -242,10 +242,35 @@ def test_a_special_tag_in_a_destination_gets_meta_error_too(
     assert out[0]["generation"]["content"] == UNSAFE_ERROR
 
 
-def test_step_format_chat_sets_destination(make_checkpoint, build, step_tokenizer_path):
+def test_a_destination_the_inst_format_does_not_use_is_not_checked_for_tags(llama):
+    dialog = [{"role": "user", "content": "hi", "destination": "user<step>"}]
+    out = llama.chat_completion([dialog], max_gen_len=3, temperature=0)
+    plain = llama.chat_completion(
+        [[dialog[0] | {"destination": "user"}]], max_gen_len=3, temperature=0
+    )
+    assert out[0]["generation"]["content"] == plain[0]["generation"]["content"] != UNSAFE_ERROR
+
+
+def test_step_format_chat_sets_destination_in_metas_key_order(
+    make_checkpoint, build, step_tokenizer_path
+):
     llama = build(make_checkpoint(GQA_ARGS, tokenizer=step_tokenizer_path))
     out = llama.chat_completion([[{"role": "user", "content": "hi"}]], max_gen_len=3, temperature=0)
     assert out[0]["generation"]["destination"] == "user"
+    assert list(out[0]["generation"]) == ["role", "destination", "content"]
+
+
+def test_prediction_dicts_have_the_keys_of_metas_in_its_order(llama):
+    kw = dict(max_gen_len=3, temperature=0)
+    infill = llama.text_infilling(["a = "], ["\n"], **kw)[0]
+    assert list(infill) == ["generation", "full_text"]
+    infill = llama.text_infilling(["a = "], ["\n"], logprobs=True, **kw)[0]
+    assert list(infill) == ["generation", "logprobs", "tokens", "full_text"]
+    completion = llama.text_completion(["a = "], logprobs=True, **kw)[0]
+    assert list(completion) == ["generation", "tokens", "logprobs"]
+    chat = llama.chat_completion([[{"role": "user", "content": "hi"}]], logprobs=True, **kw)[0]
+    assert list(chat) == ["generation", "tokens", "logprobs"]
+    assert list(chat["generation"]) == ["role", "content"]
 
 
 def test_rebuild_in_same_process_with_other_max_seq_len(make_checkpoint, build):
