@@ -37,8 +37,8 @@ class SamplingParams:
                 f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}"
             )
         _check_number("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise PromptError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.top_p <= 1:  # 0 keeps the most likely token alone, as in Meta's code
+            raise PromptError(f"top_p must be in [0, 1], got {self.top_p!r}")
         if (
             isinstance(self.top_k, bool)
             or not isinstance(self.top_k, numbers.Integral)

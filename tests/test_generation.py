@@ -177,6 +177,13 @@ def test_top_k_one_is_greedy(llama):
     assert greedy == topk
 
 
+def test_top_p_zero_keeps_the_most_likely_token_alone_as_metas_code_does(llama):
+    prompts = _prompts(llama.model.params.vocab_size, [5, 7])
+    greedy, _ = llama.generate(prompts, 8, temperature=0, top_p=0, stop_token=-1)
+    nucleus, _ = llama.generate(prompts, 8, temperature=1.5, top_p=0.0, stop_token=-1)
+    assert greedy == nucleus
+
+
 def test_a_huge_repetition_penalty_never_picks_a_seen_token(llama):
     prompt = _prompts(llama.model.params.vocab_size, [5])[0]
     plain = llama.generate_results([prompt], 12, SamplingParams(temperature=0))[0].tokens

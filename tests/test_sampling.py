@@ -39,7 +39,7 @@ def _probs(kind: str, seed: int, bsz: int = 6) -> torch.Tensor:
 KINDS = ["peaky", "medium", "flat", "ties", "top-k", "one-hot"]
 
 
-@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.95, 1.0])
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 0.9, 0.95, 1.0])
 @pytest.mark.parametrize("kind", KINDS)
 def test_nucleus_sampling_picks_metas_tokens_and_spends_its_draws(kind, p):
     probs = _probs(kind, seed=len(kind) * 7 + int(p * 100))
