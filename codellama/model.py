@@ -21,11 +21,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import (
-    ColumnParallelLinear,
-    ParallelEmbedding,
-    RowParallelLinear,
-)
+from fairscale.nn.model_parallel.layers import ParallelEmbedding
 from fairscale.nn.model_parallel.mappings import (
     gather_from_model_parallel_region,
     reduce_from_model_parallel_region,
@@ -328,6 +324,22 @@ class KVCache(nn.Module):
             self.k.index_put_((rows, heads, pos), k)
             self.v.index_put_((rows, heads, pos), v)
         return self.k[lo:hi, :, : step.kv_len], self.v[lo:hi, :, : step.kv_len]
+
+
+class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    """fairscale's column-parallel linear layer, callable however its weight is kept (packed
+    for the CPU kernels, prepacked for oneDNN, or a view of a fused matrix): see :func:`linear`."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        return linear(self, input_)
+
+
+class RowParallelLinear(fs_layers.RowParallelLinear):
+    """fairscale's row-parallel linear layer (input split across ranks), callable however its
+    weight is kept: see :func:`linear`."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        return linear(self, input_)
 
 
 class Attention(nn.Module):

@@ -101,9 +101,8 @@ def test_cache_k_and_cache_v_hold_metas_layout_of_the_cached_keys(make_checkpoin
     tokens = torch.tensor([[1, 5, 9, 12, 3], [1, 7, 2, 8, 4]])
     model(tokens, 0)
     h = model.layers[0].attention_norm(model.tok_embeddings(tokens))
-    linear = codellama.model.linear  # the weights may be packed for the CPU kernels
-    k = linear(attn.wk, h).view(2, 5, attn.n_local_kv_heads, attn.head_dim)
-    v = linear(attn.wv, h).view(2, 5, attn.n_local_kv_heads, attn.head_dim)
+    k = attn.wk(h).view(2, 5, attn.n_local_kv_heads, attn.head_dim)
+    v = attn.wv(h).view(2, 5, attn.n_local_kv_heads, attn.head_dim)
     freqs = llama.model.precompute_freqs_cis(attn.head_dim, 64, theta=GQA_ARGS.rope_theta)[:5]
     _, k = llama.model.apply_rotary_emb(k, k, freqs)
     assert attn.cache_k.shape == (2, 32, attn.n_local_kv_heads, attn.head_dim)

@@ -159,3 +159,23 @@ def test_both_rotary_formulas_equal_metas(dtype, start):
     want = _metas_rotary(x, 1e6, start)
     torch.testing.assert_close(rotate_complex(x, rot), want, rtol=0, atol=2e-6)
     torch.testing.assert_close(rotate_real(x, rot), want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_each_linear_layer_is_callable_however_its_weight_is_kept(make_checkpoint, build, dtype):
+    llama = build(make_checkpoint(GQA_ARGS), dtype=dtype)  # CPU: weights packed for kernels
+    model = llama.model
+    plain = model.state_dict()
+    x = torch.randn(3, 5, GQA_ARGS.dim, generator=torch.Generator().manual_seed(0))
+    x = x.to(model.dtype)
+    layer = model.layers[1]
+    for name, module in [("layers.1.attention.wq", layer.attention.wq),
+                         ("layers.1.attention.wv", layer.attention.wv),
+                         ("layers.1.feed_forward.w1", layer.feed_forward.w1),
+                         ("output", model.output)]:  # fmt: skip
+        want = x.float() @ plain[name + ".weight"].float().T
+        torch.testing.assert_close(module(x).float(), want, rtol=2e-2, atol=2e-2)
+    hidden = torch.randn(3, 5, model.params.ffn_hidden_dim, generator=torch.Generator())
+    want = hidden @ plain["layers.1.feed_forward.w2.weight"].float().T
+    got = layer.feed_forward.w2(hidden.to(model.dtype)).float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)
