@@ -53,7 +53,7 @@ from .prompt_formats import (
     validate_dialog,
 )
 from .sampling import MetaDraws, SamplingParams, rows_finite, sample
-from .streaming import FinishReason, IncrementalDecoder, StreamEvent, TextAssembler
+from .streaming import _UNFINISHED, FinishReason, IncrementalDecoder, StreamEvent, TextAssembler
 from .tokenizer import Tokenizer, check_text
 
 # Prompt tokens per forward pass. 1024 against 512 (bf16 `small`, 2-core CPU): prefill of a
@@ -120,6 +120,29 @@ class _Row:
     text: IncrementalDecoder | None = None  # its generated text, for stop strings
 
 
+class _CacheGuard:
+    """The KV cache of one model, shared by every Llama made over it: ``lock`` is held while
+    a generation step computes, and ``owner`` is the generation whose prefill wrote it last."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: object = None
+
+    @staticmethod
+    def of(model: Transformer) -> _CacheGuard:
+        guard: _CacheGuard = model.__dict__.setdefault("_codellama_cache_guard", _CacheGuard())
+        return guard
+
+    def check(self, owner: object) -> None:
+        """Refuse to read the cache for ``owner`` if another generation wrote it since."""
+        if self.owner is not owner:
+            raise StreamInterruptedError(
+                "another generation ran on this model while this stream was paused, and they "
+                "share one KV cache; finish (or close) a stream before starting another call, "
+                "or build a second Llama"
+            )
+
+
 @dataclass(frozen=True)
 class _StopReader:
     """Finds stop strings in the text of a row's tokens, as ``decode`` reads it."""
@@ -134,6 +157,8 @@ class _StopReader:
         if row.text is None:
             row.text = IncrementalDecoder(self.decode, self.plain)
         text = row.text(row.tokens)
+        if row.finish_reason is None:  # a character spelt in byte pieces may be unfinished:
+            text = text.rstrip(_UNFINISHED)  # its U+FFFD is not (yet) in the text
         hit = first_stop(text, self.texts, row.searched)
         # A stop string can only start in the last (longest - 1) characters; 3 more because
         # an unfinished UTF-8 character decodes to up to 3 U+FFFD, 1 once complete.
@@ -262,11 +287,9 @@ class Llama:
         model.ensure_cache()
         self.model = model
         self.tokenizer = tokenizer
-        self.seed = seed
+        self.seed = int(seed)  # numpy's integers too
         self._prefill_chunk_size = prefill_chunk_size
-        self._generator = torch.Generator(device=model.device).manual_seed(seed)
-        self._owner: object = None  # the generation that last used the KV cache
-        self._busy = threading.Lock()  # held while a generation computes
+        self._generator = torch.Generator(device=model.device).manual_seed(self.seed)
         self._decode: Callable[..., torch.Tensor] = self._decode_step
         self.compiled = compile
         self._overlap = model.device.type != "cpu"  # see _run_batch
@@ -345,7 +368,7 @@ class Llama:
             if len(ids) > self.max_seq_len:
                 raise PromptTooLongError(
                     f"prompt {i} has {len(ids)} tokens but max_seq_len is {self.max_seq_len}; "
-                    f"shorten it by {len(ids) - self.max_seq_len} tokens or build with "
+                    f"shorten it by {_count(len(ids) - self.max_seq_len, 'token')} or build with "
                     f"max_seq_len >= {len(ids)}"
                 )
             out.append(ids)
@@ -457,7 +480,7 @@ class Llama:
         )  # fmt: skip
         generator = self._generator
         if seed is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(seed)
+            generator = torch.Generator(device=self.model.device).manual_seed(int(seed))
         reader = _StopReader(texts, decode or self.tokenizer.decode, self.tokenizer.is_plain_piece)
         return self._batches(
             prompts, max_gen_len, sampling, logprobs, echo, stops, reader, generator, rows_out
@@ -477,7 +500,7 @@ class Llama:
         rows_out: list[_Row],
     ) -> Iterator[tuple[_Row, int | None]]:
         """Run the prompts batch by batch (see :meth:`_generate`)."""
-        owner = object()
+        guard, owner = _CacheGuard.of(self.model), object()
         step = self.max_batch_size
         for lo in range(0, len(prompts), step):
             rows = [
@@ -485,41 +508,22 @@ class Llama:
                 for i, p in enumerate(prompts[lo : lo + step])
             ]
             rows_out += rows
-            # A batch takes the KV cache when it computes (prefills) anything: from then on
-            # another generation in between its steps would have overwritten what it wrote.
-            computes = (logprobs and echo) or any(r.budget > 0 for r in rows)
-            claimed = False
-            batch = self._run_batch(rows, sampling, logprobs, echo, stops, reader, generator)
+            batch = self._run_batch(
+                rows, sampling, logprobs, echo, stops, reader, generator, guard, owner
+            )
             while True:
-                with self._cache_turn(owner, claim=computes and not claimed, check=claimed):
+                if guard.lock.locked():
+                    raise StreamInterruptedError(
+                        "this model is generating in another thread; its KV cache serves one "
+                        "generation at a time: use one Llama (and model) per thread, or a lock"
+                    )
+                # `with` on the lock itself: an interrupt (Ctrl-C) cannot fall between taking
+                # it and the block that releases it, as it can in a Python-level acquire.
+                with guard.lock:
                     emitted = next(batch, None)
-                claimed = claimed or computes
                 if emitted is None:
                     break
                 yield from emitted
-
-    @contextlib.contextmanager
-    def _cache_turn(self, owner: object, claim: bool, check: bool) -> Iterator[None]:
-        """Hold the KV cache for one step of generation ``owner``, which takes it over when
-        ``claim``; refuse if another thread computes or, when ``check``, if another
-        generation took it over since."""
-        if not self._busy.acquire(blocking=False):
-            raise StreamInterruptedError(
-                "this Llama is generating in another thread; its KV cache serves one "
-                "generation at a time: use one Llama per thread, or a lock"
-            )
-        try:
-            if claim:
-                self._owner = owner
-            elif check and self._owner is not owner:
-                raise StreamInterruptedError(
-                    "another generation ran on this Llama while this stream was paused, and "
-                    "they share one KV cache; finish (or close) a stream before starting "
-                    "another call, or build a second Llama"
-                )
-            yield
-        finally:
-            self._busy.release()
 
     def _stop_id(self, t: object) -> int:
         if not isinstance(t, bool):
@@ -593,6 +597,12 @@ class Llama:
         targets = prompt[:, start + 1 : start + 1 + logits.shape[1]]
         n = targets.shape[1]
         lp = torch.log_softmax(logits[:, :n], dim=-1).gather(-1, targets.unsqueeze(-1))
+        if not bool(torch.isfinite(lp).all()):
+            raise NumericalError(
+                f"the model produced non-finite logits (NaN/inf) for the prompt's positions "
+                f"{start}..{start + n - 1}; the weights or the dtype are broken (fp16 "
+                "overflows easily: try dtype='bfloat16' or 'float32')"
+            )
         for r, values in zip(rows, lp.squeeze(-1).tolist(), strict=True):
             for j, value in enumerate(values):
                 if start + 1 + j < len(r.prompt):
@@ -607,9 +617,13 @@ class Llama:
         stops: frozenset[int],
         reader: _StopReader,
         generator: torch.Generator,
+        guard: _CacheGuard,
+        owner: object,
     ) -> Iterator[list[tuple[_Row, int | None]]]:
         """Prefill then decode ``rows`` together; yields each step's events (see
-        :meth:`_generate`)."""
+        :meth:`_generate`). The prefill takes the model's KV cache for ``owner``; a decoding
+        step, which reads what the batch wrote there, first checks that no other generation
+        took it over in between (a stream paused while another call ran)."""
         model, device = self.model, self.model.device
         rows = sorted(rows, key=lambda r: -len(r.prompt))  # longest first: see _prefill_groups
         bsz = len(rows)
@@ -630,6 +644,7 @@ class Llama:
             yield [(r, None) for r in rows if r.budget == 0]
         if all(r.budget == 0 for r in rows) and not echo_lp:
             return
+        guard.owner = owner
         last_logits = self._prefill(prompt, lens, rows, echo_lp)
 
         # Decode: every row one token per step at its own position.
@@ -659,6 +674,7 @@ class Llama:
 
         def decode_next(tok: torch.Tensor) -> torch.Tensor:
             nonlocal cur_pos
+            guard.check(owner)
             if seen is not None:
                 seen.scatter_(1, tok.view(-1, 1), True)
             if uniform:
@@ -1140,7 +1156,13 @@ def _check_stop_strings(stop: object) -> tuple[str, ...]:
         raise PromptError(
             f"stop strings must be non-empty strings, got {bad[:3]!r:.80} in {texts!r:.80}"
         )
+    for i, text in enumerate(texts):
+        check_text(text, f"stop string {i}")  # a lone surrogate: no text can hold it
     return texts
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _as_lists(value: Any) -> Any:

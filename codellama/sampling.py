@@ -63,7 +63,9 @@ class SamplingParams:
 
 
 def _check_number(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
+        raise PromptError(f"{name} must be a finite number (int or float), got {value!r:.60}")
+    if not math.isfinite(value):
         raise PromptError(f"{name} must be a finite number, got {value!r}")
 
 

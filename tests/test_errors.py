@@ -467,14 +467,14 @@ SAMPLING_CASES = [
     pytest.param(_sampling_case(temperature=float("nan")), PromptError,
                  re.escape("temperature must be a finite number, got nan"), id="temperature-nan"),
     pytest.param(_sampling_case(temperature="hot"), PromptError,
-                 re.escape("temperature must be a finite number, got 'hot'"), id="temperature-str"),
+                 re.escape("temperature must be a finite number (int or float), got 'hot'"), id="temperature-str"),
     *[
         pytest.param(_sampling_case(top_p=v), PromptError,
                      re.escape(f"top_p must be in [0, 1], got {v!r}"), id=f"top_p={v!r}")
         for v in [1.5, -0.2, -0.0001]
     ],
     pytest.param(_sampling_case(top_p=None), PromptError,
-                 re.escape("top_p must be a finite number, got None"), id="top_p-None"),
+                 re.escape("top_p must be a finite number (int or float), got None"), id="top_p-None"),
     pytest.param(_sampling_case(top_k=-1), PromptError,
                  re.escape("top_k must be an integer >= 0 (0 = off), got -1"), id="top_k-negative"),
     pytest.param(_sampling_case(top_k=2.5), PromptError,
@@ -543,7 +543,7 @@ TOKEN_CASES = [
                  esc("prompt 0 is empty", "BOS, id 1"), id="tokens-empty-prompt"),
     pytest.param(_tokens_case([[1] * (MAX_SEQ_LEN + 1)]), PromptTooLongError,
                  re.escape(f"prompt 0 has {MAX_SEQ_LEN + 1} tokens but max_seq_len is "
-                           f"{MAX_SEQ_LEN}; shorten it by 1 tokens or build with max_seq_len >= "
+                           f"{MAX_SEQ_LEN}; shorten it by 1 token or build with max_seq_len >= "
                            f"{MAX_SEQ_LEN + 1}"),
                  id="tokens-too-long"),
     pytest.param(_tokens_case([[1, 5]], stop_token="eos"), PromptError,
@@ -979,6 +979,32 @@ def test_llama_made_from_a_tokenizer_of_another_vocabulary_is_a_config_error(ctx
 def test_llama_constructor_checks_seed_and_compile(ctx, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         Llama(ctx.llama.model, ctx.llama.tokenizer, **kwargs)
+
+
+def test_numpy_integer_seeds_work_as_ints(ctx):
+    np = pytest.importorskip("numpy")
+    llama = ctx.llama
+    kw = dict(max_gen_len=6, temperature=1.0, top_p=1.0)
+    assert llama.generate([[1, 5]], seed=np.int64(7), **kw) == llama.generate(
+        [[1, 5]], seed=7, **kw
+    )
+    a = Llama(llama.model, llama.tokenizer, seed=np.int32(3))
+    b = Llama(llama.model, llama.tokenizer, seed=3)
+    assert a.seed == 3 and a.generate([[1, 5]], **kw) == b.generate([[1, 5]], **kw)
+
+
+def test_non_finite_prompt_logprobs_are_a_numerical_error(ctx, monkeypatch):
+    llama = ctx.llama
+    real = llama.model.forward_tokens
+
+    def broken(tokens, *args, **kwargs):
+        logits = real(tokens, *args, **kwargs)
+        logits[:, 0, 3] = float("nan")
+        return logits
+
+    monkeypatch.setattr(llama.model, "forward_tokens", broken)
+    with pytest.raises(NumericalError, match="non-finite logits .* prompt's positions"):
+        llama.generate([[1, 5, 9, 4]], 0, logprobs=True, echo=True)
 
 
 def test_prefill_chunk_size_set_after_build_is_checked_too(ctx):

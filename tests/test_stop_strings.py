@@ -123,6 +123,30 @@ def test_bad_stop_strings_are_refused(llama, bad):
         llama.text_completion(["x"], max_gen_len=2, stop=bad)
 
 
+def test_a_stop_string_with_a_lone_surrogate_is_refused(llama):
+    with pytest.raises(PromptError, match="stop string 1 holds '\\\\ud800'"):
+        llama.text_completion(["x"], max_gen_len=2, stop=["ok", "a\ud800"])
+    with pytest.raises(PromptError, match="stop string 1 holds"):
+        llama.text_completion_stream(["x"], max_gen_len=2, stop=["ok", "a\ud800"])
+
+
+def test_an_unfinished_character_does_not_match_a_replacement_character_stop(meta_tokenizer):
+    """Byte pieces of a character not yet complete decode to U+FFFD: no stop string's."""
+    from codellama.generation import _Row, _StopReader
+
+    tok = meta_tokenizer
+    ids = tok.encode("ab 😀", bos=False, eos=False)
+    assert tok.token_piece(ids[-1]).startswith("<0x")  # 😀 is spelt in byte pieces
+    reader = _StopReader(("\ufffd",), tok.decode, tok.is_plain_piece)
+    row = _Row([1], budget=100)
+    for n in range(1, len(ids) + 1):
+        row.tokens = ids[:n]
+        assert not reader.found(row), tok.decode(ids[:n])
+    row.tokens = ids[:-1]  # the character left unfinished for good: the row ends so
+    row.finish_reason = "length"
+    assert reader.found(row) and row.stop_string == "\ufffd"
+
+
 def test_echo_cuts_where_generation_stopped_not_at_the_space_decoding_drops(llama):
     """A generation's text loses the space before its first piece (SentencePiece), the echoed
     text keeps it: a stop string made of that space and the piece never stopped generation,

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from codellama import Llama, PromptError, SamplingParams, StreamInterruptedError
+from codellama.generation import _CacheGuard
 from codellama.streaming import IncrementalDecoder, TextAssembler
 
 from .conftest import GQA_ARGS
@@ -147,10 +148,9 @@ def test_a_second_thread_is_refused_while_one_generates(llama):
     for _, token in llama.generate_stream([prompt], 10, greedy):
         got.append(token)
         if len(got) == 1:
-            llama._busy.acquire()  # hold the model as a step in progress would
-            started.set()
-            thread.join()
-            llama._busy.release()
+            with _CacheGuard.of(llama.model).lock:  # hold the model as a step in progress would
+                started.set()
+                thread.join()
     assert got == want
     assert len(errors) == 1 and "another thread" in str(errors[0])
 
@@ -182,6 +182,76 @@ def test_a_call_that_computes_nothing_leaves_a_paused_stream_going(llama):
     assert llama.generate_results([[1] * llama.max_seq_len], 5)[0].tokens == []
     got += [t for _, t in stream]
     assert got == want
+
+
+def test_two_llamas_over_one_model_share_its_cache_and_its_guard(llama):
+    prompt = llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    greedy = SamplingParams(temperature=0)
+    other = Llama(llama.model, llama.tokenizer)
+    stream = llama.generate_stream([prompt], 8, greedy)
+    next(stream)
+    other.generate_results([prompt[:3]], 4, greedy)  # overwrites the cache the stream wrote
+    with pytest.raises(StreamInterruptedError, match="finish \\(or close\\) a stream"):
+        list(stream)
+
+
+def test_a_call_after_a_streams_last_step_lets_the_stream_end(llama):
+    prompt = llama.tokenizer.encode(PROMPTS[1], bos=True, eos=False)
+    greedy = SamplingParams(temperature=0)
+    want = llama.generate_results([prompt], 6, greedy)[0].tokens
+    got = []
+    for _, token in llama.generate_stream([prompt], 6, greedy):
+        got.append(token)
+        if len(got) == len(want):  # its last token: nothing is left to compute
+            llama.generate_results([prompt[:2]], 3, greedy)  # a chat loop's next turn
+    assert got == want
+
+
+def test_a_call_between_a_streams_batches_leaves_the_next_batch_right(make_checkpoint, build):
+    llama = build(make_checkpoint(GQA_ARGS), max_seq_len=96, max_batch_size=2)
+    prompts = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    greedy = SamplingParams(temperature=0)
+    want = [r.tokens for r in llama.generate_results(prompts, 5, greedy, stop_tokens=())]
+    got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    called = False
+    for index, token in llama.generate_stream(prompts, 5, greedy, stop_tokens=()):
+        got[index].append(token)
+        if len(got[0]) == len(got[1]) == 5 and not called:  # the first batch is done
+            llama.generate_results([prompts[0][:2]], 3, greedy)
+            called = True
+    assert called and [got[i] for i in range(3)] == want
+
+
+def test_a_prompt_that_fills_the_cache_computes_nothing_a_call_can_disturb(llama):
+    greedy = SamplingParams(temperature=0)
+    full = [1] + [5] * (llama.max_seq_len - 1)
+    short = llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    want = llama.generate_results([full, short], 4, greedy, stop_tokens=())
+    events = llama._generate([full, short], 4, greedy, False, False, (), None, [])
+    row, token = next(events)  # the full prompt ends before anything is computed
+    assert (row.index, row.finish_reason, token) == (0, "length", None)
+    llama.generate_results([short[:2]], 3, greedy)
+    assert [t for row, t in events if row.index == 1] == want[1].tokens
+
+
+def test_an_interrupt_inside_a_step_leaves_the_model_usable(llama, monkeypatch):
+    prompt = llama.tokenizer.encode(PROMPTS[2], bos=True, eos=False)
+    greedy = SamplingParams(temperature=0)
+    want = llama.generate_results([prompt], 6, greedy)[0].tokens
+    calls = {"n": 0}
+    real = llama._decode
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llama, "_decode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llama.generate_results([prompt], 6, greedy)
+    assert not _CacheGuard.of(llama.model).lock.locked()
+    assert llama.generate_results([prompt], 6, greedy)[0].tokens == want
 
 
 def test_stream_arguments_are_checked_when_the_stream_is_made(llama):
