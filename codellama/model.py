@@ -268,6 +268,28 @@ class StepInputs:
     row_offset: int = 0
 
 
+def meta_step_inputs(
+    start_pos: object, freqs_cis: torch.Tensor | None, mask: torch.Tensor | None, seqlen: int,
+    head_dim: int,
+) -> StepInputs:  # fmt: skip
+    """The StepInputs of a layer called as Meta's code calls it: ``layer(h, start_pos,
+    freqs_cis, mask)``, with ``freqs_cis`` the (T, head_dim/2) complex rows of
+    :attr:`Transformer.freqs_cis` for positions ``start_pos ..``; a ``mask`` means causal
+    attention (the one Meta's Transformer builds), None attention to every cached key."""
+    if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral) or start_pos < 0:
+        raise PromptError(f"start_pos must be an integer >= 0, got {start_pos!r:.40}")
+    pairs = head_dim // 2
+    if not isinstance(freqs_cis, torch.Tensor) or tuple(freqs_cis.shape) != (seqlen, pairs):
+        got = tuple(freqs_cis.shape) if isinstance(freqs_cis, torch.Tensor) else freqs_cis
+        raise PromptError(
+            f"freqs_cis must be the ({seqlen}, {pairs}) rows of model.freqs_cis for the "
+            f"input's {seqlen} positions, got {got!r:.60}"
+        )
+    rotation = torch.view_as_real(freqs_cis.to(torch.complex64)).view(1, seqlen, 1, pairs, 2)
+    start = int(start_pos)
+    return StepInputs(rotation, start, start + seqlen, causal=mask is not None and seqlen > 1)
+
+
 def zeros(
     shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None
 ) -> torch.Tensor:
@@ -348,6 +370,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         mp = fs_init.get_model_parallel_world_size()
+        self.n_kv_heads = args.kv_heads
         self.n_local_heads = args.n_heads // mp
         self.n_local_kv_heads = args.kv_heads // mp
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
@@ -391,7 +414,17 @@ class Attention(nn.Module):
         buffer: torch.Tensor = getattr(self.cache, name)
         return buffer.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        step: StepInputs | int,
+        freqs_cis: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of ``x`` (B, T, dim) over the cache; also takes Meta's arguments
+        ``(x, start_pos, freqs_cis, mask)`` (see :func:`meta_step_inputs`)."""
+        if not isinstance(step, StepInputs):
+            step = meta_step_inputs(step, freqs_cis, mask, x.shape[1], self.head_dim)
         if self.wqkv is not None:
             return linear(self.wo, self.attend(matmul(x, self.wqkv), step))
         bsz, seqlen, _ = x.shape
@@ -523,13 +556,23 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
+        self.n_heads, self.dim, self.head_dim = args.n_heads, args.dim, args.head_dim
         self.layer_id = layer_id
         self.attention = Attention(args)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        step: StepInputs | int,
+        freqs_cis: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One layer; also takes Meta's arguments ``(x, start_pos, freqs_cis, mask)``."""
+        if not isinstance(step, StepInputs):
+            step = meta_step_inputs(step, freqs_cis, mask, x.shape[1], self.head_dim)
         attn, ffn = self.attention, self.feed_forward
         wqkv, w13 = attn.wqkv, ffn.w13
         if wqkv is not None and w13 is not None and self._fuses(x, wqkv, w13):
@@ -593,6 +636,14 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.norm.weight.device
+
+    @property
+    def freqs_cis(self) -> torch.Tensor:
+        """Meta's rotary table: the angles of positions 0 .. max_seq_len-1 as unit complex
+        numbers, (max_seq_len, head_dim/2), to call layers as Meta's forward does."""
+        self.ensure_cache()
+        assert self.rope is not None
+        return torch.view_as_complex(self.rope.float().contiguous())
 
     @property
     def dtype(self) -> torch.dtype:

@@ -8,4 +8,6 @@ from codellama.generation import Llama
 from codellama.model import ModelArgs, Transformer
 from codellama.tokenizer import Tokenizer
 
-__all__ = ["Llama", "ModelArgs", "Transformer", "Tokenizer"]
+from . import generation, model, tokenizer  # bound on `import llama`, as Meta's are
+
+__all__ = ["Llama", "ModelArgs", "Tokenizer", "Transformer", "generation", "model", "tokenizer"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from codellama.distributed import resolve_device
 from codellama.model import (
     Attention,
     FeedForward,
@@ -14,6 +15,14 @@ from codellama.model import (
     TransformerBlock,
     rope_tables,
 )
+
+
+def __getattr__(name: str) -> str:
+    """Meta's module-level ``device`` ("cuda", else "mps", else "cpu"), looked up when it is
+    read instead of at import."""
+    if name == "device":
+        return resolve_device(None).type
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:

@@ -22,6 +22,12 @@ def test_llama_top_level_names_are_codellamas():
     assert llama.Tokenizer is codellama.Tokenizer
 
 
+def test_importing_llama_binds_its_submodules_as_metas_package_does():
+    code = "import llama; print(llama.model.Transformer, llama.generation.Llama, llama.tokenizer)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_llama_submodules_expose_metas_names():
     assert llama.model.RMSNorm is codellama.model.RMSNorm
     assert llama.tokenizer.Tokenizer is codellama.Tokenizer
@@ -123,3 +129,47 @@ def test_cache_k_before_the_cache_exists_says_how_to_allocate_it(make_checkpoint
         _ = model.layers[0].attention.cache_k
     model.setup_cache(max_batch_size=1, max_seq_len=8)
     assert model.layers[0].attention.cache_v.shape == (1, 8, 4, 8)
+
+
+def test_layers_called_as_metas_forward_calls_them_give_the_models_logits(make_checkpoint, build):
+    import torch
+
+    model = build(make_checkpoint(GQA_ARGS), max_seq_len=32, max_batch_size=2).model
+    tokens = torch.tensor([[1, 5, 9, 12, 3, 7], [1, 7, 2, 8, 4, 6]])
+    want = model(tokens, 0)
+    want_next = model(torch.tensor([[11], [13]]), 6)
+
+    def metas_forward(tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Meta's Transformer.forward, written out against the model's parts."""
+        seqlen = tokens.shape[1]
+        h = model.tok_embeddings(tokens)
+        freqs_cis = model.freqs_cis[start_pos : start_pos + seqlen]
+        mask = None
+        if seqlen > 1:
+            mask = torch.triu(torch.full((seqlen, seqlen), float("-inf")), diagonal=1)
+        for layer in model.layers:
+            h = layer(h, start_pos, freqs_cis, mask)
+        return model.output(model.norm(h)).float()
+
+    torch.testing.assert_close(metas_forward(tokens, 0), want, rtol=1e-4, atol=1e-4)
+    got_next = metas_forward(torch.tensor([[11], [13]]), 6)
+    torch.testing.assert_close(got_next, want_next, rtol=1e-4, atol=1e-4)
+
+
+def test_metas_attribute_names_are_there(make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS)).model
+    block = model.layers[0]
+    assert (block.n_heads, block.dim, block.head_dim) == (8, 64, 8)
+    assert block.attention.n_kv_heads == 4
+    assert model.freqs_cis.shape == (model.params.max_seq_len, 4) and model.freqs_cis.is_complex()
+    assert llama.model.device == llama.generation.device == "cpu"
+
+
+def test_a_layer_given_rotary_rows_of_the_wrong_length_says_what_it_needs(make_checkpoint, build):
+    import pytest
+    import torch
+
+    model = build(make_checkpoint(GQA_ARGS)).model
+    h = torch.zeros(1, 3, 64)
+    with pytest.raises(codellama.PromptError, match=r"freqs_cis must be the \(3, 4\) rows"):
+        model.layers[0](h, 0, model.freqs_cis[:2], None)
