@@ -40,7 +40,6 @@ from .errors import (
     PromptError,
     PromptTooLongError,
     StreamInterruptedError,
-    UnsupportedError,
 )
 from .model import ModelArgs, Transformer, build_empty, kv_cache_bytes, weight_bytes
 from .prompt_formats import (
@@ -50,9 +49,11 @@ from .prompt_formats import (
     chat_prompt_tokens,
     has_special_tags,
     infilling_prompt_tokens,
+    require_infilling,
     validate_dialog,
 )
 from .sampling import MetaDraws, SamplingParams, rows_finite, sample
+from .stops import check_stop_strings, cut_at_stop, first_stop
 from .streaming import _UNFINISHED, FinishReason, IncrementalDecoder, StreamEvent, TextAssembler
 from .tokenizer import Tokenizer, check_text
 
@@ -461,7 +462,7 @@ class Llama:
         if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
             raise PromptError(f"stop_tokens must be a list of token ids, got {stop_tokens!r:.80}")
         stops = frozenset(self._stop_id(t) for t in stop_tokens)
-        texts = _check_stop_strings(stop_strings)
+        texts = check_stop_strings(stop_strings)
         if seed is not None and not _seed_ok(seed):
             raise PromptError(
                 f"seed must be None or an integer in [-2**63, 2**64), got {seed!r:.40}"
@@ -873,7 +874,7 @@ class Llama:
         or a list), a generation ends at the first stop string, which is cut from the text;
         ``seed`` makes this call's samples reproducible on their own (see :meth:`generate`)."""
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
-        stops = _check_stop_strings(stop)
+        stops = check_stop_strings(stop)
         prompt_tokens = self._completion_prompts(prompts)
         tokens, lps = self._token_lists(
             prompt_tokens, self._max_gen_len(max_gen_len), sampling, logprobs, echo,
@@ -910,7 +911,7 @@ class Llama:
         ``stop`` and ``seed`` as in :meth:`text_completion`."""
         prompt_tokens, eot = self._infilling_prompts(prefixes, suffixes, suffix_first)
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
-        stops = _check_stop_strings(stop)
+        stops = check_stop_strings(stop)
         tokens, lps = self._token_lists(
             prompt_tokens, self._max_gen_len(max_gen_len), sampling, logprobs, False, eot,
             stops, seed, self.tokenizer.decode_infilling,
@@ -947,7 +948,7 @@ class Llama:
         ``seed`` as in :meth:`text_completion`."""
         prompt_tokens, stop_id = self._chat_prompts(dialogs)
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
-        stops = _check_stop_strings(stop)
+        stops = check_stop_strings(stop)
         step_format = self.tokenizer.step_id is not None
         tokens, lps = self._token_lists(
             prompt_tokens, self._max_gen_len(max_gen_len), sampling, logprobs, False, stop_id,
@@ -978,8 +979,7 @@ class Llama:
         self, prefixes: list[str], suffixes: list[str], suffix_first: bool
     ) -> tuple[list[list[int]], int]:
         """The infilling prompts, and the token that ends a middle (▁<EOT>)."""
-        if not self.tokenizer.supports_infilling:
-            infilling_prompt_tokens(self.tokenizer, "", "")  # raises UnsupportedError
+        require_infilling(self.tokenizer)
         _check_str_list("prefixes", prefixes)
         _check_str_list("suffixes", suffixes)
         if len(prefixes) != len(suffixes):
@@ -989,8 +989,7 @@ class Llama:
             )
         _check_flag("suffix_first", suffix_first)
         eot = self.tokenizer.eot_id
-        if eot is None:  # unreachable: supports_infilling checked it
-            raise UnsupportedError("the tokenizer has no end-of-infilling piece (▁<EOT>)")
+        assert eot is not None  # supports_infilling checked it
         prompt_tokens = [
             infilling_prompt_tokens(self.tokenizer, p, s, suffix_first=bool(suffix_first))
             for p, s in zip(prefixes, suffixes, strict=True)
@@ -1084,7 +1083,7 @@ class Llama:
         unsafe: set[int] | frozenset[int] = frozenset(),
     ) -> Iterator[StreamEvent]:
         """Run the core and turn each row's tokens into text pieces (see TextAssembler)."""
-        stops = _check_stop_strings(stop)
+        stops = check_stop_strings(stop)
         events = self._generate(
             prompt_tokens, self._max_gen_len(max_gen_len), sampling, False, False, (stop_id,),
             seed, [], stops, decode,
@@ -1128,37 +1127,6 @@ def _sampling_params(temperature: float, top_p: float, extras: dict[str, Any]) -
 def _check_flag(name: str, value: object) -> None:
     if not is_bool(value):
         raise PromptError(f"{name} must be True or False, got {value!r:.40}")
-
-
-def first_stop(text: str, stops: Sequence[str], start: int = 0) -> tuple[int, int] | None:
-    """(offset, index into ``stops``) of the earliest stop string in ``text[start:]``."""
-    found = [(i, k) for k, stop in enumerate(stops) if (i := text.find(stop, start)) >= 0]
-    return min(found) if found else None
-
-
-def cut_at_stop(text: str, stops: Sequence[str], start: int = 0) -> str:
-    """``text`` up to (not including) its earliest stop string at or after ``start``."""
-    hit = first_stop(text, stops, start)
-    return text if hit is None else text[: hit[0]]
-
-
-def _check_stop_strings(stop: object) -> tuple[str, ...]:
-    """A stop string or a list of them, as a tuple of non-empty strings."""
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, Iterable) or isinstance(stop, (bytes, dict)):
-        raise PromptError(f"stop strings must be a str or a list of str, got {stop!r:.80}")
-    texts = tuple(stop)
-    bad = [t for t in texts if not isinstance(t, str) or not t]
-    if bad:
-        raise PromptError(
-            f"stop strings must be non-empty strings, got {bad[:3]!r:.80} in {texts!r:.80}"
-        )
-    for i, text in enumerate(texts):
-        check_text(text, f"stop string {i}")  # a lone surrogate: no text can hold it
-    return texts
 
 
 def _count(n: int, noun: str) -> str:

@@ -24,8 +24,9 @@ from typing import Any, TypeVar
 
 from .checkpoint import refuse_non_empty
 from .errors import ConfigError, DataNotFoundError, PromptError, PromptTooLongError
-from .generation import Llama, _check_stop_strings, cut_at_stop
+from .generation import Llama
 from .sampling import SamplingParams
+from .stops import check_stop_strings, cut_at_stop
 from .tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -91,7 +92,7 @@ def generate_samples(
     drops from the start of a decoded text, which would leave the first line of the body
     indented by 3 spaces instead of 4.
     """
-    stops = _check_stop_strings(stop)
+    stops = check_stop_strings(stop)
     checked = [_problem(p, f"problem {i}", set()) for i, p in enumerate(problems)]
     sampling = SamplingParams(temperature=temperature, top_p=top_p)
     tok = llama.tokenizer

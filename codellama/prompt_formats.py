@@ -45,12 +45,7 @@ def infilling_prompt_tokens(
     Prefix-suffix-middle: ``<PRE> {prefix} <SUF>{suffix} <MID>``; with ``suffix_first``
     (suffix-prefix-middle): ``<PRE> <SUF>{suffix} <MID> {prefix}``.
     """
-    if not tokenizer.supports_infilling:
-        raise UnsupportedError(
-            f"the tokenizer {getattr(tokenizer, 'model_path', '')!r} has no infilling pieces "
-            f"(▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT>); infilling is supported by {INFILLING_MODELS}, "
-            "not by Code Llama - Python, 34B or 70B"
-        )
+    require_infilling(tokenizer)
     for name, value in (("prefix", prefix), ("suffix", suffix)):
         if not isinstance(value, str):
             raise PromptError(f"{name} must be a str, got {type(value).__name__}: {value!r:.80}")
@@ -78,6 +73,16 @@ def infilling_prompt_tokens(
         + tokenizer.encode_infilling(suffix)
         + [mid]
     )
+
+
+def require_infilling(tokenizer: Tokenizer) -> None:
+    """Raise :class:`UnsupportedError` unless the tokenizer has the infilling pieces."""
+    if not tokenizer.supports_infilling:
+        raise UnsupportedError(
+            f"the tokenizer {getattr(tokenizer, 'model_path', '')!r} has no infilling pieces "
+            f"(▁<PRE>, ▁<SUF>, ▁<MID>, ▁<EOT>); infilling is supported by {INFILLING_MODELS}, "
+            "not by Code Llama - Python, 34B or 70B"
+        )
 
 
 def has_special_tags(dialog: Dialog, destinations: bool = True) -> bool:
