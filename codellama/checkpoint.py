@@ -539,7 +539,7 @@ def shard_state_dict(
             raise ConfigError(
                 f"{name} has {t.shape[dim]} rows along dim {dim}; not divisible by {n}"
             )
-        for sd, piece in zip(shards, torch.chunk(t, n, dim=dim), strict=False):
+        for sd, piece in zip(shards, torch.chunk(t, n, dim=dim), strict=True):
             sd[name] = piece.clone()
     return shards
 
