@@ -15,7 +15,6 @@ import numbers
 import operator
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,9 +38,16 @@ from .errors import (
     OutOfMemoryError,
     PromptError,
     PromptTooLongError,
-    StreamInterruptedError,
 )
-from .model import ModelArgs, Transformer, build_empty, kv_cache_bytes, weight_bytes
+from .model import (
+    CacheGuard,
+    ModelArgs,
+    Transformer,
+    build_empty,
+    cache_guard,
+    kv_cache_bytes,
+    weight_bytes,
+)
 from .prompt_formats import (
     UNSAFE_ERROR,
     Dialog,
@@ -121,29 +127,6 @@ class _Row:
     text: IncrementalDecoder | None = None  # its generated text, for stop strings
 
 
-class _CacheGuard:
-    """The KV cache of one model, shared by every Llama made over it: ``lock`` is held while
-    a generation step computes, and ``owner`` is the generation whose prefill wrote it last."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.owner: object = None
-
-    @staticmethod
-    def of(model: Transformer) -> _CacheGuard:
-        guard: _CacheGuard = model.__dict__.setdefault("_codellama_cache_guard", _CacheGuard())
-        return guard
-
-    def check(self, owner: object) -> None:
-        """Refuse to read the cache for ``owner`` if another generation wrote it since."""
-        if self.owner is not owner:
-            raise StreamInterruptedError(
-                "another generation ran on this model while this stream was paused, and they "
-                "share one KV cache; finish (or close) a stream before starting another call, "
-                "or build a second Llama"
-            )
-
-
 @dataclass(frozen=True)
 class _StopReader:
     """Finds stop strings in the text of a row's tokens, as ``decode`` reads it."""
@@ -151,6 +134,7 @@ class _StopReader:
     texts: tuple[str, ...]
     decode: Callable[[Sequence[int]], str]
     plain: Callable[[int], bool]  # the tokenizer's is_plain_piece
+    unfinished: Callable[[Sequence[int]], int]  # the tokenizer's unfinished_bytes
 
     def found(self, row: _Row) -> bool:
         """Whether ``row``'s generated text now holds one of the stop strings (searching
@@ -158,8 +142,9 @@ class _StopReader:
         if row.text is None:
             row.text = IncrementalDecoder(self.decode, self.plain)
         text = row.text(row.tokens)
-        if row.finish_reason is None:  # a character spelt in byte pieces may be unfinished:
-            text = text.rstrip(_UNFINISHED)  # its U+FFFD is not (yet) in the text
+        n = self.unfinished(row.tokens) if row.finish_reason is None else 0
+        if n and text.endswith(_UNFINISHED * n):  # a character spelt in byte pieces, not yet
+            text = text[:-n]  # complete: its U+FFFDs are not (yet) in the text
         hit = first_stop(text, self.texts, row.searched)
         # A stop string can only start in the last (longest - 1) characters; 3 more because
         # an unfinished UTF-8 character decodes to up to 3 U+FFFD, 1 once complete.
@@ -482,7 +467,8 @@ class Llama:
         generator = self._generator
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(int(seed))
-        reader = _StopReader(texts, decode or self.tokenizer.decode, self.tokenizer.is_plain_piece)
+        tok = self.tokenizer
+        reader = _StopReader(texts, decode or tok.decode, tok.is_plain_piece, tok.unfinished_bytes)
         return self._batches(
             prompts, max_gen_len, sampling, logprobs, echo, stops, reader, generator, rows_out
         )
@@ -501,7 +487,7 @@ class Llama:
         rows_out: list[_Row],
     ) -> Iterator[tuple[_Row, int | None]]:
         """Run the prompts batch by batch (see :meth:`_generate`)."""
-        guard, owner = _CacheGuard.of(self.model), object()
+        guard, owner = cache_guard(self.model), object()
         step = self.max_batch_size
         for lo in range(0, len(prompts), step):
             rows = [
@@ -513,11 +499,7 @@ class Llama:
                 rows, sampling, logprobs, echo, stops, reader, generator, guard, owner
             )
             while True:
-                if guard.lock.locked():
-                    raise StreamInterruptedError(
-                        "this model is generating in another thread; its KV cache serves one "
-                        "generation at a time: use one Llama (and model) per thread, or a lock"
-                    )
+                guard.refuse_if_busy()
                 # `with` on the lock itself: an interrupt (Ctrl-C) cannot fall between taking
                 # it and the block that releases it, as it can in a Python-level acquire.
                 with guard.lock:
@@ -618,7 +600,7 @@ class Llama:
         stops: frozenset[int],
         reader: _StopReader,
         generator: torch.Generator,
-        guard: _CacheGuard,
+        guard: CacheGuard,
         owner: object,
     ) -> Iterator[list[tuple[_Row, int | None]]]:
         """Prefill then decode ``rows`` together; yields each step's events (see
@@ -730,6 +712,8 @@ class Llama:
                 t = int(values[0][i])
                 if t in stops:
                     r.finish_reason = "stop"
+                    if reader.texts:  # the final text may hold one: a character left unfinished
+                        reader.found(r)
                     emitted.append((r, None))
                     continue
                 r.tokens.append(t)
@@ -743,6 +727,7 @@ class Llama:
             yield emitted
             if not more or all(r.finish_reason is not None for r in rows):
                 break
+            guard.check(owner)  # before reading what the last step left (on a GPU, `logits`)
             if not overlap:
                 logits = decode_next(tok)
             tok, host = pick(logits)

@@ -13,6 +13,8 @@ import math
 import mmap
 import numbers
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -30,7 +32,13 @@ from torch import nn
 
 from . import distributed, gpu_kernels
 from .checkpoint import REQUIRED_PARAMS  # in every params.json; the defaults are only 7B's
-from .errors import ConfigError, PromptError, PromptTooLongError, UnsupportedError
+from .errors import (
+    ConfigError,
+    PromptError,
+    PromptTooLongError,
+    StreamInterruptedError,
+    UnsupportedError,
+)
 from .native import (
     LAYER_LINEARS,
     MAX_ROWS,
@@ -353,6 +361,8 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
     for the CPU kernels, prepacked for oneDNN, or a view of a fused matrix): see :func:`linear`."""
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:  # not in Code Llama: fairscale's own product adds it
+            return super().forward(input_)
         return linear(self, input_)
 
 
@@ -361,7 +371,49 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
     weight is kept: see :func:`linear`."""
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None or not self.input_is_parallel:  # not in Code Llama
+            return super().forward(input_)
         return linear(self, input_)
+
+
+class CacheGuard:
+    """Who may use one model's KV cache, shared by everything that calls the model (every
+    Llama made over it, and direct calls): ``lock`` is held while a generation step
+    computes; ``owner`` is the generation whose prefill wrote the cache last (None after a
+    direct call wrote it)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: object = None
+
+    def check(self, owner: object) -> None:
+        """Refuse to read the cache for ``owner`` if anything else wrote it since."""
+        if self.owner is not owner:
+            raise StreamInterruptedError(
+                "another call used this model's KV cache while this generation was paused (a "
+                "stream not run to its end); finish (or close) a stream before starting "
+                "another call, or build a second Llama"
+            )
+
+    def refuse_if_busy(self) -> None:
+        if self.lock.locked():
+            raise StreamInterruptedError(
+                "this model is generating in another thread; its KV cache serves one "
+                "generation at a time: use one Llama (and model) per thread, or a lock"
+            )
+
+
+_GUARDS: weakref.WeakKeyDictionary[nn.Module, CacheGuard] = weakref.WeakKeyDictionary()
+_GUARDS_LOCK = threading.Lock()
+
+
+def cache_guard(model: nn.Module) -> CacheGuard:
+    """The :class:`CacheGuard` of ``model`` (kept beside it, so the model stays picklable)."""
+    with _GUARDS_LOCK:
+        guard = _GUARDS.get(model)
+        if guard is None:
+            guard = _GUARDS[model] = CacheGuard()
+        return guard
 
 
 class Attention(nn.Module):
@@ -640,8 +692,11 @@ class Transformer(nn.Module):
     @property
     def freqs_cis(self) -> torch.Tensor:
         """Meta's rotary table: the angles of positions 0 .. max_seq_len-1 as unit complex
-        numbers, (max_seq_len, head_dim/2), to call layers as Meta's forward does."""
+        numbers, (max_seq_len, head_dim/2), to call layers as Meta's forward does. Reading it
+        means the layers are about to be called directly: a paused generation (a stream)
+        then refuses to go on, as their calls write the KV cache."""
         self.ensure_cache()
+        cache_guard(self).owner = None
         assert self.rope is not None
         return torch.view_as_complex(self.rope.float().contiguous())
 
@@ -960,6 +1015,7 @@ class Transformer(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         """(Re)allocate the KV cache and rotary tables; defaults come from ``params``."""
+        cache_guard(self).owner = None  # what a paused generation wrote is gone
         p = self.params
         if max_batch_size is not None:
             p.max_batch_size = max_batch_size
@@ -995,7 +1051,10 @@ class Transformer(nn.Module):
             raise PromptError(f"start_pos must be an integer >= 0, got {start_pos!r:.40}")
         if start_pos < 0:
             raise PromptError(f"start_pos must be >= 0, got {start_pos}")
-        with torch.inference_mode():
+        guard = cache_guard(self)
+        guard.refuse_if_busy()
+        with guard.lock, torch.inference_mode():
+            guard.owner = None  # a paused generation can no longer trust the cache
             return self.forward_tokens(tokens, start_pos=int(start_pos))
 
     def _check_tokens(self, tokens: object) -> None:
@@ -1270,9 +1329,9 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = matmul(x, weight)  # type: ignore[arg-type]
     if fs_init.get_model_parallel_world_size() == 1:
         return out  # nothing to reduce or gather (and fairscale's wrappers cost ~2%)
-    if isinstance(layer, RowParallelLinear):
+    if isinstance(layer, fs_layers.RowParallelLinear):
         return reduce_across_ranks(out)  # sum the ranks' partial products
-    if isinstance(layer, ColumnParallelLinear) and layer.gather_output:
+    if isinstance(layer, fs_layers.ColumnParallelLinear) and layer.gather_output:
         return gather_across_ranks(out)
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 from collections.abc import Iterable, Sequence
@@ -91,6 +92,29 @@ class Tokenizer:
         if not _is_index(t) or not 0 <= t < self.n_words:
             return False
         return not (sp.is_byte(t) or sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t))
+
+    def unfinished_bytes(self, tokens: Sequence[int]) -> int:
+        """How many byte pieces at the end of ``tokens`` begin a UTF-8 character that is not
+        complete yet (0 if none): ``decode`` spells each as U+FFFD until the rest comes."""
+        values = self._byte_values
+        tail: list[int] = []
+        for t in reversed(tokens[-3:]):
+            if t not in values:
+                break
+            tail.insert(0, values[t])
+        for n in range(1, len(tail) + 1):  # the lead byte, n bytes from the end
+            lead = tail[-n]
+            if lead & 0xC0 == 0x80:  # a continuation byte: look further back
+                continue
+            need = 2 if lead & 0xE0 == 0xC0 else 3 if lead & 0xF0 == 0xE0 else 4
+            return n if lead >= 0xC0 and lead < 0xF8 and n < need else 0
+        return 0
+
+    @functools.cached_property
+    def _byte_values(self) -> dict[int, int]:
+        """The byte each byte piece (``<0xE2>``) stands for, by id."""
+        sp = self.sp_model
+        return {i: int(sp.id_to_piece(i)[3:5], 16) for i in range(self.n_words) if sp.is_byte(i)}
 
     def token_piece(self, t: int) -> str:
         """The SentencePiece piece of id ``t`` (e.g. ``'▁def'``)."""

@@ -179,3 +179,16 @@ def test_each_linear_layer_is_callable_however_its_weight_is_kept(make_checkpoin
     want = hidden @ plain["layers.1.feed_forward.w2.weight"].float().T
     got = layer.feed_forward.w2(hidden.to(model.dtype)).float()
     torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)
+
+
+def test_a_biased_parallel_linear_adds_its_bias_as_fairscales_does(make_checkpoint, build):
+    build(make_checkpoint(GQA_ARGS))  # sets up (one-process) model parallelism
+    torch.manual_seed(0)
+    col = model_module.ColumnParallelLinear(8, 4, bias=True)
+    row = model_module.RowParallelLinear(8, 4, bias=True)
+    with torch.no_grad():
+        col.bias.fill_(1.0)
+        row.bias.fill_(2.0)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(col(x), x @ col.weight.T + 1.0)
+    torch.testing.assert_close(row(x), x @ row.weight.T + 2.0)

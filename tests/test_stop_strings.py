@@ -137,7 +137,7 @@ def test_an_unfinished_character_does_not_match_a_replacement_character_stop(met
     tok = meta_tokenizer
     ids = tok.encode("ab 😀", bos=False, eos=False)
     assert tok.token_piece(ids[-1]).startswith("<0x")  # 😀 is spelt in byte pieces
-    reader = _StopReader(("\ufffd",), tok.decode, tok.is_plain_piece)
+    reader = _StopReader(("\ufffd",), tok.decode, tok.is_plain_piece, tok.unfinished_bytes)
     row = _Row([1], budget=100)
     for n in range(1, len(ids) + 1):
         row.tokens = ids[:n]
@@ -145,6 +145,37 @@ def test_an_unfinished_character_does_not_match_a_replacement_character_stop(met
     row.tokens = ids[:-1]  # the character left unfinished for good: the row ends so
     row.finish_reason = "length"
     assert reader.found(row) and row.stop_string == "\ufffd"
+
+
+@pytest.mark.parametrize(
+    ("text", "cut", "want"),
+    [("ab 😀", 2, 0), ("ab 😀", 3, 1), ("ab 😀", 4, 2), ("ab 😀", 5, 3), ("ab 😀", 6, 0),
+     ("ꙮ", 2, 1), ("ꙮ", 3, 2), ("ꙮ", 4, 0), ("abc", 1, 0)],
+)  # fmt: skip
+def test_unfinished_bytes_counts_a_characters_bytes_still_to_come(meta_tokenizer, text, cut, want):
+    ids = meta_tokenizer.encode(text, bos=False, eos=False)
+    assert meta_tokenizer.unfinished_bytes(ids[:cut]) == want
+
+
+def test_unfinished_bytes_is_zero_after_bytes_no_character_can_take(meta_tokenizer):
+    tok = meta_tokenizer
+    byte = {v: k for k, v in tok._byte_values.items()}
+    a = tok.encode("a", bos=False, eos=False)
+    assert tok.unfinished_bytes(a + [byte[0x80]]) == 0  # a continuation with no lead
+    assert tok.unfinished_bytes(a + [byte[0xE2], byte[0x41]]) == 0  # the lead's run broken
+    assert tok.unfinished_bytes(a + [byte[0xE2], byte[0x82]]) == 2
+
+
+def test_a_replacement_character_that_is_final_stops_at_once(meta_tokenizer):
+    """An invalid byte decodes to U+FFFD for good: a stop string holding it matches then."""
+    from codellama.generation import _Row, _StopReader
+
+    tok = meta_tokenizer
+    byte = {v: k for k, v in tok._byte_values.items()}
+    reader = _StopReader(("a\ufffd",), tok.decode, tok.is_plain_piece, tok.unfinished_bytes)
+    row = _Row([1], budget=100)
+    row.tokens = tok.encode("a", bos=False, eos=False) + [byte[0x80]]
+    assert reader.found(row) and row.stop_string == "a\ufffd"
 
 
 def test_echo_cuts_where_generation_stopped_not_at_the_space_decoding_drops(llama):

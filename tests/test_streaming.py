@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from codellama import Llama, PromptError, SamplingParams, StreamInterruptedError
-from codellama.generation import _CacheGuard
+from codellama.model import cache_guard
 from codellama.streaming import IncrementalDecoder, TextAssembler
 
 from .conftest import GQA_ARGS
@@ -148,7 +148,7 @@ def test_a_second_thread_is_refused_while_one_generates(llama):
     for _, token in llama.generate_stream([prompt], 10, greedy):
         got.append(token)
         if len(got) == 1:
-            with _CacheGuard.of(llama.model).lock:  # hold the model as a step in progress would
+            with cache_guard(llama.model).lock:  # hold the model as a step in progress would
                 started.set()
                 thread.join()
     assert got == want
@@ -193,6 +193,43 @@ def test_two_llamas_over_one_model_share_its_cache_and_its_guard(llama):
     other.generate_results([prompt[:3]], 4, greedy)  # overwrites the cache the stream wrote
     with pytest.raises(StreamInterruptedError, match="finish \\(or close\\) a stream"):
         list(stream)
+
+
+def test_a_direct_forward_call_stops_a_paused_stream_from_reading_the_cache(llama):
+    import torch
+
+    prompt = llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    greedy = SamplingParams(temperature=0)
+    stream = llama.generate_stream([prompt], 8, greedy)
+    next(stream)
+    llama.model(torch.tensor([prompt[:4]]), 0)  # Meta's forward writes the cache too
+    with pytest.raises(StreamInterruptedError, match="finish \\(or close\\) a stream"):
+        list(stream)
+
+
+def test_layers_driven_as_metas_forward_does_stop_a_paused_stream(llama):
+    prompt = llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
+    greedy = SamplingParams(temperature=0)
+    stream = llama.generate_stream([prompt], 8, greedy)
+    next(stream)
+    _ = llama.model.freqs_cis  # where Meta's forward starts
+    with pytest.raises(StreamInterruptedError):
+        list(stream)
+
+
+def test_a_model_made_as_metas_code_makes_it_can_be_copied_and_saved_after_generating(llama):
+    import copy
+    import io
+
+    import torch
+
+    from codellama import Transformer
+
+    model = Transformer(llama.model.params)
+    model.load_state_dict(llama.model.state_dict())
+    Llama(model, llama.tokenizer).generate_results([[1, 5, 9]], 3, SamplingParams(temperature=0))
+    copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
 
 
 def test_a_call_after_a_streams_last_step_lets_the_stream_end(llama):
@@ -250,7 +287,7 @@ def test_an_interrupt_inside_a_step_leaves_the_model_usable(llama, monkeypatch):
     monkeypatch.setattr(llama, "_decode", interrupted)
     with pytest.raises(KeyboardInterrupt):
         llama.generate_results([prompt], 6, greedy)
-    assert not _CacheGuard.of(llama.model).lock.locked()
+    assert not cache_guard(llama.model).lock.locked()
     assert llama.generate_results([prompt], 6, greedy)[0].tokens == want
 
 
