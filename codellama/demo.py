@@ -159,7 +159,6 @@ def write_random_checkpoint(
         )
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise ConfigError(f"n_shards must be a positive integer, got {n_shards!r:.40}")
-    args.validate(n_shards)  # Meta's shards split the KV heads and the vocabulary evenly
     sd = random_state_dict(args, seed=seed, dtype=dtype, std=std, device=device)
     return write_checkpoint(
         ckpt_dir,
