@@ -16,9 +16,14 @@ import operator
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # Python 3.10: typing_extensions (a dependency of torch) has it
+    from typing_extensions import Unpack
 
 import torch
 import torch.distributed as dist
@@ -58,7 +63,7 @@ from .prompt_formats import (
     require_infilling,
     validate_dialog,
 )
-from .sampling import MetaDraws, SamplingParams, rows_finite, sample
+from .sampling import MetaDraws, SamplingExtras, SamplingParams, rows_finite, sample
 from .stops import check_stop_strings, cut_at_stop, first_stop
 from .streaming import _UNFINISHED, FinishReason, IncrementalDecoder, StreamEvent, TextAssembler
 from .tokenizer import Tokenizer, check_text
@@ -790,7 +795,7 @@ class Llama:
         stop_token: int | None = None,
         stop_strings: str | Sequence[str] = (),
         seed: int | None = None,
-        **sampling_kwargs: Any,
+        **sampling_kwargs: Unpack[SamplingExtras],
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Meta's ``generate``: (tokens, logprobs or None) per prompt.
 
@@ -853,7 +858,7 @@ class Llama:
         echo: bool = False,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
-        **sampling_kwargs: Any,
+        **sampling_kwargs: Unpack[SamplingExtras],
     ) -> list[CompletionPrediction]:
         """Continue each prompt; an empty string generates from BOS. With ``stop`` (a string
         or a list), a generation ends at the first stop string, which is cut from the text;
@@ -890,7 +895,7 @@ class Llama:
         suffix_first: bool = False,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
-        **sampling_kwargs: Any,
+        **sampling_kwargs: Unpack[SamplingExtras],
     ) -> list[InfillingPrediction]:
         """Fill the middle between each prefix and suffix (7B/13B base and Instruct);
         ``stop`` and ``seed`` as in :meth:`text_completion`."""
@@ -927,7 +932,7 @@ class Llama:
         logprobs: bool = False,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
-        **sampling_kwargs: Any,
+        **sampling_kwargs: Unpack[SamplingExtras],
     ) -> list[ChatPrediction]:
         """Answer each dialog as the assistant (Code Llama - Instruct formats); ``stop`` and
         ``seed`` as in :meth:`text_completion`."""
@@ -1004,7 +1009,7 @@ class Llama:
         max_gen_len: int | None = None,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
-        **sampling_kwargs: Any,
+        **sampling_kwargs: Unpack[SamplingExtras],
     ) -> Iterator[StreamEvent]:
         """:meth:`text_completion` as it happens: a :class:`StreamEvent` per row and step,
         whose texts add up to each ``generation``."""
@@ -1025,7 +1030,7 @@ class Llama:
         suffix_first: bool = False,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
-        **sampling_kwargs: Any,
+        **sampling_kwargs: Unpack[SamplingExtras],
     ) -> Iterator[StreamEvent]:
         """:meth:`text_infilling` as it happens; the texts add up to each ``generation``."""
         prompt_tokens, eot = self._infilling_prompts(prefixes, suffixes, suffix_first)
@@ -1043,7 +1048,7 @@ class Llama:
         max_gen_len: int | None = None,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
-        **sampling_kwargs: Any,
+        **sampling_kwargs: Unpack[SamplingExtras],
     ) -> Iterator[StreamEvent]:
         """:meth:`chat_completion` as it happens; the texts add up to each answer's
         ``content`` (a dialog with special tags gets Meta's error text, at its end)."""
@@ -1097,7 +1102,7 @@ class Llama:
         return run()
 
 
-def _sampling_params(temperature: float, top_p: float, extras: dict[str, Any]) -> SamplingParams:
+def _sampling_params(temperature: float, top_p: float, extras: Mapping[str, Any]) -> SamplingParams:
     """SamplingParams from Meta's two arguments and the extra keywords, which must be
     among ``top_k``, ``min_p``, ``repetition_penalty``."""
     unknown = sorted(set(extras) - _SAMPLING_EXTRAS)

@@ -7,10 +7,19 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 
 from .errors import NumericalError, PromptError
+
+
+class SamplingExtras(TypedDict, total=False):
+    """The sampling keywords the text APIs take beyond Meta's temperature and top_p."""
+
+    top_k: int
+    min_p: float
+    repetition_penalty: float
 
 
 @dataclass(frozen=True)
