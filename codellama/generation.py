@@ -63,7 +63,14 @@ from .prompt_formats import (
     require_infilling,
     validate_dialog,
 )
-from .sampling import MetaDraws, SamplingExtras, SamplingParams, rows_finite, sample
+from .sampling import (
+    MetaDraws,
+    SamplingExtras,
+    SamplingParams,
+    prompt_token_mask,
+    rows_finite,
+    sample,
+)
 from .stops import check_stop_strings, cut_at_stop, first_stop
 from .streaming import _UNFINISHED, FinishReason, IncrementalDecoder, StreamEvent, TextAssembler
 from .tokenizer import Tokenizer, check_text
@@ -616,11 +623,7 @@ class Llama:
         rows = sorted(rows, key=lambda r: -len(r.prompt))  # longest first: see _prefill_groups
         bsz = len(rows)
         lens = [len(r.prompt) for r in rows]
-        max_len = lens[0]
-        prompt = torch.zeros((bsz, max_len), dtype=torch.long)
-        for i, r in enumerate(rows):
-            prompt[i, : lens[i]] = torch.tensor(r.prompt, dtype=torch.long)
-        prompt = prompt.to(device)
+        prompt = _padded(rows, lens[0]).to(device)
         lens_t = torch.tensor(lens, device=device)
         echo_lp = want_logprobs and echo
         for r in rows:
@@ -642,11 +645,10 @@ class Llama:
         last_pos = self.max_seq_len - 1
         positions = lens_t.clamp(max=last_pos).view(bsz, 1)
         cur_pos = [min(n, last_pos) for n in lens]
+        vocab = model.params.vocab_size
         seen = None
         if sampling.repetition_penalty != 1.0:
-            seen = torch.zeros((bsz, model.params.vocab_size), dtype=torch.bool, device=device)
-            for i, n in enumerate(lens):  # the prompt's tokens, not its padding
-                seen[i, prompt[i, :n]] = True
+            seen = prompt_token_mask(prompt, lens, vocab)
         max_steps = max(r.budget for r in rows)
         # Greedy picks on CPU in one native call (argmax and finiteness): right after a
         # decoding step each torch op costs 10-100 us, as the CPU caches are cold.
@@ -682,17 +684,9 @@ class Llama:
         if max_steps == 0:  # echo with logprobs and no new tokens: nothing to sample
             return
         draws = None
-        vocab = model.params.vocab_size
-        if not sampling.greedy and MetaDraws.affordable(lens, vocab):  # Meta's draws, by row
-            order = sorted(range(bsz), key=lambda i: rows[i].index)
-            places = {i: place for place, i in enumerate(order)}
-            draws = MetaDraws(
-                generator,
-                [places[i] for i in range(bsz)],
-                [n - min(lens) for n in lens],
-                [r.budget for r in rows],
-                vocab,
-            )
+        if not sampling.greedy:  # Meta's draws, by row
+            order, budgets = [r.index for r in rows], [r.budget for r in rows]
+            draws = MetaDraws.for_batch(generator, order, lens, budgets, vocab)
         pick = functools.partial(
             self._pick, sampling=sampling, generator=generator, seen=seen,
             want_logprobs=want_logprobs, kernel=kernel, draws=draws, rows=rows,
@@ -1117,6 +1111,14 @@ def _sampling_params(temperature: float, top_p: float, extras: Mapping[str, Any]
 def _check_flag(name: str, value: object) -> None:
     if not is_bool(value):
         raise PromptError(f"{name} must be True or False, got {value!r:.40}")
+
+
+def _padded(rows: Sequence[_Row], width: int) -> torch.Tensor:
+    """The rows' prompts as one (B, width) tensor, each padded with 0 after its end."""
+    prompt = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        prompt[i, : len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long)
+    return prompt
 
 
 def _count(n: int, noun: str) -> str:

@@ -250,6 +250,15 @@ def _tokens_holding(
     return most + 1
 
 
+def prompt_token_mask(prompt: torch.Tensor, lens: list[int], vocab: int) -> torch.Tensor:
+    """(B, vocab) booleans: which tokens each row's prompt holds (not its padding), the
+    tokens a repetition penalty applies to before any is generated."""
+    seen = torch.zeros((prompt.shape[0], vocab), dtype=torch.bool, device=prompt.device)
+    for i, n in enumerate(lens):
+        seen[i, prompt[i, :n]] = True
+    return seen
+
+
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -324,6 +333,23 @@ class MetaDraws:
         self.step = 0
         self.next_block = 0  # the generator is at the start of this block
         self.states: dict[int, torch.Tensor] = {}  # block -> generator state at its start
+
+    @classmethod
+    def for_batch(
+        cls,
+        generator: torch.Generator,
+        order: list[int],
+        lens: list[int],
+        budgets: list[int],
+        vocab: int,
+    ) -> MetaDraws | None:
+        """The draws for a batch whose row ``i`` is the caller's prompt ``order[i]`` (of
+        ``lens[i]`` tokens, up to ``budgets[i]`` new ones); None if not affordable."""
+        if not cls.affordable(lens, vocab):
+            return None
+        place = {i: p for p, i in enumerate(sorted(range(len(order)), key=order.__getitem__))}
+        offsets = [n - min(lens) for n in lens]
+        return cls(generator, [place[i] for i in range(len(order))], offsets, budgets, vocab)
 
     @staticmethod
     def affordable(lens: list[int], vocab: int) -> bool:
