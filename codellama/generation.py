@@ -349,7 +349,7 @@ class Llama:
                     f"prompt {i} is empty; a prompt needs at least one token (e.g. BOS, "
                     f"id {self.tokenizer.bos_id})"
                 )
-            ids = list(p)
+            ids = [_as_lists(t) for t in p]  # 0-d tensors and numpy scalars as Python numbers
             not_int = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
             if not_int:
                 raise PromptError(

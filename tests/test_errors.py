@@ -760,6 +760,10 @@ def test_numpy_and_tensor_prompts_give_the_same_tokens_as_lists(ctx):
     assert ctx.llama.generate([np.array(p) for p in prompts], 4, temperature=0.0) == want
     assert ctx.llama.generate([[np.int64(t) for t in p] for p in prompts], 4, temperature=0) == want
     assert ctx.llama.generate(torch.tensor([prompts[0]]), 4, temperature=0.0)[0] == want[0][:1]
+    scalars = [[torch.tensor(t) for t in p] for p in prompts]  # e.g. iterating over a tensor
+    assert ctx.llama.generate(scalars, 4, temperature=0.0) == want
+    with pytest.raises(PromptError, match="not integers"):
+        ctx.llama.generate([[torch.tensor(1.0)]], 4)
 
 
 def test_empty_batches_return_empty_lists(ctx):
