@@ -25,6 +25,11 @@
 
 set -euo pipefail
 
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'   # the header above, as the usage text
+    exit 0
+fi
+
 readonly ALL_MODELS="7b,13b,34b,70b,7b-Python,13b-Python,34b-Python,70b-Python,7b-Instruct,13b-Instruct,34b-Instruct,70b-Instruct"
 readonly REQUEST_URL="https://ai.meta.com/resources/models-and-libraries/llama-downloads/"
 readonly EXPIRED_HINT="The presigned URL has probably expired (they are valid for 24 hours and a limited number of downloads); request a new one at ${REQUEST_URL}"

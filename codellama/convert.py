@@ -760,10 +760,10 @@ def from_hf(
 
 
 def main() -> None:
-    import fire
+    from .cli import run
 
     exit_on_sigterm()
-    fire.Fire({"to_hf": to_hf, "from_hf": from_hf})
+    run({"to_hf": to_hf, "from_hf": from_hf})
 
 
 if __name__ == "__main__":

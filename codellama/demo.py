@@ -206,6 +206,7 @@ def main(
 
     print(BANNER)
     d = ensure_demo_checkpoint(ckpt_dir)
+    print(f"checkpoint: {d} (try the example scripts on it: see the README)")
     llama = Llama.build(str(d), str(d / "tokenizer.model"), max_seq_len, 4, device=device)
     prompts = ["def fizzbuzz(n: int):", "import argparse\n\ndef main(string: str):"]
     for p, r in zip(prompts, llama.text_completion(prompts, max_gen_len=max_gen_len), strict=True):
@@ -222,6 +223,6 @@ def main(
 
 
 if __name__ == "__main__":
-    import fire
+    from .cli import run
 
-    fire.Fire(main)
+    run(main)

@@ -26,7 +26,6 @@ else:  # Python 3.10: typing_extensions (a dependency of torch) has it
     from typing_extensions import Unpack
 
 import torch
-import torch.distributed as dist
 
 from . import distributed, gpu_kernels, native
 from .checkpoint import (
@@ -218,8 +217,8 @@ class Llama:
         rank, mp = distributed.setup_model_parallel(model_parallel_size, dev)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
-        if dist.get_world_size() > 1 and int(os.environ.get("LOCAL_RANK", 0)) > 0:
-            sys.stdout = open(os.devnull, "w")  # as Meta's: only rank 0 prints
+        if rank > 0:  # as Meta's: one process of each model prints (each copy's first)
+            sys.stdout = open(os.devnull, "w")
 
         vocab = params.get("vocab_size", -1)
         if vocab is not None and not _is_int(vocab):
@@ -250,7 +249,7 @@ class Llama:
                 model.prepack_cpu_weights()
                 if dev.type == "cpu":
                     model.use_native_kernel(model.native_kernel)
-        print(f"Loaded in {time.time() - start:.2f} seconds")  # each node's local rank 0
+        print(f"Loaded in {time.time() - start:.2f} seconds")  # by each copy's first process
         return Llama(
             model,
             tokenizer,

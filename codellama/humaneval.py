@@ -246,6 +246,6 @@ def main(
 
 
 if __name__ == "__main__":
-    import fire
+    from .cli import run
 
-    fire.Fire(main)
+    run(main)

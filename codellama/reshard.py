@@ -223,7 +223,7 @@ def main(
 
 
 if __name__ == "__main__":
-    import fire
+    from .cli import run
 
     exit_on_sigterm()
-    fire.Fire(main)
+    run(main)

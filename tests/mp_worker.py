@@ -36,6 +36,7 @@ def main(
     breaks = sum(counters["graph_break"].values())
     with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
         json.dump({"tokens": tokens, "logprobs": logprobs, "graph_breaks": breaks}, f)
+    print(f"worker rank {dist.get_rank()} done")  # shown by the processes Llama.build lets print
     sys.stdout.flush()
 
 

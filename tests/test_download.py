@@ -459,3 +459,13 @@ def test_md5_tool_can_be_forced_with_env_var(server: FakeMetaServer, tmp_path: P
 
     assert result.returncode == 0, result.stdout
     assert md5_log.read_text().count("-r ") == 3
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_prints_the_usage_and_asks_for_nothing(flag: str, tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", str(SCRIPT), flag], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, cwd=tmp_path, timeout=30)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "PRESIGNED_URL" in proc.stdout and "MODEL_SIZE" in proc.stdout
+    assert not proc.stdout.startswith("#") and "Enter the URL" not in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing downloaded or written

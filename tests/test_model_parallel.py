@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -150,6 +151,19 @@ def test_model_parallel_size_below_the_process_count_runs_a_copy_a_process(
         own = [p + [rank + 3] for p in prompts]  # mp_worker's per-rank prompts
         want, _ = llama.generate(own, 8, temperature=0, stop_token=-1)
         assert out["tokens"] == want, rank
+
+
+@pytest.mark.parametrize(("mp", "printing"), [(1, {0, 1}), (2, {0})], ids=["copies", "one-model"])
+def test_the_first_process_of_each_copy_of_the_model_prints(
+    make_checkpoint, tmp_path, mp, printing
+):
+    """As Meta's code, the other processes of a model are silenced; but each copy prints its
+    own results (Meta's silenced every process but each node's first)."""
+    proc = torchrun(2, REPO / "tests" / "mp_worker.py", "--ckpt_dir", str(make_checkpoint(MP_ARGS)),
+                    "--out", str(tmp_path / "x"), "--prompts", "[[1, 5]]",
+                    "--model_parallel_size", str(mp), timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {int(r) for r in re.findall(r"worker rank (\d) done", proc.stdout)} == printing
 
 
 def test_a_model_parallel_size_that_does_not_divide_the_processes_is_refused(

@@ -265,3 +265,12 @@ def test_a_random_checkpoint_is_only_written_in_shards_that_split_evenly(
     with pytest.raises(ConfigError, match="not divisible by 3|n_shards must be a positive integer"):
         write_random_checkpoint(tmp_path / "c", args, n_shards=n_shards)
     assert not (tmp_path / "c").exists()
+
+
+def test_the_cli_prints_a_codellama_error_as_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "codellama.reshard", str(tmp_path / "none"),
+                           str(tmp_path / "out"), "2"], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("CheckpointNotFoundError: checkpoint directory")
+    assert "Traceback" not in proc.stderr
