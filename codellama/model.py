@@ -278,7 +278,7 @@ class StepInputs:
 
 def meta_step_inputs(
     start_pos: object, freqs_cis: torch.Tensor | None, mask: torch.Tensor | None, seqlen: int,
-    head_dim: int,
+    head_dim: int, cache: KVCache | None,
 ) -> StepInputs:  # fmt: skip
     """The StepInputs of a layer called as Meta's code calls it: ``layer(h, start_pos,
     freqs_cis, mask)``, with ``freqs_cis`` the (T, head_dim/2) complex rows of
@@ -295,6 +295,11 @@ def meta_step_inputs(
         )
     rotation = torch.view_as_real(freqs_cis.to(torch.complex64)).view(1, seqlen, 1, pairs, 2)
     start = int(start_pos)
+    if cache is not None and start + seqlen > cache.k.shape[2]:
+        raise PromptTooLongError(
+            f"positions {start}..{start + seqlen - 1} exceed the KV cache's "
+            f"{cache.k.shape[2]} positions (max_seq_len); build with a larger max_seq_len"
+        )
     return StepInputs(rotation, start, start + seqlen, causal=mask is not None and seqlen > 1)
 
 
@@ -476,7 +481,7 @@ class Attention(nn.Module):
         """Attention of ``x`` (B, T, dim) over the cache; also takes Meta's arguments
         ``(x, start_pos, freqs_cis, mask)`` (see :func:`meta_step_inputs`)."""
         if not isinstance(step, StepInputs):
-            step = meta_step_inputs(step, freqs_cis, mask, x.shape[1], self.head_dim)
+            step = meta_step_inputs(step, freqs_cis, mask, x.shape[1], self.head_dim, self.cache)
         if self.wqkv is not None:
             return linear(self.wo, self.attend(matmul(x, self.wqkv), step))
         bsz, seqlen, _ = x.shape
@@ -624,7 +629,8 @@ class TransformerBlock(nn.Module):
     ) -> torch.Tensor:
         """One layer; also takes Meta's arguments ``(x, start_pos, freqs_cis, mask)``."""
         if not isinstance(step, StepInputs):
-            step = meta_step_inputs(step, freqs_cis, mask, x.shape[1], self.head_dim)
+            cache = self.attention.cache
+            step = meta_step_inputs(step, freqs_cis, mask, x.shape[1], self.head_dim, cache)
         attn, ffn = self.attention, self.feed_forward
         wqkv, w13 = attn.wqkv, ffn.w13
         if wqkv is not None and w13 is not None and self._fuses(x, wqkv, w13):

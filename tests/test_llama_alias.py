@@ -173,3 +173,6 @@ def test_a_layer_given_rotary_rows_of_the_wrong_length_says_what_it_needs(make_c
     h = torch.zeros(1, 3, 64)
     with pytest.raises(codellama.PromptError, match=r"freqs_cis must be the \(3, 4\) rows"):
         model.layers[0](h, 0, model.freqs_cis[:2], None)
+    end = model.params.max_seq_len
+    with pytest.raises(codellama.PromptTooLongError, match="exceed the KV cache's"):
+        model.layers[0](h, end - 2, torch.ones(3, 4, dtype=torch.complex64), None)
