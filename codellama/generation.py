@@ -615,9 +615,9 @@ class Llama:
         owner: object,
     ) -> Iterator[list[tuple[_Row, int | None]]]:
         """Prefill then decode ``rows`` together; yields each step's events (see
-        :meth:`_generate`). The prefill takes the model's KV cache for ``owner``; a decoding
-        step, which reads what the batch wrote there, first checks that no other generation
-        took it over in between (a stream paused while another call ran)."""
+        :meth:`_generate`). The prefill takes the model's KV cache for ``owner``; resumed
+        after a yield with steps left, it first checks that nothing else wrote the cache in
+        between (a stream paused while another call ran): only there can anything have."""
         model, device = self.model, self.model.device
         rows = sorted(rows, key=lambda r: -len(r.prompt))  # longest first: see _prefill_groups
         bsz = len(rows)
@@ -663,7 +663,6 @@ class Llama:
 
         def decode_next(tok: torch.Tensor) -> torch.Tensor:
             nonlocal cur_pos
-            guard.check(owner)
             if seen is not None:
                 seen.scatter_(1, tok.view(-1, 1), True)
             if uniform:
@@ -725,7 +724,7 @@ class Llama:
             yield emitted
             if not more or all(r.finish_reason is not None for r in rows):
                 break
-            guard.check(owner)  # before reading what the last step left (on a GPU, `logits`)
+            guard.check(owner)  # before reading the cache or the last step's logits
             if not overlap:
                 logits = decode_next(tok)
             tok, host = pick(logits)

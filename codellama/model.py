@@ -276,6 +276,15 @@ class StepInputs:
     row_offset: int = 0
 
 
+def start_position(start_pos: object) -> int:
+    """``start_pos`` of a public forward call, checked: an integer >= 0."""
+    if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral):
+        raise PromptError(f"start_pos must be an integer >= 0, got {start_pos!r:.40}")
+    if start_pos < 0:
+        raise PromptError(f"start_pos must be >= 0, got {start_pos}")
+    return int(start_pos)
+
+
 def meta_step_inputs(
     start_pos: object, freqs_cis: torch.Tensor | None, mask: torch.Tensor | None, seqlen: int,
     head_dim: int, cache: KVCache | None,
@@ -284,8 +293,7 @@ def meta_step_inputs(
     freqs_cis, mask)``, with ``freqs_cis`` the (T, head_dim/2) complex rows of
     :attr:`Transformer.freqs_cis` for positions ``start_pos ..``; a ``mask`` means causal
     attention (the one Meta's Transformer builds), None attention to every cached key."""
-    if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral) or start_pos < 0:
-        raise PromptError(f"start_pos must be an integer >= 0, got {start_pos!r:.40}")
+    start = start_position(start_pos)
     pairs = head_dim // 2
     if not isinstance(freqs_cis, torch.Tensor) or tuple(freqs_cis.shape) != (seqlen, pairs):
         got = tuple(freqs_cis.shape) if isinstance(freqs_cis, torch.Tensor) else freqs_cis
@@ -294,7 +302,6 @@ def meta_step_inputs(
             f"input's {seqlen} positions, got {got!r:.60}"
         )
     rotation = torch.view_as_real(freqs_cis.to(torch.complex64)).view(1, seqlen, 1, pairs, 2)
-    start = int(start_pos)
     if cache is not None and start + seqlen > cache.k.shape[2]:
         raise PromptTooLongError(
             f"positions {start}..{start + seqlen - 1} exceed the KV cache's "
@@ -462,6 +469,18 @@ class Attention(nn.Module):
         """Meta's name and layout for the cached values (see :attr:`cache_k`)."""
         return self._cache_buffer("v")
 
+    def step_inputs(
+        self,
+        step: StepInputs | int,
+        freqs_cis: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        seqlen: int,
+    ) -> StepInputs:
+        """``step`` as is, or the StepInputs of Meta's ``(start_pos, freqs_cis, mask)``."""
+        if isinstance(step, StepInputs):
+            return step
+        return meta_step_inputs(step, freqs_cis, mask, seqlen, self.head_dim, self.cache)
+
     def _cache_buffer(self, name: str) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError(
@@ -480,8 +499,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Attention of ``x`` (B, T, dim) over the cache; also takes Meta's arguments
         ``(x, start_pos, freqs_cis, mask)`` (see :func:`meta_step_inputs`)."""
-        if not isinstance(step, StepInputs):
-            step = meta_step_inputs(step, freqs_cis, mask, x.shape[1], self.head_dim, self.cache)
+        step = self.step_inputs(step, freqs_cis, mask, x.shape[1])
         if self.wqkv is not None:
             return linear(self.wo, self.attend(matmul(x, self.wqkv), step))
         bsz, seqlen, _ = x.shape
@@ -628,9 +646,7 @@ class TransformerBlock(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One layer; also takes Meta's arguments ``(x, start_pos, freqs_cis, mask)``."""
-        if not isinstance(step, StepInputs):
-            cache = self.attention.cache
-            step = meta_step_inputs(step, freqs_cis, mask, x.shape[1], self.head_dim, cache)
+        step = self.attention.step_inputs(step, freqs_cis, mask, x.shape[1])
         attn, ffn = self.attention, self.feed_forward
         wqkv, w13 = attn.wqkv, ffn.w13
         if wqkv is not None and w13 is not None and self._fuses(x, wqkv, w13):
@@ -1053,15 +1069,12 @@ class Transformer(nn.Module):
         ``start_pos`` (Meta's signature; the inputs are checked, as it is public)."""
         self._check_tokens(tokens)
         self.ensure_cache()
-        if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral):
-            raise PromptError(f"start_pos must be an integer >= 0, got {start_pos!r:.40}")
-        if start_pos < 0:
-            raise PromptError(f"start_pos must be >= 0, got {start_pos}")
+        start = start_position(start_pos)
         guard = cache_guard(self)
         guard.refuse_if_busy()
         with guard.lock, torch.inference_mode():
             guard.owner = None  # a paused generation can no longer trust the cache
-            return self.forward_tokens(tokens, start_pos=int(start_pos))
+            return self.forward_tokens(tokens, start_pos=start)
 
     def _check_tokens(self, tokens: object) -> None:
         """``tokens`` must be a (batch <= max_batch_size, seqlen >= 1) tensor of ids in the

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from codellama.distributed import resolve_device
 from codellama.generation import ChatPrediction, CompletionPrediction, InfillingPrediction, Llama
 from codellama.model import ModelArgs, Transformer
 from codellama.prompt_formats import (
@@ -21,13 +20,9 @@ from codellama.prompt_formats import infilling_prompt_tokens as _infilling_promp
 from codellama.sampling import sample_top_p
 from codellama.tokenizer import Tokenizer
 
+from .model import device_getattr
 
-def __getattr__(name: str) -> str:
-    """Meta's module-level ``device`` ("cuda", else "mps", else "cpu"), looked up when it is
-    read instead of at import."""
-    if name == "device":
-        return resolve_device(None).type
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = device_getattr(__name__)  # Meta's module-level `device`
 
 
 def infilling_prompt_tokens(

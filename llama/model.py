@@ -3,6 +3,8 @@ key/value helpers as functions, for code written against Meta's module."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from codellama.distributed import resolve_device
@@ -17,12 +19,19 @@ from codellama.model import (
 )
 
 
-def __getattr__(name: str) -> str:
-    """Meta's module-level ``device`` ("cuda", else "mps", else "cpu"), looked up when it is
-    read instead of at import."""
-    if name == "device":
-        return resolve_device(None).type
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def device_getattr(module: str) -> Callable[[str], str]:
+    """A module ``__getattr__`` that gives Meta's module-level ``device`` ("cuda", else
+    "mps", else "cpu"), looked up when it is read instead of at import."""
+
+    def __getattr__(name: str) -> str:
+        if name == "device":
+            return resolve_device(None).type
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+__getattr__ = device_getattr(__name__)
 
 
 def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from codellama import Llama, PromptError, SamplingParams, StreamInterruptedError
 from codellama.model import cache_guard
@@ -195,25 +196,19 @@ def test_two_llamas_over_one_model_share_its_cache_and_its_guard(llama):
         list(stream)
 
 
-def test_a_direct_forward_call_stops_a_paused_stream_from_reading_the_cache(llama):
-    import torch
+DIRECT_CALLS = {
+    "forward": lambda model, prompt: model(torch.tensor([prompt[:4]]), 0),  # Meta's forward
+    "freqs_cis": lambda model, prompt: model.freqs_cis,  # where Meta's layer loop starts
+}
 
+
+@pytest.mark.parametrize("call", sorted(DIRECT_CALLS))
+def test_a_direct_call_on_the_model_stops_a_paused_stream_from_reading_the_cache(llama, call):
     prompt = llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
-    greedy = SamplingParams(temperature=0)
-    stream = llama.generate_stream([prompt], 8, greedy)
+    stream = llama.generate_stream([prompt], 8, SamplingParams(temperature=0))
     next(stream)
-    llama.model(torch.tensor([prompt[:4]]), 0)  # Meta's forward writes the cache too
+    DIRECT_CALLS[call](llama.model, prompt)
     with pytest.raises(StreamInterruptedError, match="finish \\(or close\\) a stream"):
-        list(stream)
-
-
-def test_layers_driven_as_metas_forward_does_stop_a_paused_stream(llama):
-    prompt = llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False)
-    greedy = SamplingParams(temperature=0)
-    stream = llama.generate_stream([prompt], 8, greedy)
-    next(stream)
-    _ = llama.model.freqs_cis  # where Meta's forward starts
-    with pytest.raises(StreamInterruptedError):
         list(stream)
 
 
