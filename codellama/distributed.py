@@ -12,7 +12,7 @@ import hashlib
 import math
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -218,6 +218,25 @@ def broadcast_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
+def describe_difference(name: str, values: Sequence[Any], width: int = 60) -> str:
+    """``name: rank 0 <value>, rank 1 <value>, ...``; where a value would be cut at ``width``
+    characters, the first place the ranks' (nested) lists differ and their values there, so
+    that the message shows the difference however long the prompts are."""
+    if all(len(repr(v)) <= width for v in values):
+        return f"{name}: " + ", ".join(f"rank {r} {v!r}" for r, v in enumerate(values))
+    where = ""
+    while all(isinstance(v, (list, tuple)) for v in values) and len(values) > 1:
+        n = min(len(v) for v in values)
+        i = next((i for i in range(n) if any(v[i] != values[0][i] for v in values)), None)
+        if i is None:  # one is a prefix of the other
+            lens = ", ".join(f"rank {r} {len(v)}" for r, v in enumerate(values))
+            return f"{name}{where}: the same first {n} items, lengths {lens}"
+        where += f"[{i}]"
+        values = [v[i] for v in values]
+    shown = ", ".join(f"rank {r} {v!r:.{width}}" for r, v in enumerate(values))
+    return f"{name}{where}: {shown}"
+
+
 def check_same_on_all_ranks(what: str, fields: Mapping[str, Any]) -> None:
     """Raise :class:`DistributedError` on every rank if any of ``fields`` (name -> value)
     differs between model-parallel ranks, naming each field that differs and its value on
@@ -244,12 +263,9 @@ def check_same_on_all_ranks(what: str, fields: Mapping[str, Any]) -> None:
         if any(not torch.equal(g[j], gathered[0][j]) for g in gathered)
     ]
     if differ:
-        shown = {n: f"{fields[n]!r:.60}" for n in differ}
         values: list[Any] = [None] * world
-        dist.all_gather_object(values, shown, group=group)
-        detail = "; ".join(
-            f"{n}: " + ", ".join(f"rank {r} {v[n]}" for r, v in enumerate(values)) for n in differ
-        )
+        dist.all_gather_object(values, {n: fields[n] for n in differ}, group=group)
+        detail = "; ".join(describe_difference(n, [v[n] for v in values]) for n in differ)
         raise DistributedError(
             f"{what} differ between model-parallel ranks ({detail}); every process must pass "
             "the same inputs, e.g. do not read prompts from a per-rank source"

@@ -17,7 +17,9 @@ class ConfigError(CodeLlamaError, ValueError):
 
 
 class CheckpointError(CodeLlamaError, ValueError):
-    """A checkpoint file is missing, truncated, unsafe, or does not match the model."""
+    """A checkpoint's files are incomplete (a shard or key missing), truncated, unsafe, or do
+    not match the model; a file or folder that does not exist is a
+    :class:`CheckpointNotFoundError`."""
 
 
 class UnknownWeightError(CheckpointError, KeyError):
@@ -64,7 +66,8 @@ class NumericalError(CodeLlamaError, RuntimeError):
 
 
 class DistributedError(CodeLlamaError, RuntimeError):
-    """Model-parallel processes disagree or a peer process failed."""
+    """Model-parallel processes were given different inputs (prompts, sampling arguments).
+    A peer process that dies makes the others' collectives fail with torch's own error."""
 
 
 class StreamInterruptedError(CodeLlamaError, RuntimeError):

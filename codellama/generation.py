@@ -16,9 +16,9 @@ import operator
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, SupportsIndex, TypedDict
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -54,7 +54,6 @@ from .model import (
 )
 from .prompt_formats import (
     UNSAFE_ERROR,
-    Dialog,
     Message,
     chat_prompt_tokens,
     has_special_tags,
@@ -73,6 +72,11 @@ from .sampling import (
 from .stops import check_stop_strings, cut_at_stop, first_stop
 from .streaming import _UNFINISHED, FinishReason, IncrementalDecoder, StreamEvent, TextAssembler
 from .tokenizer import Tokenizer, check_text
+
+TokenIds = Collection[SupportsIndex]
+"""One prompt's token ids: a list (or tuple) of ints, a 1-D tensor or a numpy array."""
+PromptTokens = Collection[TokenIds]
+"""A batch of prompts' token ids: a list of :data:`TokenIds`, or a 2-D tensor or array."""
 
 # Prompt tokens per forward pass. 1024 against 512 (bf16 `small`, 2-core CPU): prefill of a
 # 1-2K prompt 11-12% faster, a 16K one 7%; peak memory at 16K +29 MiB (184 MiB in all).
@@ -96,12 +100,16 @@ _SAMPLING_EXTRAS = frozenset({"top_k", "min_p", "repetition_penalty"})
 
 
 class CompletionPrediction(TypedDict, total=False):
+    """One result of :meth:`Llama.text_completion` (Meta's dict)."""
+
     generation: str
     tokens: list[str]  # only with logprobs=True
     logprobs: list[float]  # only with logprobs=True
 
 
 class InfillingPrediction(TypedDict, total=False):
+    """One result of :meth:`Llama.text_infilling`: the middle, and prefix + middle + suffix."""
+
     generation: str
     full_text: str
     tokens: list[str]
@@ -109,6 +117,8 @@ class InfillingPrediction(TypedDict, total=False):
 
 
 class ChatPrediction(TypedDict, total=False):
+    """One result of :meth:`Llama.chat_completion`: the assistant's message."""
+
     generation: Message
     tokens: list[str]
     logprobs: list[float]
@@ -171,8 +181,8 @@ class Llama:
 
     @staticmethod
     def build(
-        ckpt_dir: str,
-        tokenizer_path: str,
+        ckpt_dir: str | os.PathLike[str],
+        tokenizer_path: str | os.PathLike[str],
         max_seq_len: int,
         max_batch_size: int,
         model_parallel_size: int | None = None,
@@ -310,10 +320,12 @@ class Llama:
 
     @property
     def max_seq_len(self) -> int:
+        """Most positions a row may use, prompt and generation (the KV cache's length)."""
         return self.model.params.max_seq_len
 
     @property
     def max_batch_size(self) -> int:
+        """Most rows decoded together; larger batches run in successive batches."""
         return self.model.params.max_batch_size
 
     def _decode_step(
@@ -327,7 +339,7 @@ class Llama:
             tokens, start_pos, positions=positions, kv_len=kv_len, logits_index=None
         )[:, 0]
 
-    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]]) -> list[list[int]]:
+    def _check_prompts(self, prompt_tokens: PromptTokens) -> list[list[int]]:
         prompt_tokens = _as_lists(prompt_tokens)
         if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):
             raise PromptError(
@@ -373,7 +385,7 @@ class Llama:
 
     def generate_results(
         self,
-        prompt_tokens: Sequence[Sequence[int]],
+        prompt_tokens: PromptTokens,
         max_gen_len: int,
         sampling: SamplingParams = SamplingParams(),
         logprobs: bool = False,
@@ -405,7 +417,7 @@ class Llama:
 
     def generate_stream(
         self,
-        prompt_tokens: Sequence[Sequence[int]],
+        prompt_tokens: PromptTokens,
         max_gen_len: int,
         sampling: SamplingParams = SamplingParams(),
         stop_tokens: Sequence[int] = (),
@@ -426,7 +438,7 @@ class Llama:
 
     def _generate(
         self,
-        prompt_tokens: Sequence[Sequence[int]],
+        prompt_tokens: PromptTokens,
         max_gen_len: int,
         sampling: SamplingParams,
         logprobs: bool,
@@ -778,7 +790,7 @@ class Llama:
 
     def generate(
         self,
-        prompt_tokens: list[list[int]],
+        prompt_tokens: PromptTokens,
         max_gen_len: int,
         temperature: float = 0.6,
         top_p: float = 0.9,
@@ -791,10 +803,22 @@ class Llama:
     ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Meta's ``generate``: (tokens, logprobs or None) per prompt.
 
-        Extra keyword arguments (``top_k``, ``min_p``, ``repetition_penalty``) refine sampling;
-        ``stop_strings`` end a row once its text holds one (see :meth:`generate_results`);
-        ``seed`` gives this call its own sampling generator (None: the model's, which
-        advances from call to call).
+        Args:
+            prompt_tokens: each prompt's token ids (lists, 1-D tensors or arrays; BOS
+                included if wanted), at most ``max_seq_len`` each.
+            max_gen_len: most new tokens per row (also bounded by ``max_seq_len``).
+            temperature: 0 is greedy; higher flattens the distribution.
+            top_p: nucleus sampling: draw among the most likely tokens whose probabilities
+                add up to ``top_p`` (1 keeps all; 0 the top token alone).
+            logprobs: also return each returned token's log-probability.
+            echo: return the prompt before the generation (and its logprobs: the first
+                token, which nothing predicts, gets 0).
+            stop_token: the token that ends a row, not returned (default: EOS).
+            stop_strings: end a row once its text holds one (see :meth:`generate_results`).
+            seed: this call's own sampling generator (None: the model's, which advances
+                from call to call).
+            sampling_kwargs: ``top_k``, ``min_p``, ``repetition_penalty`` (see
+                :class:`~codellama.sampling.SamplingParams`).
         """
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stop = self.tokenizer.eos_id if stop_token is None else stop_token
@@ -804,7 +828,7 @@ class Llama:
 
     def _token_lists(
         self,
-        prompt_tokens: Sequence[Sequence[int]],
+        prompt_tokens: PromptTokens,
         max_gen_len: int,
         sampling: SamplingParams,
         logprobs: bool,
@@ -852,9 +876,17 @@ class Llama:
         seed: int | None = None,
         **sampling_kwargs: Unpack[SamplingExtras],
     ) -> list[CompletionPrediction]:
-        """Continue each prompt; an empty string generates from BOS. With ``stop`` (a string
-        or a list), a generation ends at the first stop string, which is cut from the text;
-        ``seed`` makes this call's samples reproducible on their own (see :meth:`generate`)."""
+        """Continue each prompt; an empty string generates from BOS.
+
+        Args:
+            prompts: texts to continue (BOS is added to each).
+            temperature, top_p, seed, sampling_kwargs: sampling, as in :meth:`generate`.
+            max_gen_len: most new tokens per row (default: up to ``max_seq_len``).
+            logprobs: add each result's ``tokens`` (pieces) and their ``logprobs``.
+            echo: the result starts with the prompt (its tokens too, with ``logprobs``).
+            stop: a string or a list: a generation ends at the first one, which is cut from
+                the text.
+        """
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stops = check_stop_strings(stop)
         prompt_tokens = self._completion_prompts(prompts)
@@ -889,8 +921,15 @@ class Llama:
         seed: int | None = None,
         **sampling_kwargs: Unpack[SamplingExtras],
     ) -> list[InfillingPrediction]:
-        """Fill the middle between each prefix and suffix (7B/13B base and Instruct);
-        ``stop`` and ``seed`` as in :meth:`text_completion`."""
+        """Fill the middle between each prefix and suffix (Code Llama 7B/13B, base and
+        Instruct); each result has the ``generation`` (the middle) and the ``full_text``.
+
+        Args:
+            prefixes, suffixes: the code before and after the gap, one suffix per prefix.
+            suffix_first: Meta's suffix-prefix-middle order instead of prefix-suffix-middle.
+            temperature, top_p, max_gen_len, logprobs, stop, seed, sampling_kwargs: as in
+                :meth:`text_completion`.
+        """
         prompt_tokens, eot = self._infilling_prompts(prefixes, suffixes, suffix_first)
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stops = check_stop_strings(stop)
@@ -917,7 +956,7 @@ class Llama:
 
     def chat_completion(
         self,
-        dialogs: list[Dialog],
+        dialogs: Sequence[Sequence[Message]],
         temperature: float = 0.6,
         top_p: float = 0.9,
         max_gen_len: int | None = None,
@@ -926,8 +965,16 @@ class Llama:
         seed: int | None = None,
         **sampling_kwargs: Unpack[SamplingExtras],
     ) -> list[ChatPrediction]:
-        """Answer each dialog as the assistant (Code Llama - Instruct formats); ``stop`` and
-        ``seed`` as in :meth:`text_completion`."""
+        """Answer each dialog as the assistant, in the Instruct model's format
+        (``[INST]``/``<<SYS>>``, or 70B's ``Source:``/``<step>``, picked by the tokenizer).
+
+        Args:
+            dialogs: each a list of messages: an optional ``system`` one, then ``user`` and
+                ``assistant`` alternating, ending with ``user``. A message containing a
+                special tag gets Meta's error text as its answer.
+            temperature, top_p, max_gen_len, logprobs, stop, seed, sampling_kwargs: as in
+                :meth:`text_completion`.
+        """
         prompt_tokens, stop_id = self._chat_prompts(dialogs)
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         stops = check_stop_strings(stop)
@@ -978,7 +1025,7 @@ class Llama:
         ]
         return prompt_tokens, eot
 
-    def _chat_prompts(self, dialogs: list[Dialog]) -> tuple[list[list[int]], int]:
+    def _chat_prompts(self, dialogs: Sequence[Sequence[Message]]) -> tuple[list[list[int]], int]:
         """The dialogs' prompts, and the token that ends an answer (EOS, or <step>)."""
         if isinstance(dialogs, (str, dict)) or not isinstance(dialogs, Sequence):
             raise PromptError(
@@ -1001,15 +1048,18 @@ class Llama:
         max_gen_len: int | None = None,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
+        logprobs: bool = False,
         **sampling_kwargs: Unpack[SamplingExtras],
     ) -> Iterator[StreamEvent]:
         """:meth:`text_completion` as it happens: a :class:`StreamEvent` per row and step,
-        whose texts add up to each ``generation``."""
+        whose texts add up to each ``generation``; with ``logprobs`` each event carries its
+        token's log-probability. Arguments as in :meth:`text_completion` (no ``echo``: the
+        prompt is yours already)."""
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         prompt_tokens = self._completion_prompts(prompts)
         return self._stream_text(
             prompt_tokens, self.tokenizer.eos_id, self.tokenizer.decode, max_gen_len,
-            sampling, stop, seed,
+            sampling, stop, seed, logprobs,
         )  # fmt: skip
 
     def text_infilling_stream(
@@ -1022,35 +1072,41 @@ class Llama:
         suffix_first: bool = False,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
+        logprobs: bool = False,
         **sampling_kwargs: Unpack[SamplingExtras],
     ) -> Iterator[StreamEvent]:
-        """:meth:`text_infilling` as it happens; the texts add up to each ``generation``."""
+        """:meth:`text_infilling` as it happens; the texts add up to each ``generation``.
+        Arguments as in :meth:`text_infilling`; ``logprobs`` as in
+        :meth:`text_completion_stream`."""
         prompt_tokens, eot = self._infilling_prompts(prefixes, suffixes, suffix_first)
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         return self._stream_text(
             prompt_tokens, eot, self.tokenizer.decode_infilling, max_gen_len, sampling, stop,
-            seed,
+            seed, logprobs,
         )  # fmt: skip
 
     def chat_completion_stream(
         self,
-        dialogs: list[Dialog],
+        dialogs: Sequence[Sequence[Message]],
         temperature: float = 0.6,
         top_p: float = 0.9,
         max_gen_len: int | None = None,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
+        logprobs: bool = False,
         **sampling_kwargs: Unpack[SamplingExtras],
     ) -> Iterator[StreamEvent]:
         """:meth:`chat_completion` as it happens; the texts add up to each answer's
-        ``content`` (a dialog with special tags gets Meta's error text, at its end)."""
+        ``content`` (a dialog with special tags gets Meta's error text, at its end).
+        Arguments as in :meth:`chat_completion`; ``logprobs`` as in
+        :meth:`text_completion_stream`."""
         prompt_tokens, stop_id = self._chat_prompts(dialogs)
         sampling = _sampling_params(temperature, top_p, sampling_kwargs)
         step_format = self.tokenizer.step_id is not None
         unsafe = {i for i, d in enumerate(dialogs) if has_special_tags(d, step_format)}
         return self._stream_text(
             prompt_tokens, stop_id, self.tokenizer.decode, max_gen_len, sampling, stop, seed,
-            unsafe,
+            logprobs, unsafe,
         )  # fmt: skip
 
     def _stream_text(
@@ -1062,13 +1118,14 @@ class Llama:
         sampling: SamplingParams,
         stop: str | Sequence[str] | None,
         seed: int | None,
+        logprobs: bool,
         unsafe: set[int] | frozenset[int] = frozenset(),
     ) -> Iterator[StreamEvent]:
         """Run the core and turn each row's tokens into text pieces (see TextAssembler)."""
         stops = check_stop_strings(stop)
         events = self._generate(
-            prompt_tokens, self._max_gen_len(max_gen_len), sampling, False, False, (stop_id,),
-            seed, [], stops, decode,
+            prompt_tokens, self._max_gen_len(max_gen_len), sampling, logprobs, False,
+            (stop_id,), seed, [], stops, decode,
         )  # fmt: skip
 
         def run() -> Iterator[StreamEvent]:
@@ -1082,13 +1139,14 @@ class Llama:
                         stops,
                         None if i in unsafe else plain,
                     )
+                logprob = row.logprobs[-1] if logprobs and token is not None else None
                 if row.finish_reason is None:
-                    yield StreamEvent(i, texts[i].push(row.tokens), token)
+                    yield StreamEvent(i, texts[i].push(row.tokens), token, logprob=logprob)
                     continue
                 final = UNSAFE_ERROR if i in unsafe else cut_at_stop(decode(row.tokens), stops)
                 yield StreamEvent(
                     i, texts[i].push(row.tokens, final), token, row.finish_reason,
-                    row.stop_string,
+                    row.stop_string, logprob,
                 )  # fmt: skip
 
         return run()
@@ -1100,8 +1158,8 @@ def _sampling_params(temperature: float, top_p: float, extras: Mapping[str, Any]
     unknown = sorted(set(extras) - _SAMPLING_EXTRAS)
     if unknown:
         raise PromptError(
-            f"unknown argument(s) {unknown}; the extra sampling keywords are "
-            f"{sorted(_SAMPLING_EXTRAS)} (see SamplingParams)"
+            f"unknown argument(s) {unknown}: not among this method's arguments (see its "
+            f"help), nor the extra sampling keywords {sorted(_SAMPLING_EXTRAS)}"
         )
     return SamplingParams(temperature=temperature, top_p=top_p, **extras)
 

@@ -52,6 +52,17 @@ from .native import (
 )
 
 
+def swiglu_hidden_dim(
+    hidden_dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None
+) -> int:
+    """Meta's SwiGLU width from ``hidden_dim`` (4 * dim): 2/3 of it, times the multiplier,
+    rounded up to a multiple of ``multiple_of``."""
+    hidden = int(2 * hidden_dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
 @dataclass
 class ModelArgs:
     """Model hyper-parameters: the fields of Meta's params.json plus the cache size."""
@@ -110,10 +121,7 @@ class ModelArgs:
     @property
     def ffn_hidden_dim(self) -> int:
         """Meta's SwiGLU hidden size: 2/3 of 4*dim, times the multiplier, rounded up."""
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        return swiglu_hidden_dim(4 * self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     def to_params(self) -> dict[str, Any]:
         """The params.json dict (without the cache sizes)."""
@@ -493,13 +501,14 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        step: StepInputs | int,
+        start_pos: StepInputs | int,
         freqs_cis: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention of ``x`` (B, T, dim) over the cache; also takes Meta's arguments
-        ``(x, start_pos, freqs_cis, mask)`` (see :func:`meta_step_inputs`)."""
-        step = self.step_inputs(step, freqs_cis, mask, x.shape[1])
+        """Attention of ``x`` (B, T, dim) over the cache, at the positions a
+        :class:`StepInputs` gives; also takes Meta's arguments ``(x, start_pos, freqs_cis,
+        mask)``, by position or by name (see :func:`meta_step_inputs`)."""
+        step = self.step_inputs(start_pos, freqs_cis, mask, x.shape[1])
         if self.wqkv is not None:
             return linear(self.wo, self.attend(matmul(x, self.wqkv), step))
         bsz, seqlen, _ = x.shape
@@ -608,8 +617,20 @@ def _cpu_flash_attention() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] |
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        multiple_of: int | None = None,
+        ffn_dim_multiplier: float | None = None,
+    ):
+        """``FeedForward(dim, hidden)`` has ``hidden`` units. Meta's four arguments
+        ``(dim, 4 * dim, multiple_of, ffn_dim_multiplier)`` size it by Meta's rule (as
+        :attr:`ModelArgs.ffn_hidden_dim`): 2/3 of ``hidden_dim``, times the multiplier,
+        rounded up to a multiple of ``multiple_of``."""
         super().__init__()
+        if multiple_of is not None:
+            hidden_dim = swiglu_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)
         self.w1 = ColumnParallelLinear(
             dim, hidden_dim, bias=False, gather_output=False, init_method=_keep
         )
@@ -629,6 +650,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    """One decoder layer: ``h = x + attention(norm(x))``, then ``h + feed_forward(norm(h))``."""
+
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.n_heads, self.dim, self.head_dim = args.n_heads, args.dim, args.head_dim
@@ -641,12 +664,13 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        step: StepInputs | int,
+        start_pos: StepInputs | int,
         freqs_cis: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One layer; also takes Meta's arguments ``(x, start_pos, freqs_cis, mask)``."""
-        step = self.attention.step_inputs(step, freqs_cis, mask, x.shape[1])
+        """One pre-norm decoder layer at the positions a :class:`StepInputs` gives; also
+        takes Meta's arguments ``(x, start_pos, freqs_cis, mask)``, by position or by name."""
+        step = self.attention.step_inputs(start_pos, freqs_cis, mask, x.shape[1])
         attn, ffn = self.attention, self.feed_forward
         wqkv, w13 = attn.wqkv, ffn.w13
         if wqkv is not None and w13 is not None and self._fuses(x, wqkv, w13):

@@ -23,12 +23,16 @@ Role = Literal["system", "user", "assistant"]
 
 
 class Message(TypedDict):
+    """One turn of a dialog: ``{"role": ..., "content": ...}`` (Meta's dict)."""
+
     role: Role
     content: str
     destination: NotRequired[str]  # 70B format only: who a message is for
 
 
-Dialog = Sequence[Message]
+Dialog = list[Message]
+"""A conversation, as Meta's type: [system], user, assistant, ..., user. Functions here
+accept any sequence of messages."""
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -85,7 +89,7 @@ def require_infilling(tokenizer: Tokenizer) -> None:
         )
 
 
-def has_special_tags(dialog: Dialog, destinations: bool = True) -> bool:
+def has_special_tags(dialog: Sequence[Message], destinations: bool = True) -> bool:
     """True if a message contains a tag of the chat formats (Meta answers UNSAFE_ERROR).
 
     Meta's code checks the contents only; with ``destinations`` (the 70B format, which puts
@@ -97,7 +101,7 @@ def has_special_tags(dialog: Dialog, destinations: bool = True) -> bool:
     return any(tag in text for text in texts for tag in SPECIAL_TAGS)
 
 
-def validate_dialog(dialog: Dialog, *, index: int | None = None) -> None:
+def validate_dialog(dialog: Sequence[Message], *, index: int | None = None) -> None:
     """Raise :class:`PromptError` unless ``dialog`` is [system], user, assistant, ..., user."""
     where = "" if index is None else f"dialog {index}: "
     if isinstance(dialog, (str, bytes)) or not isinstance(dialog, Sequence):
@@ -145,7 +149,7 @@ def validate_dialog(dialog: Dialog, *, index: int | None = None) -> None:
         raise PromptError(f"{where}the last message must be from 'user', got {last!r}")
 
 
-def chat_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
+def chat_prompt_tokens(tokenizer: Tokenizer, dialog: Sequence[Message]) -> list[int]:
     """Token ids of a dialog in the format the tokenizer's model was trained on."""
     validate_dialog(dialog)
     if tokenizer.step_id is not None:
@@ -153,7 +157,7 @@ def chat_prompt_tokens(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     return _inst_format_tokens(tokenizer, dialog)
 
 
-def _inst_format_tokens(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
+def _inst_format_tokens(tokenizer: Tokenizer, dialog: Sequence[Message]) -> list[int]:
     """``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>...``"""
     msgs = [(m["role"], m["content"]) for m in dialog]
     if msgs[0][0] == "system":
@@ -166,7 +170,7 @@ def _inst_format_tokens(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     return tokens
 
 
-def _step_format_tokens(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
+def _step_format_tokens(tokenizer: Tokenizer, dialog: Sequence[Message]) -> list[int]:
     """70B Instruct: `` Source: {role}[\\nDestination: {dest}]\\n\\n {content}<step>`` turns."""
     assert tokenizer.step_id is not None
     if dialog[0]["role"] != "system":

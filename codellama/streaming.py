@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 FinishReason = Literal["stop", "length"]
+"""Why a row ended: ``"stop"`` (a stop token or stop string), ``"length"`` (``max_gen_len``
+tokens, or the row reached ``max_seq_len``)."""
 _UNFINISHED = "\ufffd"  # what SentencePiece decodes an incomplete UTF-8 character to
 
 
@@ -23,6 +25,7 @@ class StreamEvent:
     token: int | None  # the token just generated; None when the row ended without one
     finish_reason: FinishReason | None = None
     stop_string: str | None = None
+    logprob: float | None = None  # the token's log-probability, when asked for
 
 
 class IncrementalDecoder:

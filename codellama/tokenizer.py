@@ -66,6 +66,8 @@ class Tokenizer:
 
     @property
     def supports_infilling(self) -> bool:
+        """Whether the vocabulary has the infilling pieces (Code Llama 7B/13B, base and
+        Instruct)."""
         return None not in (self.prefix_id, self.middle_id, self.suffix_id, self.eot_id)
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:

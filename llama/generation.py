@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from codellama.generation import ChatPrediction, CompletionPrediction, InfillingPrediction, Llama
 from codellama.model import ModelArgs, Transformer
 from codellama.prompt_formats import (
@@ -22,7 +24,10 @@ from codellama.tokenizer import Tokenizer
 
 from .model import device_getattr
 
-__getattr__ = device_getattr(__name__)  # Meta's module-level `device`
+if TYPE_CHECKING:
+    device: str  # Meta's module-level device name, looked up when read
+else:
+    __getattr__ = device_getattr(__name__)
 
 
 def infilling_prompt_tokens(

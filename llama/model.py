@@ -4,6 +4,7 @@ key/value helpers as functions, for code written against Meta's module."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,7 +32,10 @@ def device_getattr(module: str) -> Callable[[str], str]:
     return __getattr__
 
 
-__getattr__ = device_getattr(__name__)
+if TYPE_CHECKING:
+    device: str  # Meta's module-level device name, looked up when read
+else:
+    __getattr__ = device_getattr(__name__)
 
 
 def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:

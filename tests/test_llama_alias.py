@@ -22,6 +22,18 @@ def test_llama_top_level_names_are_codellamas():
     assert llama.Tokenizer is codellama.Tokenizer
 
 
+def test_llama_exports_every_public_name_of_codellama_as_llama_2s_package_does():
+    for name in codellama.__all__:  # e.g. `from llama import Llama, Dialog` (Llama 2's scripts)
+        assert getattr(llama, name) is getattr(codellama, name), name
+
+
+def test_a_misspelt_name_of_a_llama_submodule_is_an_import_error():
+    import pytest
+
+    with pytest.raises(ImportError):
+        exec("from llama.model import Transfomer", {})
+
+
 def test_importing_llama_binds_its_submodules_as_metas_package_does():
     code = "import llama; print(llama.model.Transformer, llama.generation.Llama, llama.tokenizer)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -154,6 +166,32 @@ def test_layers_called_as_metas_forward_calls_them_give_the_models_logits(make_c
     torch.testing.assert_close(metas_forward(tokens, 0), want, rtol=1e-4, atol=1e-4)
     got_next = metas_forward(torch.tensor([[11], [13]]), 6)
     torch.testing.assert_close(got_next, want_next, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_take_metas_arguments_by_name(make_checkpoint, build):
+    import torch
+
+    model = build(make_checkpoint(GQA_ARGS), max_seq_len=32, max_batch_size=1).model
+    tokens = torch.tensor([[1, 5, 9]])
+    h = model.tok_embeddings(tokens)
+    freqs_cis = model.freqs_cis[0:3]
+    mask = torch.triu(torch.full((3, 3), float("-inf")), diagonal=1)
+    layer = model.layers[0]
+    by_name = layer(h, start_pos=0, freqs_cis=freqs_cis, mask=mask)
+    attention = layer.attention.forward(h, start_pos=0, freqs_cis=freqs_cis, mask=mask)
+    torch.testing.assert_close(by_name, layer(h, 0, freqs_cis, mask))
+    torch.testing.assert_close(attention, layer.attention(h, 0, freqs_cis, mask))
+
+
+def test_feed_forward_sizes_itself_by_metas_rule_from_metas_four_arguments(make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS)).model  # sets up the model-parallel group
+    args = model.params
+    ff = llama.model.FeedForward(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    assert args.ffn_dim_multiplier is not None  # the rule's every step is exercised
+    hidden = int(args.ffn_dim_multiplier * int(2 * (4 * args.dim) / 3))  # Meta's FeedForward
+    hidden = args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
+    assert ff.w1.weight.shape == (hidden, args.dim) == (args.ffn_hidden_dim, args.dim)
+    assert llama.model.FeedForward(args.dim, 96).w1.weight.shape == (96, args.dim)
 
 
 def test_metas_attribute_names_are_there(make_checkpoint, build):

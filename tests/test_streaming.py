@@ -92,6 +92,39 @@ def test_chat_stream_adds_up_to_chat_completion_and_refuses_special_tags(llama):
     assert [texts[0], texts[1]] == [w["generation"]["content"] for w in want]
 
 
+def _logprobs_by_row(events) -> dict[int, list[float]]:
+    got: dict[int, list[float]] = {}
+    for e in events:
+        assert (e.logprob is None) == (e.token is None)  # a logprob for every token sent
+        if e.token is not None:
+            got.setdefault(e.index, []).append(e.logprob)
+    return got
+
+
+def test_stream_logprobs_are_those_of_the_non_streamed_call(llama):
+    kw = dict(temperature=0.8, top_p=0.95, max_gen_len=12, seed=3, stop=["\n\n"])
+    want = llama.text_completion(PROMPTS, logprobs=True, **kw)
+    got = _logprobs_by_row(llama.text_completion_stream(PROMPTS, logprobs=True, **kw))
+    assert [got.get(i, []) for i in range(3)] == [w["logprobs"] for w in want]
+    assert any(want[i]["logprobs"] for i in range(3))
+
+
+def test_infilling_and_chat_streams_give_logprobs_too(llama):
+    dialogs = [[{"role": "user", "content": "Reverse a string in Bash."}]]
+    want = llama.chat_completion(dialogs, temperature=0, max_gen_len=8, logprobs=True)
+    events = llama.chat_completion_stream(dialogs, temperature=0, max_gen_len=8, logprobs=True)
+    assert _logprobs_by_row(events)[0] == want[0]["logprobs"]
+    want_fill = llama.text_infilling(["x = "], ["\n"], temperature=0, max_gen_len=8, logprobs=True)
+    events = llama.text_infilling_stream(["x = "], ["\n"], temperature=0, max_gen_len=8,
+                                         logprobs=True)  # fmt: skip
+    assert _logprobs_by_row(events)[0] == want_fill[0]["logprobs"]
+
+
+def test_stream_events_carry_no_logprob_unless_asked(llama):
+    events = list(llama.text_completion_stream(PROMPTS, temperature=0, max_gen_len=4))
+    assert events and all(e.logprob is None for e in events)
+
+
 def test_assembler_holds_back_unfinished_characters(meta_tokenizer):
     text = "s = 'é€😀'\n"
     ids = meta_tokenizer.encode(text, bos=False, eos=False)
@@ -291,6 +324,10 @@ def test_stream_arguments_are_checked_when_the_stream_is_made(llama):
         llama.text_completion_stream(["x"], max_gen_len=-1)
     with pytest.raises(PromptError, match="stop strings must be non-empty"):
         llama.generate_stream([[1, 5]], 4, stop_strings=[""])
+    with pytest.raises(PromptError, match="logprobs must be True or False"):
+        llama.text_completion_stream(["x"], logprobs="yes")
+    with pytest.raises(PromptError, match=r"unknown argument\(s\) \['echo'\]: not among"):
+        llama.text_completion_stream(["x"], echo=True)
 
 
 def _token_runs(tok, seed: int, n: int = 300) -> list[int]:
