@@ -1,6 +1,6 @@
 """A tiny random-weight Code Llama, written in Meta's exact layout, to try the library.
 
-``python -m codellama.demo`` writes it on first use (cached under ``~/.cache/codellama``)
+``python -m codellama.demo`` writes it on first use (in codellama's cache, :func:`paths.cache_dir`)
 and runs completion, infilling and chat end to end. Its text is meaningless: the weights
 are random. The same writers build the test suite's checkpoints.
 """
@@ -18,6 +18,7 @@ import torch
 from .checkpoint import refuse_non_empty, shard_state_dict, write_checkpoint
 from .errors import ConfigError
 from .model import ModelArgs
+from .paths import cache_dir
 
 INFILL_PIECES = ["▁<PRE>", "▁<MID>", "▁<SUF>", "▁<EOT>"]
 STEP_PIECE = "<step>"
@@ -39,7 +40,8 @@ BANNER = """\
  codellama demo: a tiny model with RANDOM weights. The generated text below is
  meaningless; it only shows the library working end to end.
  For real output, download Code Llama (bash download.sh, with the URL from
- https://ai.meta.com/resources/models-and-libraries/llama-downloads/) and run
+ https://ai.meta.com/resources/models-and-libraries/llama-downloads/) and run,
+ in a clone of this repository (where the examples and download.sh are),
    torchrun --nproc_per_node 1 example_completion.py \\
        --ckpt_dir CodeLlama-7b/ --tokenizer_path CodeLlama-7b/tokenizer.model
 ============================================================================"""
@@ -170,10 +172,8 @@ def write_random_checkpoint(
 
 
 def demo_dir() -> Path:
-    base = os.environ.get("CODELLAMA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "codellama"
-    )
-    return Path(base) / "demo"
+    """The demo checkpoint's folder in codellama's cache (see :func:`paths.cache_dir`)."""
+    return cache_dir() / "demo"
 
 
 def ensure_demo_checkpoint(directory: str | os.PathLike[str] | None = None) -> Path:

@@ -25,25 +25,31 @@ torch layers. Prefill's attention stays with torch.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import paths
 from .errors import PromptTooLongError
 
 SOURCE = Path(__file__).with_name("native_linear.c")
+LIBRARY = "libcodellama_linear.so"  # its name in the cache, under a key of source, flags, CPU
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
 ENV_SWITCH = "CODELLAMA_NATIVE_KERNELS"
 MAX_ROWS = 8  # beyond this many rows of x a blocked GEMM (oneDNN, BLAS) is faster
 BLOCK = 64  # output rows per block in oneDNN's prepacked layout (see native_linear.c)
@@ -610,62 +616,98 @@ def last_error() -> str | None:
 
 @functools.cache
 def load() -> NativeLinear | None:
-    """The kernels for this CPU, compiled on first use; None where they cannot be had."""
+    """The kernels for this CPU, compiled on first use; None where they cannot be had (with
+    one warning, from the first process, where they were expected: on Linux, not disabled)."""
     global _last_error
     if not enabled_by_environment():
         _last_error = f"disabled by {ENV_SWITCH}"
         return None
     errors = []
-    portable = tuple(f for f in FLAGS if f != "-march=native")
-    for flags in (FLAGS, portable):  # some compilers (or CPUs) know no -march=native
+    for flags in (FLAGS, PORTABLE_FLAGS):  # some compilers (or CPUs) know no -march=native
         try:
             return build(flags=flags)
         except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
             errors.append(str(exc))
-    _last_error = "; ".join(errors)
+    _last_error = "; ".join(dict.fromkeys(errors))
+    if sys.platform.startswith("linux") and os.environ.get("RANK", "0") == "0":
+        warnings.warn(
+            f"codellama: the native CPU kernels could not be built ({_last_error[:300]}). "
+            "Generation works, through oneDNN and torch, but decodes about 2x slower, and an "
+            "fp32 model keeps fp32 copies of a bf16 checkpoint's weights (2x the memory). "
+            f"Install a C compiler or set CC; {ENV_SWITCH}=0 turns them off without this "
+            "warning.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return None
 
 
 def build(
     compiler: str | None = None, flags: tuple[str, ...] = FLAGS, cache_dir: Path | None = None
 ) -> NativeLinear:
-    """Compile (or reuse from the cache) and load the kernels; raises if any step fails.
+    """Load the kernels built for this CPU and ``flags`` from the cache, else compile them
+    there; raises if no step succeeds.
 
-    The row-major kernels are checked against float64 on small products before they are
-    returned, so a miscompiled library is refused rather than used.
+    A library already in the cache is used without a compiler (a read-only, pre-filled
+    cache too); one that cannot be loaded or fails the self-test is compiled again. The
+    row-major kernels are checked against float64 on small products before they are
+    returned, so a miscompiled library is refused rather than used. ``compiler`` (or
+    ``$CC``) may carry arguments, e.g. ``"gcc -pipe"``.
     """
     if not sys.platform.startswith("linux"):
         raise RuntimeError("native kernels are built only on Linux")
-    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler found (set CC)")
-    source = SOURCE.read_bytes()
     key = hashlib.sha256()
-    for part in (source, cc.encode(), " ".join(flags).encode(), _cpu_signature().encode()):
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_signature().encode()):
         key.update(part)
         key.update(b"\0")
-    folder = (cache_dir or _cache_root()) / key.hexdigest()[:16]
-    path = folder / "libcodellama_linear.so"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-        os.close(fd)
-        try:
-            done = subprocess.run(
-                [cc, *flags, str(SOURCE), "-o", tmp],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            if done.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:500]}")
-            os.replace(tmp, path)  # atomic: ranks compiling at once do not clash
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    name = key.hexdigest()[:16]
+    roots = [cache_dir] if cache_dir is not None else _cache_roots()
+    for root in roots:
+        path = root / name / LIBRARY
+        if path.is_file():
+            try:
+                return _load_checked(path)
+            except (OSError, RuntimeError):
+                continue  # unloadable or wrong: look on, else compile it again
+    cc = _compiler_command(compiler)
+    folder = _writable_folder(roots, name)
+    path = folder / LIBRARY
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[:500]}")
+        os.replace(tmp, path)  # atomic: ranks compiling at once do not clash
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return _load_checked(path)
+
+
+def _load_checked(path: Path) -> NativeLinear:
     kernel = NativeLinear(ctypes.CDLL(str(path)), path)
     _self_test(kernel)
     return kernel
+
+
+def _compiler_command(compiler: str | None) -> list[str]:
+    """The C compiler's command line: ``compiler``, else ``$CC`` (split as a shell would),
+    else ``cc`` or ``gcc`` on the PATH."""
+    given = compiler or os.environ.get("CC")
+    if given:
+        try:
+            command = shlex.split(given)
+        except ValueError as exc:
+            raise RuntimeError(f"cannot read the compiler command {given!r}: {exc}") from None
+        if command:
+            return command
+    found = shutil.which("cc") or shutil.which("gcc")
+    if not found:
+        raise RuntimeError("no C compiler found (set CC)")
+    return [found]
 
 
 def _self_test(kernel: NativeLinear) -> None:
@@ -689,29 +731,41 @@ def _self_test(kernel: NativeLinear) -> None:
                     raise RuntimeError(f"native kernel failed its {dtype} self-test")
 
 
-def _cache_root() -> Path:
-    if os.environ.get("CODELLAMA_CACHE"):
-        root = Path(os.environ["CODELLAMA_CACHE"]) / "kernels"
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg) if xdg else Path.home() / ".cache") / "codellama" / "kernels"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if os.access(root, os.W_OK):
-            return root
-    except OSError:
-        pass
-    # A shared temp folder is used only if it is ours and closed to others: a library that
-    # another user could plant there would run in this process.
+def _cache_roots() -> list[Path]:
+    """Where built kernels are kept, in order: codellama's cache (see
+    :func:`paths.cache_dir`), then this user's folder in the temp folder, if usable."""
+    roots = [paths.cache_dir() / "kernels"]
+    shared = _private_temp_folder()
+    if shared is not None:
+        roots.append(shared)
+    return roots
+
+
+def _private_temp_folder() -> Path | None:
+    """``$TMPDIR/codellama-kernels-<uid>``, only if it is ours and closed to others: a
+    library that another user could plant there would run in this process."""
     shared = Path(tempfile.gettempdir()) / f"codellama-kernels-{os.getuid()}"
     try:
         shared.mkdir(mode=0o700, exist_ok=True)
         st = shared.stat()
-        if st.st_uid == os.getuid() and not st.st_mode & 0o022:
-            return shared
     except OSError:
-        pass
-    return Path(tempfile.mkdtemp(prefix="codellama-kernels-"))
+        return None
+    return shared if st.st_uid == os.getuid() and not st.st_mode & 0o022 else None
+
+
+def _writable_folder(roots: list[Path], name: str) -> Path:
+    """``root / name`` in the first root that can be written; else a fresh temp folder,
+    removed when the process exits (a loaded library needs no file)."""
+    for root in roots:
+        try:
+            (root / name).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(root / name, os.W_OK):
+            return root / name
+    folder = Path(tempfile.mkdtemp(prefix="codellama-kernels-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def _cpu_signature() -> str:

@@ -100,6 +100,17 @@ def test_metas_rotary_helpers_rotate_as_the_model_does():
     torch.testing.assert_close(k, apply_rotary(xk, rotation))
 
 
+def test_rms_norm_is_metas_norm_helper_rounded_then_scaled():
+    import torch
+
+    norm = llama.model.RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 16))
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    want = norm._norm(x.float()).type_as(x) * norm.weight  # Meta's RMSNorm.forward
+    torch.testing.assert_close(norm(x), want, rtol=0, atol=0)
+
+
 def test_metas_repeat_kv_repeats_each_head_in_place():
     import torch
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import shutil
+import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,12 +156,66 @@ def test_a_failing_compiler_is_reported_not_raised(tmp_path: Path, monkeypatch):
         native.build(compiler="false", cache_dir=tmp_path)
     monkeypatch.setenv("CC", "false")
     monkeypatch.setenv("CODELLAMA_CACHE", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "no-such-folder"))  # no kernels found there
+    monkeypatch.delenv("RANK", raising=False)
     native.load.cache_clear()
+    tempfile.tempdir = None  # re-read TMPDIR
     try:
-        assert native.load() is None
+        with pytest.warns(RuntimeWarning, match="native CPU kernels could not be built.*false"):
+            assert native.load() is None
         assert "failed" in (native.last_error() or "")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.load() is None  # once a process: no second warning
     finally:
         native.load.cache_clear()
+        tempfile.tempdir = None
+
+
+def test_only_the_first_process_warns_that_the_kernels_are_missing(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("CODELLAMA_CACHE", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "no-such-folder"))
+    monkeypatch.setenv("RANK", "1")
+    native.load.cache_clear()
+    tempfile.tempdir = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.load() is None
+    finally:
+        native.load.cache_clear()
+        tempfile.tempdir = None
+
+
+def _cached_flags(kernel: native.NativeLinear) -> tuple[str, ...]:
+    """The flags ``kernel`` was built with, found by loading it from the cache with no
+    compiler at hand (which must work)."""
+    for flags in (native.FLAGS, native.PORTABLE_FLAGS):
+        try:
+            if native.build(compiler="/no/such/compiler", flags=flags).path == kernel.path:
+                return flags
+        except (OSError, RuntimeError):
+            continue
+    raise AssertionError(f"{kernel.path} was not found in the cache without a compiler")
+
+
+def test_a_cached_kernel_is_used_without_a_compiler(kernel):
+    # the kernel fixture built (or found) the library in the cache this test run uses
+    assert _cached_flags(kernel) in (native.FLAGS, native.PORTABLE_FLAGS)
+
+
+def test_a_broken_cached_library_is_compiled_again_with_a_compiler_given_with_arguments(
+    kernel, tmp_path: Path
+):
+    flags = _cached_flags(kernel)
+    broken = tmp_path / kernel.path.parent.name / kernel.path.name
+    broken.parent.mkdir()
+    broken.write_bytes(b"")  # e.g. a copy cut short
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc is not None
+    rebuilt = native.build(compiler=f"{cc} -pipe", flags=flags, cache_dir=tmp_path)
+    assert rebuilt.path == broken and broken.stat().st_size > 0
 
 
 @pytest.mark.parametrize(
