@@ -1,8 +1,8 @@
 """A tiny random-weight Code Llama, written in Meta's exact layout, to try the library.
 
-``python -m codellama.demo`` writes it on first use (in codellama's cache, :func:`paths.cache_dir`)
-and runs completion, infilling and chat end to end. Its text is meaningless: the weights
-are random. The same writers build the test suite's checkpoints.
+``python -m codellama.demo`` writes it on first use (in codellama's cache folder, see
+:func:`paths.cache_dir`) and runs completion, infilling and chat end to end. Its text is
+meaningless: the weights are random. The same writers build the test suite's checkpoints.
 """
 
 from __future__ import annotations
