@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -121,7 +122,7 @@ def shard_paths(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
     if not shards:
         return paths
     others = [p.name for p in paths if not SHARD_RE.match(p.name)]
-    if others:
+    if others and distributed.is_first_process():
         warnings.warn(
             f"ignoring {others} in {str(d)!r}: only consolidated.NN.pth files are checkpoint "
             "shards; move the other .pth files elsewhere to silence this warning",

@@ -350,7 +350,7 @@ def to_hf(
             t = permute_rotary(t, args.kv_heads)
         return t.to(out_dtype).contiguous()
 
-    item = torch.tensor([], dtype=out_dtype).element_size()
+    item = out_dtype.itemsize
     names = list(expected)  # Meta's order: embeddings, layers, norm, output
     groups = _plan_files([(k, math.prod(expected[k]) * item) for k in names], limit)
     total = sum(math.prod(expected[k]) * item for k in names)

@@ -115,10 +115,11 @@ def random_state_dict(
     g = torch.Generator(device=device).manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype).cpu()
+        x = torch.randn(*shape, generator=g, dtype=torch.float32, device=device)
+        return (x * std).to(dtype).cpu()
 
     def norm() -> torch.Tensor:
-        x = 1.0 + 0.1 * torch.randn(args.dim, generator=g, device=device)
+        x = 1.0 + 0.1 * torch.randn(args.dim, generator=g, dtype=torch.float32, device=device)
         return x.to(dtype).cpu()
 
     kv = args.kv_heads * args.head_dim

@@ -12,6 +12,7 @@ import hashlib
 import math
 import os
 import pickle
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -156,7 +157,8 @@ def setup_model_parallel(model_parallel_size: int | None, device: torch.device) 
             backend = "nccl" if device.type == "cuda" else "gloo"
             select_cuda_device(device)  # before nccl's first use of a device
             dist.init_process_group(backend, timeout=collective_timeout())
-        else:
+        else:  # one process, no launcher: a private group for fairscale's layers
+            hook = sys.excepthook
             dist.init_process_group(
                 "gloo",
                 store=dist.HashStore(),
@@ -164,6 +166,7 @@ def setup_model_parallel(model_parallel_size: int | None, device: torch.device) 
                 world_size=1,
                 timeout=collective_timeout(),
             )
+            sys.excepthook = hook  # torch's prefixes every later traceback with "[rank0]:"
         _owns_group = True
         atexit.register(shutdown)
     world = dist.get_world_size()
@@ -183,6 +186,12 @@ def setup_model_parallel(model_parallel_size: int | None, device: torch.device) 
         fs_init.destroy_model_parallel()
     fs_init.initialize_model_parallel(mp)  # world // mp copies (data parallel), as Meta's
     return fs_init.get_model_parallel_rank(), mp
+
+
+def is_first_process() -> bool:
+    """Whether this is the first process of a launch (torchrun's RANK 0, or no launcher):
+    the one that prints warnings meant once per run, before any group exists."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def select_cuda_device(device: torch.device) -> None:

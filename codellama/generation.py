@@ -571,7 +571,7 @@ class Llama:
         """
         model, device = self.model, self.model.device
         vocab = model.params.vocab_size
-        last = torch.empty((len(lens), vocab), device=device)
+        last = torch.empty((len(lens), vocab), dtype=torch.float32, device=device)
         for a, b in _prefill_groups(lens, PREFILL_GROUP_OVERHEAD):
             chunk = self.prefill_chunk_size
             if echo_lp:  # all-position logits: bound the (rows, chunk, V) tensor to ~256 MiB
@@ -775,7 +775,7 @@ class Llama:
             return tok, stacked.tolist
         # Copy into pinned memory without blocking; the host waits for this copy alone, not
         # for the decoding step queued after it.
-        buf = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+        buf = torch.empty(stacked.shape, dtype=stacked.dtype, device="cpu", pin_memory=True)
         buf.copy_(stacked, non_blocking=True)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(stacked.device))
@@ -1171,9 +1171,9 @@ def _check_flag(name: str, value: object) -> None:
 
 def _padded(rows: Sequence[_Row], width: int) -> torch.Tensor:
     """The rows' prompts as one (B, width) tensor, each padded with 0 after its end."""
-    prompt = torch.zeros((len(rows), width), dtype=torch.long)
+    prompt = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     for i, r in enumerate(rows):
-        prompt[i, : len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long)
+        prompt[i, : len(r.prompt)] = torch.tensor(r.prompt, dtype=torch.long, device="cpu")
     return prompt
 
 

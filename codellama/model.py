@@ -332,9 +332,9 @@ def zeros(
     if torch.device(device or "cpu").type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if nbytes == 0:
-        return torch.zeros(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype, device="cpu")
     # frombuffer keeps the map alive as long as the tensor; unmapped when both are gone
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=numel).view(shape)
 
@@ -1498,15 +1498,15 @@ def weight_bytes(
         args.dim // mp
     )
     other = args.n_layers * 2 * args.dim + args.vocab_size * args.dim // mp + args.dim
-    size = torch.tensor([], dtype=dtype).element_size()
-    linear_size = torch.tensor([], dtype=linear_dtype or dtype).element_size()
+    size = dtype.itemsize
+    linear_size = (linear_dtype or dtype).itemsize
     return linear * linear_size + other * size
 
 
 def kv_cache_bytes(args: ModelArgs, dtype: torch.dtype, model_parallel_size: int = 1) -> int:
     """Bytes of the KV cache per process for ``args``' batch and sequence sizes."""
     per_token = 2 * args.n_layers * (args.kv_heads // model_parallel_size) * args.head_dim
-    elem = torch.tensor([], dtype=dtype).element_size()
+    elem = dtype.itemsize
     return per_token * args.max_batch_size * args.max_seq_len * elem
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from . import paths
+from . import distributed, paths
 from .errors import PromptTooLongError
 
 SOURCE = Path(__file__).with_name("native_linear.c")
@@ -231,8 +231,8 @@ class NativeLinear:
             raise ValueError(f"the native kernels cannot pack {dtype} weights")
         blocks, padded_k = -(-n // BLOCK), _padded_k(k, dtype)
         if dtype == torch.float32:
-            return torch.empty((blocks, padded_k, BLOCK), dtype=dtype)
-        return torch.empty((blocks, padded_k // 2, BLOCK, 2), dtype=dtype)
+            return torch.empty((blocks, padded_k, BLOCK), dtype=dtype, device="cpu")
+        return torch.empty((blocks, padded_k // 2, BLOCK, 2), dtype=dtype, device="cpu")
 
     def pack_piece(
         self,
@@ -355,7 +355,7 @@ class NativeLinear:
 
         def unpack() -> torch.Tensor:
             """The plain (n, k) weight, in the dtype of the plan's inputs."""
-            out = torch.empty((n, k), dtype=stored)
+            out = torch.empty((n, k), dtype=stored, device="cpu")
             bf16 = int(stored == torch.bfloat16)
             self._unpack(packed.data_ptr(), bf16, out.data_ptr(), n, k, torch.get_num_threads())
             return out.to(dtype)
@@ -445,7 +445,8 @@ class NativeLinear:
                 candidates.append(padded_k)
         if nbytes == n * k * size:
             candidates.append(0)
-        x = torch.randn(3, k, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(3, k, generator=gen, dtype=torch.float32, device="cpu").to(weight.dtype)
         want = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "").double()
         for padded_k in candidates:
             if _close(self._plan(weight, ptr, padded_k)(x).double(), want, weight.dtype):
@@ -568,7 +569,7 @@ class DecoderPlan:
             if positions.numel() != rows:
                 raise ValueError(f"expected {rows} positions, got {positions.numel()}")
             pos_ptr = positions.data_ptr()
-        logits = torch.empty((rows, self.vocab_size), dtype=torch.float32)
+        logits = torch.empty((rows, self.vocab_size), dtype=torch.float32, device="cpu")
         status = self.fn(
             self._structs, len(self.layers), ctypes.byref(self._head), tokens.data_ptr(), rows,
             row_offset, pos_ptr, kv_len, self.rope.data_ptr(), logits.data_ptr(),
@@ -629,12 +630,12 @@ def load() -> NativeLinear | None:
         except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
             errors.append(str(exc))
     _last_error = "; ".join(dict.fromkeys(errors))
-    if sys.platform.startswith("linux") and os.environ.get("RANK", "0") == "0":
+    if sys.platform.startswith("linux") and distributed.is_first_process():
         warnings.warn(
             f"codellama: the native CPU kernels could not be built ({_last_error[:300]}). "
             "Generation works, through oneDNN and torch, but decodes about 2x slower, and an "
             "fp32 model keeps fp32 copies of a bf16 checkpoint's weights (2x the memory). "
-            f"Install a C compiler or set CC; {ENV_SWITCH}=0 turns them off without this "
+            f"Without a C compiler, install one or set CC; {ENV_SWITCH}=0 turns them off without this "
             "warning.",
             RuntimeWarning,
             stacklevel=2,
@@ -714,10 +715,11 @@ def _self_test(kernel: NativeLinear) -> None:
     gen = torch.Generator().manual_seed(0)
     for dtype in _NAMES:
         # bf16 values: fp32 models also keep them as bf16 (storage_dtype)
-        w = torch.randn(77, 71, generator=gen).bfloat16().to(dtype)
+        w = torch.randn(77, 71, generator=gen, dtype=torch.float32, device="cpu")
+        w = w.bfloat16().to(dtype)
         want = {}
         for rows in (3, 13):
-            x = torch.randn(rows, 71, generator=gen).to(dtype)
+            x = torch.randn(rows, 71, generator=gen, dtype=torch.float32, device="cpu").to(dtype)
             want[rows] = x, x.double() @ w.double().T
         plans = [kernel.plan(w)]
         if kernel.can_pack(dtype):

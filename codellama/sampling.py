@@ -370,7 +370,7 @@ class MetaDraws:
         for i in active:
             want.setdefault(self.offsets[i] + step, []).append(i)
         lowest = min(want, default=-1)  # the block of the row furthest behind
-        noise = torch.ones((bsz, width), device=self.generator.device)
+        noise = torch.ones((bsz, width), dtype=torch.float32, device=self.generator.device)
 
         def rows_of_block(rows: list[int], whole: bool) -> None:
             places = [self.batch_rows[i] for i in rows]
@@ -415,9 +415,10 @@ def block_noise(
     """
     if not fast:
         end = bsz * vocab if whole else (max(places, default=-1) + 1) * vocab
-        drawn = torch.empty(end, device=generator.device).exponential_(1, generator=generator)
+        drawn = torch.empty(end, dtype=torch.float32, device=generator.device)
+        drawn.exponential_(1, generator=generator)
         return drawn.view(-1, vocab)[list(places), :width]
-    out = torch.empty((len(places), width))
+    out = torch.empty((len(places), width), dtype=torch.float32, device="cpu")
     done = 0  # draws of the block passed so far
     for j in sorted(range(len(places)), key=lambda j: places[j]):
         start = places[j] * vocab
@@ -432,7 +433,7 @@ def block_noise(
 def _pass_cpu(n: int, generator: torch.Generator) -> None:
     """Take ``n`` raw 64-bit numbers from CPU ``generator`` (n Exp(1) draws' worth)."""
     if n > 0:
-        torch.empty(n, dtype=torch.int64).random_(generator=generator)
+        torch.empty(n, dtype=torch.int64, device="cpu").random_(generator=generator)
 
 
 @functools.cache
@@ -443,14 +444,15 @@ def _cpu_draws_are_serial() -> bool:
     rows of draws)."""
     n = 40_000
     whole = torch.Generator().manual_seed(20231)
-    block = torch.empty(3, n).exponential_(1, generator=whole)
+    block = torch.empty(3, n, dtype=torch.float32, device="cpu").exponential_(1, generator=whole)
     parts = torch.Generator().manual_seed(20231)
     pieces = []
     _pass_cpu(n, parts)
     for size, skip in ((1, 0), (7, 1), (64, 0), (1024, 3), (n - 1100, 0)):
         _pass_cpu(skip, parts)
-        pieces.append(torch.full((skip,), math.nan))
-        pieces.append(torch.empty(size).exponential_(1, generator=parts))
+        pieces.append(torch.full((skip,), math.nan, dtype=torch.float32, device="cpu"))
+        draws = torch.empty(size, dtype=torch.float32, device="cpu")
+        pieces.append(draws.exponential_(1, generator=parts))
     _pass_cpu(n, parts)
     middle = torch.cat(pieces)
     drawn = ~middle.isnan()

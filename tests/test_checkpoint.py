@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -381,6 +382,16 @@ def test_stray_pth_file_beside_the_shards_is_ignored_with_a_warning(
     with pytest.warns(UserWarning, match="backup.pth"):
         llama = build(d)
     assert torch.equal(llama.model.forward(tokens, 0), build(src).model.forward(tokens, 0))
+
+
+def test_only_the_first_process_warns_of_a_stray_pth_file(make_checkpoint, tmp_path, monkeypatch):
+    d = tmp_path / "c"
+    shutil.copytree(make_checkpoint(GQA_ARGS), d)
+    (d / "backup.pth").write_bytes(b"anything")
+    monkeypatch.setenv("RANK", "1")  # torchrun's second process: the first says it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert shard_paths(d) == [d / "consolidated.00.pth"]
 
 
 def test_pth_files_with_other_names_alone_are_used_like_meta_does(make_checkpoint, tmp_path):

@@ -42,3 +42,28 @@ def test_long_prompts_that_differ_only_in_length_say_so():
     base = list(range(100, 140))
     got = distributed.describe_difference("prompts", [[base], [base + [3]]])
     assert got == "prompts[0]: the same first 40 items, lengths rank 0 40, rank 1 41"
+
+
+def test_a_single_process_build_leaves_the_excepthook_alone(make_checkpoint, tmp_path):
+    """The private one-process group a build starts must not make every later traceback of
+    the user's program read "[rank0]: ..." (torch's init_process_group installs that)."""
+    import subprocess
+    import sys
+
+    from .conftest import GQA_ARGS, REPO
+
+    script = (
+        "import sys\n"
+        "from codellama import Llama\n"
+        "before = sys.excepthook\n"
+        "Llama.build(sys.argv[1], sys.argv[1] + '/tokenizer.model', 32, 1)\n"
+        "print('SAME HOOK' if sys.excepthook is before else 'HOOK REPLACED')\n"
+        "raise KeyError('boom')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(make_checkpoint(GQA_ARGS))],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert "SAME HOOK" in proc.stdout, proc.stderr[-2000:]
+    assert "KeyError: 'boom'" in proc.stderr and "[rank0]" not in proc.stderr

@@ -67,3 +67,14 @@ def test_the_demo_never_writes_into_a_folder_of_the_users(tmp_path):
     with pytest.raises(FileExistsError, match="is a file"):
         ensure_demo_checkpoint(a_file)
     assert a_file.read_text() == "data"
+
+
+def test_command_line_tools_print_text_an_ascii_terminal_cannot_show_escaped(tmp_path):
+    """Model output holds any character; an ASCII-only stdout must not crash the demo (or
+    reshard, convert, humaneval) with UnicodeEncodeError."""
+    code = "from codellama.cli import run\nrun(lambda: print('> ' + chr(0xFFFD) + ' done'))\n"
+    env = {**ENV, "PYTHONIOENCODING": "ascii", "PYTHONUTF8": "0", "LC_ALL": "C"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "> \\ufffd done" in proc.stdout

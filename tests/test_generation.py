@@ -624,3 +624,48 @@ def test_a_model_made_as_metas_code_makes_it_generates_what_build_gives(make_che
     assert proc.returncode == 0, proc.stderr[-3000:]
     mine, theirs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert mine == theirs and mine[0]["generation"]
+
+
+USER_DEFAULTS_SCRIPT = """
+import json, sys, torch
+from codellama import Llama
+ckpt = sys.argv[1]
+
+def run():
+    g = Llama.build(ckpt, ckpt + "/tokenizer.model", max_seq_len=64, max_batch_size=2)
+    prompts = ["def add(a, b):", "import os"]
+    greedy = g.text_completion(prompts, temperature=0, max_gen_len=8, logprobs=True)
+    sampled = g.text_completion(prompts, temperature=0.9, max_gen_len=8, seed=5, top_k=20)
+    stream = [(e.text, e.logprob) for e in g.text_completion_stream(
+        prompts, temperature=0.7, max_gen_len=6, seed=2, logprobs=True)]
+    return [greedy, sampled, stream]
+
+want = run()
+exec(sys.argv[2])  # the user's setting
+print("SAME" if run() == want else "DIFFERENT")
+"""
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["torch.set_default_dtype(torch.bfloat16)", "torch.set_default_device('meta')"],
+    ids=["default-dtype-bf16", "default-device-meta"],
+)
+def test_torchs_defaults_set_by_the_user_change_no_token_nor_logprob(
+    make_checkpoint, tmp_path, setting
+):
+    """The library passes dtype and device to every tensor it makes: a default the user's
+    code set (a bf16 default dtype rounded the first logits; a meta default device crashed
+    the native kernels) changes nothing."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-c", USER_DEFAULTS_SCRIPT, str(make_checkpoint(GQA_ARGS)), setting],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SAME" in proc.stdout

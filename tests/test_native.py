@@ -156,7 +156,8 @@ def test_a_failing_compiler_is_reported_not_raised(tmp_path: Path, monkeypatch):
         native.build(compiler="false", cache_dir=tmp_path)
     monkeypatch.setenv("CC", "false")
     monkeypatch.setenv("CODELLAMA_CACHE", str(tmp_path))
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "no-such-folder"))  # no kernels found there
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # no kernels built there yet
     monkeypatch.delenv("RANK", raising=False)
     native.load.cache_clear()
     tempfile.tempdir = None  # re-read TMPDIR
@@ -175,7 +176,8 @@ def test_a_failing_compiler_is_reported_not_raised(tmp_path: Path, monkeypatch):
 def test_only_the_first_process_warns_that_the_kernels_are_missing(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("CC", "false")
     monkeypatch.setenv("CODELLAMA_CACHE", str(tmp_path))
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "no-such-folder"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     monkeypatch.setenv("RANK", "1")
     native.load.cache_clear()
     tempfile.tempdir = None
