@@ -50,6 +50,7 @@ from .model import (
     build_empty,
     cache_guard,
     kv_cache_bytes,
+    rope_table_bytes,
     weight_bytes,
 )
 from .prompt_formats import (
@@ -1183,6 +1184,11 @@ def _count(n: int, noun: str) -> str:
 
 def _as_lists(value: Any) -> Any:
     """numpy arrays and torch tensors of token ids, as (nested) lists; anything else as is."""
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        raise PromptError(
+            "prompt token ids are in a tensor on the meta device, which holds no values; "
+            "make it on the CPU (e.g. torch.tensor(ids)) or on the model's device"
+        )
     if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
         return value.tolist()
     return value
@@ -1213,7 +1219,7 @@ def _check_memory(
     if free is None:
         return
     weights = weight_bytes(args, dtype, mp, linear_dtype)
-    cache = kv_cache_bytes(args, dtype, mp)
+    cache = kv_cache_bytes(args, dtype, mp) + rope_table_bytes(args)  # both grow with length
     if weights + cache <= free:
         return
     gib = 2**30
@@ -1304,16 +1310,16 @@ def _prefill_groups(lens: list[int], overhead: int) -> list[tuple[int, int]]:
 
     A group costs ``overhead`` (a pass over the weights) plus its padded tokens
     ``(b - a) * lens[a]``; dynamic programming finds the cheapest split. Equal lengths give
-    one group; very different lengths are prefilled apart instead of padded.
+    one group; very different lengths are prefilled apart instead of padded. A cut inside a
+    run of equal lengths is never cheaper than at the run's start, so only those starts are
+    tried: the work is quadratic in the number of distinct lengths, not of rows.
     """
     n = len(lens)
-    best = [0] + [float("inf")] * n
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j):
-            cost = best[i] + overhead + (j - i) * lens[i]
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
+    points = [i for i in range(n) if i == 0 or lens[i] != lens[i - 1]] + [n]
+    best = {0: 0}
+    cut = {0: 0}
+    for j in points[1:]:
+        best[j], cut[j] = min((best[i] + overhead + (j - i) * lens[i], i) for i in points if i < j)
     groups = []
     j = n
     while j > 0:

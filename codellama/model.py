@@ -213,11 +213,13 @@ def rope_tables(
     max_seq_len: int,
     theta: float,
     device: torch.device | str | None = None,
+    start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, float32, shape (max_seq_len, head_dim // 2)."""
+    """cos and sin of the rotary angles of positions ``start .. start + max_seq_len - 1``,
+    float32, shape (max_seq_len, head_dim // 2)."""
     exponents = torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
-    t = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    t = torch.arange(start, start + max_seq_len, device=device, dtype=torch.float32)
     angles = torch.outer(t, inv_freq)
     return torch.cos(angles), torch.sin(angles)
 
@@ -229,8 +231,26 @@ def rope_table(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """(cos, sin) pairs of the rotary angles, float32, shape (max_seq_len, head_dim // 2, 2):
-    the layout of a complex tensor, so :func:`apply_rotary` views it as one for free."""
-    return torch.stack(rope_tables(head_dim, max_seq_len, theta, device), dim=-1)
+    the layout of a complex tensor, so :func:`apply_rotary` views it as one for free.
+
+    Filled ROPE_CHUNK positions at a time, so that building it takes no memory beyond the
+    table (at millions of positions its temporaries were twice its size); the values are
+    those of the whole computation, element by element."""
+    table = torch.empty((max_seq_len, head_dim // 2, 2), dtype=torch.float32, device=device)
+    for start in range(0, max_seq_len, ROPE_CHUNK):
+        n = min(ROPE_CHUNK, max_seq_len - start)
+        cos, sin = rope_tables(head_dim, n, theta, device, start)
+        table[start : start + n, :, 0] = cos
+        table[start : start + n, :, 1] = sin
+    return table
+
+
+ROPE_CHUNK = 1 << 16  # positions of the rotary table computed at once
+
+
+def rope_table_bytes(args: ModelArgs) -> int:
+    """Bytes of the model's rotary table (every process holds it whole)."""
+    return args.max_seq_len * (args.head_dim // 2) * 2 * 4
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:

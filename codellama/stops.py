@@ -24,6 +24,30 @@ def cut_at_stop(text: str, stops: Sequence[str], start: int = 0) -> str:
     return text if hit is None else text[: hit[0]]
 
 
+def stop_overlap(text: str, stop: str) -> int:
+    """The largest ``k < len(stop)`` such that ``text`` ends with ``stop[:k]`` (0 if none):
+    how much of ``text``'s tail may be the start of ``stop``.
+
+    Only tails that end with ``text``'s last few characters can qualify, so the candidates
+    are where those characters occur in ``stop`` (found by ``str.rfind``), longest first;
+    a step of a stream with long stop strings costs about their length, not its square.
+    """
+    top = min(len(stop) - 1, len(text))
+    m = min(top, 8)
+    if m <= 0:
+        return 0
+    tail = text[-m:]
+    end = top
+    while end > m:
+        p = stop.rfind(tail, 0, end)  # the last occurrence ending at or before ``end``
+        if p <= 0:  # none, or k == m: tried below
+            break
+        if text.endswith(stop[: p + m]):
+            return p + m
+        end = p + m - 1
+    return next((k for k in range(m, 0, -1) if text.endswith(stop[:k])), 0)
+
+
 def check_stop_strings(stop: object) -> tuple[str, ...]:
     """A stop string or a list of them, as a tuple of non-empty strings."""
     if stop is None:

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from .stops import stop_overlap
+
 FinishReason = Literal["stop", "length"]
 """Why a row ended: ``"stop"`` (a stop token or stop string), ``"length"`` (``max_gen_len``
 tokens, or the row reached ``max_seq_len``)."""
@@ -115,10 +117,4 @@ class TextAssembler:
 
     def _stop_prefix(self, text: str) -> int:
         """Length of the longest tail of ``text`` that begins some stop string."""
-        longest = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:k]):
-                    longest = k
-                    break
-        return longest
+        return max((stop_overlap(text, stop) for stop in self.stops), default=0)

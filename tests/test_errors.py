@@ -766,6 +766,14 @@ def test_numpy_and_tensor_prompts_give_the_same_tokens_as_lists(ctx):
         ctx.llama.generate([[torch.tensor(1.0)]], 4)
 
 
+@pytest.mark.parametrize("nesting", ["batch", "prompt", "token"])
+def test_prompt_tensors_on_the_meta_device_are_refused_by_name(ctx, nesting):
+    ids = torch.tensor([[1, 20, 30]], device="meta")
+    prompts = {"batch": ids, "prompt": [ids[0]], "token": [list(ids[0])]}[nesting]
+    with pytest.raises(PromptError, match="meta device, which holds no values"):
+        ctx.llama.generate(prompts, 4)
+
+
 def test_empty_batches_return_empty_lists(ctx):
     llama = ctx.llama
     assert llama.text_completion([]) == []

@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from codellama import Llama, SamplingParams
 from codellama.prompt_formats import UNSAFE_ERROR, infilling_prompt_tokens
@@ -401,6 +403,29 @@ def test_prefill_groups_equal_lengths_together_and_split_far_apart_ones():
     assert groups[0] == (0, 1)  # the longest prompt is not padded with the short ones
     assert groups[-1][1] == 8 and all(a < b for a, b in groups)
     assert [b for _, b in groups[:-1]] == [a for a, _ in groups[1:]]  # contiguous cover
+
+
+def _cheapest_split_cost(lens: list[int], overhead: int) -> int:
+    """The cost of the best split by definition: every cut point tried."""
+    best = [0] + [10**18] * len(lens)
+    for j in range(1, len(lens) + 1):
+        best[j] = min(best[i] + overhead + (j - i) * lens[i] for i in range(j))
+    return best[-1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 40), min_size=1, max_size=24).map(lambda x: sorted(x)[::-1]),
+    overhead=st.integers(0, 50),
+)
+def test_prefill_groups_are_a_cheapest_split(lens, overhead):
+    from codellama.generation import _prefill_groups
+
+    groups = _prefill_groups(lens, overhead)
+    assert groups[0][0] == 0 and groups[-1][1] == len(lens)
+    assert [b for _, b in groups[:-1]] == [a for a, _ in groups[1:]]
+    cost = sum(overhead + (b - a) * lens[a] for a, b in groups)
+    assert cost == _cheapest_split_cost(lens, overhead)
 
 
 def test_echo_logprobs_of_mixed_batch_equal_each_prompt_alone(llama):

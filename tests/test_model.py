@@ -192,3 +192,30 @@ def test_a_biased_parallel_linear_adds_its_bias_as_fairscales_does(make_checkpoi
     x = torch.randn(3, 8)
     torch.testing.assert_close(col(x), x @ col.weight.T + 1.0)
     torch.testing.assert_close(row(x), x @ row.weight.T + 2.0)
+
+
+def test_the_rotary_table_built_in_chunks_equals_the_whole_computation():
+    n = 2 * model_module.ROPE_CHUNK + 3
+    table = model_module.rope_table(8, n, 1e6)
+    whole = torch.stack(model_module.rope_tables(8, n, 1e6), dim=-1)
+    assert torch.equal(table, whole)
+
+
+def test_the_memory_check_counts_the_rotary_table(monkeypatch):
+    from codellama import distributed
+    from codellama.errors import OutOfMemoryError
+    from codellama.generation import _check_memory
+
+    args = ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=1, vocab_size=64,
+                     max_seq_len=100_000, max_batch_size=1)  # fmt: skip
+    need = model_module.weight_bytes(args, torch.bfloat16) + model_module.kv_cache_bytes(
+        args, torch.bfloat16
+    )
+    rope = model_module.rope_table_bytes(args)
+    assert rope == model_module.rope_table(args.head_dim, 10, 1e4).nbytes * args.max_seq_len // 10
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distributed, "available_memory", lambda device: need + rope)
+    _check_memory(args, torch.bfloat16, cpu, 1)
+    monkeypatch.setattr(distributed, "available_memory", lambda device: need + rope - 1)
+    with pytest.raises(OutOfMemoryError):
+        _check_memory(args, torch.bfloat16, cpu, 1)

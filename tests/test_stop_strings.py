@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from codellama import Llama, PromptError, SamplingParams
+from codellama.stops import stop_overlap
 
 from .conftest import GQA_ARGS
 
@@ -199,3 +202,19 @@ def test_echo_cuts_where_generation_stopped_not_at_the_space_decoding_drops(llam
     whole = llama.text_completion([prompt], temperature=0, max_gen_len=N, echo=True)
     assert plain[0]["generation"] == tok.decode(tokens)  # not stopped: " " is not in its text
     assert echoed[0]["generation"] == whole[0]["generation"]
+
+
+def _overlap_by_definition(text: str, stop: str) -> int:
+    return max((k for k in range(len(stop)) if text.endswith(stop[:k])), default=0)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.text(alphabet="ab\n", max_size=30), stop=st.text(alphabet="ab\n", max_size=30))
+def test_stop_overlap_is_the_longest_tail_that_begins_the_stop_string(text, stop):
+    assert stop_overlap(text, stop) == _overlap_by_definition(text, stop)
+
+
+def test_stop_overlap_of_periodic_strings():
+    assert stop_overlap("x" + "ab" * 50, "ab" * 100) == 100  # the whole tail "abab...ab"
+    assert stop_overlap("a" * 20, "a" * 10) == 9  # shorter than the stop string
+    assert stop_overlap("b" + "a" * 5000, "a" * 10_000) == 5000
