@@ -1,7 +1,8 @@
 """Generation speed and memory of ``codellama`` against Hugging Face ``LlamaForCausalLM``.
 
 Random weights of a real Code Llama shape are written once in Meta's layout (bf16 on disk,
-as Meta's checkpoints; cached under ``$CODELLAMA_CACHE/bench`` or ``~/.cache/codellama/bench``).
+as Meta's checkpoints; cached in codellama's cache folder: ``$CODELLAMA_CACHE/bench``, else
+``$XDG_CACHE_HOME/codellama/bench``, else ``~/.cache/codellama/bench``).
 Each library runs in its own subprocess (so peak RSS is per library) on the same weights,
 device and dtype, with greedy decoding and no stop token, one library at a time (the
 default, ``--sequential``). ``--sequential False`` keeps both loaded and alternates them run

@@ -189,8 +189,11 @@ def setup_model_parallel(model_parallel_size: int | None, device: torch.device) 
 
 
 def is_first_process() -> bool:
-    """Whether this is the first process of a launch (torchrun's RANK 0, or no launcher):
-    the one that prints warnings meant once per run, before any group exists."""
+    """Whether this is the first process of a run (rank 0 of the process group, or
+    torchrun's RANK 0 before one exists, or no launcher): the one that prints warnings meant
+    once per run."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -242,7 +245,14 @@ def describe_difference(name: str, values: Sequence[Any], width: int = 60) -> st
             return f"{name}{where}: the same first {n} items, lengths {lens}"
         where += f"[{i}]"
         values = [v[i] for v in values]
-    shown = ", ".join(f"rank {r} {v!r:.{width}}" for r, v in enumerate(values))
+    texts = [repr(v) for v in values]
+    if any(len(t) > width for t in texts):  # show each around where the texts first differ
+        at = next((i for i in range(min(map(len, texts))) if len({t[i] for t in texts}) > 1),
+                  min(map(len, texts)))  # fmt: skip
+        lo = max(at - width // 2, 0)
+        texts = [("..." if lo else "") + t[lo : lo + width] + ("..." if len(t) > lo + width else "")
+                 for t in texts]  # fmt: skip
+    shown = ", ".join(f"rank {r} {t}" for r, t in enumerate(texts))
     return f"{name}{where}: {shown}"
 
 

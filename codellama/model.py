@@ -655,6 +655,11 @@ class FeedForward(nn.Module):
         super().__init__()
         if multiple_of is not None:
             hidden_dim = swiglu_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)
+        elif ffn_dim_multiplier is not None:
+            raise ConfigError(
+                "FeedForward got ffn_dim_multiplier without multiple_of: pass both (Meta's "
+                "sizing rule) or neither (hidden_dim units exactly)"
+            )
         self.w1 = ColumnParallelLinear(
             dim, hidden_dim, bias=False, gather_output=False, init_method=_keep
         )

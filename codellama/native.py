@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, paths
+from . import paths
 from .errors import PromptTooLongError
 
 SOURCE = Path(__file__).with_name("native_linear.c")
@@ -630,7 +630,7 @@ def load() -> NativeLinear | None:
         except (OSError, RuntimeError, subprocess.SubprocessError, ValueError) as exc:
             errors.append(str(exc))
     _last_error = "; ".join(dict.fromkeys(errors))
-    if sys.platform.startswith("linux") and distributed.is_first_process():
+    if sys.platform.startswith("linux") and os.environ.get("LOCAL_RANK", "0") == "0":
         warnings.warn(
             f"codellama: the native CPU kernels could not be built ({_last_error[:300]}). "
             "Generation works, through oneDNN and torch, but decodes about 2x slower, and an "
@@ -658,7 +658,9 @@ def build(
     if not sys.platform.startswith("linux"):
         raise RuntimeError("native kernels are built only on Linux")
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_signature().encode()):
+    given = compiler or os.environ.get("CC") or ""  # a compiler asked for: its own library
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_signature().encode(),
+                 given.encode()):  # fmt: skip
         key.update(part)
         key.update(b"\0")
     name = key.hexdigest()[:16]
@@ -681,15 +683,19 @@ def build(
         )
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[:500]}")
+        # Loaded and checked under its own name: a library of ``path``'s name that this
+        # process already loaded (and refused) would be handed back by dlopen instead.
+        kernel = _load_checked(Path(tmp), path)
         os.replace(tmp, path)  # atomic: ranks compiling at once do not clash
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return _load_checked(path)
+    return kernel
 
 
-def _load_checked(path: Path) -> NativeLinear:
-    kernel = NativeLinear(ctypes.CDLL(str(path)), path)
+def _load_checked(path: Path, name: Path | None = None) -> NativeLinear:
+    """The library at ``path`` (known as ``name``, its place in the cache), self-tested."""
+    kernel = NativeLinear(ctypes.CDLL(str(path)), name or path)
     _self_test(kernel)
     return kernel
 

@@ -388,6 +388,9 @@ def test_only_the_first_process_warns_of_a_stray_pth_file(make_checkpoint, tmp_p
     d = tmp_path / "c"
     shutil.copytree(make_checkpoint(GQA_ARGS), d)
     (d / "backup.pth").write_bytes(b"anything")
+    from codellama import distributed
+
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)  # before the group
     monkeypatch.setenv("RANK", "1")  # torchrun's second process: the first says it
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -67,3 +67,12 @@ def test_a_single_process_build_leaves_the_excepthook_alone(make_checkpoint, tmp
     )  # fmt: skip
     assert "SAME HOOK" in proc.stdout, proc.stderr[-2000:]
     assert "KeyError: 'boom'" in proc.stderr and "[rank0]" not in proc.stderr
+
+
+def test_long_values_that_differ_late_are_shown_where_they_differ():
+    from codellama import SamplingParams
+
+    a = SamplingParams(temperature=0.6, top_p=0.9, repetition_penalty=1.1)
+    b = SamplingParams(temperature=0.6, top_p=0.9, repetition_penalty=1.2)
+    got = distributed.describe_difference("sampling", [a, b])
+    assert "repetition_penalty=1.1" in got and "repetition_penalty=1.2" in got

@@ -203,6 +203,10 @@ def test_feed_forward_sizes_itself_by_metas_rule_from_metas_four_arguments(make_
     hidden = args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)
     assert ff.w1.weight.shape == (hidden, args.dim) == (args.ffn_hidden_dim, args.dim)
     assert llama.model.FeedForward(args.dim, 96).w1.weight.shape == (96, args.dim)
+    import pytest
+
+    with pytest.raises(codellama.ConfigError, match="ffn_dim_multiplier without multiple_of"):
+        llama.model.FeedForward(args.dim, 96, ffn_dim_multiplier=1.3)
 
 
 def test_metas_attribute_names_are_there(make_checkpoint, build):

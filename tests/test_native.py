@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import tempfile
 import warnings
@@ -158,7 +159,7 @@ def test_a_failing_compiler_is_reported_not_raised(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("CODELLAMA_CACHE", str(tmp_path))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # no kernels built there yet
-    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     native.load.cache_clear()
     tempfile.tempdir = None  # re-read TMPDIR
     try:
@@ -173,12 +174,14 @@ def test_a_failing_compiler_is_reported_not_raised(tmp_path: Path, monkeypatch):
         tempfile.tempdir = None
 
 
-def test_only_the_first_process_warns_that_the_kernels_are_missing(tmp_path: Path, monkeypatch):
+def test_only_a_machines_first_process_warns_that_the_kernels_are_missing(
+    tmp_path: Path, monkeypatch
+):
     monkeypatch.setenv("CC", "false")
     monkeypatch.setenv("CODELLAMA_CACHE", str(tmp_path))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a machine's second process: the first says it
     native.load.cache_clear()
     tempfile.tempdir = None
     try:
@@ -190,34 +193,43 @@ def test_only_the_first_process_warns_that_the_kernels_are_missing(tmp_path: Pat
         tempfile.tempdir = None
 
 
-def _cached_flags(kernel: native.NativeLinear) -> tuple[str, ...]:
+def _cached_flags(kernel: native.NativeLinear, monkeypatch) -> tuple[str, ...]:
     """The flags ``kernel`` was built with, found by loading it from the cache with no
-    compiler at hand (which must work)."""
+    compiler on the PATH (which must work)."""
+    monkeypatch.setenv("PATH", "/nonexistent")
     for flags in (native.FLAGS, native.PORTABLE_FLAGS):
         try:
-            if native.build(compiler="/no/such/compiler", flags=flags).path == kernel.path:
+            if native.build(flags=flags).path == kernel.path:
                 return flags
         except (OSError, RuntimeError):
             continue
     raise AssertionError(f"{kernel.path} was not found in the cache without a compiler")
 
 
-def test_a_cached_kernel_is_used_without_a_compiler(kernel):
+def test_a_cached_kernel_is_used_without_a_compiler(kernel, monkeypatch):
     # the kernel fixture built (or found) the library in the cache this test run uses
-    assert _cached_flags(kernel) in (native.FLAGS, native.PORTABLE_FLAGS)
+    assert _cached_flags(kernel, monkeypatch) in (native.FLAGS, native.PORTABLE_FLAGS)
 
 
-def test_a_broken_cached_library_is_compiled_again_with_a_compiler_given_with_arguments(
-    kernel, tmp_path: Path
-):
-    flags = _cached_flags(kernel)
+def test_a_broken_cached_library_is_compiled_again(kernel, tmp_path: Path, monkeypatch):
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    assert cc is not None
+    path = os.environ["PATH"]
+    flags = _cached_flags(kernel, monkeypatch)
+    monkeypatch.setenv("PATH", path)
     broken = tmp_path / kernel.path.parent.name / kernel.path.name
     broken.parent.mkdir()
     broken.write_bytes(b"")  # e.g. a copy cut short
+    rebuilt = native.build(flags=flags, cache_dir=tmp_path)
+    assert rebuilt.path == broken and broken.stat().st_size > 0
+
+
+def test_a_compiler_given_with_arguments_builds_its_own_library(kernel, tmp_path: Path):
     cc = shutil.which("cc") or shutil.which("gcc")
     assert cc is not None
-    rebuilt = native.build(compiler=f"{cc} -pipe", flags=flags, cache_dir=tmp_path)
-    assert rebuilt.path == broken and broken.stat().st_size > 0
+    got = native.build(compiler=f"{cc} -pipe", flags=native.PORTABLE_FLAGS, cache_dir=tmp_path)
+    assert got.path.is_file() and got.path.parent.parent == tmp_path
+    assert got.path.parent.name != kernel.path.parent.name  # keyed by the command asked for
 
 
 @pytest.mark.parametrize(
