@@ -47,7 +47,7 @@ from . import paths
 from .errors import PromptTooLongError
 
 SOURCE = Path(__file__).with_name("native_linear.c")
-LIBRARY = "libcodellama_linear.so"  # its name in the cache, under a key of source, flags, CPU
+LIBRARY = "libcodellama_linear.so"  # in the cache under a key of source, flags, CPU and CC
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 PORTABLE_FLAGS = tuple(f for f in FLAGS if f != "-march=native")
 ENV_SWITCH = "CODELLAMA_NATIVE_KERNELS"
@@ -618,7 +618,8 @@ def last_error() -> str | None:
 @functools.cache
 def load() -> NativeLinear | None:
     """The kernels for this CPU, compiled on first use; None where they cannot be had (with
-    one warning, from the first process, where they were expected: on Linux, not disabled)."""
+    one warning from each machine's first process where they were expected: on Linux, not
+    disabled)."""
     global _last_error
     if not enabled_by_environment():
         _last_error = f"disabled by {ENV_SWITCH}"
@@ -635,8 +636,8 @@ def load() -> NativeLinear | None:
             f"codellama: the native CPU kernels could not be built ({_last_error[:300]}). "
             "Generation works, through oneDNN and torch, but decodes about 2x slower, and an "
             "fp32 model keeps fp32 copies of a bf16 checkpoint's weights (2x the memory). "
-            f"Without a C compiler, install one or set CC; {ENV_SWITCH}=0 turns them off without this "
-            "warning.",
+            f"Without a C compiler, install one or set CC; {ENV_SWITCH}=0 turns them off "
+            "without this warning.",
             RuntimeWarning,
             stacklevel=2,
         )
