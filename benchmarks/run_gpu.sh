@@ -8,7 +8,10 @@
 #           fresh-process rebuild), then, if time is left, ours with a 16K-position cache.
 # Logs and JSON go to OUTDIR.
 #
-#     bash benchmarks/run_gpu.sh OUTDIR [checks|bench|all] [TOTAL_SECONDS]
+#     bash benchmarks/run_gpu.sh OUTDIR [checks|bench|all|measure] [TOTAL_SECONDS]
+#
+# measure: all in one call, most important first: the 7B benchmark (no rebuilds), the
+#          batch-1 profile with and without the Triton attention, the CUDA checks.
 #
 # The lent GPU machines have torch, Triton and transformers but not fairscale or fire: copy
 # them (pure Python) into .gpu/site, which .git/info/exclude ignores, and carry .gpu:
@@ -31,6 +34,23 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max
 python3 -c "import torch, transformers, fairscale, triton; print('torch', torch.__version__,
 'transformers', transformers.__version__, 'fairscale', fairscale.__version__, 'triton',
 triton.__version__)" | tee -a "$out/gpu.txt"
+
+if [ "$part" = measure ]; then  # one call: the 7B figure first, then what time is left allows
+    timeout $(( $(left) < 340 ? $(left) - 10 : 330 )) python3 benchmarks/bench_generate.py \
+        --shape 7b --device cuda --dtype bfloat16 --compile True --runs 3 --build_runs 0 \
+        --out "$out/7b_bf16_compile.json" 2>&1 | tee "$out/7b_bf16_compile.log" |
+        grep -E "^\| (decode|fraction|prefill|mixed)"
+    for attn in 0 1; do  # batch-1 step at 8 layers: SDPA against the opt-in Triton attention
+        [ "$(left)" -gt 150 ] || break
+        (cd benchmarks && CODELLAMA_TRITON_ATTENTION=$attn timeout 80 python3 \
+            profile_decode.py --n_layers 8 --batches 1) 2>&1 |
+            tee "$out/profile_b1_attention$attn.log" | grep -E "^batch .* a step|Warning"
+    done
+    [ "$(left)" -gt 40 ] && timeout $(($(left) - 5)) python3 benchmarks/cuda_check.py 2>&1 |
+        tee "$out/cuda_check.log" | grep -E "PASS|FAIL|all"
+    echo "run_gpu.sh done in ${SECONDS} s"
+    exit 0
+fi
 
 if [ "$part" != bench ]; then
     timeout 220 python3 benchmarks/cuda_check.py 2>&1 | tee "$out/cuda_check.log" |
