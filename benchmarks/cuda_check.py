@@ -9,7 +9,8 @@ Checks, each printed as PASS/FAIL with its figures, going on after a failure:
   3. ``compile=True`` (torch.compile, CUDA graphs) gives the eager tokens and logprobs, with
      one graph per batch size and no CUDA-graph skips, also across the cache-length buckets
      up to the end of the cache; the Triton products equal F.linear's; one row through the
-     fused layers gives eager's bf16 tokens, and the opt-in Triton attention the default's;
+     fused layers gives eager's bf16 tokens, and the Triton attention SDPA's (bf16 tokens:
+     equal, or apart only where the eager logits are nearly tied);
   4. seeded sampling on CUDA repeats itself, and the overlapped decode loop (the next step
      queued before the host reads tokens) gives what the plain loop gives.
 
@@ -59,8 +60,36 @@ def hf_logits(ckpt: Path, tokens: list[int], dtype: torch.dtype, tmp: Path) -> t
         return model(torch.tensor([tokens], device=DEVICE)).logits[0].float().cpu()
 
 
+def near_ties(ref: Llama, ps: list[list[int]], want: list, got: list) -> tuple[bool, str]:
+    """Whether two bf16 runs' greedy tokens differ only at near-ties: where a row first
+    differs, ``ref``'s logits (a fresh forward pass over the shared prefix) rank the two
+    tokens within 0.3 standard deviations of its logits. Two roundings of bf16 pick apart
+    there; a wrong kernel picks tokens far apart."""
+    rows, worst = [], 0.0
+    for prompt, a, b in zip(ps, want, got):
+        if a.tokens == b.tokens:
+            rows.append(True)
+            continue
+        i = next(i for i, (x, y) in enumerate(zip(a.tokens + [-1], b.tokens + [-1])) if x != y)
+        eos = ref.tokenizer.eos_id
+        x_tok = a.tokens[i] if i < len(a.tokens) else eos
+        y_tok = b.tokens[i] if i < len(b.tokens) else eos
+        ref.model.setup_cache()
+        with torch.inference_mode():
+            x = torch.tensor([prompt + a.tokens[:i]], device=DEVICE)
+            logits = ref.model.forward(x)[0, -1].float()
+        gap = abs((logits[x_tok] - logits[y_tok]).item()) / logits.std().item()
+        worst = max(worst, gap)
+        rows.append(gap <= 0.3)
+    detail = f"rows equal or near-ties {rows}, widest gap where they differ {worst:.2f} std"
+    return all(rows), detail
+
+
 def main() -> int:
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
+    # SDPA is the reference: the Triton attention (on by default for one-row batches) is
+    # compared against it in 3d, for every batch size
+    os.environ["CODELLAMA_TRITON_ATTENTION"] = "0"
     print(f"torch {torch.__version__}, {gpu}", flush=True)
     tmp = Path(tempfile.mkdtemp())
     tok = train_tokenizer(tmp / "tokenizer.model")
@@ -170,8 +199,7 @@ def main() -> int:
         compiled16 = build(dtype="bfloat16", compile=True)
         a16 = b16.generate_results(ps, 12, greedy, logprobs=True)
         c16 = compiled16.generate_results(ps, 12, greedy, logprobs=True)
-        same = [x.tokens == y.tokens for x, y in zip(a16, c16)]
-        check("compile=True == eager (bf16, Triton products)", all(same), f"rows {same}")
+        check("compile=True == eager (bf16, Triton products)", *near_ties(b16, ps, a16, c16))
     except Exception as exc:
         check("Triton products", False, repr(exc))
 
@@ -194,7 +222,7 @@ def main() -> int:
         check("compile=True across cache buckets", False, repr(exc))
 
     # 3d. one row decodes through the fused layers (norms, SwiGLU, residuals inside the
-    # products: rounded differently, so compared on tokens); the opt-in Triton attention
+    # products: rounded differently, so compared on tokens); the Triton attention
     # (rotary, cache store, attention in one kernel) against the default, rows at
     # different positions
     try:
@@ -203,11 +231,9 @@ def main() -> int:
         one = ps[1:2]
         a1 = b16.generate_results(one, 12, greedy, logprobs=True)
         c1 = compiled16.generate_results(one, 12, greedy, logprobs=True)
-        lp = max(abs(x - y) for x, y in zip(a1[0].logprobs or [], c1[0].logprobs or []))
-        detail = f"tokens equal: {a1[0].tokens == c1[0].tokens}, logprob diff {lp:.1e}"
-        check("compile=True == eager (bf16, one row, fused layers)", a1[0].tokens == c1[0].tokens, detail)  # fmt: skip
+        check("compile=True == eager (bf16, one row, fused layers)", *near_ties(b16, one, a1, c1))
         torch._dynamo.reset()
-        os.environ["CODELLAMA_TRITON_ATTENTION"] = "1"  # read by Llama.build (enable())
+        os.environ["CODELLAMA_TRITON_ATTENTION"] = "1"  # every batch size (Llama.build reads it)
         launches: list[int] = []
         launch = gpu_kernels.launch_attention
         gpu_kernels.launch_attention = lambda *a, **k: launches.append(1) or launch(*a, **k)
@@ -216,22 +242,14 @@ def main() -> int:
             k16 = with_kernel.generate_results(ps, 12, greedy, logprobs=True)
             k1 = with_kernel.generate_results(one, 12, greedy, logprobs=True)
         finally:
-            os.environ.pop("CODELLAMA_TRITON_ATTENTION")
+            os.environ["CODELLAMA_TRITON_ATTENTION"] = "0"
             gpu_kernels.launch_attention = launch
-            gpu_kernels._attention = False
-        same = [x.tokens == y.tokens for x, y in zip(c16 + c1, k16 + k1)]
-        lp = max(
-            abs(x - y)
-            for a, b in zip(c16 + c1, k16 + k1)
-            for x, y in zip(a.logprobs or [], b.logprobs or [])
-        )
+            gpu_kernels._attention_rows = 0
+        ties, detail = near_ties(b16, ps + one, c16 + c1, k16 + k1)
         failed = gpu_kernels._failed
         ran = bool(launches) or DEVICE == "cpu"  # the CPU (a smoke run) never launches it
-        detail = (
-            f"rows {same}, logprob diff {lp:.1e}, kernel launches {len(launches)}, kernel "
-            f"failure: {failed!r:.200}"
-        )
-        check("Triton attention (opt-in) == SDPA (bf16, compiled)", all(same) and failed is None and ran, detail)  # fmt: skip
+        detail += f", kernel launches {len(launches)}, kernel failure: {failed!r:.200}"
+        check("Triton attention == SDPA (bf16, compiled)", ties and failed is None and ran, detail)
     except Exception as exc:
         check("fused layers / Triton attention", False, repr(exc))
 

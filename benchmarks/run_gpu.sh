@@ -2,8 +2,9 @@
 # The GPU checks of a session, each step under a deadline, in two parts that fit one device
 # call each (a lent machine gives a session ~15 minutes in all):
 #   checks: the CUDA correctness checks, then the per-kernel profile of compiled decoding
-#           (7B dims, 8 layers, batch 1 and 8) with the default attention and with the opt-in
-#           Triton attention (CODELLAMA_TRITON_ATTENTION=1: turn it on by default if faster);
+#           (7B dims, 8 layers, batch 1 and 8) with the default attention (the Triton kernel at
+#           one row, SDPA at more) and with CODELLAMA_TRITON_ATTENTION=1 (the kernel at every
+#           batch size: make that the default if batch 8 is faster with it);
 #   bench:  the full 7B bf16 benchmark with compile=True against Hugging Face (one
 #           fresh-process rebuild), then, if time is left, ours with a 16K-position cache.
 # Logs and JSON go to OUTDIR.
@@ -11,7 +12,8 @@
 #     bash benchmarks/run_gpu.sh OUTDIR [checks|bench|all|measure] [TOTAL_SECONDS]
 #
 # measure: all in one call, most important first: the 7B benchmark (no rebuilds), the
-#          batch-1 profile with and without the Triton attention, the CUDA checks.
+#          batch-1 profile with SDPA (CODELLAMA_TRITON_ATTENTION=0) and with the Triton
+#          attention (=1), the CUDA checks.
 #
 # The lent GPU machines have torch, Triton and transformers but not fairscale or fire: copy
 # them (pure Python) into .gpu/site, which .git/info/exclude ignores, and carry .gpu:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from codellama import gpu_kernels
+from codellama.errors import ConfigError
 
 
 def test_nothing_is_registered_or_used_without_cuda(monkeypatch):
@@ -269,16 +270,41 @@ def test_decode_attention_equals_the_unfused_steps(
     assert got["others_kept"]
 
 
-def test_decode_attention_is_off_unless_asked(monkeypatch):
+@pytest.mark.parametrize(
+    ("setting", "rows"), [(None, 1), ("", 1), ("auto", 1), ("1", gpu_kernels.EVERY_BATCH), ("0", 0)]
+)
+def test_decode_attention_is_on_for_one_row_unless_told(monkeypatch, setting, rows):
+    """Timed faster only at one row (H100), the attention kernel is on there by default;
+    ``CODELLAMA_TRITON_ATTENTION=1`` takes every batch size, ``0`` none."""
     pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.delenv("CODELLAMA_TRITON_ATTENTION", raising=False)
+    for name in ("_enabled", "_fused", "_attention_rows"):  # enable() sets them
+        monkeypatch.setattr(gpu_kernels, name, getattr(gpu_kernels, name))
+    if setting is None:
+        monkeypatch.delenv("CODELLAMA_TRITON_ATTENTION", raising=False)
+    else:
+        monkeypatch.setenv("CODELLAMA_TRITON_ATTENTION", setting)
     assert gpu_kernels.enable() is True
-    assert gpu_kernels._attention is False
-    monkeypatch.setenv("CODELLAMA_TRITON_ATTENTION", "1")
-    assert gpu_kernels.enable() is True
-    assert gpu_kernels._attention is True
-    monkeypatch.setattr(gpu_kernels, "_attention", False)
+    assert gpu_kernels._attention_rows == rows
+
+
+def test_decode_attention_setting_rejects_other_values(monkeypatch):
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("_enabled", "_fused", "_attention_rows"):  # enable() sets them
+        monkeypatch.setattr(gpu_kernels, name, getattr(gpu_kernels, name))
+    monkeypatch.setenv("CODELLAMA_TRITON_ATTENTION", "yes")
+    with pytest.raises(ConfigError, match=r"CODELLAMA_TRITON_ATTENTION must be 0 .*'yes'"):
+        gpu_kernels.enable()
+
+
+@pytest.mark.parametrize(("allowed", "bsz", "used"), [(1, 1, True), (1, 2, False), (0, 1, False)])
+def test_decode_attention_applies_up_to_the_allowed_rows(monkeypatch, allowed, bsz, used):
+    monkeypatch.setattr(gpu_kernels, "_attention_rows", allowed)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    qkv = torch.zeros(bsz, 1, 48, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert gpu_kernels.attends(qkv, torch.zeros(bsz, 1, dtype=torch.long), 16) is used
 
 
 def test_decode_attention_wiring_gives_the_sdpa_path_logits(monkeypatch, make_checkpoint, build):
