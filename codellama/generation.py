@@ -244,6 +244,8 @@ class Llama:
         args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         args.validate(model_parallel_size=mp)
         kernel = native.load() if dev.type == "cpu" and not compile else None
+        if kernel is not None and not native.preferred(kernel):
+            kernel = None  # no AVX-512: oneDNN's GEMM is far faster than this build's
         _check_memory(args, dt, dev, mp, _linear_dtype(kernel, dt, paths))
         with _cyclic_gc_paused():
             model = build_empty(args, dev, dt)

@@ -741,6 +741,16 @@ int codellama_unpack(const void* src, int bf16, void* dst, long N, long K, int t
     return 0;
 }
 
+/* 1 when this build has the AVX-512 code paths; without them (AVX2) the blocked GEMM and
+   few-row products are scalar loops, slower than oneDNN's (see native.preferred). */
+int codellama_avx512(void) {
+#if defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* 1 when bf16 uses the CPU's bf16 dot-product instructions (for reports). */
 int codellama_bf16_dot_product(void) {
 #if defined(__AVX512BF16__)

@@ -121,6 +121,14 @@ def make_checkpoint(
     return make
 
 
+@pytest.fixture(autouse=True)
+def _native_kernels_on_every_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests exercise the native kernels on every CPU: by default Llama.build uses them
+    only where they were built with AVX-512 (native.preferred), so ask for them here."""
+    if native.ENV_SWITCH not in os.environ:
+        monkeypatch.setenv(native.ENV_SWITCH, "1")
+
+
 @pytest.fixture
 def build() -> Callable[..., Llama]:
     """``build(ckpt_dir, max_seq_len=128, max_batch_size=4, **kw)`` on CPU in fp32."""

@@ -259,6 +259,31 @@ def test_built_cpu_model_keeps_packed_weights_and_plans_every_linear(
     assert all(m.native_plan.owned_layout and m.weight.dim() > 2 for m in linears)
 
 
+@pytest.mark.parametrize(
+    ("avx512", "switch", "used"),
+    [(True, None, True), (False, None, False), (False, "1", True), (True, "0", False)],
+)
+def test_models_use_the_kernels_where_built_with_avx512_or_asked(
+    monkeypatch, make_checkpoint, build, avx512, switch, used
+):
+    """Without AVX-512 the C code's GEMM is scalar (prefill ~13x slower than oneDNN's on an
+    AVX2 EPYC): there models keep oneDNN unless CODELLAMA_NATIVE_KERNELS=1."""
+    if switch is None:
+        monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(native.ENV_SWITCH, switch)
+    native.load.cache_clear()  # load() reads the switch once a process
+    try:
+        loaded = native.load()  # what Llama.build gets from the cache
+        if loaded is not None:
+            monkeypatch.setattr(loaded, "avx512", avx512)
+        model = build(make_checkpoint(GQA_ARGS)).model
+    finally:
+        native.load.cache_clear()
+    assert (model.native_kernel is not None) is used
+    assert all(m.weight.is_mkldnn is not used for m in model.linear_layers())
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_without_the_kernel_the_model_keeps_onednn_weights(
     native_off, make_checkpoint, build, dtype
