@@ -607,8 +607,16 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool(torch.isfinite(got).all()) and (got - want).abs().max().item() <= tol * scale
 
 
+def _switch() -> bool | None:
+    """``CODELLAMA_NATIVE_KERNELS``: False when turned off, True when asked for, else None."""
+    value = os.environ.get(ENV_SWITCH, "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    return True if value in ("1", "true", "yes", "on") else None
+
+
 def enabled_by_environment() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return _switch() is not False
 
 
 def preferred(kernel: NativeLinear) -> bool:
@@ -617,8 +625,7 @@ def preferred(kernel: NativeLinear) -> bool:
     still ~1.5x oneDNN's, but prefill is ~13x and batch-8 decoding ~3.5x slower (a 2-core
     AMD EPYC, fp32 ``small``), so there oneDNN and torch run unless
     ``CODELLAMA_NATIVE_KERNELS=1`` asks for the kernels."""
-    forced = os.environ.get(ENV_SWITCH, "").strip().lower() in ("1", "true", "yes", "on")
-    return kernel.avx512 or forced
+    return kernel.avx512 or _switch() is True
 
 
 def last_error() -> str | None:
