@@ -895,8 +895,8 @@ class Transformer(nn.Module):
 
     def use_native_kernel(self, kernel: NativeLinear | None) -> int:
         """Run the linear layers through ``kernel`` where it can read their weights: weights
-        in its packed layout for every number of rows, plain or oneDNN-prepacked ones for the
-        few rows of decoding. Call after loading, and again if weights are replaced. ``None``
+        in its packed layout for every number of rows (plain weights of the model's dtype
+        are packed so), oneDNN-prepacked ones for the few rows of decoding. Call after loading, and again if weights are replaced. ``None``
         turns it off: packed weights are then unpacked (and prepacked for oneDNN where it
         can). Returns the layers it serves."""
         self.native_kernel = kernel
@@ -911,6 +911,11 @@ class Transformer(nn.Module):
                 assert old.unpack is not None
                 module.weight = nn.Parameter(old.unpack(), requires_grad=False)
                 unpacked = True
+            elif kernel is not None and self._packs_plain(weight, kernel):
+                n, k = weight.shape
+                self._store_packed(module, kernel.pack(weight, self.dtype), kernel, n, k)
+                served += 1
+                continue
             plan = kernel.plan(_weight(module), hint) if kernel is not None else None
             module.native_plan = plan
             served += plan is not None
@@ -920,6 +925,17 @@ class Transformer(nn.Module):
                 return self.use_native_kernel(kernel)  # plans for oneDNN's layout
         self._plan_native_decoder()
         return served
+
+    def _packs_plain(self, weight: torch.Tensor, kernel: NativeLinear) -> bool:
+        """Whether ``use_native_kernel`` packs a plain weight (one oneDNN could not pack, or
+        one given after loading) into ``kernel``'s layout, as loading would have."""
+        return (
+            not weight.is_mkldnn
+            and weight.dim() == 2
+            and weight.device.type == "cpu"
+            and weight.dtype == self.dtype
+            and kernel.can_pack(self.dtype)
+        )
 
     def _plan_native_decoder(self) -> None:
         """Plan whole decoding steps natively (:class:`codellama.native.DecoderPlan`) where

@@ -139,11 +139,14 @@ class NativeLinear:
         self.path = path
         self.bf16_dot_product = bool(library.codellama_bf16_dot_product())
         self.avx512 = bool(library.codellama_avx512())  # see preferred()
+        self.avx2 = bool(library.codellama_avx2())
+        # bf16 products: AVX512-BF16 dot products, or AVX2 on bf16 widened to fp32
+        self.bf16_products = self.bf16_dot_product or self.avx2
         self._row_major = {}
         self._blocked = {}
         for dtype, name in _NAMES.items():
             self._row_major[dtype] = self._function(library, f"codellama_linear_{name}")
-            if dtype == torch.float32 or self.bf16_dot_product:
+            if dtype == torch.float32 or self.bf16_products:
                 self._blocked[dtype] = self._function(library, f"codellama_linear_{name}_blocked")
         self._blocked_w16 = self._function(library, "codellama_linear_f32w16_blocked")
         self._layouts: dict[tuple, int | None] = {}
@@ -174,7 +177,7 @@ class NativeLinear:
         self._argmax.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
         self._argmax.restype = None
         self._decoders = {torch.float32: library.codellama_decode_step_f32}
-        if self.bf16_dot_product:
+        if self.bf16_products:
             self._decoders[torch.bfloat16] = library.codellama_decode_step_bf16
         for fn in self._decoders.values():
             # layers, n_layers, head, tokens, M, row0, pos, kv_len, rope, logits, threads
@@ -400,8 +403,9 @@ class NativeLinear:
         self, layers: list[DecoderLayer], head: DecoderHead, rope: torch.Tensor
     ) -> DecoderPlan | None:
         """A plan that runs decoding steps natively, or None where it cannot: a dtype
-        without a native step here (bf16 without the bf16 dot product), or weights, norms
-        or caches that are not plain, contiguous and of one dtype."""
+        without a native step here (bf16 without AVX512-BF16 or AVX2; with AVX2 only, on
+        weights in the blocked layout), or weights, norms or caches that are not plain,
+        contiguous and of one dtype."""
         if not layers:
             return None
         dtype = layers[0].attn_norm.dtype
@@ -429,6 +433,10 @@ class NativeLinear:
                 return None
             kv_heads, head_dim = shape[1], shape[3]
             if layer.n_heads % kv_heads or layer.n_heads // kv_heads > 64 or head_dim % 2:
+                return None
+        if dtype == torch.bfloat16 and not self.bf16_dot_product:  # AVX2: blocked bf16 only
+            plans = [head.output, *(p for layer in layers for p in layer.linears)]
+            if any(not p.padded_k for p in plans):
                 return None
         return DecoderPlan(self._decoders[dtype], layers, head, rope)
 
@@ -620,12 +628,12 @@ def enabled_by_environment() -> bool:
 
 
 def preferred(kernel: NativeLinear) -> bool:
-    """Whether a model should run on ``kernel`` by default: where it was built with AVX-512.
-    Without it (an AVX2 CPU: the C code's vector paths are AVX-512 only) batch-1 decoding is
-    still ~1.5x oneDNN's, but prefill is ~13x and batch-8 decoding ~3.5x slower (a 2-core
-    AMD EPYC, fp32 ``small``), so there oneDNN and torch run unless
+    """Whether a model should run on ``kernel`` by default: where it was built with vector
+    code for the CPU (AVX-512, or AVX2 with FMA). The portable build's products are scalar
+    loops (prefill ~13x and batch-8 decoding ~3.5x slower than oneDNN's on a 2-core AMD
+    EPYC, fp32 ``small``), so there oneDNN and torch run unless
     ``CODELLAMA_NATIVE_KERNELS=1`` asks for the kernels."""
-    return kernel.avx512 or _switch() is True
+    return kernel.avx512 or kernel.avx2 or _switch() is True
 
 
 def last_error() -> str | None:

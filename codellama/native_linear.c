@@ -318,10 +318,194 @@ AI void gemm_tile_f32(const float* wb, const float* x, long ldx, float* y, long 
     tile_store(acc, y, ldy, R, first, nvalid);
 }
 
+/* ------------------------------------------------------------------------------------
+ * AVX2 + FMA (CPUs without AVX-512): the blocked layout's products with 8-wide vectors.
+ * Sixteen vector registers hold a tile of R rows of x by 8 * NV outputs of one 64-row block
+ * in R * NV accumulators (R = 1: all 64; 2: 32; 3-6: 16, as BLAS kernels for AVX2 do),
+ * over k in chunks of KC2 that stay in L2 while each group of rows passes over them.
+ * Every output is one fused multiply-add chain over k in order (a chunk starts from the
+ * previous chunk's sum), so a row's result does not depend on the number of rows, the
+ * chunking or the weight's storage (fp32 or bf16 pairs: bit-identical). */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define CL_AVX2 1
+#include <immintrin.h>
+#define KC2 256
+#define GR2 6
+#define PD2 32 /* rows of a block ahead that a tile's first pass prefetches */
+
+AI __m256 bc_f32(const float* x) { return _mm256_broadcast_ss(x); }
+
+AI __m256 bc_bf16(const uint16_t* x) {
+    return _mm256_castsi256_ps(_mm256_set1_epi32((int)((uint32_t)*x << 16)));
+}
+
+AI __m256i lanes_below(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* The running sums of `left` outputs (all 8 if left >= 8): 0 on a chunk's first pass. */
+AI __m256 sums_load(const float* y, int left, int first) {
+    if (first || left <= 0) return _mm256_setzero_ps();
+    return left >= 8 ? _mm256_loadu_ps(y) : _mm256_maskload_ps(y, lanes_below(left));
+}
+
+AI void sums_store(float* y, int left, __m256 v) {
+    if (left >= 8) _mm256_storeu_ps(y, v);
+    else if (left > 0) _mm256_maskstore_ps(y, lanes_below(left), v);
+}
+
+/* y[r, c0 + i] (fp32, rows ldy apart) continued over k in [k0, k1) for r < R, i < 8 * NV:
+ * fp32 weights (a block's row k at wb + k * BN) or bf16 pairs (k0 even; an odd k1 == K
+ * ends on the low half of its pair); x rows ldx apart, fp32 or bf16. */
+#define AVX2_TILE(NAME, WT, XT, BC, PAIRS)                                                     \
+    AI void NAME(const WT* wb, const XT* x, long ldx, float* y, long ldy, long k0, long k1,     \
+                 const int R, const int NV, int c0, int first, int nvalid) {                   \
+        __m256 acc[GR2][8];                                                                    \
+        for (int r = 0; r < R; r++)                                                            \
+            for (int j = 0; j < NV; j++)                                                       \
+                acc[r][j] = sums_load(y + r * ldy + c0 + 8 * j, nvalid - c0 - 8 * j, first);   \
+        if (!PAIRS) {                                                                          \
+            const float* w = (const float*)wb + c0;                                            \
+            for (long k = k0; k < k1; k++) {                                                   \
+                if (c0 == 0 && NV < 8) /* the first pass fetches the other columns too */     \
+                    for (int l = 0; l < BN; l += 16)                                           \
+                        _mm_prefetch((const char*)(w + (k + PD2) * BN + l), _MM_HINT_T0);      \
+                __m256 wv[8];                                                                  \
+                for (int j = 0; j < NV; j++) wv[j] = _mm256_loadu_ps(w + k * BN + 8 * j);      \
+                for (int r = 0; r < R; r++) {                                                  \
+                    __m256 xb = BC(x + r * ldx + k);                                           \
+                    for (int j = 0; j < NV; j++) acc[r][j] = _mm256_fmadd_ps(wv[j], xb, acc[r][j]); \
+                }                                                                              \
+            }                                                                                  \
+        } else {                                                                               \
+            const uint32_t* w = (const uint32_t*)(const void*)wb + c0;                         \
+            const __m256i high = _mm256_set1_epi32((int)0xffff0000u);                          \
+            for (long k = k0; k < k1; k += 2) {                                                \
+                if (c0 == 0 && NV < 8)                                                         \
+                    for (int l = 0; l < BN; l += 16)                                           \
+                        _mm_prefetch((const char*)(w + (k / 2 + PD2) * BN + l), _MM_HINT_T0);  \
+                __m256i raw[8];                                                                \
+                __m256 wv[8];                                                                  \
+                for (int j = 0; j < NV; j++) {                                                 \
+                    raw[j] = _mm256_loadu_si256((const __m256i*)(w + (k / 2) * BN + 8 * j));   \
+                    wv[j] = _mm256_castsi256_ps(_mm256_slli_epi32(raw[j], 16));                \
+                }                                                                              \
+                for (int r = 0; r < R; r++) {                                                  \
+                    __m256 xb = BC(x + r * ldx + k);                                           \
+                    for (int j = 0; j < NV; j++) acc[r][j] = _mm256_fmadd_ps(wv[j], xb, acc[r][j]); \
+                }                                                                              \
+                if (k + 1 < k1) {                                                              \
+                    for (int j = 0; j < NV; j++)                                               \
+                        wv[j] = _mm256_castsi256_ps(_mm256_and_si256(raw[j], high));           \
+                    for (int r = 0; r < R; r++) {                                              \
+                        __m256 xb = BC(x + r * ldx + k + 1);                                   \
+                        for (int j = 0; j < NV; j++)                                           \
+                            acc[r][j] = _mm256_fmadd_ps(wv[j], xb, acc[r][j]);                 \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        for (int r = 0; r < R; r++)                                                            \
+            for (int j = 0; j < NV; j++)                                                       \
+                sums_store(y + r * ldy + c0 + 8 * j, nvalid - c0 - 8 * j, acc[r][j]);          \
+    }
+
+/* R (<= GR2) rows of x across a whole block, over k in [k0, k1): tiles as wide as the
+ * registers allow, none over the padding of a last block. A 16-column tile reads one cache
+ * line of each 256-byte row of the block: after the first row group the chunk is in L2, but
+ * decoding's few rows would fetch it from memory in that pattern (2-3x slower than 32
+ * columns), so up to 8 rows go in groups of 2-3 on 32 columns. */
+#define AVX2_ROWS(NAME, TILE, WT, XT)                                                          \
+    static void NAME(const WT* wb, const XT* x, long ldx, float* y, long ldy, long k0, long k1,  \
+                     int R, int first, int nvalid) {                                           \
+        if (R == 1) {                                                                          \
+            TILE(wb, x, ldx, y, ldy, k0, k1, 1, 8, 0, first, nvalid);                          \
+        } else if (R <= 3) {                                                                   \
+            for (int c0 = 0; c0 < nvalid; c0 += 32) {                                          \
+                if (R == 2) TILE(wb, x, ldx, y, ldy, k0, k1, 2, 4, c0, first, nvalid);         \
+                else TILE(wb, x, ldx, y, ldy, k0, k1, 3, 4, c0, first, nvalid);                \
+            }                                                                                  \
+        } else {                                                                               \
+            for (int c0 = 0; c0 < nvalid; c0 += 16) {                                          \
+                if (R == 4) TILE(wb, x, ldx, y, ldy, k0, k1, 4, 2, c0, first, nvalid);         \
+                else if (R == 5) TILE(wb, x, ldx, y, ldy, k0, k1, 5, 2, c0, first, nvalid);    \
+                else TILE(wb, x, ldx, y, ldy, k0, k1, GR2, 2, c0, first, nvalid);              \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    /* M rows of x (ldx apart) times one block into y (fp32, ldy apart). */                  \
+    static void NAME##_block(const WT* wb, const XT* x, long ldx, long M, long K, float* y,     \
+                             long ldy, int nvalid) {                                           \
+        for (long k0 = 0; k0 < K; k0 += KC2) {                                                 \
+            long k1 = K - k0 < KC2 ? K : k0 + KC2;                                             \
+            for (long m0 = 0; m0 < M; ) {                                                      \
+                long left = M - m0;                                                            \
+                int R = M > 8 ? (left < GR2 ? (int)left : GR2) : (left == 4 || left == 2) ? 2 : left == 1 ? 1 : 3; \
+                NAME(wb, x + m0 * ldx, ldx, y + m0 * ldy, ldy, k0, k1, R, k0 == 0, nvalid);    \
+                m0 += R;                                                                       \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+AVX2_TILE(tile2_f32, float, float, bc_f32, 0)
+AVX2_TILE(tile2_w16, uint16_t, float, bc_f32, 1)
+AVX2_TILE(tile2_w16x16, uint16_t, uint16_t, bc_bf16, 1)
+AVX2_ROWS(rows2_f32, tile2_f32, float, float)
+AVX2_ROWS(rows2_w16, tile2_w16, uint16_t, float)
+AVX2_ROWS(rows2_bf16, tile2_w16x16, uint16_t, uint16_t)
+
+/* Every block of W (fp32 x and y), the threads taking whole blocks. */
+#define AVX2_LINEAR(ROWS_BLOCK, WT)                                                            \
+    long nblk = (N + BN - 1) / BN;                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
+    for (long b = 0; b < nblk; b++) {                                                          \
+        int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;                                 \
+        ROWS_BLOCK((const WT*)W + b * BN * Kp, x, K, M, K, y + b * BN, N, nvalid);             \
+    }
+
+/* bf16 x, W (pairs) and y: fp32 sums, rounded once (to nearest even) as torch does. A few
+ * rows read x as bf16; more are widened to fp32 first (a broadcast from bf16 costs four
+ * instructions where the tile's multiply-adds are two per row). Returns -1 out of memory. */
+static int avx2_linear_bf16(const uint16_t* x, const uint16_t* W, uint16_t* y, long M, long N,
+                            long K, long Kp, int threads) {
+    float* xf = NULL;
+    if (M > 8) {
+        xf = (float*)malloc(sizeof(float) * (size_t)(M * K));
+        if (!xf) return -1;
+        for (long i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
+    }
+    long nblk = (N + BN - 1) / BN;
+    int failed = 0;
+    _Pragma("omp parallel num_threads(threads)") {
+        float* part = (float*)malloc(sizeof(float) * (size_t)(M * BN));
+        if (!part) {
+            _Pragma("omp atomic write") failed = 1;
+        }
+        _Pragma("omp for schedule(static)")
+        for (long b = 0; b < nblk; b++) {
+            if (!part) continue;
+            int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;
+            const uint16_t* wb = W + b * BN * Kp;
+            if (xf) rows2_w16_block(wb, xf, K, M, K, part, BN, nvalid);
+            else rows2_bf16_block(wb, x, K, M, K, part, BN, nvalid);
+            for (long m = 0; m < M; m++)
+                for (int j = 0; j < nvalid; j++) y[m * N + b * BN + j] = f32_to_bf16(part[m * BN + j]);
+        }
+        free(part);
+    }
+    free(xf);
+    return failed ? -1 : 0;
+}
+#endif
+
 /* One block of 64 outputs for M (<= MB) rows of x; y points at the block's first output. */
 AI void blocked_f32(const float* wb, const float* x, float* y, long K, long N, int nvalid,
                     const int M) {
+#if defined(CL_AVX2)
+    rows2_f32_block(wb, x, K, M, K, y, N, nvalid);
+#else
     gemm_tile_f32(wb, x, K, y, N, 0, K, M, 1, nvalid);
+#endif
 }
 
 #define BLOCKED_BODY(FN, T, WT)                                                               \
@@ -361,6 +545,12 @@ AI void blocked_f32(const float* wb, const float* x, float* y, long K, long N, i
 
 int codellama_linear_f32_blocked(const float* x, const float* W, float* y, long M, long N,
                                  long K, long Kp, int threads) {
+#if defined(CL_AVX2)
+    {
+        AVX2_LINEAR(rows2_f32_block, float)
+    }
+    return 0;
+#endif
     if (M <= 2 * MB) {
         BLOCKED_BODY(blocked_f32, float, float)
         return 0;
@@ -413,12 +603,22 @@ AI void gemm_tile_f32w16(const uint16_t* wb, const float* x, long ldx, float* y,
 
 AI void blocked_f32w16(const uint16_t* wb, const float* x, float* y, long K, long N, int nvalid,
                        const int M) {
+#if defined(CL_AVX2)
+    rows2_w16_block(wb, x, K, M, K, y, N, nvalid);
+#else
     gemm_tile_f32w16(wb, x, K, y, N, 0, K, M, 1, nvalid);
+#endif
 }
 
 /* x, y fp32; W w16 (Kp = K rounded up to even). */
 int codellama_linear_f32w16_blocked(const float* x, const uint16_t* W, float* y, long M, long N,
                                     long K, long Kp, int threads) {
+#if defined(CL_AVX2)
+    {
+        AVX2_LINEAR(rows2_w16_block, uint16_t)
+    }
+    return 0;
+#endif
     if (M <= 2 * MB) {
         BLOCKED_BODY(blocked_f32w16, float, uint16_t)
         return 0;
@@ -459,12 +659,15 @@ AI void blocked_bf16(const uint16_t* wb, const uint16_t* x, uint16_t* y, long K,
 }
 #endif
 
-/* Returns 0, or -2 where this CPU build has no bf16 dot product (the caller uses oneDNN). */
+/* Returns 0, -1 out of memory, or -2 where this CPU build has neither the bf16 dot product
+ * nor AVX2 (the caller uses oneDNN). */
 int codellama_linear_bf16_blocked(const uint16_t* x, const uint16_t* W, uint16_t* y, long M,
                                   long N, long K, long Kp, int threads) {
 #if defined(__AVX512BF16__)
     BLOCKED_BODY(blocked_bf16, uint16_t, uint16_t)
     return 0;
+#elif defined(CL_AVX2)
+    return avx2_linear_bf16(x, W, y, M, N, K, Kp, threads);
 #else
     (void)x, (void)W, (void)y, (void)M, (void)N, (void)K, (void)Kp, (void)threads;
     return -2;
@@ -751,6 +954,15 @@ int codellama_avx512(void) {
 #endif
 }
 
+/* 1 when this build has the AVX2 code paths (a CPU with AVX2 and FMA but no AVX-512). */
+int codellama_avx2(void) {
+#if defined(CL_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* 1 when bf16 uses the CPU's bf16 dot-product instructions (for reports). */
 int codellama_bf16_dot_product(void) {
 #if defined(__AVX512BF16__)
@@ -970,6 +1182,16 @@ static void unit_f32_any(const cl_linear* L, const float* x, long M, long u, flo
 }
 #if defined(__AVX512BF16__)
 UNIT_FN(unit_bf16, uint16_t, uint16_t, blocked_bf16, row_bf16_dp, block_bf16_dp, f32_to_bf16)
+#elif defined(CL_AVX2)
+/* The AVX2 tile on bf16 x and pairs (blocked weights only: see NativeLinear.decoder). */
+static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uint16_t* out) {
+    float part[8 * BN];
+    long n0 = u * BN;
+    int nvalid = L->n - n0 < BN ? (int)(L->n - n0) : BN;
+    rows2_bf16_block((const uint16_t*)L->w + n0 * L->kp, x, L->k, M, L->k, part, BN, nvalid);
+    for (long m = 0; m < M; m++)
+        for (int j = 0; j < nvalid; j++) out[m * BN + j] = f32_to_bf16(part[m * BN + j]);
+}
 #endif
 
 /* Scores of whole blocks of 16 keys (head_dim a multiple of 16), reduced together;
@@ -1246,7 +1468,7 @@ UNIT_FN(unit_bf16, uint16_t, uint16_t, blocked_bf16, row_bf16_dp, block_bf16_dp,
 #define MAX_M 8
 
 DECODE_FNS(f32, float, f32_id, f32_id, load_f32, unit_f32_any)
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(CL_AVX2)
 DECODE_FNS(bf16, uint16_t, bf16_to_f32, f32_to_bf16, load_bf16, unit_bf16)
 #else
 int codellama_decode_step_bf16(const cl_layer* layers, int n_layers, const cl_head* head,

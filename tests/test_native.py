@@ -129,7 +129,7 @@ def test_portable_code_matches_reference(tmp_path: Path, kernel):
     """CPUs without AVX512-BF16 get the portable code: build it here and check it too."""
     flags = tuple(f for f in native.FLAGS if f != "-march=native")
     portable = native.build(flags=flags, cache_dir=tmp_path)
-    assert not portable.bf16_dot_product
+    assert not portable.bf16_dot_product and not portable.avx2 and not portable.avx512
     for layout in LAYOUTS:
         for m in (1, 3, 8):
             _check(portable, torch.float32, layout, m, 100, 70)
@@ -252,7 +252,7 @@ def test_built_cpu_model_keeps_packed_weights_and_plans_every_linear(
     linears = list(model.linear_layers())
     assert len(linears) == 7 * GQA_ARGS.n_layers + 1
     assert all(m.native_plan is not None for m in linears)
-    if dtype == "bfloat16" and not kernel.bf16_dot_product:
+    if dtype == "bfloat16" and not kernel.bf16_products:
         # read by oneDNN's GEMM for prefill where it packs bf16; plain weights where not (AVX2)
         assert all(m.weight.is_mkldnn == onednn_packs(torch.bfloat16) for m in linears)
         return
@@ -260,14 +260,15 @@ def test_built_cpu_model_keeps_packed_weights_and_plans_every_linear(
 
 
 @pytest.mark.parametrize(
-    ("avx512", "switch", "used"),
+    ("vector", "switch", "used"),
     [(True, None, True), (False, None, False), (False, "1", True), (True, "0", False)],
 )
-def test_models_use_the_kernels_where_built_with_avx512_or_asked(
-    monkeypatch, make_checkpoint, build, avx512, switch, used
+def test_models_use_the_kernels_where_built_with_vector_code_or_asked(
+    monkeypatch, make_checkpoint, build, vector, switch, used
 ):
-    """Without AVX-512 the C code's GEMM is scalar (prefill ~13x slower than oneDNN's on an
-    AVX2 EPYC): there models keep oneDNN unless CODELLAMA_NATIVE_KERNELS=1."""
+    """The portable build's products are scalar loops (prefill ~13x slower than oneDNN's):
+    models use the kernels where built with AVX-512 or AVX2, else only when
+    CODELLAMA_NATIVE_KERNELS=1 asks."""
     if switch is None:
         monkeypatch.delenv(native.ENV_SWITCH, raising=False)
     else:
@@ -276,7 +277,8 @@ def test_models_use_the_kernels_where_built_with_avx512_or_asked(
     try:
         loaded = native.load()  # what Llama.build gets from the cache
         if loaded is not None:
-            monkeypatch.setattr(loaded, "avx512", avx512)
+            monkeypatch.setattr(loaded, "avx512", vector)
+            monkeypatch.setattr(loaded, "avx2", vector)
         model = build(make_checkpoint(GQA_ARGS)).model
     finally:
         native.load.cache_clear()
