@@ -454,47 +454,92 @@ AVX2_ROWS(rows2_f32, tile2_f32, float, float)
 AVX2_ROWS(rows2_w16, tile2_w16, uint16_t, float)
 AVX2_ROWS(rows2_bf16, tile2_w16x16, uint16_t, uint16_t)
 
-/* Every block of W (fp32 x and y), the threads taking whole blocks. */
-#define AVX2_LINEAR(ROWS_BLOCK, WT)                                                            \
-    long nblk = (N + BN - 1) / BN;                                                             \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                         \
-    for (long b = 0; b < nblk; b++) {                                                          \
-        int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;                                 \
-        ROWS_BLOCK((const WT*)W + b * BN * Kp, x, K, M, K, y + b * BN, N, nvalid);             \
+/* A chunk of a pair block widened to fp32: its rows k0..k1-1, 64 values each. */
+AI void widen_chunk(const uint16_t* wb, long k0, long k1, float* out) {
+    const uint32_t* w = (const uint32_t*)(const void*)wb;
+    for (long k = k0; k < k1; k += 2) {
+        const uint32_t* row = w + (k / 2) * BN;
+        uint32_t* lo = (uint32_t*)(void*)(out + (k - k0) * BN);
+        for (int j = 0; j < BN; j++) lo[j] = row[j] << 16;
+        if (k + 1 < k1)
+            for (int j = 0; j < BN; j++) lo[BN + j] = row[j] & 0xffff0000u;
     }
+}
+
+/* Many rows (prefill) on a pair block: each chunk is widened once into `wbuf` (KC2 * BN
+ * floats), then the fp32 tiles run on it, as rows2_f32_block's on fp32 weights (the same
+ * sums): unpacking pairs in the tile would cost more than its multiply-adds. */
+static void gemm_w16_block(const uint16_t* wb, const float* x, long ldx, long M, long K, float* y,
+                           long ldy, int nvalid, float* wbuf) {
+    for (long k0 = 0; k0 < K; k0 += KC2) {
+        long k1 = K - k0 < KC2 ? K : k0 + KC2;
+        widen_chunk(wb, k0, k1, wbuf);
+        for (long m0 = 0; m0 < M; m0 += GR2) {
+            int R = M - m0 < GR2 ? (int)(M - m0) : GR2;
+            rows2_f32(wbuf, x + m0 * ldx + k0, ldx, y + m0 * ldy, ldy, 0, k1 - k0, R, k0 == 0,
+                      nvalid);
+        }
+    }
+}
+
+/* Every block of W (fp32 x and y), the threads taking whole blocks. */
+static void avx2_linear_f32(const float* x, const float* W, float* y, long M, long N, long K,
+                            long Kp, int threads) {
+    long nblk = (N + BN - 1) / BN;
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")
+    for (long b = 0; b < nblk; b++) {
+        int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;
+        rows2_f32_block(W + b * BN * Kp, x, K, M, K, y + b * BN, N, nvalid);
+    }
+}
+
+/* fp32 x and y on pair blocks (w16; and bf16 models' products, with x widened and y an
+ * fp32 buffer of BN-wide rows per block when out16 is set, rounded to bf16 into out16).
+ * x16: bf16 x for few rows (read as bf16). Returns -1 out of memory. */
+static int avx2_linear_pairs(const float* x, const uint16_t* x16, const uint16_t* W, float* y,
+                             uint16_t* out16, long M, long N, long K, long Kp, int threads) {
+    long nblk = (N + BN - 1) / BN;
+    int failed = 0;
+    _Pragma("omp parallel num_threads(threads)") {
+        float* wbuf = M > 8 ? (float*)aligned_alloc(64, sizeof(float) * KC2 * BN) : NULL;
+        float* part = out16 ? (float*)malloc(sizeof(float) * (size_t)(M * BN)) : NULL;
+        int ok = (M <= 8 || wbuf) && (!out16 || part);
+        if (!ok) {
+            _Pragma("omp atomic write") failed = 1;
+        }
+        _Pragma("omp for schedule(static)")
+        for (long b = 0; b < nblk; b++) {
+            if (!ok) continue;
+            int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;
+            const uint16_t* wb = W + b * BN * Kp;
+            float* yb = out16 ? part : y + b * BN;
+            long ldy = out16 ? BN : N;
+            if (M > 8) gemm_w16_block(wb, x, K, M, K, yb, ldy, nvalid, wbuf);
+            else if (x16) rows2_bf16_block(wb, x16, K, M, K, yb, ldy, nvalid);
+            else rows2_w16_block(wb, x, K, M, K, yb, ldy, nvalid);
+            if (out16)
+                for (long m = 0; m < M; m++)
+                    for (int j = 0; j < nvalid; j++)
+                        out16[m * N + b * BN + j] = f32_to_bf16(part[m * BN + j]);
+        }
+        free(wbuf);
+        free(part);
+    }
+    return failed ? -1 : 0;
+}
 
 /* bf16 x, W (pairs) and y: fp32 sums, rounded once (to nearest even) as torch does. A few
  * rows read x as bf16; more are widened to fp32 first (a broadcast from bf16 costs four
  * instructions where the tile's multiply-adds are two per row). Returns -1 out of memory. */
 static int avx2_linear_bf16(const uint16_t* x, const uint16_t* W, uint16_t* y, long M, long N,
                             long K, long Kp, int threads) {
-    float* xf = NULL;
-    if (M > 8) {
-        xf = (float*)malloc(sizeof(float) * (size_t)(M * K));
-        if (!xf) return -1;
-        for (long i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
-    }
-    long nblk = (N + BN - 1) / BN;
-    int failed = 0;
-    _Pragma("omp parallel num_threads(threads)") {
-        float* part = (float*)malloc(sizeof(float) * (size_t)(M * BN));
-        if (!part) {
-            _Pragma("omp atomic write") failed = 1;
-        }
-        _Pragma("omp for schedule(static)")
-        for (long b = 0; b < nblk; b++) {
-            if (!part) continue;
-            int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;
-            const uint16_t* wb = W + b * BN * Kp;
-            if (xf) rows2_w16_block(wb, xf, K, M, K, part, BN, nvalid);
-            else rows2_bf16_block(wb, x, K, M, K, part, BN, nvalid);
-            for (long m = 0; m < M; m++)
-                for (int j = 0; j < nvalid; j++) y[m * N + b * BN + j] = f32_to_bf16(part[m * BN + j]);
-        }
-        free(part);
-    }
+    if (M <= 8) return avx2_linear_pairs(NULL, x, W, NULL, y, M, N, K, Kp, threads);
+    float* xf = (float*)malloc(sizeof(float) * (size_t)(M * K));
+    if (!xf) return -1;
+    for (long i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
+    int status = avx2_linear_pairs(xf, NULL, W, NULL, y, M, N, K, Kp, threads);
     free(xf);
-    return failed ? -1 : 0;
+    return status;
 }
 #endif
 
@@ -546,9 +591,7 @@ AI void blocked_f32(const float* wb, const float* x, float* y, long K, long N, i
 int codellama_linear_f32_blocked(const float* x, const float* W, float* y, long M, long N,
                                  long K, long Kp, int threads) {
 #if defined(CL_AVX2)
-    {
-        AVX2_LINEAR(rows2_f32_block, float)
-    }
+    avx2_linear_f32(x, W, y, M, N, K, Kp, threads);
     return 0;
 #endif
     if (M <= 2 * MB) {
@@ -614,10 +657,7 @@ AI void blocked_f32w16(const uint16_t* wb, const float* x, float* y, long K, lon
 int codellama_linear_f32w16_blocked(const float* x, const uint16_t* W, float* y, long M, long N,
                                     long K, long Kp, int threads) {
 #if defined(CL_AVX2)
-    {
-        AVX2_LINEAR(rows2_w16_block, uint16_t)
-    }
-    return 0;
+    return avx2_linear_pairs(x, NULL, W, y, NULL, M, N, K, Kp, threads);
 #endif
     if (M <= 2 * MB) {
         BLOCKED_BODY(blocked_f32w16, float, uint16_t)
