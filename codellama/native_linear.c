@@ -356,9 +356,9 @@ AI void sums_store(float* y, int left, __m256 v) {
 
 /* y[r, c0 + i] (fp32, rows ldy apart) continued over k in [k0, k1) for r < R, i < 8 * NV:
  * fp32 weights (a block's row k at wb + k * BN) or bf16 pairs (k0 even; an odd k1 == K
- * ends on the low half of its pair); x rows ldx apart, fp32 or bf16. */
+ * ends on the low half of its pair); x[r, k] at x + r * ldx + k * kx, fp32 or bf16. */
 #define AVX2_TILE(NAME, WT, XT, BC, PAIRS)                                                     \
-    AI void NAME(const WT* wb, const XT* x, long ldx, float* y, long ldy, long k0, long k1,     \
+    AI void NAME(const WT* wb, const XT* x, long ldx, long kx, float* y, long ldy, long k0, long k1,     \
                  const int R, const int NV, int c0, int first, int nvalid) {                   \
         __m256 acc[GR2][8];                                                                    \
         for (int r = 0; r < R; r++)                                                            \
@@ -373,7 +373,7 @@ AI void sums_store(float* y, int left, __m256 v) {
                 __m256 wv[8];                                                                  \
                 for (int j = 0; j < NV; j++) wv[j] = _mm256_loadu_ps(w + k * BN + 8 * j);      \
                 for (int r = 0; r < R; r++) {                                                  \
-                    __m256 xb = BC(x + r * ldx + k);                                           \
+                    __m256 xb = BC(x + r * ldx + k * kx);                                           \
                     for (int j = 0; j < NV; j++) acc[r][j] = _mm256_fmadd_ps(wv[j], xb, acc[r][j]); \
                 }                                                                              \
             }                                                                                  \
@@ -391,14 +391,14 @@ AI void sums_store(float* y, int left, __m256 v) {
                     wv[j] = _mm256_castsi256_ps(_mm256_slli_epi32(raw[j], 16));                \
                 }                                                                              \
                 for (int r = 0; r < R; r++) {                                                  \
-                    __m256 xb = BC(x + r * ldx + k);                                           \
+                    __m256 xb = BC(x + r * ldx + k * kx);                                           \
                     for (int j = 0; j < NV; j++) acc[r][j] = _mm256_fmadd_ps(wv[j], xb, acc[r][j]); \
                 }                                                                              \
                 if (k + 1 < k1) {                                                              \
                     for (int j = 0; j < NV; j++)                                               \
                         wv[j] = _mm256_castsi256_ps(_mm256_and_si256(raw[j], high));           \
                     for (int r = 0; r < R; r++) {                                              \
-                        __m256 xb = BC(x + r * ldx + k + 1);                                   \
+                        __m256 xb = BC(x + r * ldx + (k + 1) * kx);                                 \
                         for (int j = 0; j < NV; j++)                                           \
                             acc[r][j] = _mm256_fmadd_ps(wv[j], xb, acc[r][j]);                 \
                     }                                                                          \
@@ -416,20 +416,20 @@ AI void sums_store(float* y, int left, __m256 v) {
  * decoding's few rows would fetch it from memory in that pattern (2-3x slower than 32
  * columns), so up to 8 rows go in groups of 2-3 on 32 columns. */
 #define AVX2_ROWS(NAME, TILE, WT, XT)                                                          \
-    static void NAME(const WT* wb, const XT* x, long ldx, float* y, long ldy, long k0, long k1,  \
+    static void NAME(const WT* wb, const XT* x, long ldx, long kx, float* y, long ldy, long k0, long k1,  \
                      int R, int first, int nvalid) {                                           \
         if (R == 1) {                                                                          \
-            TILE(wb, x, ldx, y, ldy, k0, k1, 1, 8, 0, first, nvalid);                          \
+            TILE(wb, x, ldx, kx, y, ldy, k0, k1, 1, 8, 0, first, nvalid);                          \
         } else if (R <= 3) {                                                                   \
             for (int c0 = 0; c0 < nvalid; c0 += 32) {                                          \
-                if (R == 2) TILE(wb, x, ldx, y, ldy, k0, k1, 2, 4, c0, first, nvalid);         \
-                else TILE(wb, x, ldx, y, ldy, k0, k1, 3, 4, c0, first, nvalid);                \
+                if (R == 2) TILE(wb, x, ldx, kx, y, ldy, k0, k1, 2, 4, c0, first, nvalid);         \
+                else TILE(wb, x, ldx, kx, y, ldy, k0, k1, 3, 4, c0, first, nvalid);                \
             }                                                                                  \
         } else {                                                                               \
             for (int c0 = 0; c0 < nvalid; c0 += 16) {                                          \
-                if (R == 4) TILE(wb, x, ldx, y, ldy, k0, k1, 4, 2, c0, first, nvalid);         \
-                else if (R == 5) TILE(wb, x, ldx, y, ldy, k0, k1, 5, 2, c0, first, nvalid);    \
-                else TILE(wb, x, ldx, y, ldy, k0, k1, GR2, 2, c0, first, nvalid);              \
+                if (R == 4) TILE(wb, x, ldx, kx, y, ldy, k0, k1, 4, 2, c0, first, nvalid);         \
+                else if (R == 5) TILE(wb, x, ldx, kx, y, ldy, k0, k1, 5, 2, c0, first, nvalid);    \
+                else TILE(wb, x, ldx, kx, y, ldy, k0, k1, GR2, 2, c0, first, nvalid);              \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
@@ -441,7 +441,7 @@ AI void sums_store(float* y, int left, __m256 v) {
             for (long m0 = 0; m0 < M; ) {                                                      \
                 long left = M - m0;                                                            \
                 int R = M > 8 ? (left < GR2 ? (int)left : GR2) : (left == 4 || left == 2) ? 2 : left == 1 ? 1 : 3; \
-                NAME(wb, x + m0 * ldx, ldx, y + m0 * ldy, ldy, k0, k1, R, k0 == 0, nvalid);    \
+                NAME(wb, x + m0 * ldx, ldx, 1, y + m0 * ldy, ldy, k0, k1, R, k0 == 0, nvalid);    \
                 m0 += R;                                                                       \
             }                                                                                  \
         }                                                                                      \
@@ -466,44 +466,65 @@ AI void widen_chunk(const uint16_t* wb, long k0, long k1, float* out) {
     }
 }
 
-/* Many rows (prefill) on a pair block: each chunk is widened once into `wbuf` (KC2 * BN
- * floats), then the fp32 tiles run on it, as rows2_f32_block's on fp32 weights (the same
- * sums): unpacking pairs in the tile would cost more than its multiply-adds. */
-static void gemm_w16_block(const uint16_t* wb, const float* x, long ldx, long M, long K, float* y,
-                           long ldy, int nvalid, float* wbuf) {
+/* Many rows (prefill) take x packed: groups of GR2 rows, k-major within a group
+ * (xp[(g * K + k) * GR2 + r], zero past row M), so that a tile's broadcasts read one
+ * sequential stream, not six rows K apart (4 KiB apart, they share L1 sets). */
+#define PACK_ROWS(NAME, XT, TOF)                                                               \
+    static void NAME(const XT* x, long M, long K, float* xp) {                                \
+        long groups = (M + GR2 - 1) / GR2;                                                     \
+        _Pragma("omp for schedule(static)")                                                   \
+        for (long g = 0; g < groups; g++)                                                      \
+            for (int r = 0; r < GR2; r++) {                                                    \
+                long m = g * GR2 + r;                                                          \
+                float* dst = xp + g * K * GR2 + r;                                             \
+                if (m < M)                                                                     \
+                    for (long k = 0; k < K; k++) dst[k * GR2] = TOF(x[m * K + k]);             \
+                else                                                                           \
+                    for (long k = 0; k < K; k++) dst[k * GR2] = 0.0f;                          \
+            }                                                                                  \
+    }
+PACK_ROWS(pack_rows_f32, float, f32_id)
+PACK_ROWS(pack_rows_bf16, uint16_t, bf16_to_f32)
+
+/* Packed x (M > 8 rows) times one block, into y (fp32, ldy apart). Pair blocks are widened
+ * to fp32 a chunk at a time into `wbuf` (KC2 * BN floats) and run through the fp32 tiles
+ * (the same sums as on fp32 weights): unpacking pairs in the tile costs more than its
+ * multiply-adds. */
+static void gemm_block(const void* wb, int pairs, const float* xp, long M, long K, float* y,
+                       long ldy, int nvalid, float* wbuf) {
     for (long k0 = 0; k0 < K; k0 += KC2) {
         long k1 = K - k0 < KC2 ? K : k0 + KC2;
-        widen_chunk(wb, k0, k1, wbuf);
+        if (pairs) widen_chunk((const uint16_t*)wb, k0, k1, wbuf);
+        else memcpy(wbuf, (const float*)wb + k0 * BN, sizeof(float) * (size_t)((k1 - k0) * BN));
+        const float* w = wbuf;
+        long kw0 = 0, kw1 = k1 - k0;
         for (long m0 = 0; m0 < M; m0 += GR2) {
             int R = M - m0 < GR2 ? (int)(M - m0) : GR2;
-            rows2_f32(wbuf, x + m0 * ldx + k0, ldx, y + m0 * ldy, ldy, 0, k1 - k0, R, k0 == 0,
-                      nvalid);
+            const float* xg = xp + m0 * K + (k0 - kw0) * GR2;
+            rows2_f32(w, xg, 1, GR2, y + m0 * ldy, ldy, kw0, kw1, R, k0 == 0, nvalid);
         }
     }
 }
 
-/* Every block of W (fp32 x and y), the threads taking whole blocks. */
-static void avx2_linear_f32(const float* x, const float* W, float* y, long M, long N, long K,
-                            long Kp, int threads) {
-    long nblk = (N + BN - 1) / BN;
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")
-    for (long b = 0; b < nblk; b++) {
-        int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;
-        rows2_f32_block(W + b * BN * Kp, x, K, M, K, y + b * BN, N, nvalid);
-    }
-}
-
-/* fp32 x and y on pair blocks (w16; and bf16 models' products, with x widened and y an
- * fp32 buffer of BN-wide rows per block when out16 is set, rounded to bf16 into out16).
- * x16: bf16 x for few rows (read as bf16). Returns -1 out of memory. */
-static int avx2_linear_pairs(const float* x, const uint16_t* x16, const uint16_t* W, float* y,
-                             uint16_t* out16, long M, long N, long K, long Kp, int threads) {
-    long nblk = (N + BN - 1) / BN;
+/* y = x W^T with fp32 sums over blocked W (fp32, or bf16 pairs), the threads taking whole
+ * blocks. x is fp32 (x32) or bf16 (x16); y is fp32 (y32), or bf16 (y16: each block's sums
+ * go through an fp32 buffer and are rounded once, to nearest even, as torch does).
+ * Returns -1 out of memory. */
+static int avx2_linear(const float* x32, const uint16_t* x16, const void* W, int pairs,
+                       float* y32, uint16_t* y16, long M, long N, long K, long Kp, int threads) {
+    long nblk = (N + BN - 1) / BN, many = M > 8;
+    size_t wsize = (size_t)(pairs ? 2 : 4) * BN * Kp;
+    float* xp = many ? (float*)malloc(sizeof(float) * (size_t)(((M + GR2 - 1) / GR2) * GR2 * K)) : NULL;
+    if (many && !xp) return -1;
     int failed = 0;
     _Pragma("omp parallel num_threads(threads)") {
-        float* wbuf = M > 8 ? (float*)aligned_alloc(64, sizeof(float) * KC2 * BN) : NULL;
-        float* part = out16 ? (float*)malloc(sizeof(float) * (size_t)(M * BN)) : NULL;
-        int ok = (M <= 8 || wbuf) && (!out16 || part);
+        if (many) {
+            if (x16) pack_rows_bf16(x16, M, K, xp);
+            else pack_rows_f32(x32, M, K, xp);
+        }
+        float* wbuf = many ? (float*)aligned_alloc(64, sizeof(float) * KC2 * BN) : NULL;
+        float* part = y16 ? (float*)malloc(sizeof(float) * (size_t)(M * BN)) : NULL;
+        int ok = (!many || wbuf) && (!y16 || part);
         if (!ok) {
             _Pragma("omp atomic write") failed = 1;
         }
@@ -511,35 +532,23 @@ static int avx2_linear_pairs(const float* x, const uint16_t* x16, const uint16_t
         for (long b = 0; b < nblk; b++) {
             if (!ok) continue;
             int nvalid = N - b * BN < BN ? (int)(N - b * BN) : BN;
-            const uint16_t* wb = W + b * BN * Kp;
-            float* yb = out16 ? part : y + b * BN;
-            long ldy = out16 ? BN : N;
-            if (M > 8) gemm_w16_block(wb, x, K, M, K, yb, ldy, nvalid, wbuf);
-            else if (x16) rows2_bf16_block(wb, x16, K, M, K, yb, ldy, nvalid);
-            else rows2_w16_block(wb, x, K, M, K, yb, ldy, nvalid);
-            if (out16)
+            const void* wb = (const char*)W + b * wsize;
+            float* yb = y16 ? part : y32 + b * BN;
+            long ldy = y16 ? BN : N;
+            if (many) gemm_block(wb, pairs, xp, M, K, yb, ldy, nvalid, wbuf);
+            else if (!pairs) rows2_f32_block((const float*)wb, x32, K, M, K, yb, ldy, nvalid);
+            else if (x16) rows2_bf16_block((const uint16_t*)wb, x16, K, M, K, yb, ldy, nvalid);
+            else rows2_w16_block((const uint16_t*)wb, x32, K, M, K, yb, ldy, nvalid);
+            if (y16)
                 for (long m = 0; m < M; m++)
                     for (int j = 0; j < nvalid; j++)
-                        out16[m * N + b * BN + j] = f32_to_bf16(part[m * BN + j]);
+                        y16[m * N + b * BN + j] = f32_to_bf16(part[m * BN + j]);
         }
         free(wbuf);
         free(part);
     }
+    free(xp);
     return failed ? -1 : 0;
-}
-
-/* bf16 x, W (pairs) and y: fp32 sums, rounded once (to nearest even) as torch does. A few
- * rows read x as bf16; more are widened to fp32 first (a broadcast from bf16 costs four
- * instructions where the tile's multiply-adds are two per row). Returns -1 out of memory. */
-static int avx2_linear_bf16(const uint16_t* x, const uint16_t* W, uint16_t* y, long M, long N,
-                            long K, long Kp, int threads) {
-    if (M <= 8) return avx2_linear_pairs(NULL, x, W, NULL, y, M, N, K, Kp, threads);
-    float* xf = (float*)malloc(sizeof(float) * (size_t)(M * K));
-    if (!xf) return -1;
-    for (long i = 0; i < M * K; i++) xf[i] = bf16_to_f32(x[i]);
-    int status = avx2_linear_pairs(xf, NULL, W, NULL, y, M, N, K, Kp, threads);
-    free(xf);
-    return status;
 }
 #endif
 
@@ -591,8 +600,7 @@ AI void blocked_f32(const float* wb, const float* x, float* y, long K, long N, i
 int codellama_linear_f32_blocked(const float* x, const float* W, float* y, long M, long N,
                                  long K, long Kp, int threads) {
 #if defined(CL_AVX2)
-    avx2_linear_f32(x, W, y, M, N, K, Kp, threads);
-    return 0;
+    return avx2_linear(x, NULL, W, 0, y, NULL, M, N, K, Kp, threads);
 #endif
     if (M <= 2 * MB) {
         BLOCKED_BODY(blocked_f32, float, float)
@@ -657,7 +665,7 @@ AI void blocked_f32w16(const uint16_t* wb, const float* x, float* y, long K, lon
 int codellama_linear_f32w16_blocked(const float* x, const uint16_t* W, float* y, long M, long N,
                                     long K, long Kp, int threads) {
 #if defined(CL_AVX2)
-    return avx2_linear_pairs(x, NULL, W, y, NULL, M, N, K, Kp, threads);
+    return avx2_linear(x, NULL, W, 1, y, NULL, M, N, K, Kp, threads);
 #endif
     if (M <= 2 * MB) {
         BLOCKED_BODY(blocked_f32w16, float, uint16_t)
@@ -707,7 +715,7 @@ int codellama_linear_bf16_blocked(const uint16_t* x, const uint16_t* W, uint16_t
     BLOCKED_BODY(blocked_bf16, uint16_t, uint16_t)
     return 0;
 #elif defined(CL_AVX2)
-    return avx2_linear_bf16(x, W, y, M, N, K, Kp, threads);
+    return avx2_linear(NULL, x, W, 1, NULL, y, M, N, K, Kp, threads);
 #else
     (void)x, (void)W, (void)y, (void)M, (void)N, (void)K, (void)Kp, (void)threads;
     return -2;
