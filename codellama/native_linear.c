@@ -332,6 +332,7 @@ AI void gemm_tile_f32(const float* wb, const float* x, long ldx, float* y, long 
 #define KC2 256
 #define GR2 6
 #define PD2 32 /* rows of a block ahead that a tile's first pass prefetches */
+#define KCG 2048 /* prefill: rows of a 16-column strip per pass (128 KiB, in L2) */
 
 AI __m256 bc_f32(const float* x) { return _mm256_broadcast_ss(x); }
 
@@ -355,11 +356,11 @@ AI void sums_store(float* y, int left, __m256 v) {
 }
 
 /* y[r, c0 + i] (fp32, rows ldy apart) continued over k in [k0, k1) for r < R, i < 8 * NV:
- * fp32 weights (a block's row k at wb + k * BN) or bf16 pairs (k0 even; an odd k1 == K
+ * fp32 weights (a block's row k at wb + k * ldw: BN, or 16 in a strip) or bf16 pairs (k0 even; an odd k1 == K
  * ends on the low half of its pair); x[r, k] at x + r * ldx + k * kx, fp32 or bf16. */
 #define AVX2_TILE(NAME, WT, XT, BC, PAIRS)                                                     \
-    AI void NAME(const WT* wb, const XT* x, long ldx, long kx, float* y, long ldy, long k0, long k1,     \
-                 const int R, const int NV, int c0, int first, int nvalid) {                   \
+    AI void NAME(const WT* wb, const XT* x, long ldx, long kx, const long ldw, float* y, long ldy,       \
+                 long k0, long k1, const int R, const int NV, int c0, int first, int nvalid) {                   \
         __m256 acc[GR2][8];                                                                    \
         for (int r = 0; r < R; r++)                                                            \
             for (int j = 0; j < NV; j++)                                                       \
@@ -367,11 +368,11 @@ AI void sums_store(float* y, int left, __m256 v) {
         if (!PAIRS) {                                                                          \
             const float* w = (const float*)wb + c0;                                            \
             for (long k = k0; k < k1; k++) {                                                   \
-                if (c0 == 0 && NV < 8) /* the first pass fetches the other columns too */     \
+                if (c0 == 0 && NV < 8 && ldw == BN) /* the first pass fetches the rest too */ \
                     for (int l = 0; l < BN; l += 16)                                           \
                         _mm_prefetch((const char*)(w + (k + PD2) * BN + l), _MM_HINT_T0);      \
                 __m256 wv[8];                                                                  \
-                for (int j = 0; j < NV; j++) wv[j] = _mm256_loadu_ps(w + k * BN + 8 * j);      \
+                for (int j = 0; j < NV; j++) wv[j] = _mm256_loadu_ps(w + k * ldw + 8 * j);      \
                 for (int r = 0; r < R; r++) {                                                  \
                     __m256 xb = BC(x + r * ldx + k * kx);                                           \
                     for (int j = 0; j < NV; j++) acc[r][j] = _mm256_fmadd_ps(wv[j], xb, acc[r][j]); \
@@ -419,17 +420,17 @@ AI void sums_store(float* y, int left, __m256 v) {
     static void NAME(const WT* wb, const XT* x, long ldx, long kx, float* y, long ldy, long k0, long k1,  \
                      int R, int first, int nvalid) {                                           \
         if (R == 1) {                                                                          \
-            TILE(wb, x, ldx, kx, y, ldy, k0, k1, 1, 8, 0, first, nvalid);                          \
+            TILE(wb, x, ldx, kx, BN, y, ldy, k0, k1, 1, 8, 0, first, nvalid);                          \
         } else if (R <= 3) {                                                                   \
             for (int c0 = 0; c0 < nvalid; c0 += 32) {                                          \
-                if (R == 2) TILE(wb, x, ldx, kx, y, ldy, k0, k1, 2, 4, c0, first, nvalid);         \
-                else TILE(wb, x, ldx, kx, y, ldy, k0, k1, 3, 4, c0, first, nvalid);                \
+                if (R == 2) TILE(wb, x, ldx, kx, BN, y, ldy, k0, k1, 2, 4, c0, first, nvalid);         \
+                else TILE(wb, x, ldx, kx, BN, y, ldy, k0, k1, 3, 4, c0, first, nvalid);                \
             }                                                                                  \
         } else {                                                                               \
             for (int c0 = 0; c0 < nvalid; c0 += 16) {                                          \
-                if (R == 4) TILE(wb, x, ldx, kx, y, ldy, k0, k1, 4, 2, c0, first, nvalid);         \
-                else if (R == 5) TILE(wb, x, ldx, kx, y, ldy, k0, k1, 5, 2, c0, first, nvalid);    \
-                else TILE(wb, x, ldx, kx, y, ldy, k0, k1, GR2, 2, c0, first, nvalid);              \
+                if (R == 4) TILE(wb, x, ldx, kx, BN, y, ldy, k0, k1, 4, 2, c0, first, nvalid);         \
+                else if (R == 5) TILE(wb, x, ldx, kx, BN, y, ldy, k0, k1, 5, 2, c0, first, nvalid);    \
+                else TILE(wb, x, ldx, kx, BN, y, ldy, k0, k1, GR2, 2, c0, first, nvalid);              \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
@@ -454,15 +455,29 @@ AVX2_ROWS(rows2_f32, tile2_f32, float, float)
 AVX2_ROWS(rows2_w16, tile2_w16, uint16_t, float)
 AVX2_ROWS(rows2_bf16, tile2_w16x16, uint16_t, uint16_t)
 
-/* A chunk of a pair block widened to fp32: its rows k0..k1-1, 64 values each. */
-AI void widen_chunk(const uint16_t* wb, long k0, long k1, float* out) {
-    const uint32_t* w = (const uint32_t*)(const void*)wb;
+/* Rows [k0, k1) of a block's columns [c0, c0 + 16) as a contiguous fp32 strip (16 values a
+ * row), widened from bf16 pairs or copied. */
+AI void strip_chunk(const void* wb, int pairs, long k0, long k1, int c0, float* out) {
+    if (!pairs) {
+        const float* w = (const float*)wb + c0;
+        for (long k = k0; k < k1; k++) {
+            _mm256_storeu_ps(out + (k - k0) * 16, _mm256_loadu_ps(w + k * BN));
+            _mm256_storeu_ps(out + (k - k0) * 16 + 8, _mm256_loadu_ps(w + k * BN + 8));
+        }
+        return;
+    }
+    const uint32_t* w = (const uint32_t*)wb + c0;
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     for (long k = k0; k < k1; k += 2) {
-        const uint32_t* row = w + (k / 2) * BN;
-        uint32_t* lo = (uint32_t*)(void*)(out + (k - k0) * BN);
-        for (int j = 0; j < BN; j++) lo[j] = row[j] << 16;
-        if (k + 1 < k1)
-            for (int j = 0; j < BN; j++) lo[BN + j] = row[j] & 0xffff0000u;
+        __m256i a = _mm256_loadu_si256((const __m256i*)(w + (k / 2) * BN));
+        __m256i b = _mm256_loadu_si256((const __m256i*)(w + (k / 2) * BN + 8));
+        float* lo = out + (k - k0) * 16;
+        _mm256_storeu_si256((__m256i*)lo, _mm256_slli_epi32(a, 16));
+        _mm256_storeu_si256((__m256i*)(lo + 8), _mm256_slli_epi32(b, 16));
+        if (k + 1 < k1) {
+            _mm256_storeu_si256((__m256i*)(lo + 16), _mm256_and_si256(a, high));
+            _mm256_storeu_si256((__m256i*)(lo + 24), _mm256_and_si256(b, high));
+        }
     }
 }
 
@@ -486,22 +501,63 @@ AI void widen_chunk(const uint16_t* wb, long k0, long k1, float* out) {
 PACK_ROWS(pack_rows_f32, float, f32_id)
 PACK_ROWS(pack_rows_bf16, uint16_t, bf16_to_f32)
 
-/* Packed x (M > 8 rows) times one block, into y (fp32, ldy apart). Pair blocks are widened
- * to fp32 a chunk at a time into `wbuf` (KC2 * BN floats) and run through the fp32 tiles
- * (the same sums as on fp32 weights): unpacking pairs in the tile costs more than its
- * multiply-adds. */
+/* R rows of packed x on one strip (kn rows of 16), continuing y's sums: one function per R,
+ * with named accumulators (GCC kept an array of them on the stack here). */
+#define STRIP_INIT(r)                                                                          \
+    __m256 a##r##0 = _mm256_setzero_ps(), a##r##1 = _mm256_setzero_ps();                      \
+    if (R > r) {                                                                               \
+        a##r##0 = sums_load(y + r * ldy, nvalid, first);                                       \
+        a##r##1 = sums_load(y + r * ldy + 8, nvalid - 8, first);                               \
+    }
+#define STRIP_STEP(r)                                                                          \
+    if (R > r) {                                                                               \
+        __m256 xb = _mm256_broadcast_ss(xk + r);                                               \
+        a##r##0 = _mm256_fmadd_ps(w0, xb, a##r##0);                                            \
+        a##r##1 = _mm256_fmadd_ps(w1, xb, a##r##1);                                            \
+    }
+#define STRIP_STORE(r)                                                                         \
+    if (R > r) {                                                                               \
+        sums_store(y + r * ldy, nvalid, a##r##0);                                              \
+        sums_store(y + r * ldy + 8, nvalid - 8, a##r##1);                                      \
+    }
+#define STRIP_FN(RR)                                                                           \
+    static void strip_##RR(const float* w, const float* xg, long kn, float* y, long ldy,       \
+                           int first, int nvalid) {                                            \
+        const int R = RR;                                                                      \
+        STRIP_INIT(0) STRIP_INIT(1) STRIP_INIT(2) STRIP_INIT(3) STRIP_INIT(4) STRIP_INIT(5)    \
+        _Pragma("GCC unroll 4")                                                               \
+        for (long k = 0; k < kn; k++) {                                                        \
+            __m256 w0 = _mm256_loadu_ps(w + k * 16), w1 = _mm256_loadu_ps(w + k * 16 + 8);     \
+            const float* xk = xg + k * GR2;                                                    \
+            STRIP_STEP(0) STRIP_STEP(1) STRIP_STEP(2) STRIP_STEP(3) STRIP_STEP(4) STRIP_STEP(5) \
+        }                                                                                      \
+        STRIP_STORE(0) STRIP_STORE(1) STRIP_STORE(2) STRIP_STORE(3) STRIP_STORE(4)             \
+        STRIP_STORE(5)                                                                         \
+    }
+STRIP_FN(1)
+STRIP_FN(2)
+STRIP_FN(3)
+STRIP_FN(4)
+STRIP_FN(5)
+STRIP_FN(6)
+typedef void (*strip_fn)(const float*, const float*, long, float*, long, int, int);
+static const strip_fn strip_fns[GR2 + 1] = {NULL, strip_1, strip_2, strip_3, strip_4, strip_5, strip_6};
+
+/* Packed x (M > 8 rows) times one block, into y (fp32, ldy apart): per chunk of KC2 rows
+ * of the block, each 16-column strip is copied (or widened from bf16 pairs: the same sums
+ * as on fp32 weights) into `wbuf` (KC2 * 16 floats, 16 KiB: it stays in L1 while every
+ * group of rows of x streams past it). */
 static void gemm_block(const void* wb, int pairs, const float* xp, long M, long K, float* y,
                        long ldy, int nvalid, float* wbuf) {
-    for (long k0 = 0; k0 < K; k0 += KC2) {
-        long k1 = K - k0 < KC2 ? K : k0 + KC2;
-        if (pairs) widen_chunk((const uint16_t*)wb, k0, k1, wbuf);
-        else memcpy(wbuf, (const float*)wb + k0 * BN, sizeof(float) * (size_t)((k1 - k0) * BN));
-        const float* w = wbuf;
-        long kw0 = 0, kw1 = k1 - k0;
-        for (long m0 = 0; m0 < M; m0 += GR2) {
-            int R = M - m0 < GR2 ? (int)(M - m0) : GR2;
-            const float* xg = xp + m0 * K + (k0 - kw0) * GR2;
-            rows2_f32(w, xg, 1, GR2, y + m0 * ldy, ldy, kw0, kw1, R, k0 == 0, nvalid);
+    for (long k0 = 0; k0 < K; k0 += KCG) {
+        long k1 = K - k0 < KCG ? K : k0 + KCG;
+        for (int c0 = 0; c0 < nvalid; c0 += 16) {
+            strip_chunk(wb, pairs, k0, k1, c0, wbuf);
+            for (long m0 = 0; m0 < M; m0 += GR2) {
+                int R = M - m0 < GR2 ? (int)(M - m0) : GR2;
+                strip_fns[R](wbuf, xp + m0 * K + k0 * GR2, k1 - k0, y + m0 * ldy + c0, ldy,
+                             k0 == 0, nvalid - c0);
+            }
         }
     }
 }
@@ -522,7 +578,7 @@ static int avx2_linear(const float* x32, const uint16_t* x16, const void* W, int
             if (x16) pack_rows_bf16(x16, M, K, xp);
             else pack_rows_f32(x32, M, K, xp);
         }
-        float* wbuf = many ? (float*)aligned_alloc(64, sizeof(float) * KC2 * BN) : NULL;
+        float* wbuf = many ? (float*)aligned_alloc(64, sizeof(float) * KCG * 16) : NULL;
         float* part = y16 ? (float*)malloc(sizeof(float) * (size_t)(M * BN)) : NULL;
         int ok = (!many || wbuf) && (!y16 || part);
         if (!ok) {
