@@ -151,3 +151,21 @@ def kernel() -> native.NativeLinear:
     got = native.load()
     assert got is not None, f"the native kernels failed to build: {native.last_error()}"
     return got
+
+
+AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+
+
+@pytest.fixture(scope="session")
+def avx2_kernel(tmp_path_factory: pytest.TempPathFactory) -> native.NativeLinear:
+    """The kernels built for AVX2 + FMA without AVX-512 (what an AVX2-only CPU gets), on any
+    x86 CPU that has those instructions: AVX-512 machines check this code path too."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine: the native kernels cannot be built")
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if not {"avx2", "fma"} <= flags:
+        pytest.skip("this CPU has no AVX2 and FMA: their code path cannot run here")
+    return native.build(flags=AVX2_FLAGS, cache_dir=tmp_path_factory.mktemp("avx2"))
