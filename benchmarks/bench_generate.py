@@ -236,27 +236,30 @@ def measure_gemv_pass(spec: dict[str, Any]) -> dict[str, Any]:
         def packed(hint: int | None) -> list[torch.Tensor]:
             return [torch.ops.mkldnn._reorder_linear_weight(w, hint) for w in weights]
 
-        kernels["oneDNN prepacked"] = (
-            lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
-            lambda: packed(1),
-        )
+        # oneDNN packs bf16 only with AVX-512 (or AVX-NE-CONVERT); an AVX2 CPU keeps it plain
+        onednn = dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if onednn:
+            kernels["oneDNN prepacked"] = (
+                lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+                lambda: packed(1),
+            )
         kernel = native.load()
-        if kernel is not None:  # as the model runs it: on the general packed layout
+        if kernel is not None and onednn:  # as the model runs it: on the general packed layout
 
             def plans() -> list[Any]:
                 found = [kernel.plan(w, None) for w in packed(None)]
                 return found if all(p is not None for p in found) else []
 
             kernels["codellama native on oneDNN-packed weights"] = (lambda x, p: p(x), plans)
-            if kernel.can_pack(dtype):  # the layout the model keeps: its own packing
-                stored = kernel.storage_dtype(dtype, source)  # fp32 models: bf16 kept as bf16
+        if kernel is not None and kernel.can_pack(dtype):  # the model's own packed layout
+            stored = kernel.storage_dtype(dtype, source)  # fp32 models: bf16 kept as bf16
 
-                def own() -> list[Any]:
-                    assert kernel is not None
-                    packed = [kernel.pack(w, stored) for w in weights]
-                    return [kernel.plan_packed(p, *w.shape, dtype) for p, w in zip(packed, weights)]
+            def own() -> list[Any]:
+                assert kernel is not None
+                packed = [kernel.pack(w, stored) for w in weights]
+                return [kernel.plan_packed(p, *w.shape, dtype) for p, w in zip(packed, weights)]
 
-                kernels["codellama native on its packed weights"] = (lambda x, p: p(x), own)
+            kernels["codellama native on its packed weights"] = (lambda x, p: p(x), own)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     best: dict[str, Any] = {"gemv_tok_s": 0.0, "gemv_kernel": ""}
     xs = {n: torch.ones(1, n, device=dev, dtype=dtype) for n in {s[1] for s in shapes}}

@@ -11,7 +11,8 @@ a matrix-vector product, which is bound by memory bandwidth. ``native_linear.c``
   bytes per decoding step, with results bit-identical to fp32 weights;
 - products for any number of rows on it: 1.1-1.5x faster than oneDNN for the 1-8 rows of
   decoding (2-core AVX512-BF16 EPYC, see the README) and about its speed for prefill's
-  hundreds; they also read plain weights and oneDNN's prepacked ones;
+  hundreds, with AVX-512 or with AVX2 + FMA (its own 8-wide tiles; bf16 widened to fp32);
+  they also read plain weights and oneDNN's prepacked ones;
 - a whole decoding step (:class:`DecoderPlan`): embedding, every layer and the logits in
   one call, because between torch ops the caches go cold after each pass over the weights
   and a step of ~25 small ops per layer spends 2.5-3.5 ms of 13 on dispatch alone;

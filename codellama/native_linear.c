@@ -15,8 +15,9 @@
  * on first use and checks the kernels against float64 (and any oneDNN layout against oneDNN)
  * before use. x and y have W's dtype (fp32 or bf16), or are fp32 on bf16 weights ("w16": fp32
  * models keep a bf16 checkpoint's weights so, exactly); sums are fp32. bf16 uses AVX512-BF16
- * dot products where the CPU has them, else portable vector code (bf16 weights then stay
- * with oneDNN).
+ * dot products where the CPU has them. CPUs with AVX2 + FMA but no AVX-512 get their own
+ * blocked products (8-wide tiles, see "AVX2" below; bf16 widened to fp32); elsewhere the
+ * portable vector code is mostly scalar, and models keep oneDNN (native.preferred).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -1048,8 +1049,7 @@ int codellama_unpack(const void* src, int bf16, void* dst, long N, long K, int t
     return 0;
 }
 
-/* 1 when this build has the AVX-512 code paths; without them (AVX2) the blocked GEMM and
-   few-row products are scalar loops, slower than oneDNN's (see native.preferred). */
+/* 1 when this build has the AVX-512 code paths (see native.preferred). */
 int codellama_avx512(void) {
 #if defined(__AVX512F__)
     return 1;
