@@ -382,30 +382,34 @@ AI void sums_store(float* y, int left, __m256 v) {
         } else {                                                                               \
             const uint32_t* w = (const uint32_t*)(const void*)wb + c0;                         \
             const __m256i high = _mm256_set1_epi32((int)0xffff0000u);                          \
-            for (long k = k0; k < k1; k += 2) {                                                \
+            long kend = k1 - (k1 - k0) % 2; /* whole pairs; an odd k1 leaves a low half */     \
+            for (long k = k0; k < kend; k += 2) {                                              \
                 if (c0 == 0 && NV < 8)                                                         \
                     for (int l = 0; l < BN; l += 16)                                           \
                         _mm_prefetch((const char*)(w + (k / 2 + PD2) * BN + l), _MM_HINT_T0);  \
-                __m256i raw[8];                                                                \
-                __m256 wv[8];                                                                  \
-                for (int j = 0; j < NV; j++) {                                                 \
-                    raw[j] = _mm256_loadu_si256((const __m256i*)(w + (k / 2) * BN + 8 * j));   \
-                    wv[j] = _mm256_castsi256_ps(_mm256_slli_epi32(raw[j], 16));                \
-                }                                                                              \
+                __m256 xe[GR2], xo[GR2];                                                       \
                 for (int r = 0; r < R; r++) {                                                  \
-                    __m256 xb = BC(x + r * ldx + k * kx);                                           \
-                    for (int j = 0; j < NV; j++) acc[r][j] = _mm256_fmadd_ps(wv[j], xb, acc[r][j]); \
+                    xe[r] = BC(x + r * ldx + k * kx);                                          \
+                    xo[r] = BC(x + r * ldx + (k + 1) * kx);                                    \
                 }                                                                              \
-                if (k + 1 < k1) {                                                              \
-                    for (int j = 0; j < NV; j++)                                               \
-                        wv[j] = _mm256_castsi256_ps(_mm256_and_si256(raw[j], high));           \
-                    for (int r = 0; r < R; r++) {                                              \
-                        __m256 xb = BC(x + r * ldx + (k + 1) * kx);                                 \
-                        for (int j = 0; j < NV; j++)                                           \
-                            acc[r][j] = _mm256_fmadd_ps(wv[j], xb, acc[r][j]);                 \
-                    }                                                                          \
+                /* a vector of pairs at a time: both halves used at once, few registers */   \
+                for (int j = 0; j < NV; j++) {                                                 \
+                    __m256i raw = _mm256_loadu_si256((const __m256i*)(w + (k / 2) * BN + 8 * j)); \
+                    __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));               \
+                    __m256 hi = _mm256_castsi256_ps(_mm256_and_si256(raw, high));              \
+                    for (int r = 0; r < R; r++)                                                \
+                        acc[r][j] = _mm256_fmadd_ps(hi, xo[r], _mm256_fmadd_ps(lo, xe[r], acc[r][j])); \
                 }                                                                              \
             }                                                                                  \
+            if (kend < k1)                                                                     \
+                for (int r = 0; r < R; r++) {                                                  \
+                    __m256 xb = BC(x + r * ldx + kend * kx);                                   \
+                    for (int j = 0; j < NV; j++) {                                             \
+                        __m256i raw = _mm256_loadu_si256((const __m256i*)(w + (kend / 2) * BN + 8 * j)); \
+                        __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));           \
+                        acc[r][j] = _mm256_fmadd_ps(lo, xb, acc[r][j]);                        \
+                    }                                                                          \
+                }                                                                              \
         }                                                                                      \
         for (int r = 0; r < R; r++)                                                            \
             for (int j = 0; j < NV; j++)                                                       \
@@ -417,7 +421,7 @@ AI void sums_store(float* y, int left, __m256 v) {
  * line of each 256-byte row of the block: after the first row group the chunk is in L2, but
  * decoding's few rows would fetch it from memory in that pattern (2-3x slower than 32
  * columns), so up to 8 rows go in groups of 2-3 on 32 columns. */
-#define AVX2_ROWS(NAME, TILE, WT, XT)                                                          \
+#define AVX2_ROWS(NAME, TILE, WT, XT, FEW)                                                        \
     static void NAME(const WT* wb, const XT* x, long ldx, long kx, float* y, long ldy, long k0, long k1,  \
                      int R, int first, int nvalid) {                                           \
         if (R == 1) {                                                                          \
@@ -442,7 +446,9 @@ AI void sums_store(float* y, int left, __m256 v) {
             long k1 = K - k0 < KC2 ? K : k0 + KC2;                                             \
             for (long m0 = 0; m0 < M; ) {                                                      \
                 long left = M - m0;                                                            \
-                int R = M > 8 ? (left < GR2 ? (int)left : GR2) : (left == 4 || left == 2) ? 2 : left == 1 ? 1 : 3; \
+                int R = M > 8 ? (left < GR2 ? (int)left : GR2)                              \
+                        : (left == 4 || left == 2 || FEW == 2) ? (left > 1 ? 2 : 1)             \
+                        : left == 1 ? 1 : 3;                                                   \
                 NAME(wb, x + m0 * ldx, ldx, 1, y + m0 * ldy, ldy, k0, k1, R, k0 == 0, nvalid);    \
                 m0 += R;                                                                       \
             }                                                                                  \
@@ -452,9 +458,9 @@ AI void sums_store(float* y, int left, __m256 v) {
 AVX2_TILE(tile2_f32, float, float, bc_f32, 0)
 AVX2_TILE(tile2_w16, uint16_t, float, bc_f32, 1)
 AVX2_TILE(tile2_w16x16, uint16_t, uint16_t, bc_bf16, 1)
-AVX2_ROWS(rows2_f32, tile2_f32, float, float)
-AVX2_ROWS(rows2_w16, tile2_w16, uint16_t, float)
-AVX2_ROWS(rows2_bf16, tile2_w16x16, uint16_t, uint16_t)
+AVX2_ROWS(rows2_f32, tile2_f32, float, float, 3)
+AVX2_ROWS(rows2_w16, tile2_w16, uint16_t, float, 2)
+AVX2_ROWS(rows2_bf16, tile2_w16x16, uint16_t, uint16_t, 2)
 
 /* Rows [k0, k1) of a block's columns [c0, c0 + 16) as a contiguous fp32 strip (16 values a
  * row), widened from bf16 pairs or copied. */
