@@ -245,7 +245,7 @@ class Llama:
         args.validate(model_parallel_size=mp)
         kernel = native.load() if dev.type == "cpu" and not compile else None
         if kernel is not None and not native.preferred(kernel):
-            kernel = None  # no AVX-512: oneDNN's GEMM is far faster than this build's
+            kernel = None  # no AVX-512 or AVX2 code: oneDNN is far faster than this build
         _check_memory(args, dt, dev, mp, _linear_dtype(kernel, dt, paths))
         with _cyclic_gc_paused():
             model = build_empty(args, dev, dt)

@@ -63,10 +63,9 @@ def _attention_setting(value: str) -> int:
     """Rows up to which decode_attention runs, from ``CODELLAMA_TRITON_ATTENTION``: unset,
     one row (timed faster on an H100); ``1``, every batch; ``0``, never."""
     value = value.strip()
-    if value in ("", "auto"):
-        return 1
-    if value in ("0", "1"):
-        return EVERY_BATCH if value == "1" else 0
+    rows = {"": 1, "auto": 1, "1": EVERY_BATCH, "0": 0}.get(value)
+    if rows is not None:
+        return rows
     raise ConfigError(
         f"CODELLAMA_TRITON_ATTENTION must be 0 (off), 1 (every batch size) or unset (one-row "
         f"batches), got {value!r}"

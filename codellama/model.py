@@ -896,9 +896,10 @@ class Transformer(nn.Module):
     def use_native_kernel(self, kernel: NativeLinear | None) -> int:
         """Run the linear layers through ``kernel`` where it can read their weights: weights
         in its packed layout for every number of rows (plain weights of the model's dtype
-        are packed so), oneDNN-prepacked ones for the few rows of decoding. Call after loading, and again if weights are replaced. ``None``
-        turns it off: packed weights are then unpacked (and prepacked for oneDNN where it
-        can). Returns the layers it serves."""
+        are packed so), oneDNN-prepacked ones for the few rows of decoding. Call after
+        loading, and again if weights are replaced. ``None`` turns it off: packed weights
+        are then unpacked (and prepacked for oneDNN where it can). Returns the layers it
+        serves."""
         self.native_kernel = kernel
         served, hint, unpacked = 0, self._pack_hint(), False
         for module in self.linear_layers():

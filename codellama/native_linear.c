@@ -322,8 +322,9 @@ AI void gemm_tile_f32(const float* wb, const float* x, long ldx, float* y, long 
 /* ------------------------------------------------------------------------------------
  * AVX2 + FMA (CPUs without AVX-512): the blocked layout's products with 8-wide vectors.
  * Sixteen vector registers hold a tile of R rows of x by 8 * NV outputs of one 64-row block
- * in R * NV accumulators (R = 1: all 64; 2: 32; 3-6: 16, as BLAS kernels for AVX2 do),
- * over k in chunks of KC2 that stay in L2 while each group of rows passes over them.
+ * in R * NV accumulators: decoding's 1-3 rows on 64 or 32 outputs, over k in chunks of KC2
+ * that stay in L2 while each group of rows passes over them; prefill's 6 rows on 16 (as BLAS
+ * kernels for AVX2 do), on strips of the block copied into L1.
  * Every output is one fused multiply-add chain over k in order (a chunk starts from the
  * previous chunk's sum), so a row's result does not depend on the number of rows, the
  * chunking or the weight's storage (fp32 or bf16 pairs: bit-identical). */
@@ -357,25 +358,26 @@ AI void sums_store(float* y, int left, __m256 v) {
 }
 
 /* y[r, c0 + i] (fp32, rows ldy apart) continued over k in [k0, k1) for r < R, i < 8 * NV:
- * fp32 weights (a block's row k at wb + k * ldw: BN, or 16 in a strip) or bf16 pairs (k0 even; an odd k1 == K
- * ends on the low half of its pair); x[r, k] at x + r * ldx + k * kx, fp32 or bf16. */
+ * fp32 weights (a block's row k at wb + k * BN) or bf16 pairs (k0 even; an odd k1 == K ends
+ * on the low half of its pair); x[r, k] at x + r * K + k, fp32 or bf16. The first pass over
+ * a chunk (c0 == 0) prefetches the block's other columns for the passes after it. */
 #define AVX2_TILE(NAME, WT, XT, BC, PAIRS)                                                     \
-    AI void NAME(const WT* wb, const XT* x, long ldx, long kx, const long ldw, float* y, long ldy,       \
-                 long k0, long k1, const int R, const int NV, int c0, int first, int nvalid) {                   \
-        __m256 acc[GR2][8];                                                                    \
+    AI void NAME(const WT* wb, const XT* x, long K, float* y, long ldy, long k0, long k1,       \
+                 const int R, const int NV, int c0, int first, int nvalid) {                   \
+        __m256 acc[3][8];                                                                      \
         for (int r = 0; r < R; r++)                                                            \
             for (int j = 0; j < NV; j++)                                                       \
                 acc[r][j] = sums_load(y + r * ldy + c0 + 8 * j, nvalid - c0 - 8 * j, first);   \
         if (!PAIRS) {                                                                          \
             const float* w = (const float*)wb + c0;                                            \
             for (long k = k0; k < k1; k++) {                                                   \
-                if (c0 == 0 && NV < 8 && ldw == BN) /* the first pass fetches the rest too */ \
+                if (c0 == 0 && NV < 8)                                                         \
                     for (int l = 0; l < BN; l += 16)                                           \
                         _mm_prefetch((const char*)(w + (k + PD2) * BN + l), _MM_HINT_T0);      \
                 __m256 wv[8];                                                                  \
-                for (int j = 0; j < NV; j++) wv[j] = _mm256_loadu_ps(w + k * ldw + 8 * j);      \
+                for (int j = 0; j < NV; j++) wv[j] = _mm256_loadu_ps(w + k * BN + 8 * j);      \
                 for (int r = 0; r < R; r++) {                                                  \
-                    __m256 xb = BC(x + r * ldx + k * kx);                                           \
+                    __m256 xb = BC(x + r * K + k);                                             \
                     for (int j = 0; j < NV; j++) acc[r][j] = _mm256_fmadd_ps(wv[j], xb, acc[r][j]); \
                 }                                                                              \
             }                                                                                  \
@@ -387,14 +389,15 @@ AI void sums_store(float* y, int left, __m256 v) {
                 if (c0 == 0 && NV < 8)                                                         \
                     for (int l = 0; l < BN; l += 16)                                           \
                         _mm_prefetch((const char*)(w + (k / 2 + PD2) * BN + l), _MM_HINT_T0);  \
-                __m256 xe[GR2], xo[GR2];                                                       \
+                __m256 xe[3], xo[3];                                                           \
                 for (int r = 0; r < R; r++) {                                                  \
-                    xe[r] = BC(x + r * ldx + k * kx);                                          \
-                    xo[r] = BC(x + r * ldx + (k + 1) * kx);                                    \
+                    xe[r] = BC(x + r * K + k);                                                 \
+                    xo[r] = BC(x + r * K + k + 1);                                             \
                 }                                                                              \
                 /* a vector of pairs at a time: both halves used at once, few registers */   \
                 for (int j = 0; j < NV; j++) {                                                 \
-                    __m256i raw = _mm256_loadu_si256((const __m256i*)(w + (k / 2) * BN + 8 * j)); \
+                    const __m256i* p = (const __m256i*)(w + (k / 2) * BN + 8 * j);             \
+                    __m256i raw = _mm256_loadu_si256(p);                                       \
                     __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));               \
                     __m256 hi = _mm256_castsi256_ps(_mm256_and_si256(raw, high));              \
                     for (int r = 0; r < R; r++)                                                \
@@ -403,10 +406,10 @@ AI void sums_store(float* y, int left, __m256 v) {
             }                                                                                  \
             if (kend < k1)                                                                     \
                 for (int r = 0; r < R; r++) {                                                  \
-                    __m256 xb = BC(x + r * ldx + kend * kx);                                   \
+                    __m256 xb = BC(x + r * K + kend);                                          \
                     for (int j = 0; j < NV; j++) {                                             \
-                        __m256i raw = _mm256_loadu_si256((const __m256i*)(w + (kend / 2) * BN + 8 * j)); \
-                        __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));           \
+                        const __m256i* p = (const __m256i*)(w + (kend / 2) * BN + 8 * j);      \
+                        __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(p), 16)); \
                         acc[r][j] = _mm256_fmadd_ps(lo, xb, acc[r][j]);                        \
                     }                                                                          \
                 }                                                                              \
@@ -416,40 +419,28 @@ AI void sums_store(float* y, int left, __m256 v) {
                 sums_store(y + r * ldy + c0 + 8 * j, nvalid - c0 - 8 * j, acc[r][j]);          \
     }
 
-/* R (<= GR2) rows of x across a whole block, over k in [k0, k1): tiles as wide as the
- * registers allow, none over the padding of a last block. A 16-column tile reads one cache
- * line of each 256-byte row of the block: after the first row group the chunk is in L2, but
- * decoding's few rows would fetch it from memory in that pattern (2-3x slower than 32
- * columns), so up to 8 rows go in groups of 2-3 on 32 columns. */
-#define AVX2_ROWS(NAME, TILE, WT, XT, FEW)                                                        \
-    static void NAME(const WT* wb, const XT* x, long ldx, long kx, float* y, long ldy, long k0, long k1,  \
-                     int R, int first, int nvalid) {                                           \
-        if (R == 1) {                                                                          \
-            TILE(wb, x, ldx, kx, BN, y, ldy, k0, k1, 1, 8, 0, first, nvalid);                          \
-        } else if (R <= 3) {                                                                   \
-            for (int c0 = 0; c0 < nvalid; c0 += 32) {                                          \
-                if (R == 2) TILE(wb, x, ldx, kx, BN, y, ldy, k0, k1, 2, 4, c0, first, nvalid);         \
-                else TILE(wb, x, ldx, kx, BN, y, ldy, k0, k1, 3, 4, c0, first, nvalid);                \
-            }                                                                                  \
-        } else {                                                                               \
-            for (int c0 = 0; c0 < nvalid; c0 += 16) {                                          \
-                if (R == 4) TILE(wb, x, ldx, kx, BN, y, ldy, k0, k1, 4, 2, c0, first, nvalid);         \
-                else if (R == 5) TILE(wb, x, ldx, kx, BN, y, ldy, k0, k1, 5, 2, c0, first, nvalid);    \
-                else TILE(wb, x, ldx, kx, BN, y, ldy, k0, k1, GR2, 2, c0, first, nvalid);              \
-            }                                                                                  \
-        }                                                                                      \
-    }                                                                                          \
-    /* M rows of x (ldx apart) times one block into y (fp32, ldy apart). */                  \
-    static void NAME##_block(const WT* wb, const XT* x, long ldx, long M, long K, float* y,     \
-                             long ldy, int nvalid) {                                           \
+/* Decoding's M (<= 8) rows of x (K apart) times one block into y (fp32, ldy apart), over K
+ * in chunks of KC2: groups of 1 row on all 64 columns, or of 2-3 rows (at most FEW) on 32.
+ * (16-column tiles would read one cache line of each 256-byte row of the block, a pattern
+ * that fetched it from memory 2-3x slower.) */
+#define AVX2_FEW_ROWS(NAME, TILE, WT, XT, FEW)                                                 \
+    static void NAME(const WT* wb, const XT* x, long M, long K, float* y, long ldy, int nvalid) { \
         for (long k0 = 0; k0 < K; k0 += KC2) {                                                 \
             long k1 = K - k0 < KC2 ? K : k0 + KC2;                                             \
-            for (long m0 = 0; m0 < M; ) {                                                      \
+            int first = k0 == 0;                                                               \
+            for (long m0 = 0; m0 < M;) {                                                       \
                 long left = M - m0;                                                            \
-                int R = M > 8 ? (left < GR2 ? (int)left : GR2)                              \
-                        : (left == 4 || left == 2 || FEW == 2) ? (left > 1 ? 2 : 1)             \
-                        : left == 1 ? 1 : 3;                                                   \
-                NAME(wb, x + m0 * ldx, ldx, 1, y + m0 * ldy, ldy, k0, k1, R, k0 == 0, nvalid);    \
+                int R = left == 1 ? 1 : (left == 2 || left == 4 || FEW == 2) ? 2 : 3;          \
+                const XT* xm = x + m0 * K;                                                     \
+                float* ym = y + m0 * ldy;                                                      \
+                if (R == 1) {                                                                  \
+                    TILE(wb, xm, K, ym, ldy, k0, k1, 1, 8, 0, first, nvalid);                  \
+                } else {                                                                       \
+                    for (int c0 = 0; c0 < nvalid; c0 += 32) {                                  \
+                        if (R == 2) TILE(wb, xm, K, ym, ldy, k0, k1, 2, 4, c0, first, nvalid); \
+                        else TILE(wb, xm, K, ym, ldy, k0, k1, 3, 4, c0, first, nvalid);        \
+                    }                                                                          \
+                }                                                                              \
                 m0 += R;                                                                       \
             }                                                                                  \
         }                                                                                      \
@@ -458,9 +449,9 @@ AI void sums_store(float* y, int left, __m256 v) {
 AVX2_TILE(tile2_f32, float, float, bc_f32, 0)
 AVX2_TILE(tile2_w16, uint16_t, float, bc_f32, 1)
 AVX2_TILE(tile2_w16x16, uint16_t, uint16_t, bc_bf16, 1)
-AVX2_ROWS(rows2_f32, tile2_f32, float, float, 3)
-AVX2_ROWS(rows2_w16, tile2_w16, uint16_t, float, 2)
-AVX2_ROWS(rows2_bf16, tile2_w16x16, uint16_t, uint16_t, 2)
+AVX2_FEW_ROWS(few2_f32, tile2_f32, float, float, 3)
+AVX2_FEW_ROWS(few2_w16, tile2_w16, uint16_t, float, 2)
+AVX2_FEW_ROWS(few2_bf16, tile2_w16x16, uint16_t, uint16_t, 2)
 
 /* Rows [k0, k1) of a block's columns [c0, c0 + 16) as a contiguous fp32 strip (16 values a
  * row), widened from bf16 pairs or copied. */
@@ -548,11 +539,12 @@ STRIP_FN(4)
 STRIP_FN(5)
 STRIP_FN(6)
 typedef void (*strip_fn)(const float*, const float*, long, float*, long, int, int);
-static const strip_fn strip_fns[GR2 + 1] = {NULL, strip_1, strip_2, strip_3, strip_4, strip_5, strip_6};
+static const strip_fn strip_fns[GR2 + 1] = {NULL,    strip_1, strip_2, strip_3,
+                                            strip_4, strip_5, strip_6};
 
-/* Packed x (M > 8 rows) times one block, into y (fp32, ldy apart): per chunk of KC2 rows
+/* Packed x (M > 8 rows) times one block, into y (fp32, ldy apart): per chunk of KCG rows
  * of the block, each 16-column strip is copied (or widened from bf16 pairs: the same sums
- * as on fp32 weights) into `wbuf` (KC2 * 16 floats, 16 KiB: it stays in L1 while every
+ * as on fp32 weights) into `wbuf` (KCG * 16 floats, 128 KiB: it stays in L2 while every
  * group of rows of x streams past it). */
 static void gemm_block(const void* wb, int pairs, const float* xp, long M, long K, float* y,
                        long ldy, int nvalid, float* wbuf) {
@@ -577,7 +569,8 @@ static int avx2_linear(const float* x32, const uint16_t* x16, const void* W, int
                        float* y32, uint16_t* y16, long M, long N, long K, long Kp, int threads) {
     long nblk = (N + BN - 1) / BN, many = M > 8;
     size_t wsize = (size_t)(pairs ? 2 : 4) * BN * Kp;
-    float* xp = many ? (float*)malloc(sizeof(float) * (size_t)(((M + GR2 - 1) / GR2) * GR2 * K)) : NULL;
+    size_t xp_size = sizeof(float) * (size_t)(((M + GR2 - 1) / GR2) * GR2 * K);
+    float* xp = many ? (float*)malloc(xp_size) : NULL;
     if (many && !xp) return -1;
     int failed = 0;
     _Pragma("omp parallel num_threads(threads)") {
@@ -599,9 +592,9 @@ static int avx2_linear(const float* x32, const uint16_t* x16, const void* W, int
             float* yb = y16 ? part : y32 + b * BN;
             long ldy = y16 ? BN : N;
             if (many) gemm_block(wb, pairs, xp, M, K, yb, ldy, nvalid, wbuf);
-            else if (!pairs) rows2_f32_block((const float*)wb, x32, K, M, K, yb, ldy, nvalid);
-            else if (x16) rows2_bf16_block((const uint16_t*)wb, x16, K, M, K, yb, ldy, nvalid);
-            else rows2_w16_block((const uint16_t*)wb, x32, K, M, K, yb, ldy, nvalid);
+            else if (!pairs) few2_f32((const float*)wb, x32, M, K, yb, ldy, nvalid);
+            else if (x16) few2_bf16((const uint16_t*)wb, x16, M, K, yb, ldy, nvalid);
+            else few2_w16((const uint16_t*)wb, x32, M, K, yb, ldy, nvalid);
             if (y16)
                 for (long m = 0; m < M; m++)
                     for (int j = 0; j < nvalid; j++)
@@ -619,7 +612,7 @@ static int avx2_linear(const float* x32, const uint16_t* x16, const void* W, int
 AI void blocked_f32(const float* wb, const float* x, float* y, long K, long N, int nvalid,
                     const int M) {
 #if defined(CL_AVX2)
-    rows2_f32_block(wb, x, K, M, K, y, N, nvalid);
+    few2_f32(wb, x, M, K, y, N, nvalid);
 #else
     gemm_tile_f32(wb, x, K, y, N, 0, K, M, 1, nvalid);
 #endif
@@ -718,7 +711,7 @@ AI void gemm_tile_f32w16(const uint16_t* wb, const float* x, long ldx, float* y,
 AI void blocked_f32w16(const uint16_t* wb, const float* x, float* y, long K, long N, int nvalid,
                        const int M) {
 #if defined(CL_AVX2)
-    rows2_w16_block(wb, x, K, M, K, y, N, nvalid);
+    few2_w16(wb, x, M, K, y, N, nvalid);
 #else
     gemm_tile_f32w16(wb, x, K, y, N, 0, K, M, 1, nvalid);
 #endif
@@ -1298,7 +1291,7 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
     float part[8 * BN];
     long n0 = u * BN;
     int nvalid = L->n - n0 < BN ? (int)(L->n - n0) : BN;
-    rows2_bf16_block((const uint16_t*)L->w + n0 * L->kp, x, L->k, M, L->k, part, BN, nvalid);
+    few2_bf16((const uint16_t*)L->w + n0 * L->kp, x, M, L->k, part, BN, nvalid);
     for (long m = 0; m < M; m++)
         for (int j = 0; j < nvalid; j++) out[m * BN + j] = f32_to_bf16(part[m * BN + j]);
 }
