@@ -787,6 +787,11 @@ int codellama_linear_bf16_blocked(const uint16_t* x, const uint16_t* W, uint16_t
  * blocks: loading a checkpoint then costs what one copy costs. Unpacking is the inverse.
  */
 #define PT 128 /* a tile: 64 rows x 128 units (fp32 values, or bf16 pairs), 32 KiB */
+#if defined(__AVX512F__)
+#define DIRECT_UNITS 16 /* units per step of pack_direct */
+#else
+#define DIRECT_UNITS 8
+#endif
 
 /* Transpose a tile (row j, unit u at tile[j * PT + u]) into the blocked layout: unit u of
  * row j goes to out[u * BN + j], for u < nu. */
@@ -838,6 +843,59 @@ AI void pack_direct(const void* src, int kind, long ld, long n0, long nu, uint32
             /* Non-temporal: written once, read by later steps, so straight to memory; 3x
              * faster here than stores that first read every line in. */
             for (int i = 0; i < 16; i++) _mm512_stream_ps((float*)out + (u0 + i) * BN + j0, r[i]);
+        }
+    _mm_sfence();
+}
+#endif
+
+#if defined(CL_AVX2)
+/* r[i] (8 units of row i) -> r[u] (unit u of the 8 rows). */
+AI void transpose8(__m256* r) {
+    __m256 t[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+        t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+    }
+    for (int i = 0; i < 8; i++) r[i] = t[i];
+}
+
+/* Eight units of one source row as a vector of 32-bit units (see pack_direct's kinds). */
+AI __m256 load_units8(const void* src, int kind, long ld, long row, long u0) {
+    if (kind == 0) return _mm256_loadu_ps((const float*)src + row * ld + u0);
+    const uint16_t* s = (const uint16_t*)src + row * ld;
+    if (kind == 1)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(s + u0))), 16));
+    return _mm256_loadu_ps((const float*)(const void*)(s + 2 * u0));
+}
+
+/* pack_direct with 8-wide vectors: 16 rows x 8 units at a time (two 8 x 8 transposes), so
+ * that each 64-byte line of the output is written whole by two streaming stores in a row. */
+AI void pack_direct(const void* src, int kind, long ld, long n0, long nu, uint32_t* out) {
+    for (int j0 = 0; j0 < BN; j0 += 16) /* 16 rows read front to back: 16 streams */
+        for (long u0 = 0; u0 < nu; u0 += 8) {
+            __m256 a[8], b[8];
+            for (int i = 0; i < 8; i++) {
+                a[i] = load_units8(src, kind, ld, n0 + j0 + i, u0);
+                b[i] = load_units8(src, kind, ld, n0 + j0 + 8 + i, u0);
+            }
+            transpose8(a);
+            transpose8(b);
+            for (int i = 0; i < 8; i++) {
+                float* o = (float*)out + (u0 + i) * BN + j0;
+                _mm256_stream_ps(o, a[i]);
+                _mm256_stream_ps(o + 8, b[i]);
+            }
         }
     _mm_sfence();
 }
@@ -990,11 +1048,11 @@ static int pack_blocked(const void* src, int src_bf16, int dst_bf16, long ld, vo
                 uint32_t* out = (uint32_t*)dst + b * BN * stride + unit_off * BN;
                 if (units != stride) populate(out, sizeof(uint32_t) * BN * (size_t)units);
                 long done = 0;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(CL_AVX2)
                 int aligned = ((uintptr_t)out & 63) == 0; /* for the streaming stores */
                 if (aligned && b * BN + BN <= N && (!dst_bf16 || src_bf16)) { /* whole block */
                     int kind = dst_bf16 ? 2 : src_bf16;
-                    done = dst_bf16 ? (K / 2) & ~15L : K & ~15L; /* whole 16-unit groups */
+                    done = (dst_bf16 ? K / 2 : K) & ~(long)(DIRECT_UNITS - 1); /* whole groups */
                     pack_direct(src, kind, ld, b * BN, done, out);
                 }
 #endif

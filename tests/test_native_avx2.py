@@ -11,6 +11,7 @@ from codellama import native
 
 from .conftest import GQA_ARGS
 from .test_native_decoder import ODD_ARGS, _step, _tokens
+from .test_native_packed import _reference_layout
 
 SHAPES = [(64, 128), (100, 70), (5, 33), (1, 1), (130, 301), (70, 2100)]  # K > 2048: chunks
 ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 64, 200]  # decoding's groups, and prefill's panels
@@ -37,6 +38,18 @@ def test_avx2_build_has_vector_paths_for_fp32_and_bf16(avx2_kernel):
     assert avx2_kernel.bf16_products and not avx2_kernel.bf16_dot_product
     assert avx2_kernel.can_pack(torch.float32) and avx2_kernel.can_pack(torch.bfloat16)
     assert native.preferred(avx2_kernel)
+
+
+@pytest.mark.parametrize("source", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), [(192, 64), (130, 301), (64, 17), (200, 2100)])
+def test_avx2_packing_writes_the_documented_layout(avx2_kernel, source, stored, n, k):
+    """Whole blocks go through 8 x 8 transposes and streaming stores, the rest (the last
+    block, the units past the last group of 8) through the tile: both in the same layout,
+    from a slice of a wider shard too (rows ``ld`` apart)."""
+    w = torch.randn(n, k + 6, generator=torch.Generator().manual_seed(n + k)).to(source)
+    for piece in (w[:, :k].contiguous(), w[:, 6:]):
+        assert torch.equal(avx2_kernel.pack(piece, stored), _reference_layout(piece.to(stored)))
 
 
 @pytest.mark.parametrize(("dtype", "stored"), FORMS)
