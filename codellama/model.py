@@ -489,6 +489,8 @@ class Attention(nn.Module):
         )  # fmt: skip
         self.cache: KVCache | None = None
         self.wqkv: torch.Tensor | None = None  # wq, wk, wv as one matrix: see fuse_rows
+        # The native kernels' causal prefill attention, where the model uses them (AVX2).
+        self.native_attention: NativeLinear | None = None
 
     @property
     def cache_k(self) -> torch.Tensor:
@@ -564,8 +566,17 @@ class Attention(nn.Module):
         if self.cache is None:
             raise RuntimeError("KV cache not allocated: call Transformer.setup_cache() first")
         bsz, seqlen = q.shape[:2]
+        by_position = q
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         keys, values = self.cache.update(k, v.transpose(1, 2), step)
+        native_attention = self.native_attention
+        if step.causal and native_attention is not None and not torch.compiler.is_compiling():
+            rows = slice(step.row_offset, step.row_offset + bsz)
+            out = native_attention.prefill_attention(
+                by_position, self.cache.k[rows], self.cache.v[rows], step.start_pos
+            )
+            if out is not None:
+                return out
 
         if step.causal and step.start_pos > 0:
             return self._attend_past(q, keys, values, step.start_pos)
@@ -901,6 +912,9 @@ class Transformer(nn.Module):
         are then unpacked (and prepacked for oneDNN where it can). Returns the layers it
         serves."""
         self.native_kernel = kernel
+        for layer in self.layers:  # causal prefill attention too, where the build has it
+            assert isinstance(layer, TransformerBlock)
+            layer.attention.native_attention = kernel
         served, hint, unpacked = 0, self._pack_hint(), False
         for module in self.linear_layers():
             old, weight = _packed_plan(module), _weight(module)

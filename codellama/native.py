@@ -177,6 +177,17 @@ class NativeLinear:
         self._argmax.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
         self._argmax.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
         self._argmax.restype = None
+        self._attention = {}  # AVX2 builds: causal prefill attention (else SDPA)
+        if self.avx2:
+            for dtype, name in _NAMES.items():
+                fn = getattr(library, f"codellama_prefill_attention_{name}")
+                # q, q_sb, q_st, cache_k, cache_v, c_sb, c_sh, out, B, T, H, Hkv, D, start,
+                # threads
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+                fn.argtypes += [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+                fn.argtypes += [ctypes.c_long] * 6 + [ctypes.c_int]
+                fn.restype = ctypes.c_int
+                self._attention[dtype] = fn
         self._decoders = {torch.float32: library.codellama_decode_step_f32}
         if self.bf16_products:
             self._decoders[torch.bfloat16] = library.codellama_decode_step_bf16
@@ -387,6 +398,44 @@ class NativeLinear:
             self._layouts[key] = self._find_layout(weight, ptr, nbytes)
         padded_k = self._layouts[key]
         return None if padded_k is None else self._plan(weight, ptr, padded_k)
+
+    def prefill_attention(
+        self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, start: int
+    ) -> torch.Tensor | None:
+        """Causal attention of ``q`` (B, T, H, D) at positions ``start ..`` over the keys and
+        values 0 .. start+T-1 of ``cache_k``/``cache_v`` (B, Hkv, >= start+T, D; the rows of
+        this batch, already written): (B, T, H * D), or None where this build or these
+        tensors are not served (then SDPA runs). Flash attention's order in fp32 sums; a
+        row's result does not depend on the other rows or on where the prompt was cut into
+        chunks (see native_linear.c)."""
+        fn = self._attention.get(q.dtype)
+        bsz, seqlen, heads, dim = q.shape
+        if (
+            fn is None
+            or q.device.type != "cpu"
+            or cache_k.dtype != q.dtype
+            or cache_v.dtype != q.dtype
+            or cache_k.shape != cache_v.shape
+            or cache_k.stride() != cache_v.stride()
+            or cache_k.shape[0] != bsz
+            or cache_k.shape[2] < start + seqlen
+            or cache_k.shape[3] != dim
+            or cache_k.stride()[2:] != (dim, 1)
+            or q.stride()[2:] != (dim, 1)
+            or dim % 8
+            or dim > 256
+            or heads % cache_k.shape[1]
+        ):
+            return None
+        out = torch.empty((bsz, seqlen, heads * dim), dtype=q.dtype, device="cpu")
+        status = fn(
+            q.data_ptr(), q.stride(0), q.stride(1), cache_k.data_ptr(), cache_v.data_ptr(),
+            cache_k.stride(0), cache_k.stride(1), out.data_ptr(), bsz, seqlen, heads,
+            cache_k.shape[1], dim, start, torch.get_num_threads(),
+        )  # fmt: skip
+        if status == -1:
+            raise MemoryError("native prefill attention: out of memory for a thread's buffers")
+        return out if status == 0 else None
 
     def greedy(self, logits: torch.Tensor) -> tuple[list[int], list[bool]] | None:
         """Per row of CPU float32 ``logits`` (B, V): the argmax (torch.argmax's choice) and

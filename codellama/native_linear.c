@@ -1641,6 +1641,270 @@ int codellama_decode_step_bf16(const cl_layer* layers, int n_layers, const cl_he
 }
 #endif
 
+/* ------------------------------------------------------------------------------------
+ * Prefill attention (AVX2): causal, every row of the batch at positions start .. start+T-1,
+ * over the KV cache (keys 0 .. start+T-1, already stored). Flash attention's order: a work
+ * item is one (batch row, KV head, block of positions) with the query heads that share the
+ * KV head stacked as rows (no repeated K/V); it passes over blocks of AK keys with a running
+ * max and sum per row. Scores and p @ V are 6-row x 16-column register tiles over fp32
+ * copies of the block (keys transposed). A row's result depends only on its own query and
+ * keys -- blocks start at multiples of AK, and a block a row does not reach leaves it
+ * exactly as it was -- so chunked prefill gives the same results as one pass, and a batch
+ * the same as each row alone. */
+#if defined(CL_AVX2)
+/* vexp on 8 lanes with AVX2 intrinsics (GCC splits the 16-lane generic vectors into
+ * 128-bit pieces here): the same range reduction and polynomial. */
+AI __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+    __m256 small = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365478515625f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365478515625f));
+    __m256 nf = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                                _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fmadd_ps(nf, _mm256_set1_ps(2.12194440e-4f), x);
+    __m256 z = _mm256_mul_ps(x, x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(small, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
+}
+
+#define AQ 192 /* rows (positions x heads of a KV head) of a work item */
+#define AK 64  /* keys per block */
+
+#define AS_INIT(r) __m256 a##r##0 = _mm256_setzero_ps(), a##r##1 = _mm256_setzero_ps();
+#define AS_STEP(r)                                                                             \
+    if (R > r) {                                                                               \
+        __m256 qb = _mm256_broadcast_ss(q + r * D + d);                                        \
+        a##r##0 = _mm256_fmadd_ps(k0, qb, a##r##0);                                            \
+        a##r##1 = _mm256_fmadd_ps(k1, qb, a##r##1);                                            \
+    }
+#define AS_STORE(r)                                                                            \
+    if (R > r) {                                                                               \
+        _mm256_storeu_ps(s + r * AK, a##r##0);                                                 \
+        _mm256_storeu_ps(s + r * AK + 8, a##r##1);                                             \
+    }
+/* Scores of R rows of q (fp32, D apart) against 16 keys (kt: D rows of 16) into s (AK apart). */
+#define ATT_S_FN(RR)                                                                           \
+    static void att_s_##RR(const float* q, const float* kt, long D, float* s) {                \
+        const int R = RR;                                                                      \
+        AS_INIT(0) AS_INIT(1) AS_INIT(2) AS_INIT(3) AS_INIT(4) AS_INIT(5)                      \
+        for (long d = 0; d < D; d++) {                                                         \
+            __m256 k0 = _mm256_loadu_ps(kt + d * 16), k1 = _mm256_loadu_ps(kt + d * 16 + 8);   \
+            AS_STEP(0) AS_STEP(1) AS_STEP(2) AS_STEP(3) AS_STEP(4) AS_STEP(5)                  \
+        }                                                                                      \
+        AS_STORE(0) AS_STORE(1) AS_STORE(2) AS_STORE(3) AS_STORE(4) AS_STORE(5)                \
+    }
+#define AP_INIT(r)                                                                             \
+    __m256 a##r##0 = _mm256_setzero_ps(), a##r##1 = _mm256_setzero_ps();                      \
+    if (R > r) {                                                                               \
+        a##r##0 = _mm256_loadu_ps(o + r * D);                                                  \
+        a##r##1 = _mm256_loadu_ps(o + r * D + 8);                                              \
+    }
+#define AP_STEP(r)                                                                             \
+    if (R > r) {                                                                               \
+        __m256 pb = _mm256_broadcast_ss(p + r * AK + j);                                       \
+        a##r##0 = _mm256_fmadd_ps(v0, pb, a##r##0);                                            \
+        a##r##1 = _mm256_fmadd_ps(v1, pb, a##r##1);                                            \
+    }
+#define AP_STORE(r)                                                                            \
+    if (R > r) {                                                                               \
+        _mm256_storeu_ps(o + r * D, a##r##0);                                                  \
+        _mm256_storeu_ps(o + r * D + 8, a##r##1);                                              \
+    }
+/* o[r, 0:16] (D apart) += sum over j < n of p[r, j] (AK apart) * v[j, 0:16] (D apart). */
+#define ATT_PV_FN(RR)                                                                          \
+    static void att_pv_##RR(const float* p, const float* v, long n, long D, float* o) {        \
+        const int R = RR;                                                                      \
+        AP_INIT(0) AP_INIT(1) AP_INIT(2) AP_INIT(3) AP_INIT(4) AP_INIT(5)                      \
+        for (long j = 0; j < n; j++) {                                                         \
+            __m256 v0 = _mm256_loadu_ps(v + j * D), v1 = _mm256_loadu_ps(v + j * D + 8);       \
+            AP_STEP(0) AP_STEP(1) AP_STEP(2) AP_STEP(3) AP_STEP(4) AP_STEP(5)                  \
+        }                                                                                      \
+        AP_STORE(0) AP_STORE(1) AP_STORE(2) AP_STORE(3) AP_STORE(4) AP_STORE(5)                \
+    }
+#define AP8_INIT(r) __m256 a##r##0 = R > r ? _mm256_loadu_ps(o + r * D) : _mm256_setzero_ps();
+#define AP8_STEP(r)                                                                            \
+    if (R > r) a##r##0 = _mm256_fmadd_ps(v0, _mm256_broadcast_ss(p + r * AK + j), a##r##0);
+#define AP8_STORE(r)                                                                           \
+    if (R > r) _mm256_storeu_ps(o + r * D, a##r##0);
+/* att_pv on 8 columns: the last ones of a head size that is an odd multiple of 8. */
+#define ATT_PV8_FN(RR)                                                                         \
+    static void att_pv8_##RR(const float* p, const float* v, long n, long D, float* o) {       \
+        const int R = RR;                                                                      \
+        AP8_INIT(0) AP8_INIT(1) AP8_INIT(2) AP8_INIT(3) AP8_INIT(4) AP8_INIT(5)                \
+        for (long j = 0; j < n; j++) {                                                         \
+            __m256 v0 = _mm256_loadu_ps(v + j * D);                                            \
+            AP8_STEP(0) AP8_STEP(1) AP8_STEP(2) AP8_STEP(3) AP8_STEP(4) AP8_STEP(5)            \
+        }                                                                                      \
+        AP8_STORE(0) AP8_STORE(1) AP8_STORE(2) AP8_STORE(3) AP8_STORE(4) AP8_STORE(5)          \
+    }
+ATT_S_FN(1) ATT_S_FN(2) ATT_S_FN(3) ATT_S_FN(4) ATT_S_FN(5) ATT_S_FN(6)
+ATT_PV_FN(1) ATT_PV_FN(2) ATT_PV_FN(3) ATT_PV_FN(4) ATT_PV_FN(5) ATT_PV_FN(6)
+ATT_PV8_FN(1) ATT_PV8_FN(2) ATT_PV8_FN(3) ATT_PV8_FN(4) ATT_PV8_FN(5) ATT_PV8_FN(6)
+typedef void (*att_s_fn)(const float*, const float*, long, float*);
+typedef void (*att_pv_fn)(const float*, const float*, long, long, float*);
+static const att_s_fn att_s_fns[7] = {NULL, att_s_1, att_s_2, att_s_3, att_s_4, att_s_5, att_s_6};
+static const att_pv_fn att_pv_fns[7] = {NULL,     att_pv_1, att_pv_2, att_pv_3,
+                                        att_pv_4, att_pv_5, att_pv_6};
+static const att_pv_fn att_pv8_fns[7] = {NULL,      att_pv8_1, att_pv8_2, att_pv8_3,
+                                         att_pv8_4, att_pv8_5, att_pv8_6};
+
+/* One work item's pass over its key blocks. qf: its R rows (fp32, scaled by 1/sqrt(D));
+ * pos[r]: each row's position; kt, vb, s: buffers (D x AK, AK x D, R x AK); o (R x D) and
+ * l (R): the unnormalised output and sums. */
+#define ATT_ITEM(SFX, T, TOF)                                                                  \
+    static void att_item_##SFX(const T* keys, const T* vals, const float* qf, const long* pos, \
+                               long R, long D, long n_keys, float* kt, float* vb, float* s,    \
+                               float* o, float* m, float* l) {                                 \
+        for (long r = 0; r < R; r++) m[r] = -INFINITY, l[r] = 0.0f;                            \
+        memset(o, 0, sizeof(float) * (size_t)(R * D));                                         \
+        long last = pos[R - 1] + 1 < n_keys ? pos[R - 1] + 1 : n_keys; /* keys any row sees */ \
+        for (long j0 = 0; j0 < last; j0 += AK) {                                               \
+            long kn = last - j0 < AK ? last - j0 : AK;                                         \
+            for (long c = 0; c < AK / 16; c++) /* keys transposed in strips of 16 */         \
+                for (long jj = 0; jj < 16; jj++) {                                             \
+                    long j = c * 16 + jj;                                                      \
+                    float* dst = kt + c * D * 16 + jj;                                         \
+                    const T* src = keys + (j0 + j) * D;                                        \
+                    if (j < kn)                                                                \
+                        for (long d = 0; d < D; d++) dst[d * 16] = TOF(src[d]);                \
+                    else                                                                       \
+                        for (long d = 0; d < D; d++) dst[d * 16] = 0.0f;                       \
+                }                                                                              \
+            const float* vv = vb; /* the block's values in fp32: the cache's own, or a copy */ \
+            if (sizeof(T) == sizeof(float)) vv = (const float*)(const void*)(vals + j0 * D);    \
+            else                                                                               \
+                for (long j = 0; j < kn; j++)                                                  \
+                    for (long d = 0; d < D; d++) vb[j * D + d] = TOF(vals[(j0 + j) * D + d]);  \
+            long r_first = 0; /* rows that reach this block: pos >= j0 (rows by position) */  \
+            while (pos[r_first] < j0) r_first++;                                               \
+            long kv16 = (kn + 15) & ~15L;                                                      \
+            for (long r0 = r_first; r0 < R; r0 += 6) {                                         \
+                int rr = R - r0 < 6 ? (int)(R - r0) : 6;                                       \
+                for (long c = 0; c < kv16 / 16; c++)                                           \
+                    att_s_fns[rr](qf + r0 * D, kt + c * D * 16, D, s + r0 * AK + c * 16);      \
+            }                                                                                  \
+            for (long r = r_first; r < R; r++) {                                               \
+                float* sr = s + r * AK;                                                        \
+                long nv = pos[r] + 1 - j0 < kn ? pos[r] + 1 - j0 : kn; /* keys <= pos */      \
+                long nv16 = (nv + 15) & ~15L;                                                  \
+                if (nv < nv16) /* keys past the row's position: -inf, so exp gives 0 */       \
+                    for (long j = nv; j < nv16; j++) sr[j] = -INFINITY;                        \
+                __m256 mxv = _mm256_set1_ps(m[r]);                                             \
+                for (long j = 0; j < nv16; j += 8) mxv = _mm256_max_ps(mxv, _mm256_loadu_ps(sr + j)); \
+                __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mxv), _mm256_extractf128_ps(mxv, 1)); \
+                m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));                                    \
+                m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));                                      \
+                float mx = _mm_cvtss_f32(m4);                                                  \
+                float factor = m[r] == -INFINITY ? 0.0f : sexp(m[r] - mx);                     \
+                __m256 sum = _mm256_setzero_ps(), mv = _mm256_set1_ps(mx);                     \
+                for (long j = 0; j < nv16; j += 8) {                                           \
+                    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));               \
+                    _mm256_storeu_ps(sr + j, e);                                               \
+                    sum = _mm256_add_ps(sum, e);                                               \
+                }                                                                              \
+                for (long j = nv16; j < kv16; j++) sr[j] = 0.0f; /* keys no row of it sees */ \
+                __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1)); \
+                s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));                                    \
+                s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));                                      \
+                l[r] = l[r] * factor + _mm_cvtss_f32(s4);                                      \
+                m[r] = mx;                                                                     \
+                if (factor != 1.0f) {                                                          \
+                    __m256 fv = _mm256_set1_ps(factor);                                        \
+                    for (long d = 0; d < D; d += 8)                                            \
+                        _mm256_storeu_ps(o + r * D + d, _mm256_mul_ps(_mm256_loadu_ps(o + r * D + d), fv)); \
+                }                                                                              \
+            }                                                                                  \
+            for (long r0 = r_first; r0 < R; r0 += 6) {                                         \
+                int rr = R - r0 < 6 ? (int)(R - r0) : 6;                                       \
+                for (long d0 = 0; d0 < D; d0 += 16)                                            \
+                    if (d0 + 16 <= D) att_pv_fns[rr](s + r0 * AK, vv + d0, kn, D, o + r0 * D + d0); \
+                    else att_pv8_fns[rr](s + r0 * AK, vv + d0, kn, D, o + r0 * D + d0);        \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+    /* q: (B, T, H, D) with batch and position strides q_sb, q_st (heads D apart); caches:   \
+     * (B, Hkv, >= start + T, D) with strides c_sb, c_sh; out: (B, T, H, D) contiguous.      \
+     * Returns 0, -1 out of memory, -4 an unsupported shape. */                              \
+    int codellama_prefill_attention_##SFX(const T* q, long q_sb, long q_st, const T* cache_k,  \
+                                          const T* cache_v, long c_sb, long c_sh, T* out,      \
+                                          long B, long Tn, long H, long Hkv, long D,           \
+                                          long start, int threads) {                           \
+        if (B < 1 || Tn < 1 || Hkv < 1 || H % Hkv || D % 8 || D > 256 || start < 0)          \
+            return -4;                                                                         \
+        long rep = H / Hkv;                                                                    \
+        if (rep > AQ) return -4;                                                               \
+        long per = AQ / rep; /* positions per work item */                                    \
+        long blocks = (Tn + per - 1) / per, items = B * Hkv * blocks;                          \
+        float scale = 1.0f / sqrtf((float)D);                                                  \
+        int failed = 0;                                                                        \
+        _Pragma("omp parallel num_threads(threads)") {                                        \
+            size_t nf = (size_t)(AQ * D * 2 + AQ * AK + 2 * AK * D + 2 * AQ);                  \
+            float* buf = (float*)aligned_alloc(64, (sizeof(float) * nf + 63) & ~(size_t)63);   \
+            long* pos = (long*)malloc(sizeof(long) * AQ);                                      \
+            if (!buf || !pos) {                                                                \
+                _Pragma("omp atomic write") failed = 1;                                        \
+            }                                                                                  \
+            _Pragma("omp for schedule(dynamic, 1)")                                            \
+            for (long it = 0; it < items; it++) {                                              \
+                if (!buf || !pos) continue;                                                    \
+                long blk = blocks - 1 - it % blocks; /* the longest first */                   \
+                long g = (it / blocks) % Hkv, b = it / blocks / Hkv;                           \
+                long t0 = blk * per, t1 = t0 + per < Tn ? t0 + per : Tn, R = (t1 - t0) * rep;  \
+                float *qf = buf, *o = qf + AQ * D, *s = o + AQ * D, *kt = s + AQ * AK;         \
+                float *vb = kt + AK * D, *m = vb + AK * D, *l = m + AQ;                        \
+                for (long t = t0; t < t1; t++)                                                 \
+                    for (long i = 0; i < rep; i++) {                                           \
+                        long r = (t - t0) * rep + i;                                           \
+                        const T* qr = q + b * q_sb + t * q_st + (g * rep + i) * D;             \
+                        for (long d = 0; d < D; d++) qf[r * D + d] = TOF(qr[d]) * scale;       \
+                        pos[r] = start + t;                                                    \
+                    }                                                                          \
+                const T* keys = cache_k + b * c_sb + g * c_sh;                                 \
+                const T* vals = cache_v + b * c_sb + g * c_sh;                                 \
+                att_item_##SFX(keys, vals, qf, pos, R, D, start + Tn, kt, vb, s, o, m, l);     \
+                for (long t = t0; t < t1; t++)                                                 \
+                    for (long i = 0; i < rep; i++) {                                           \
+                        long r = (t - t0) * rep + i;                                           \
+                        T* dst = out + ((b * Tn + t) * H + g * rep + i) * D;                   \
+                        float inv = 1.0f / l[r];                                               \
+                        for (long d = 0; d < D; d++) dst[d] = FROMF_##SFX(o[r * D + d] * inv); \
+                    }                                                                          \
+            }                                                                                  \
+            free(buf);                                                                         \
+            free(pos);                                                                         \
+        }                                                                                      \
+        return failed ? -1 : 0;                                                                \
+    }
+#define FROMF_f32 f32_id
+#define FROMF_bf16 f32_to_bf16
+ATT_ITEM(f32, float, f32_id)
+ATT_ITEM(bf16, uint16_t, bf16_to_f32)
+#else
+int codellama_prefill_attention_f32(const float* q, long q_sb, long q_st, const float* cache_k,
+                                    const float* cache_v, long c_sb, long c_sh, float* out,
+                                    long B, long Tn, long H, long Hkv, long D, long start,
+                                    int threads) {
+    (void)q, (void)q_sb, (void)q_st, (void)cache_k, (void)cache_v, (void)c_sb, (void)c_sh;
+    (void)out, (void)B, (void)Tn, (void)H, (void)Hkv, (void)D, (void)start, (void)threads;
+    return -2; /* AVX2 builds only: elsewhere the model keeps SDPA */
+}
+int codellama_prefill_attention_bf16(const uint16_t* q, long q_sb, long q_st,
+                                     const uint16_t* cache_k, const uint16_t* cache_v,
+                                     long c_sb, long c_sh, uint16_t* out, long B, long Tn, long H,
+                                     long Hkv, long D, long start, int threads) {
+    (void)q, (void)q_sb, (void)q_st, (void)cache_k, (void)cache_v, (void)c_sb, (void)c_sh;
+    (void)out, (void)B, (void)Tn, (void)H, (void)Hkv, (void)D, (void)start, (void)threads;
+    return -2;
+}
+#endif
+
 /* Greedy decoding's pick: per row of fp32 logits (M, V), the index of the first maximum
  * (of the first NaN if there is one, as torch.argmax) and whether every value is finite;
  * in one call instead of three torch ops that run slowly right after a pass over weights. */

@@ -120,6 +120,8 @@ def test_turning_the_kernel_off_unpacks_the_weights(kernel, make_checkpoint, bui
     if not kernel.can_pack(model.dtype):
         pytest.skip("this CPU's build does not pack this dtype")
     tokens = torch.tensor([[1, 5, 9, 14, 3, 7, 11, 2, 6, 8, 10]])
+    for layer in model.layers:  # the weights are under test: one attention throughout
+        layer.attention.native_attention = None
     want = model.forward(tokens)
     wq = model.layers[0].attention.wq
     packed_plan = wq.native_plan
@@ -134,6 +136,8 @@ def test_turning_the_kernel_off_unpacks_the_weights(kernel, make_checkpoint, bui
     torch.testing.assert_close(model.forward(tokens), want, atol=tol, rtol=tol)
     model.use_native_kernel(kernel)  # oneDNN's layout now: planned for decoding's rows
     assert model.native_decoder is not None
+    for layer in model.layers:
+        layer.attention.native_attention = None
     torch.testing.assert_close(model.forward(tokens), want, atol=tol, rtol=tol)
 
 
