@@ -1704,49 +1704,37 @@ AI __m256 exp8(__m256 x) {
     __m256 a##r##0 = _mm256_setzero_ps(), a##r##1 = _mm256_setzero_ps();                      \
     if (R > r) {                                                                               \
         a##r##0 = _mm256_loadu_ps(o + r * D);                                                  \
-        a##r##1 = _mm256_loadu_ps(o + r * D + 8);                                              \
+        if (W > 8) a##r##1 = _mm256_loadu_ps(o + r * D + 8);                                   \
     }
 #define AP_STEP(r)                                                                             \
     if (R > r) {                                                                               \
         __m256 pb = _mm256_broadcast_ss(p + r * AK + j);                                       \
         a##r##0 = _mm256_fmadd_ps(v0, pb, a##r##0);                                            \
-        a##r##1 = _mm256_fmadd_ps(v1, pb, a##r##1);                                            \
+        if (W > 8) a##r##1 = _mm256_fmadd_ps(v1, pb, a##r##1);                                 \
     }
 #define AP_STORE(r)                                                                            \
     if (R > r) {                                                                               \
         _mm256_storeu_ps(o + r * D, a##r##0);                                                  \
-        _mm256_storeu_ps(o + r * D + 8, a##r##1);                                              \
+        if (W > 8) _mm256_storeu_ps(o + r * D + 8, a##r##1);                                   \
     }
-/* o[r, 0:16] (D apart) += sum over j < n of p[r, j] (AK apart) * v[j, 0:16] (D apart). */
-#define ATT_PV_FN(RR)                                                                          \
-    static void att_pv_##RR(const float* p, const float* v, long n, long D, float* o) {        \
-        const int R = RR;                                                                      \
+/* o[r, 0:W] (D apart) += sum over j < n of p[r, j] (AK apart) * v[j, 0:W] (D apart); W is 16,
+ * or 8 for the last columns of a head size that is an odd multiple of 8. */
+#define ATT_PV_FN(NAME, RR, WW)                                                                \
+    static void NAME(const float* p, const float* v, long n, long D, float* o) {               \
+        const int R = RR, W = WW;                                                              \
         AP_INIT(0) AP_INIT(1) AP_INIT(2) AP_INIT(3) AP_INIT(4) AP_INIT(5)                      \
         for (long j = 0; j < n; j++) {                                                         \
-            __m256 v0 = _mm256_loadu_ps(v + j * D), v1 = _mm256_loadu_ps(v + j * D + 8);       \
+            __m256 v0 = _mm256_loadu_ps(v + j * D);                                            \
+            __m256 v1 = W > 8 ? _mm256_loadu_ps(v + j * D + 8) : v0;                           \
             AP_STEP(0) AP_STEP(1) AP_STEP(2) AP_STEP(3) AP_STEP(4) AP_STEP(5)                  \
         }                                                                                      \
         AP_STORE(0) AP_STORE(1) AP_STORE(2) AP_STORE(3) AP_STORE(4) AP_STORE(5)                \
     }
-#define AP8_INIT(r) __m256 a##r##0 = R > r ? _mm256_loadu_ps(o + r * D) : _mm256_setzero_ps();
-#define AP8_STEP(r)                                                                            \
-    if (R > r) a##r##0 = _mm256_fmadd_ps(v0, _mm256_broadcast_ss(p + r * AK + j), a##r##0);
-#define AP8_STORE(r)                                                                           \
-    if (R > r) _mm256_storeu_ps(o + r * D, a##r##0);
-/* att_pv on 8 columns: the last ones of a head size that is an odd multiple of 8. */
-#define ATT_PV8_FN(RR)                                                                         \
-    static void att_pv8_##RR(const float* p, const float* v, long n, long D, float* o) {       \
-        const int R = RR;                                                                      \
-        AP8_INIT(0) AP8_INIT(1) AP8_INIT(2) AP8_INIT(3) AP8_INIT(4) AP8_INIT(5)                \
-        for (long j = 0; j < n; j++) {                                                         \
-            __m256 v0 = _mm256_loadu_ps(v + j * D);                                            \
-            AP8_STEP(0) AP8_STEP(1) AP8_STEP(2) AP8_STEP(3) AP8_STEP(4) AP8_STEP(5)            \
-        }                                                                                      \
-        AP8_STORE(0) AP8_STORE(1) AP8_STORE(2) AP8_STORE(3) AP8_STORE(4) AP8_STORE(5)          \
-    }
 ATT_S_FN(1) ATT_S_FN(2) ATT_S_FN(3) ATT_S_FN(4) ATT_S_FN(5) ATT_S_FN(6)
-ATT_PV_FN(1) ATT_PV_FN(2) ATT_PV_FN(3) ATT_PV_FN(4) ATT_PV_FN(5) ATT_PV_FN(6)
-ATT_PV8_FN(1) ATT_PV8_FN(2) ATT_PV8_FN(3) ATT_PV8_FN(4) ATT_PV8_FN(5) ATT_PV8_FN(6)
+ATT_PV_FN(att_pv_1, 1, 16) ATT_PV_FN(att_pv_2, 2, 16) ATT_PV_FN(att_pv_3, 3, 16)
+ATT_PV_FN(att_pv_4, 4, 16) ATT_PV_FN(att_pv_5, 5, 16) ATT_PV_FN(att_pv_6, 6, 16)
+ATT_PV_FN(att_pv8_1, 1, 8) ATT_PV_FN(att_pv8_2, 2, 8) ATT_PV_FN(att_pv8_3, 3, 8)
+ATT_PV_FN(att_pv8_4, 4, 8) ATT_PV_FN(att_pv8_5, 5, 8) ATT_PV_FN(att_pv8_6, 6, 8)
 typedef void (*att_s_fn)(const float*, const float*, long, float*);
 typedef void (*att_pv_fn)(const float*, const float*, long, long, float*);
 static const att_s_fn att_s_fns[7] = {NULL, att_s_1, att_s_2, att_s_3, att_s_4, att_s_5, att_s_6};
@@ -1758,7 +1746,7 @@ static const att_pv_fn att_pv8_fns[7] = {NULL,      att_pv8_1, att_pv8_2, att_pv
 /* One work item's pass over its key blocks. qf: its R rows (fp32, scaled by 1/sqrt(D));
  * pos[r]: each row's position; kt, vb, s: buffers (D x AK, AK x D, R x AK); o (R x D) and
  * l (R): the unnormalised output and sums. */
-#define ATT_ITEM(SFX, T, TOF)                                                                  \
+#define ATT_ITEM(SFX, T, TOF, FROMF)                                                           \
     static void att_item_##SFX(const T* keys, const T* vals, const float* qf, const long* pos, \
                                long R, long D, long n_keys, float* kt, float* vb, float* s,    \
                                float* o, float* m, float* l) {                                 \
@@ -1874,7 +1862,7 @@ static const att_pv_fn att_pv8_fns[7] = {NULL,      att_pv8_1, att_pv8_2, att_pv
                         long r = (t - t0) * rep + i;                                           \
                         T* dst = out + ((b * Tn + t) * H + g * rep + i) * D;                   \
                         float inv = 1.0f / l[r];                                               \
-                        for (long d = 0; d < D; d++) dst[d] = FROMF_##SFX(o[r * D + d] * inv); \
+                        for (long d = 0; d < D; d++) dst[d] = FROMF(o[r * D + d] * inv);      \
                     }                                                                          \
             }                                                                                  \
             free(buf);                                                                         \
@@ -1882,10 +1870,8 @@ static const att_pv_fn att_pv8_fns[7] = {NULL,      att_pv8_1, att_pv8_2, att_pv
         }                                                                                      \
         return failed ? -1 : 0;                                                                \
     }
-#define FROMF_f32 f32_id
-#define FROMF_bf16 f32_to_bf16
-ATT_ITEM(f32, float, f32_id)
-ATT_ITEM(bf16, uint16_t, bf16_to_f32)
+ATT_ITEM(f32, float, f32_id, f32_id)
+ATT_ITEM(bf16, uint16_t, bf16_to_f32, f32_to_bf16)
 #else
 int codellama_prefill_attention_f32(const float* q, long q_sb, long q_st, const float* cache_k,
                                     const float* cache_v, long c_sb, long c_sh, float* out,
