@@ -192,10 +192,11 @@ class NativeLinear:
         if self.bf16_products:
             self._decoders[torch.bfloat16] = library.codellama_decode_step_bf16
         for fn in self._decoders.values():
-            # layers, n_layers, head, tokens, M, row0, pos, kv_len, rope, logits, threads
+            # layers, n_layers, head, tokens, M, row0, pos, kv_len, rope, logits, picks,
+            # finite, threads
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
             fn.argtypes += [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_long]
-            fn.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            fn.argtypes += [ctypes.c_void_p] * 4 + [ctypes.c_int]
             fn.restype = ctypes.c_int
 
     @staticmethod
@@ -604,6 +605,10 @@ class DecoderPlan:
             struct.dim, struct.hidden = layer.linears[0].k, layer.linears[4].n
             struct.max_seq, struct.cache_rows, struct.eps = max_seq, rows, layer.eps
         self._positions = (ctypes.c_long * MAX_ROWS)()
+        self._finite = (ctypes.c_int * MAX_ROWS)()
+        # the last step's logits and greedy picks (see picks): kept, so that no other
+        # tensor can take the logits' memory while they are
+        self._last: tuple[torch.Tensor, torch.Tensor, list[bool]] | None = None
 
     def __call__(
         self,
@@ -629,10 +634,12 @@ class DecoderPlan:
                 raise ValueError(f"expected {rows} positions, got {positions.numel()}")
             pos_ptr = positions.data_ptr()
         logits = torch.empty((rows, self.vocab_size), dtype=torch.float32, device="cpu")
+        picks = torch.empty(rows, dtype=torch.long, device="cpu")
+        self._last = None
         status = self.fn(
             self._structs, len(self.layers), ctypes.byref(self._head), tokens.data_ptr(), rows,
             row_offset, pos_ptr, kv_len, self.rope.data_ptr(), logits.data_ptr(),
-            torch.get_num_threads(),
+            picks.data_ptr(), self._finite, torch.get_num_threads(),
         )  # fmt: skip
         if status == -3:
             raise PromptTooLongError(
@@ -651,7 +658,21 @@ class DecoderPlan:
                 f"native decoder: {rows} rows from cache row {row_offset} do not fit its plan "
                 f"(status {status}); plan again with Transformer.use_native_kernel"
             )
+        self._last = (logits, picks, [bool(f) for f in self._finite[:rows]])
         return logits
+
+    def picks(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[bool]] | None:
+        """Greedy decoding's pick of each row of ``logits`` if they are the last step's
+        (a view of all of them): the step took it (torch.argmax's choice) and whether each
+        row is finite, while the logits were still in cache. None for any other logits."""
+        last = self._last
+        if last is None or logits.data_ptr() != last[0].data_ptr():
+            return None
+        if logits.dtype != torch.float32 or logits.device.type != "cpu":
+            return None
+        if logits.numel() != last[0].numel() or logits.shape[-1] != last[0].shape[-1]:
+            return None
+        return last[1], last[2]
 
 
 def _padded_k(k: int, dtype: torch.dtype) -> int:

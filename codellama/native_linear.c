@@ -1339,6 +1339,38 @@ static long team_take(const cl_team* c, int* victim) {
     return -1;
 }
 
+/* Greedy decoding's pick on a row of fp32 logits: the index of the first maximum (of the
+ * first NaN if there is one, as torch.argmax) and whether every value is finite. */
+static void argmax_row(const float* row, long V, long* index, int* finite) {
+    vf mx = (vf){0} - INFINITY, bad = (vf){0};
+    long j = 0;
+    for (; j + VL <= V; j += VL) { /* max, and x * 0 (NaN for inf or NaN) summed */
+        vf v = load_f32(row + j);
+        mx = vsel(v > mx, v, mx);
+        bad += v * 0.0f;
+    }
+    float best = -INFINITY, check = hsum(bad);
+    for (int l = 0; l < VL; l++)
+        if (mx[l] > best) best = mx[l];
+    for (; j < V; j++) {
+        if (row[j] > best) best = row[j];
+        check += row[j] * 0.0f;
+    }
+    long at = 0;
+    if (check == 0.0f) { /* all finite: the first maximum */
+        while (at < V - 1 && row[at] != best) at++;
+    } else { /* torch.argmax's choice: the first NaN, else the first maximum */
+        long nan_at = -1;
+        for (long i = 0; i < V && nan_at < 0; i++)
+            if (row[i] != row[i]) nan_at = i;
+        for (long i = 0; i < V; i++)
+            if (row[i] > row[at]) at = i;
+        if (nan_at >= 0) at = nan_at;
+    }
+    *index = at;
+    *finite = check == 0.0f;
+}
+
 /* out[m * BN + j] = sum_k W[n0 + j, k] x[m, k] for the 64 output rows of unit u, m < M. */
 #define UNIT_FN(NAME, T, OT, BLOCKED, ROW, BLOCK, TOF_OUT)                                    \
     static void NAME(const cl_linear* L, const T* x, long M, long u, OT* out) {               \
@@ -1622,14 +1654,15 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
         }                                                                                      \
         return failed;                                                                         \
     }                                                                                          \
-    /* One decoding step: logits (M, vocab) in fp32 of tokens (M) at positions pos (M)   \
-     * through the embedding, n_layers layers, the final norm and the output layer.         \
-     * Returns 0, -1 out of memory, -3 a position outside the cache, -4 an unsupported      \
-     * shape, -5 a token outside the vocabulary. */                                          \
+    /* One decoding step: logits (M, vocab) in fp32 of tokens (M) at positions pos (M)         \
+     * through the embedding, n_layers layers, the final norm and the output layer, and        \
+     * greedy decoding's pick of each row (argmax_row) into picks and finite (M each), read    \
+     * while the logits are still in cache. Returns 0, -1 out of memory, -3 a position         \
+     * outside the cache, -4 an unsupported shape, -5 a token outside the vocabulary. */       \
     int codellama_decode_step_##SFX(const cl_layer* layers, int n_layers, const cl_head* head, \
                                     const long* tokens, long M, long row0, const long* pos,    \
                                     long kv_len, const float* rope, float* logits,             \
-                                    int threads) {                                             \
+                                    long* picks, int* finite, int threads) {                   \
         if (n_layers < 1 || M < 1 || M > MAX_M) return -4;                                    \
         const cl_layer* L0 = layers;                                                           \
         long dim = L0->dim, D = L0->head_dim, hq = L0->n_heads, hk = L0->n_kv_heads;           \
@@ -1698,6 +1731,10 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
                 rmsnorm_##SFX(h + m * dim, (const T*)head->norm, xn + m * dim, dim, head->eps); \
             const cl_linear* out[1] = {&head->output};                                         \
             linears_##SFX(&team, out, xn, M, NULL, 3, tmp, logits);                            \
+            _Pragma("omp barrier")                                                             \
+            _Pragma("omp for schedule(static)")                                                \
+            for (long m = 0; m < M; m++)                                                       \
+                argmax_row(logits + m * head->vocab, head->vocab, picks + m, finite + m);      \
         }                                                                                      \
         free(shares);                                                                          \
         return failed ? -1 : 0;                                                                \
@@ -1711,9 +1748,10 @@ DECODE_FNS(bf16, uint16_t, bf16_to_f32, f32_to_bf16, load_bf16, unit_bf16)
 #else
 int codellama_decode_step_bf16(const cl_layer* layers, int n_layers, const cl_head* head,
                                const long* tokens, long M, long row0, const long* pos,
-                               long kv_len, const float* rope, float* logits, int threads) {
+                               long kv_len, const float* rope, float* logits, long* picks,
+                               int* finite, int threads) {
     (void)layers, (void)n_layers, (void)head, (void)tokens, (void)M, (void)row0, (void)pos;
-    (void)kv_len, (void)rope, (void)logits, (void)threads;
+    (void)kv_len, (void)rope, (void)logits, (void)picks, (void)finite, (void)threads;
     return -2; /* bf16 steps need the bf16 dot product; the model keeps the torch path */
 }
 #endif
@@ -1968,38 +2006,8 @@ int codellama_prefill_attention_bf16(const uint16_t* q, long q_sb, long q_st,
 }
 #endif
 
-/* Greedy decoding's pick: per row of fp32 logits (M, V), the index of the first maximum
- * (of the first NaN if there is one, as torch.argmax) and whether every value is finite;
- * in one call instead of three torch ops that run slowly right after a pass over weights. */
+/* Greedy decoding's pick (see argmax_row) for each row of fp32 logits (M, V): in one call
+ * instead of three torch ops that run slowly right after a pass over weights. */
 void codellama_argmax_f32(const float* x, long M, long V, long* index, int* finite) {
-    for (long m = 0; m < M; m++) {
-        const float* row = x + m * V;
-        vf mx = (vf){0} - INFINITY, bad = (vf){0};
-        long j = 0;
-        for (; j + VL <= V; j += VL) { /* max, and x * 0 (NaN for inf or NaN) summed */
-            vf v = load_f32(row + j);
-            mx = vsel(v > mx, v, mx);
-            bad += v * 0.0f;
-        }
-        float best = -INFINITY, check = hsum(bad);
-        for (int l = 0; l < VL; l++)
-            if (mx[l] > best) best = mx[l];
-        for (; j < V; j++) {
-            if (row[j] > best) best = row[j];
-            check += row[j] * 0.0f;
-        }
-        long at = 0;
-        if (check == 0.0f) { /* all finite: the first maximum */
-            while (at < V - 1 && row[at] != best) at++;
-        } else { /* torch.argmax's choice: the first NaN, else the first maximum */
-            long nan_at = -1;
-            for (long i = 0; i < V && nan_at < 0; i++)
-                if (row[i] != row[i]) nan_at = i;
-            for (long i = 0; i < V; i++)
-                if (row[i] > row[at]) at = i;
-            if (nan_at >= 0) at = nan_at;
-        }
-        index[m] = at;
-        finite[m] = check == 0.0f;
-    }
+    for (long m = 0; m < M; m++) argmax_row(x + m * V, V, index + m, finite + m);
 }

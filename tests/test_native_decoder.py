@@ -80,6 +80,44 @@ def test_native_step_equals_the_torch_layers(
     torch.testing.assert_close(got, want, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_native_step_picks_as_torch_argmax_does(kernel, make_checkpoint, build, dtype):
+    _needs_bf16_step(kernel, dtype)
+    model = build(make_checkpoint(GQA_ARGS), dtype=dtype).model
+    vocab = model.params.vocab_size
+    logits = _step(model, _tokens(vocab, 3, 9), _tokens(vocab, 3, 1, seed=1), native_step=True)
+    picks = model.native_decoder.picks(logits[:, 0])
+    assert picks is not None
+    tokens, finite = picks
+    assert tokens.tolist() == logits[:, 0].argmax(-1).tolist()
+    assert finite == [True, True, True]
+
+
+def test_the_native_step_flags_a_non_finite_row_and_picks_its_first_nan(
+    kernel, make_checkpoint, build
+):
+    model = build(make_checkpoint(GQA_ARGS)).model
+    vocab = model.params.vocab_size
+    token = _tokens(vocab, 3, 1, seed=1)
+    model.tok_embeddings.weight.data[token[1, 0]] = float("nan")  # row 1's input only
+    logits = _step(model, _tokens(vocab, 3, 9), token, native_step=True)[:, 0]
+    tokens, finite = model.native_decoder.picks(logits)
+    assert finite == [True, False, True]
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_only_the_last_steps_logits_have_the_native_steps_picks(kernel, make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS)).model
+    vocab = model.params.vocab_size
+    first = _step(model, _tokens(vocab, 2, 9), _tokens(vocab, 2, 1, seed=1), native_step=True)
+    decoder = model.native_decoder
+    assert decoder.picks(first[:, 0]) is not None
+    assert decoder.picks(first[:, 0].clone()) is None  # a copy may have been changed
+    assert decoder.picks(first[1:, 0]) is None  # a part
+    _step(model, _tokens(vocab, 2, 9), _tokens(vocab, 2, 1, seed=2), native_step=True)
+    assert decoder.picks(first[:, 0]) is None  # an earlier step's
+
+
 def test_native_step_writes_the_same_kv_cache_as_the_torch_layers(kernel, make_checkpoint, build):
     model = build(make_checkpoint(GQA_ARGS)).model
     vocab = model.params.vocab_size
