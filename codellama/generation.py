@@ -761,9 +761,8 @@ class Llama:
         decoder = self.model.native_decoder
         taken = decoder.picks(logits) if kernel is not None and decoder is not None else None
         if taken is not None:  # the native step picked while the logits were in cache
-            tok_t, finite = taken
-            taken_values: list[list[Any]] = [tok_t.tolist(), finite]
-            return tok_t, lambda: taken_values
+            taken_values: list[list[Any]] = [taken[0].tolist(), taken[1]]
+            return taken[0], lambda: taken_values
         picked = kernel.greedy(logits) if kernel is not None else None
         if picked is not None:
             values: list[list[Any]] = [picked[0], picked[1]]
