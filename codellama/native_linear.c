@@ -1293,8 +1293,9 @@ AI long units_of(const cl_linear* L) { return (L->n + BN - 1) / BN; }
  * (on the 2-vCPU EPYC one was ~10% slower, every step) no longer holds the other at the
  * barrier after every product: with the prefetch above, decoding ran 1.13-1.16x faster
  * there. A range [lo, hi) is packed in 64 bits and changed by CAS only. Two sets alternate:
- * a thread fills in its range of the next group while others may still take from the
- * current one's; the barrier between groups keeps the set before that out of use. */
+ * a thread fills in its range of the next group (just before the barrier that precedes it)
+ * while others may still take from the current one's; a barrier between any two groups
+ * keeps the set before that out of use. */
 typedef struct {
     uint64_t range;
     char pad[56]; /* a cache line each */
@@ -1687,31 +1688,31 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
         {                                                                                      \
             T tmp[2 * MAX_M * BN];                                                             \
             T* h_out[1] = {h};                                                                 \
+            /* Each group's ranges are set up just before the barrier that precedes it. */     \
             cl_team team = {shares, omp_get_thread_num(), omp_get_num_threads(), 0};           \
-            const cl_linear* first[3] = {&L0->wq, &L0->wk, &L0->wv};                           \
-            team_plan(&team, first, 3);                                                        \
             for (int l = 0; l < n_layers; l++) {                                               \
                 const cl_layer* L = layers + l;                                                \
                 const cl_linear* qkv[3] = {&L->wq, &L->wk, &L->wv};                            \
                 const cl_linear* wo[1] = {&L->wo};                                             \
                 const cl_linear* w13[2] = {&L->w1, &L->w3}; /* a group of w1's units */        \
                 const cl_linear* w2[1] = {&L->w2};                                             \
+                team_plan(&team, qkv, 3);                                                      \
                 _Pragma("omp for schedule(static)")                                            \
                 for (long m = 0; m < M; m++)                                                   \
                     rmsnorm_##SFX(h + m * dim, (const T*)L->attn_norm, xn + m * dim, dim, L->eps); \
                 T* qkv_out[3] = {q, k, v};                                                     \
                 linears_##SFX(&team, qkv, xn, M, qkv_out, 0, tmp, NULL);                       \
-                team_plan(&team, wo, 1);                                                       \
                 _Pragma("omp barrier")                                                         \
                 rope_store_##SFX(L, q, k, v, M, row0, pos, rope);                              \
                 if (attention_##SFX(L, q, att, M, row0, pos, kv_len)) {                        \
                     _Pragma("omp atomic write")                                                \
                     failed = 1;                                                                \
                 }                                                                              \
+                team_plan(&team, wo, 1);                                                       \
                 _Pragma("omp barrier")                                                         \
                 linears_##SFX(&team, wo, att, M, h_out, 1, tmp, NULL);                         \
-                team_plan(&team, w13, 1);                                                      \
                 _Pragma("omp barrier")                                                         \
+                team_plan(&team, w13, 1);                                                      \
                 _Pragma("omp for schedule(static)")                                            \
                 for (long m = 0; m < M; m++)                                                   \
                     rmsnorm_##SFX(h + m * dim, (const T*)L->ffn_norm, xn + m * dim, dim, L->eps); \
@@ -1720,16 +1721,13 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
                 team_plan(&team, w2, 1);                                                       \
                 _Pragma("omp barrier")                                                         \
                 linears_##SFX(&team, w2, a, M, h_out, 1, tmp, NULL);                           \
-                const cl_layer* N1 = l + 1 < n_layers ? L + 1 : NULL;                          \
-                const cl_linear* next[3] = {N1 ? &N1->wq : &head->output, N1 ? &N1->wk : NULL, \
-                                            N1 ? &N1->wv : NULL};                              \
-                team_plan(&team, next, N1 ? 3 : 1);                                            \
                 _Pragma("omp barrier")                                                         \
             }                                                                                  \
+            const cl_linear* out[1] = {&head->output};                                         \
+            team_plan(&team, out, 1);                                                          \
             _Pragma("omp for schedule(static)")                                                \
             for (long m = 0; m < M; m++)                                                       \
                 rmsnorm_##SFX(h + m * dim, (const T*)head->norm, xn + m * dim, dim, head->eps); \
-            const cl_linear* out[1] = {&head->output};                                         \
             linears_##SFX(&team, out, xn, M, NULL, 3, tmp, logits);                            \
             _Pragma("omp barrier")                                                             \
             _Pragma("omp for schedule(static)")                                                \
