@@ -45,6 +45,7 @@ from .native import (
     DecoderHead,
     DecoderLayer,
     DecoderPlan,
+    GreedySteps,
     LinearPlan,
     NativeLinear,
     buffer_key,
@@ -1028,6 +1029,16 @@ class Transformer(nn.Module):
             return decoder(tokens, start_pos, start_pos + seqlen, row_offset)
         kv_len = self.params.max_seq_len if kv_len is None else kv_len
         return decoder(tokens, positions, kv_len, row_offset)
+
+    def native_greedy_steps(self, rows: int) -> GreedySteps | None:
+        """Lean greedy decoding steps through the native decoder for a generation of
+        ``rows`` rows (:class:`codellama.native.GreedySteps`), or None where the native
+        decoder does not run (no plan, too many rows, or a weight, norm or cache replaced
+        since it was planned)."""
+        decoder = self.native_decoder
+        if decoder is None or not 1 <= rows <= MAX_ROWS or not self._decoder_is_current():
+            return None
+        return decoder.greedy_steps()
 
     def fuse_projections(self) -> bool:
         """Run q/k/v and w1/w3 as one matrix product each (the weights become views of one

@@ -41,6 +41,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
@@ -641,6 +642,13 @@ class DecoderPlan:
             row_offset, pos_ptr, kv_len, self.rope.data_ptr(), logits.data_ptr(),
             picks.data_ptr(), self._finite, torch.get_num_threads(),
         )  # fmt: skip
+        if status != 0:
+            self._raise(status, rows, row_offset, tokens.tolist())
+        self._last = (logits, picks, [bool(f) for f in self._finite[:rows]])
+        return logits
+
+    def _raise(self, status: int, rows: int, row_offset: int, tokens: list[Any]) -> NoReturn:
+        """The error for a step's non-zero ``status``."""
         if status == -3:
             raise PromptTooLongError(
                 f"a position is outside the KV cache (max_seq_len={self._structs[0].max_seq}); "
@@ -648,18 +656,27 @@ class DecoderPlan:
             )
         if status == -5:
             raise IndexError(
-                f"a token id is outside the vocabulary (0..{self.vocab_size - 1}): "
-                f"{tokens.tolist()}"
+                f"a token id is outside the vocabulary (0..{self.vocab_size - 1}): {tokens}"
             )
         if status == -1:
             raise MemoryError("native decoder: out of memory for its scratch buffers")
-        if status != 0:
-            raise ValueError(
-                f"native decoder: {rows} rows from cache row {row_offset} do not fit its plan "
-                f"(status {status}); plan again with Transformer.use_native_kernel"
-            )
-        self._last = (logits, picks, [bool(f) for f in self._finite[:rows]])
-        return logits
+        raise ValueError(
+            f"native decoder: {rows} rows from cache row {row_offset} do not fit its plan "
+            f"(status {status}); plan again with Transformer.use_native_kernel"
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor whose memory a step reads or writes."""
+        out: list[torch.Tensor] = [self.rope, self.head.embedding, self.head.norm]
+        out.append(self.head.output.weight)
+        for layer in self.layers:
+            out += [plan.weight for plan in layer.linears]
+            out += [layer.attn_norm, layer.ffn_norm, layer.cache_k, layer.cache_v]
+        return out
+
+    def greedy_steps(self) -> GreedySteps:
+        """Greedy decoding steps for one generation: see :class:`GreedySteps`."""
+        return GreedySteps(self)
 
     def picks(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[bool]] | None:
         """Greedy decoding's pick of each row of ``logits`` if they are the last step's
@@ -673,6 +690,51 @@ class DecoderPlan:
         if logits.numel() != last[0].numel() or logits.shape[-1] != last[0].shape[-1]:
             return None
         return last[1], last[2]
+
+
+class GreedySteps:
+    """Greedy decoding steps of one generation through a :class:`DecoderPlan`, lean enough
+    to cost little beside the step: token ids, positions and picks are plain lists, and
+    the logits stay in a buffer of its own. After a step the CPU caches hold the weights
+    that streamed through, not Python's objects, and each torch call or check of a module
+    costs 10-100 us; these steps make neither. They keep every storage the plan reads
+    alive, so a weight replaced while a stream is paused (``param.data = ...``) cannot
+    leave a dangling pointer: the generation reads the weights it started with, the next
+    call the new ones (the model checks them before each call plans its steps)."""
+
+    def __init__(self, plan: DecoderPlan):
+        self._plan = plan
+        self._keep = [t.untyped_storage() for t in plan.tensors()]
+        self._logits = torch.empty((MAX_ROWS, plan.vocab_size), dtype=torch.float32)
+        self._tokens, self._positions = (ctypes.c_long * MAX_ROWS)(), (ctypes.c_long * MAX_ROWS)()
+        self._picks, self._finite = (ctypes.c_long * MAX_ROWS)(), (ctypes.c_int * MAX_ROWS)()
+        self._threads = torch.get_num_threads()
+
+    def __call__(
+        self, tokens: list[int], positions: list[int], kv_len: int, row_offset: int = 0
+    ) -> tuple[list[int], list[bool]]:
+        """Write ``tokens`` (one per row, 1-8 rows) to the KV cache at ``positions`` (per
+        row, attending over the first ``kv_len`` cache positions) and return each row's
+        greedy pick of the next token (torch.argmax's choice) and whether its logits are
+        all finite."""
+        rows = len(tokens)
+        if not 1 <= rows <= MAX_ROWS or len(positions) != rows:
+            raise ValueError(
+                f"expected 1..{MAX_ROWS} tokens and as many positions, got {rows} and "
+                f"{len(positions)}"
+            )
+        plan = self._plan
+        for i in range(rows):
+            self._tokens[i], self._positions[i] = tokens[i], positions[i]
+        plan._last = None  # the logits of forward calls are not these
+        status = plan.fn(
+            plan._structs, len(plan.layers), ctypes.byref(plan._head), self._tokens, rows,
+            row_offset, self._positions, kv_len, plan.rope.data_ptr(), self._logits.data_ptr(),
+            self._picks, self._finite, self._threads,
+        )  # fmt: skip
+        if status != 0:
+            plan._raise(status, rows, row_offset, list(tokens))
+        return self._picks[:rows], [f != 0 for f in self._finite[:rows]]
 
 
 def _padded_k(k: int, dtype: torch.dtype) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from codellama import ModelArgs, PromptTooLongError, native
+from codellama import ModelArgs, PromptTooLongError, SamplingParams, native
 
 from .conftest import GQA_ARGS, MHA_ARGS
 
@@ -181,6 +181,107 @@ def test_greedy_generation_is_the_same_with_and_without_native_steps(
     tol = 1e-4 if dtype == "float32" else 0.1
     for a, b in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=tol, rtol=tol)
+
+
+def _counting_greedy_steps(model) -> list[int]:
+    """Count the rows of every lean greedy step the model's generations take."""
+    calls: list[int] = []
+    plan_steps = model.native_greedy_steps
+
+    def counted(rows: int):
+        steps = plan_steps(rows)
+        if steps is None:
+            return None
+
+        def step(tokens, positions, kv_len, row_offset=0):
+            calls.append(len(tokens))
+            return steps(tokens, positions, kv_len, row_offset)
+
+        return step
+
+    model.native_greedy_steps = counted
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_generation_takes_lean_native_steps_with_the_same_tokens(
+    kernel, make_checkpoint, build, dtype
+):
+    """Greedy decoding without logprobs runs on GreedySteps: the same tokens as the model's
+    forward steps, whose native step is checked against the torch layers above."""
+    _needs_bf16_step(kernel, dtype)
+    llama = build(make_checkpoint(GQA_ARGS, std=1.0), max_batch_size=8, dtype=dtype)
+    vocab = llama.model.params.vocab_size
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (3, 11, 6, 1, 8)]
+    calls = _counting_greedy_steps(llama.model)
+    got = llama.generate(prompts, 10, temperature=0, stop_token=-1)
+    assert calls == [len(prompts)] * 9  # the first token comes from the prefill's logits
+    del llama.model.native_greedy_steps  # the model's own method: None -> forward steps
+    llama.model.native_greedy_steps = lambda rows: None
+    assert llama.generate(prompts, 10, temperature=0, stop_token=-1) == got
+    if dtype == "float32":
+        llama.model.native_decoder = None  # the torch layers
+        assert llama.generate(prompts, 10, temperature=0, stop_token=-1) == got
+
+
+def test_sampling_and_logprobs_do_not_take_lean_greedy_steps(kernel, make_checkpoint, build):
+    llama = build(make_checkpoint(GQA_ARGS))
+    calls = _counting_greedy_steps(llama.model)
+    llama.generate([[5, 6, 7]], 4, temperature=0, stop_token=-1, logprobs=True)
+    llama.generate([[5, 6, 7]], 4, temperature=0.8, stop_token=-1)
+    assert calls == []
+
+
+@pytest.mark.parametrize("part", ["norm", "embedding", "wq"])
+def test_a_stream_paused_while_a_weight_is_swapped_ends_with_the_weights_it_began_with(
+    kernel, make_checkpoint, build, part
+):
+    """``param.data = ...`` between two tokens of a stream frees the old storage unless
+    something holds it: the lean steps hold it, so the stream reads no freed memory and
+    ends as it would have; the next call decodes with the new weight."""
+    llama = build(make_checkpoint(GQA_ARGS, std=1.0))
+    model = llama.model
+    prompt, greedy = [[5, 9, 17, 33]], SamplingParams(temperature=0)
+
+    def tokens() -> list[int]:
+        return [t for _, t in llama.generate_stream(prompt, 12, greedy, stop_tokens=())]
+
+    want = tokens()
+    module = {
+        "norm": model.norm,
+        "embedding": model.tok_embeddings,
+        "wq": model.layers[0].attention.wq,
+    }[part]
+    stream = llama.generate_stream(prompt, 12, greedy, stop_tokens=())
+    got = [next(stream)[1] for _ in range(3)]
+    plan = module.__dict__.get("native_plan")  # a packed weight becomes a plain one
+    shape = (plan.n, plan.k) if plan is not None else module.weight.shape
+    module.weight.data = torch.randn(shape, generator=torch.Generator().manual_seed(8)) * 3
+    got += [t for _, t in stream]
+    assert got == want
+    after = tokens()
+    model.native_decoder = None  # the torch layers read the new weight as it is
+    assert after == tokens()
+    assert after != want
+
+
+def test_lean_greedy_steps_refuse_bad_rows_positions_and_tokens(kernel, make_checkpoint, build):
+    model = build(make_checkpoint(GQA_ARGS), max_seq_len=16).model
+    steps = model.native_greedy_steps(2)
+    assert steps is not None
+    assert model.native_greedy_steps(native.MAX_ROWS + 1) is None
+    with pytest.raises(ValueError, match="as many positions"):
+        steps([5, 6], [0], 1)
+    with pytest.raises(ValueError, match="1..8 tokens"):
+        steps([5] * 9, [0] * 9, 1)
+    with pytest.raises(PromptTooLongError, match="max_seq_len=16"):
+        steps([5, 6], [3, 16], 16)
+    with pytest.raises(IndexError, match="vocabulary"):
+        steps([5, model.params.vocab_size], [0, 0], 1)
+    picks, finite = steps([5, 6], [0, 0], 1)
+    assert len(picks) == 2 and all(0 <= p < model.params.vocab_size for p in picks)
+    assert finite == [True, True]
 
 
 @pytest.mark.parametrize("part", ["norm", "embedding", "output", "wq"])
