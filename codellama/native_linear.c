@@ -19,6 +19,7 @@
  * blocked products (8-wide tiles, see "AVX2" below; bf16 widened to fp32); elsewhere the
  * portable vector code is mostly scalar, and models keep oneDNN (native.preferred).
  */
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1372,6 +1373,28 @@ static void argmax_row(const float* row, long V, long* index, int* finite) {
     *finite = check == 0.0f;
 }
 
+/* A running greedy pick over parts of a row of logits (argmax_row's choice over them all,
+ * whatever the order of the parts): the value and index of the best so far, whether it is
+ * a NaN, and whether every value seen is finite. */
+typedef struct {
+    float v;
+    long at;
+    int nan, finite;
+} cl_best;
+
+static const cl_best best_none = {-INFINITY, LONG_MAX, 0, 1};
+
+/* Take value v at index at (a part's argmax_row pick; finite: the part's flag) into *b. */
+AI void best_merge(cl_best* b, float v, long at, int finite) {
+    int nan = v != v;
+    b->finite &= finite;
+    if (nan ? !b->nan || at < b->at : !b->nan && (v > b->v || (v == b->v && at < b->at))) {
+        b->v = v;
+        b->at = at;
+        b->nan = nan;
+    }
+}
+
 /* out[m * BN + j] = sum_k W[n0 + j, k] x[m, k] for the 64 output rows of unit u, m < M. */
 #define UNIT_FN(NAME, T, OT, BLOCKED, ROW, BLOCK, TOF_OUT)                                    \
     static void NAME(const cl_linear* L, const T* x, long M, long u, OT* out) {               \
@@ -1497,9 +1520,10 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
     /* Units of several linears with one input, as team_take hands them out. mode 0:           \
      * store to outs[i] (M, n); 1: outs[i] += product (the residual add, rounded once       \
      * more as torch's add is); 2 (w1, w3 pairs): outs[0] = silu(w1 x) * (w3 x); 3: fout   \
-     * (M, n) = the product rounded to T, in fp32 (logits, as torch's .float()). */        \
+     * (M, n) = the product rounded to T, in fp32 (logits, as torch's .float()), each row's    \
+     * greedy pick so far kept in best (M). */                                                 \
     static void linears_##SFX(cl_team* team, const cl_linear* const* Ls, const T* x, long M,   \
-                              T* const* outs, int mode, T* tmp, float* fout) {                 \
+                              T* const* outs, int mode, T* tmp, float* fout, cl_best* best) {  \
         int victim = team->tid;                                                                \
         for (long g; (g = team_take(team, &victim)) >= 0;) {                                   \
             long u = g;                                                                        \
@@ -1524,8 +1548,14 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
                                 FROMF(TOF(FROMF(sl[l])) * TOF(up[m * BN + j0 + l]));           \
                     }                                                                          \
             } else if (mode == 3) {                                                            \
-                for (long m = 0; m < M; m++)                                                   \
-                    for (int j = 0; j < nvalid; j++) fout[m * n + n0 + j] = TOF(tmp[m * BN + j]); \
+                for (long m = 0; m < M; m++) {                                                 \
+                    float* row = fout + m * n + n0;                                            \
+                    for (int j = 0; j < nvalid; j++) row[j] = TOF(tmp[m * BN + j]);            \
+                    long at;                                                                   \
+                    int finite;                                                                \
+                    argmax_row(row, nvalid, &at, &finite); /* while the unit is in L1 */       \
+                    best_merge(best + m, row[at], n0 + at, finite);                            \
+                }                                                                              \
             } else {                                                                           \
                 T* o = outs[i];                                                                \
                 for (long m = 0; m < M; m++)                                                   \
@@ -1566,7 +1596,7 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
         long D = L->head_dim, hq = L->n_heads, hk = L->n_kv_heads, rep = hq / hk;              \
         float scale = 1.0f / sqrtf((float)D);                                                  \
         int failed = 0;                                                                        \
-        _Pragma("omp for schedule(dynamic, 1)")                                               \
+        _Pragma("omp for schedule(dynamic, 1) nowait") /* the caller's barrier follows */      \
         for (long t = 0; t < M * hk; t++) {                                                    \
             long m = t / hk, g = t % hk;                                                       \
             long len = pos[m] + 1 < kv_len ? pos[m] + 1 : kv_len;                              \
@@ -1657,9 +1687,11 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
     }                                                                                          \
     /* One decoding step: logits (M, vocab) in fp32 of tokens (M) at positions pos (M)         \
      * through the embedding, n_layers layers, the final norm and the output layer, and        \
-     * greedy decoding's pick of each row (argmax_row) into picks and finite (M each), read    \
-     * while the logits are still in cache. Returns 0, -1 out of memory, -3 a position         \
-     * outside the cache, -4 an unsupported shape, -5 a token outside the vocabulary. */       \
+     * greedy decoding's pick of each row (argmax_row's) into picks and finite (M each), taken \
+     * by each thread over the output units it computed, while they are in L1, then merged.    \
+     * Norms are computed by every thread for itself: no barrier waits on one thread's norm.   \
+     * Returns 0, -1 out of memory, -3 a position outside the cache, -4 an unsupported shape,  \
+     * -5 a token outside the vocabulary. */                                                   \
     int codellama_decode_step_##SFX(const cl_layer* layers, int n_layers, const cl_head* head, \
                                     const long* tokens, long M, long row0, const long* pos,    \
                                     long kv_len, const float* rope, float* logits,             \
@@ -1674,34 +1706,39 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
             if (tokens[m] < 0 || tokens[m] >= head->vocab) return -5;                          \
         }                                                                                      \
         long widest = L0->hidden > hq * D ? L0->hidden : hq * D;                               \
-        size_t n_t = (size_t)(M * (2 * dim + 3 * hq * D + 2 * hk * D + widest));              \
+        /* h, then each thread's normed copy of it (no barrier waits for one thread's norm) */ \
+        size_t n_t = (size_t)(M * (dim + 3 * hq * D + 2 * hk * D + widest + threads * dim));   \
         T* buf = (T*)scratch(SCRATCH_STEP, sizeof(T) * n_t);                                   \
         if (!buf) return -1;                                                                   \
-        T *h = buf, *xn = h + M * dim, *q = xn + M * dim, *k = q + M * hq * D;                 \
-        T *v = k + M * hk * D, *att = v + M * hk * D, *a = att + M * hq * D;                   \
+        T *h = buf, *q = h + M * dim, *k = q + M * hq * D;                                     \
+        T *v = k + M * hk * D, *att = v + M * hk * D, *a = att + M * hq * D, *xns = a + M * widest; \
         for (long m = 0; m < M; m++)                                                           \
             memcpy(h + m * dim, (const T*)head->embedding + tokens[m] * dim, sizeof(T) * dim); \
         int failed = 0;                                                                        \
-        cl_share* shares = (cl_share*)aligned_alloc(64, sizeof(cl_share) * 2 * (size_t)threads); \
+        size_t n_share = sizeof(cl_share) * 2 * (size_t)threads;                               \
+        cl_share* shares = (cl_share*)aligned_alloc(64, n_share + sizeof(cl_best) * MAX_M * threads); \
         if (!shares) return -1;                                                                \
+        cl_best* bests = (cl_best*)(void*)((char*)shares + n_share); /* MAX_M a thread */      \
         _Pragma("omp parallel num_threads(threads)")                                           \
         {                                                                                      \
             T tmp[2 * MAX_M * BN];                                                             \
             T* h_out[1] = {h};                                                                 \
             /* Each group's ranges are set up just before the barrier that precedes it. */     \
             cl_team team = {shares, omp_get_thread_num(), omp_get_num_threads(), 0};           \
+            T* xn = xns + team.tid * M * dim;                                                  \
+            const cl_linear* first[3] = {&layers->wq, &layers->wk, &layers->wv};               \
+            team_plan(&team, first, 3);                                                        \
+            _Pragma("omp barrier")                                                             \
             for (int l = 0; l < n_layers; l++) {                                               \
                 const cl_layer* L = layers + l;                                                \
                 const cl_linear* qkv[3] = {&L->wq, &L->wk, &L->wv};                            \
                 const cl_linear* wo[1] = {&L->wo};                                             \
                 const cl_linear* w13[2] = {&L->w1, &L->w3}; /* a group of w1's units */        \
                 const cl_linear* w2[1] = {&L->w2};                                             \
-                team_plan(&team, qkv, 3);                                                      \
-                _Pragma("omp for schedule(static)")                                            \
                 for (long m = 0; m < M; m++)                                                   \
                     rmsnorm_##SFX(h + m * dim, (const T*)L->attn_norm, xn + m * dim, dim, L->eps); \
                 T* qkv_out[3] = {q, k, v};                                                     \
-                linears_##SFX(&team, qkv, xn, M, qkv_out, 0, tmp, NULL);                       \
+                linears_##SFX(&team, qkv, xn, M, qkv_out, 0, tmp, NULL, NULL);                 \
                 _Pragma("omp barrier")                                                         \
                 rope_store_##SFX(L, q, k, v, M, row0, pos, rope);                              \
                 if (attention_##SFX(L, q, att, M, row0, pos, kv_len)) {                        \
@@ -1710,29 +1747,43 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
                 }                                                                              \
                 team_plan(&team, wo, 1);                                                       \
                 _Pragma("omp barrier")                                                         \
-                linears_##SFX(&team, wo, att, M, h_out, 1, tmp, NULL);                         \
-                _Pragma("omp barrier")                                                         \
+                linears_##SFX(&team, wo, att, M, h_out, 1, tmp, NULL, NULL);                   \
                 team_plan(&team, w13, 1);                                                      \
-                _Pragma("omp for schedule(static)")                                            \
+                _Pragma("omp barrier")                                                         \
                 for (long m = 0; m < M; m++)                                                   \
                     rmsnorm_##SFX(h + m * dim, (const T*)L->ffn_norm, xn + m * dim, dim, L->eps); \
                 T* g_out[1] = {a};                                                             \
-                linears_##SFX(&team, w13, xn, M, g_out, 2, tmp, NULL);                         \
+                linears_##SFX(&team, w13, xn, M, g_out, 2, tmp, NULL, NULL);                   \
                 team_plan(&team, w2, 1);                                                       \
                 _Pragma("omp barrier")                                                         \
-                linears_##SFX(&team, w2, a, M, h_out, 1, tmp, NULL);                           \
+                linears_##SFX(&team, w2, a, M, h_out, 1, tmp, NULL, NULL);                     \
+                if (l + 1 < n_layers) {                                                        \
+                    const cl_linear* next[3] = {&L[1].wq, &L[1].wk, &L[1].wv};                 \
+                    team_plan(&team, next, 3);                                                 \
+                } else {                                                                       \
+                    const cl_linear* out[1] = {&head->output};                                 \
+                    team_plan(&team, out, 1);                                                  \
+                }                                                                              \
                 _Pragma("omp barrier")                                                         \
             }                                                                                  \
-            const cl_linear* out[1] = {&head->output};                                         \
-            team_plan(&team, out, 1);                                                          \
-            _Pragma("omp for schedule(static)")                                                \
             for (long m = 0; m < M; m++)                                                       \
                 rmsnorm_##SFX(h + m * dim, (const T*)head->norm, xn + m * dim, dim, head->eps); \
-            linears_##SFX(&team, out, xn, M, NULL, 3, tmp, logits);                            \
+            const cl_linear* out[1] = {&head->output};                                         \
+            cl_best* best = bests + team.tid * MAX_M;                                          \
+            for (long m = 0; m < M; m++) best[m] = best_none;                                  \
+            linears_##SFX(&team, out, xn, M, NULL, 3, tmp, logits, best);                      \
             _Pragma("omp barrier")                                                             \
-            _Pragma("omp for schedule(static)")                                                \
-            for (long m = 0; m < M; m++)                                                       \
-                argmax_row(logits + m * head->vocab, head->vocab, picks + m, finite + m);      \
+            _Pragma("omp master")                                                              \
+            for (long m = 0; m < M; m++) { /* each thread's pick over the units it took */     \
+                cl_best b = best_none;                                                         \
+                for (int t = 0; t < team.nth; t++) {                                           \
+                    const cl_best* c = bests + t * MAX_M + m;                                  \
+                    b.finite &= c->finite;                                                     \
+                    if (c->at != LONG_MAX) best_merge(&b, c->v, c->at, 1);                     \
+                }                                                                              \
+                picks[m] = b.at == LONG_MAX ? 0 : b.at;                                        \
+                finite[m] = b.finite;                                                          \
+            }                                                                                  \
         }                                                                                      \
         free(shares);                                                                          \
         return failed ? -1 : 0;                                                                \

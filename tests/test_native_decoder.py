@@ -106,6 +106,34 @@ def test_the_native_step_flags_a_non_finite_row_and_picks_its_first_nan(
     assert tokens.tolist() == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_native_steps_pick_is_the_first_of_tied_maxima_on_any_number_of_threads(
+    kernel, make_checkpoint, build, threads
+):
+    """Threads pick over the units they took; the merged pick is torch.argmax's, the first
+    of equal maxima, whichever thread took which."""
+    model = build(make_checkpoint(GQA_ARGS)).model
+    vocab, dim = model.params.vocab_size, model.params.dim
+    tied = [70, vocab - 3]  # in different 64-row units
+    u = torch.randn(dim, generator=torch.Generator().manual_seed(2))
+    weight = (-u).expand(vocab, dim).clone()  # others: -(h . u); h . u > 0 ties at 70
+    weight[tied] = u
+    model.output.weight = torch.nn.Parameter(weight, requires_grad=False)
+    model.use_native_kernel(kernel)  # plans again, reading the new weight
+    prompt, token = _tokens(vocab, 4, 9), _tokens(vocab, 4, 1, seed=1)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        logits = _step(model, prompt, token, native_step=True)[:, 0]
+    finally:
+        torch.set_num_threads(old)
+    tokens, finite = model.native_decoder.picks(logits)
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    assert torch.equal(logits[:, 70], logits[:, vocab - 3])
+    assert 70 in tokens.tolist()  # a tie between units happened
+    assert finite == [True] * 4
+
+
 def test_only_the_last_steps_logits_have_the_native_steps_picks(kernel, make_checkpoint, build):
     model = build(make_checkpoint(GQA_ARGS)).model
     vocab = model.params.vocab_size
