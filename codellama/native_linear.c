@@ -1246,21 +1246,29 @@ AI float hsum8(__m256 v) {
 
 /* s[r * len + j] = scale * q_r . key_j for the rep query heads q (fp32, rep x D) and keys
  * 0..len-1 (len x D); mx[r] = the largest of them. */
-#define ATTEND2(SFX, T, LD8)                                                                   \
+#define ATTEND2(SFX, T, LD8, CV)                                                               \
     static void scores2_##SFX(const float* q, const T* keys, long len, long D, long rep,      \
                               float scale, float* s, float* mx) {                              \
         for (long r = 0; r < rep; r++) mx[r] = -INFINITY;                                      \
         long j0 = 0;                                                                           \
+        float kbuf[8 * 256]; /* bf16 keys widened once for the rep heads that read them */    \
+        int widen = CV && rep > 1 && D <= 256;                                                 \
         for (; j0 + 8 <= len; j0 += 8) {                                                       \
             const T* kb = keys + j0 * D;                                                       \
+            if (widen)                                                                         \
+                for (long i = 0; i < 8 * D; i += 8) _mm256_storeu_ps(kbuf + i, LD8(kb + i));   \
             for (long r = 0; r < rep; r++) {                                                   \
                 const float* qr = q + r * D;                                                   \
                 __m256 acc[8];                                                                 \
                 for (int jj = 0; jj < 8; jj++) acc[jj] = _mm256_setzero_ps();                  \
                 for (long i = 0; i < D; i += 8) {                                              \
                     __m256 qv = _mm256_loadu_ps(qr + i);                                       \
-                    for (int jj = 0; jj < 8; jj++)                                             \
-                        acc[jj] = _mm256_fmadd_ps(qv, LD8(kb + jj * D + i), acc[jj]);          \
+                    if (widen)                                                                 \
+                        for (int jj = 0; jj < 8; jj++)                                         \
+                            acc[jj] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kbuf + jj * D + i), acc[jj]); \
+                    else                                                                       \
+                        for (int jj = 0; jj < 8; jj++)                                         \
+                            acc[jj] = _mm256_fmadd_ps(qv, LD8(kb + jj * D + i), acc[jj]);      \
                 }                                                                              \
                 __m256 sc = _mm256_mul_ps(reduce8(acc), _mm256_set1_ps(scale));                \
                 _mm256_storeu_ps(s + r * len + j0, sc);                                        \
@@ -1285,9 +1293,14 @@ AI float hsum8(__m256 v) {
      * of 64 keys that stay in L1 and 32 outputs summed in registers. */                      \
     static void values2_##SFX(const float* p, const T* vals, long len, long D, long rep,      \
                               float* acc) {                                                    \
-        for (long j0 = 0; j0 < len; j0 += 64) {                                                \
-            long jn = len - j0 < 64 ? len - j0 : 64;                                           \
+        float vbuf[32 * 256]; /* bf16 values widened once for the rep heads that read them */ \
+        int widen = CV && rep > 1 && D <= 256;                                                 \
+        long step = widen ? 32 : 64;                                                           \
+        for (long j0 = 0; j0 < len; j0 += step) {                                              \
+            long jn = len - j0 < step ? len - j0 : step;                                       \
             const T* vb = vals + j0 * D;                                                       \
+            if (widen)                                                                         \
+                for (long i = 0; i < jn * D; i += 8) _mm256_storeu_ps(vbuf + i, LD8(vb + i));  \
             for (long r = 0; r < rep; r++) {                                                   \
                 const float* pr = p + r * len + j0;                                            \
                 float* ar = acc + r * D;                                                       \
@@ -1295,6 +1308,16 @@ AI float hsum8(__m256 v) {
                 for (; i + 32 <= D; i += 32) {                                                 \
                     __m256 o0 = _mm256_loadu_ps(ar + i), o1 = _mm256_loadu_ps(ar + i + 8);     \
                     __m256 o2 = _mm256_loadu_ps(ar + i + 16), o3 = _mm256_loadu_ps(ar + i + 24); \
+                    if (widen)                                                                 \
+                        for (long j = 0; j < jn; j++) {                                        \
+                            const float* vj = vbuf + j * D + i;                                \
+                            __m256 pj = _mm256_broadcast_ss(pr + j);                           \
+                            o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj), o0);                 \
+                            o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8), o1);             \
+                            o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 16), o2);            \
+                            o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 24), o3);            \
+                        }                                                                      \
+                    else                                                                       \
                     for (long j = 0; j < jn; j++) {                                            \
                         const T* vj = vb + j * D + i;                                          \
                         __m256 pj = _mm256_broadcast_ss(pr + j);                               \
@@ -1311,14 +1334,16 @@ AI float hsum8(__m256 v) {
                 for (; i < D; i += 8) {                                                        \
                     __m256 o = _mm256_loadu_ps(ar + i);                                        \
                     for (long j = 0; j < jn; j++)                                              \
-                        o = _mm256_fmadd_ps(_mm256_broadcast_ss(pr + j), LD8(vb + j * D + i), o); \
+                        o = _mm256_fmadd_ps(_mm256_broadcast_ss(pr + j),                       \
+                                            widen ? _mm256_loadu_ps(vbuf + j * D + i)          \
+                                                  : LD8(vb + j * D + i), o);                   \
                     _mm256_storeu_ps(ar + i, o);                                               \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
     }
-ATTEND2(f32, float, ld8_f32)
-ATTEND2(bf16, uint16_t, ld8_bf16)
+ATTEND2(f32, float, ld8_f32, 0)
+ATTEND2(bf16, uint16_t, ld8_bf16, 1)
 #else
 #define HAVE_ATTEND2 0 /* never called: stand-ins so that the decoding step compiles */
 #define ATTEND2_STUB(SFX, T)                                                                   \
