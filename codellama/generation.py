@@ -681,13 +681,14 @@ class Llama:
         if kernel is not None and not self.compiled and device.type == "cpu":
             steps = model.native_greedy_steps(bsz)
 
-        def step_native(picks: list[int]) -> tuple[list[int], Callable[[], list[list[Any]]]]:
+        def step_native(picks: list[int]) -> Callable[[], list[list[Any]]]:
+            """Feed the last picks; the next ones come back as ``host`` would give them."""
             nonlocal cur_pos
             assert steps is not None
             kv_len = min(max(cur_pos) + 1, self.max_seq_len)
             values: list[list[Any]] = list(steps(picks, cur_pos, kv_len))
             cur_pos = [min(p + 1, last_pos) for p in cur_pos]
-            return values[0], lambda: values
+            return lambda: values
 
         def decode_next(tok: torch.Tensor) -> torch.Tensor:
             nonlocal cur_pos
@@ -754,7 +755,7 @@ class Llama:
                 break
             guard.check(owner)  # before reading the cache or the last step's logits
             if steps is not None:
-                tok, host = step_native([int(t) for t in values[0]])  # type: ignore[assignment]
+                host = step_native([int(t) for t in values[0]])
                 continue
             if not overlap:
                 logits = decode_next(tok)
