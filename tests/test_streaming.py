@@ -299,23 +299,39 @@ def test_a_prompt_that_fills_the_cache_computes_nothing_a_call_can_disturb(llama
     assert [t for row, t in events if row.index == 1] == want[1].tokens
 
 
-def test_an_interrupt_inside_a_step_leaves_the_model_usable(llama, monkeypatch):
-    prompt = llama.tokenizer.encode(PROMPTS[2], bos=True, eos=False)
-    greedy = SamplingParams(temperature=0)
-    want = llama.generate_results([prompt], 6, greedy)[0].tokens
+def _interrupt_the_third_call(fn):
     calls = {"n": 0}
-    real = llama._decode
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return fn(*args, **kwargs)
 
-    monkeypatch.setattr(llama, "_decode", interrupted)
+    return interrupted
+
+
+@pytest.mark.parametrize("step", ["forward", "lean native"])
+def test_an_interrupt_inside_a_step_leaves_the_model_usable(llama, monkeypatch, step):
+    """Greedy CPU decoding takes the native decoder's lean steps where it can (see
+    test_native_decoder), else the model's forward steps: an interrupt in either."""
+    prompt = llama.tokenizer.encode(PROMPTS[2], bos=True, eos=False)
+    greedy = SamplingParams(temperature=0)
+    want = llama.generate_results([prompt], 6, greedy)[0].tokens
+    if step == "forward":
+        monkeypatch.setattr(llama.model, "native_greedy_steps", lambda rows: None)
+        monkeypatch.setattr(llama, "_decode", _interrupt_the_third_call(llama._decode))
+    else:
+        plan = llama.model.native_greedy_steps
+        if plan(1) is None:
+            pytest.skip("no native decoder here: greedy decoding takes the forward steps")
+        monkeypatch.setattr(
+            llama.model, "native_greedy_steps", lambda rows: _interrupt_the_third_call(plan(rows))
+        )
     with pytest.raises(KeyboardInterrupt):
         llama.generate_results([prompt], 6, greedy)
     assert not cache_guard(llama.model).lock.locked()
+    monkeypatch.undo()
     assert llama.generate_results([prompt], 6, greedy)[0].tokens == want
 
 
