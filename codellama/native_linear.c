@@ -1244,6 +1244,17 @@ AI float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
 
+/* o0..o3 += p_j * (values j, outputs i..i+31) over the jn keys of a block from base. */
+#define PV32(VT, base, LOAD)                                                                   \
+    for (long j = 0; j < jn; j++) {                                                            \
+        const VT* vj = (base) + j * D + i;                                                     \
+        __m256 pj = _mm256_broadcast_ss(pr + j);                                               \
+        o0 = _mm256_fmadd_ps(pj, LOAD(vj), o0);                                                \
+        o1 = _mm256_fmadd_ps(pj, LOAD(vj + 8), o1);                                            \
+        o2 = _mm256_fmadd_ps(pj, LOAD(vj + 16), o2);                                           \
+        o3 = _mm256_fmadd_ps(pj, LOAD(vj + 24), o3);                                           \
+    }
+
 /* s[r * len + j] = scale * q_r . key_j for the rep query heads q (fp32, rep x D) and keys
  * 0..len-1 (len x D); mx[r] = the largest of them. */
 #define ATTEND2(SFX, T, LD8, CV)                                                               \
@@ -1309,23 +1320,9 @@ AI float hsum8(__m256 v) {
                     __m256 o0 = _mm256_loadu_ps(ar + i), o1 = _mm256_loadu_ps(ar + i + 8);     \
                     __m256 o2 = _mm256_loadu_ps(ar + i + 16), o3 = _mm256_loadu_ps(ar + i + 24); \
                     if (widen)                                                                 \
-                        for (long j = 0; j < jn; j++) {                                        \
-                            const float* vj = vbuf + j * D + i;                                \
-                            __m256 pj = _mm256_broadcast_ss(pr + j);                           \
-                            o0 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj), o0);                 \
-                            o1 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8), o1);             \
-                            o2 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 16), o2);            \
-                            o3 = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 24), o3);            \
-                        }                                                                      \
+                        PV32(float, vbuf, ld8_f32)                                             \
                     else                                                                       \
-                    for (long j = 0; j < jn; j++) {                                            \
-                        const T* vj = vb + j * D + i;                                          \
-                        __m256 pj = _mm256_broadcast_ss(pr + j);                               \
-                        o0 = _mm256_fmadd_ps(pj, LD8(vj), o0);                                 \
-                        o1 = _mm256_fmadd_ps(pj, LD8(vj + 8), o1);                             \
-                        o2 = _mm256_fmadd_ps(pj, LD8(vj + 16), o2);                            \
-                        o3 = _mm256_fmadd_ps(pj, LD8(vj + 24), o3);                            \
-                    }                                                                          \
+                        PV32(T, vb, LD8)                                                       \
                     _mm256_storeu_ps(ar + i, o0);                                              \
                     _mm256_storeu_ps(ar + i + 8, o1);                                          \
                     _mm256_storeu_ps(ar + i + 16, o2);                                         \
