@@ -723,10 +723,12 @@ class GreedySteps:
                 f"expected 1..{MAX_ROWS} tokens and as many positions, got {rows} and "
                 f"{len(positions)}"
             )
+        if kv_len < 1:
+            raise ValueError(f"kv_len must be at least 1 (the token's own position), got {kv_len}")
         plan = self._plan
         for i in range(rows):
             self._tokens[i], self._positions[i] = tokens[i], positions[i]
-        plan._last = None  # the logits of forward calls are not these
+        plan._last = None  # a forward call's logits are no longer the last step's
         status = plan.fn(
             plan._structs, len(plan.layers), ctypes.byref(plan._head), self._tokens, rows,
             row_offset, self._positions, kv_len, plan.rope.data_ptr(), self._logits.data_ptr(),

@@ -303,6 +303,8 @@ def test_lean_greedy_steps_refuse_bad_rows_positions_and_tokens(kernel, make_che
         steps([5, 6], [0], 1)
     with pytest.raises(ValueError, match="1..8 tokens"):
         steps([5] * 9, [0] * 9, 1)
+    with pytest.raises(ValueError, match="kv_len must be at least 1"):
+        steps([5, 6], [0, 0], 0)
     with pytest.raises(PromptTooLongError, match="max_seq_len=16"):
         steps([5, 6], [3, 16], 16)
     with pytest.raises(IndexError, match="vocabulary"):
