@@ -26,8 +26,8 @@ def _run(args: list[str], tmp_path, timeout: float = 600) -> subprocess.Complete
 def test_bench_script_reports_every_figure_for_both_libraries(tmp_path):
     pytest.importorskip("transformers", reason="the HF peer needs `transformers`")
     out = tmp_path / "tiny.json"
-    proc = _run(["benchmarks/bench_generate.py", "--shape", "tiny", "--runs", "1",
-                 "--threads", "1", "--out", str(out)], tmp_path)  # fmt: skip
+    proc = _run(["benchmarks/bench_generate.py", "--shape", "tiny", "--n_layers", "1", "--runs",
+                 "1", "--threads", "1", "--out", str(out)], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     for lib in ("ours", "hf"):
