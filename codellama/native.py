@@ -636,16 +636,26 @@ class DecoderPlan:
             pos_ptr = positions.data_ptr()
         logits = torch.empty((rows, self.vocab_size), dtype=torch.float32, device="cpu")
         picks = torch.empty(rows, dtype=torch.long, device="cpu")
-        self._last = None
-        status = self.fn(
-            self._structs, len(self.layers), ctypes.byref(self._head), tokens.data_ptr(), rows,
-            row_offset, pos_ptr, kv_len, self.rope.data_ptr(), logits.data_ptr(),
-            picks.data_ptr(), self._finite, torch.get_num_threads(),
+        self._run(
+            tokens.data_ptr(), rows, row_offset, pos_ptr, kv_len, logits.data_ptr(),
+            picks.data_ptr(), self._finite, torch.get_num_threads(), tokens.tolist,
         )  # fmt: skip
-        if status != 0:
-            self._raise(status, rows, row_offset, tokens.tolist())
         self._last = (logits, picks, [bool(f) for f in self._finite[:rows]])
         return logits
+
+    def _run(
+        self, tokens: Any, rows: int, row_offset: int, positions: Any, kv_len: int, logits: int,
+        picks: Any, finite: Any, threads: int, token_ids: Callable[[], list[Any]],
+    ) -> None:  # fmt: skip
+        """One native step (pointers or ctypes arrays for the buffers); a non-zero status
+        raises its error (``token_ids`` gives the tokens for the message)."""
+        self._last = None  # a forward call's logits are no longer the last step's
+        status = self.fn(
+            self._structs, len(self.layers), ctypes.byref(self._head), tokens, rows,
+            row_offset, positions, kv_len, self.rope.data_ptr(), logits, picks, finite, threads,
+        )  # fmt: skip
+        if status != 0:
+            self._raise(status, rows, row_offset, token_ids())
 
     def _raise(self, status: int, rows: int, row_offset: int, tokens: list[Any]) -> NoReturn:
         """The error for a step's non-zero ``status``."""
@@ -725,17 +735,12 @@ class GreedySteps:
             )
         if kv_len < 1:
             raise ValueError(f"kv_len must be at least 1 (the token's own position), got {kv_len}")
-        plan = self._plan
         for i in range(rows):
             self._tokens[i], self._positions[i] = tokens[i], positions[i]
-        plan._last = None  # a forward call's logits are no longer the last step's
-        status = plan.fn(
-            plan._structs, len(plan.layers), ctypes.byref(plan._head), self._tokens, rows,
-            row_offset, self._positions, kv_len, plan.rope.data_ptr(), self._logits.data_ptr(),
-            self._picks, self._finite, self._threads,
+        self._plan._run(
+            self._tokens, rows, row_offset, self._positions, kv_len, self._logits.data_ptr(),
+            self._picks, self._finite, self._threads, lambda: list(tokens),
         )  # fmt: skip
-        if status != 0:
-            plan._raise(status, rows, row_offset, list(tokens))
         return self._picks[:rows], [f != 0 for f in self._finite[:rows]]
 
 

@@ -1353,7 +1353,9 @@ ATTEND2(bf16, uint16_t, ld8_bf16, 1)
         (void)p, (void)vals, (void)len, (void)D, (void)rep, (void)acc;                         \
     }
 ATTEND2_STUB(f32, float)
+#if defined(__AVX512BF16__) /* the only other build with a bf16 decoding step */
 ATTEND2_STUB(bf16, uint16_t)
+#endif
 #endif
 
 #include <pthread.h>
@@ -1750,24 +1752,25 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
                 for (long i = 0; i < D; i++) qf[r * D + i] = TOF(q[(m * hq + g * rep + r) * D + i]); \
             float mx[64], sum[64];                                                             \
             int fast = HAVE_ATTEND2 && D % 8 == 0;                                             \
-            if (fast) scores2_##SFX(qf, keys, len, D, rep, scale, s, mx);                      \
-            for (long r = 0; r < rep && !fast; r++) mx[r] = -INFINITY;                         \
-            long j_vec = fast ? len : 0;                                                       \
-            if (!fast) {                                                                       \
+            if (fast) {                                                                        \
+                scores2_##SFX(qf, keys, len, D, rep, scale, s, mx);                            \
+            } else {                                                                           \
+                for (long r = 0; r < rep; r++) mx[r] = -INFINITY;                              \
+                long j_vec = 0;                                                                \
                 SCORES16(T, LOADV)                                                             \
-            }                                                                                  \
-            for (long j = j_vec; j < len; j++) {                                               \
-                const T* kj = keys + j * D;                                                    \
-                for (long r = 0; r < rep; r++) {                                               \
-                    const float* qr = qf + r * D;                                              \
-                    vf dv = (vf){0};                                                           \
-                    long i = 0;                                                                \
-                    for (; i + VL <= D; i += VL) dv += load_f32(qr + i) * LOADV(kj + i);       \
-                    float d = hsum(dv);                                                        \
-                    for (; i < D; i++) d += qr[i] * TOF(kj[i]);                                \
-                    d *= scale;                                                                \
-                    s[r * len + j] = d;                                                        \
-                    if (d > mx[r]) mx[r] = d;                                                  \
+                for (long j = j_vec; j < len; j++) {                                           \
+                    const T* kj = keys + j * D;                                                \
+                    for (long r = 0; r < rep; r++) {                                           \
+                        const float* qr = qf + r * D;                                          \
+                        vf dv = (vf){0};                                                       \
+                        long i = 0;                                                            \
+                        for (; i + VL <= D; i += VL) dv += load_f32(qr + i) * LOADV(kj + i);   \
+                        float d = hsum(dv);                                                    \
+                        for (; i < D; i++) d += qr[i] * TOF(kj[i]);                            \
+                        d *= scale;                                                            \
+                        s[r * len + j] = d;                                                    \
+                        if (d > mx[r]) mx[r] = d;                                              \
+                    }                                                                          \
                 }                                                                              \
             }                                                                                  \
             for (long r = 0; r < rep; r++) {                                                   \
@@ -1786,39 +1789,42 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
                 }                                                                              \
             }                                                                                  \
             for (long i = 0; i < rep * D; i++) acc[i] = 0.0f;                                  \
-            if (fast) values2_##SFX(s, vals, len, D, rep, acc);                                \
             /* p @ V in blocks of keys that stay in L1, four vectors of a head's output        \
              * accumulated in registers (four independent sums) over each block. */            \
-            for (long j0 = 0; j0 < len && !fast; j0 += 64) {                                   \
-                long jn = len - j0 < 64 ? len - j0 : 64;                                       \
-                const T* vb = vals + j0 * D;                                                   \
-                for (long r = 0; r < rep; r++) {                                               \
-                    const float* pr = s + r * len + j0;                                        \
-                    float* ar = acc + r * D;                                                   \
-                    long i = 0;                                                                \
-                    for (; i + 4 * VL <= D; i += 4 * VL) {                                     \
-                        vf o0 = load_f32(ar + i), o1 = load_f32(ar + i + VL);                  \
-                        vf o2 = load_f32(ar + i + 2 * VL), o3 = load_f32(ar + i + 3 * VL);     \
-                        for (long j = 0; j < jn; j++) {                                        \
-                            const T* vj = vb + j * D + i;                                      \
-                            float p = pr[j];                                                   \
-                            o0 += p * LOADV(vj);                                               \
-                            o1 += p * LOADV(vj + VL);                                          \
-                            o2 += p * LOADV(vj + 2 * VL);                                      \
-                            o3 += p * LOADV(vj + 3 * VL);                                      \
+            if (fast)                                                                          \
+                values2_##SFX(s, vals, len, D, rep, acc);                                      \
+            else {                                                                             \
+                for (long j0 = 0; j0 < len; j0 += 64) {                                        \
+                    long jn = len - j0 < 64 ? len - j0 : 64;                                   \
+                    const T* vb = vals + j0 * D;                                               \
+                    for (long r = 0; r < rep; r++) {                                           \
+                        const float* pr = s + r * len + j0;                                    \
+                        float* ar = acc + r * D;                                               \
+                        long i = 0;                                                            \
+                        for (; i + 4 * VL <= D; i += 4 * VL) {                                 \
+                            vf o0 = load_f32(ar + i), o1 = load_f32(ar + i + VL);              \
+                            vf o2 = load_f32(ar + i + 2 * VL), o3 = load_f32(ar + i + 3 * VL); \
+                            for (long j = 0; j < jn; j++) {                                    \
+                                const T* vj = vb + j * D + i;                                  \
+                                float p = pr[j];                                               \
+                                o0 += p * LOADV(vj);                                           \
+                                o1 += p * LOADV(vj + VL);                                      \
+                                o2 += p * LOADV(vj + 2 * VL);                                  \
+                                o3 += p * LOADV(vj + 3 * VL);                                  \
+                            }                                                                  \
+                            memcpy(ar + i, &o0, sizeof o0);                                    \
+                            memcpy(ar + i + VL, &o1, sizeof o1);                               \
+                            memcpy(ar + i + 2 * VL, &o2, sizeof o2);                           \
+                            memcpy(ar + i + 3 * VL, &o3, sizeof o3);                           \
                         }                                                                      \
-                        memcpy(ar + i, &o0, sizeof o0);                                        \
-                        memcpy(ar + i + VL, &o1, sizeof o1);                                   \
-                        memcpy(ar + i + 2 * VL, &o2, sizeof o2);                               \
-                        memcpy(ar + i + 3 * VL, &o3, sizeof o3);                               \
+                        for (; i + VL <= D; i += VL) {                                         \
+                            vf o = load_f32(ar + i);                                           \
+                            for (long j = 0; j < jn; j++) o += pr[j] * LOADV(vb + j * D + i);  \
+                            memcpy(ar + i, &o, sizeof o);                                      \
+                        }                                                                      \
+                        for (; i < D; i++)                                                     \
+                            for (long j = 0; j < jn; j++) ar[i] += pr[j] * TOF(vb[j * D + i]); \
                     }                                                                          \
-                    for (; i + VL <= D; i += VL) {                                             \
-                        vf o = load_f32(ar + i);                                               \
-                        for (long j = 0; j < jn; j++) o += pr[j] * LOADV(vb + j * D + i);      \
-                        memcpy(ar + i, &o, sizeof o);                                          \
-                    }                                                                          \
-                    for (; i < D; i++)                                                         \
-                        for (long j = 0; j < jn; j++) ar[i] += pr[j] * TOF(vb[j * D + i]);     \
                 }                                                                              \
             }                                                                                  \
             for (long r = 0; r < rep; r++)                                                     \
@@ -1869,6 +1875,7 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
             cl_team team = {shares, omp_get_thread_num(), omp_get_num_threads(), 0};           \
             T* xn = xns + team.tid * M * dim;                                                  \
             const cl_linear* first[3] = {&layers->wq, &layers->wk, &layers->wv};               \
+            const cl_linear* out[1] = {&head->output};                                         \
             team_plan(&team, first, 3);                                                        \
             _Pragma("omp barrier")                                                             \
             for (int l = 0; l < n_layers; l++) {                                               \
@@ -1903,14 +1910,12 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
                     const cl_linear* next[3] = {&L[1].wq, &L[1].wk, &L[1].wv};                 \
                     team_plan(&team, next, 3);                                                 \
                 } else {                                                                       \
-                    const cl_linear* out[1] = {&head->output};                                 \
                     team_plan(&team, out, 1);                                                  \
                 }                                                                              \
                 _Pragma("omp barrier")                                                         \
             }                                                                                  \
             for (long m = 0; m < M; m++)                                                       \
                 rmsnorm_##SFX(h + m * dim, (const T*)head->norm, xn + m * dim, dim, head->eps); \
-            const cl_linear* out[1] = {&head->output};                                         \
             cl_best* best = bests + team.tid * MAX_M;                                          \
             for (long m = 0; m < M; m++) best[m] = best_none;                                  \
             linears_##SFX(&team, out, xn, M, NULL, 3, tmp, logits, best);                      \
@@ -1918,10 +1923,9 @@ static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uin
             _Pragma("omp master")                                                              \
             for (long m = 0; m < M; m++) { /* each thread's pick over the units it took */     \
                 cl_best b = best_none;                                                         \
-                for (int t = 0; t < team.nth; t++) {                                           \
+                for (int t = 0; t < team.nth; t++) { /* one that took none adds nothing */     \
                     const cl_best* c = bests + t * MAX_M + m;                                  \
-                    b.finite &= c->finite;                                                     \
-                    if (c->at != LONG_MAX) best_merge(&b, c->v, c->at, 1);                     \
+                    best_merge(&b, c->v, c->at, c->finite);                                    \
                 }                                                                              \
                 picks[m] = b.at == LONG_MAX ? 0 : b.at;                                        \
                 finite[m] = b.finite;                                                          \
