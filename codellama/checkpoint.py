@@ -35,6 +35,7 @@ from .errors import (
     OutputExistsError,
     OutputNotWritableError,
     UnknownWeightError,
+    is_bool,
 )
 
 PARAMS_FILE = "params.json"
@@ -581,13 +582,6 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     if t.storage_offset() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
         t = t.clone()
     return t
-
-
-def is_bool(value: object) -> bool:
-    """Whether ``value`` is True or False, numpy's bools included (a string such as the
-    ``'false'`` a command line passes through is not, though it is truthy)."""
-    kind = type(value)
-    return kind is bool or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
 
 
 def check_overwrite(overwrite: object) -> bool:

@@ -73,3 +73,17 @@ class DistributedError(CodeLlamaError, RuntimeError):
 class StreamInterruptedError(CodeLlamaError, RuntimeError):
     """A paused generation cannot go on: another call used the model's KV cache meanwhile,
     or two threads generate with one model at once."""
+
+
+def is_bool(value: object) -> bool:
+    """Whether ``value`` is True or False, numpy's bools included (a string such as the
+    ``'false'`` a command line passes through is not, though it is truthy)."""
+    kind = type(value)
+    return kind is bool or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
+
+
+def is_flag(value: object) -> bool:
+    """Whether ``value`` is a yes/no option of generation or formatting: a bool (see
+    :func:`is_bool`) or the int 0 or 1, as Meta's code takes ``bos=1``. Options that
+    destroy data (``overwrite``) take bools only."""
+    return is_bool(value) or (type(value) is int and value in (0, 1))

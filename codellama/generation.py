@@ -29,7 +29,6 @@ import torch
 
 from . import distributed, gpu_kernels, native
 from .checkpoint import (
-    is_bool,
     load_weights,
     path_type_hint,
     read_params,
@@ -42,6 +41,7 @@ from .errors import (
     OutOfMemoryError,
     PromptError,
     PromptTooLongError,
+    is_flag,
 )
 from .model import (
     CacheGuard,
@@ -301,7 +301,7 @@ class Llama:
         self._prefill_chunk_size = prefill_chunk_size
         self._generator = torch.Generator(device=model.device).manual_seed(self.seed)
         self._decode: Callable[..., torch.Tensor] = self._decode_step
-        self.compiled = compile
+        self.compiled = bool(compile)
         self._overlap = model.device.type != "cpu"  # see _run_batch
         if compile:
             mode = "reduce-overhead" if model.device.type == "cuda" else None
@@ -1190,7 +1190,7 @@ def _sampling_params(temperature: float, top_p: float, extras: Mapping[str, Any]
 
 
 def _check_flag(name: str, value: object) -> None:
-    if not is_bool(value):
+    if not is_flag(value):
         raise PromptError(f"{name} must be True or False, got {value!r:.40}")
 
 
@@ -1297,7 +1297,7 @@ def _cyclic_gc_paused() -> Iterator[None]:
 def _check_seed_and_compile(seed: object, compile: object) -> None:
     if not _seed_ok(seed):
         raise ConfigError(f"seed must be an integer in [-2**63, 2**64), got {seed!r:.40}")
-    if not isinstance(compile, bool):
+    if not is_flag(compile):
         raise ConfigError(f"compile must be True or False, got {compile!r}")
 
 

@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: typing_extensions (a dependency of torch) has them
     from typing_extensions import NotRequired, TypedDict
 
-from .errors import PromptError, UnsupportedError
+from .errors import PromptError, UnsupportedError, is_flag
 from .tokenizer import Tokenizer, check_text
 
 Role = Literal["system", "user", "assistant"]
@@ -53,7 +53,7 @@ def infilling_prompt_tokens(
     for name, value in (("prefix", prefix), ("suffix", suffix)):
         if not isinstance(value, str):
             raise PromptError(f"{name} must be a str, got {type(value).__name__}: {value!r:.80}")
-    if not isinstance(suffix_first, bool):
+    if not is_flag(suffix_first):
         raise PromptError(f"suffix_first must be True or False, got {suffix_first!r:.40}")
     assert tokenizer.prefix_id is not None and tokenizer.suffix_id is not None
     assert tokenizer.middle_id is not None

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 
 from sentencepiece import SentencePieceProcessor
 
-from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, PromptError
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, PromptError, is_flag
 
 _SMILEY = "☺"  # a piece that encodes on its own, used to drop SentencePiece's leading space
 
@@ -74,7 +74,7 @@ class Tokenizer:
         """Token ids of ``s``, optionally framed by BOS/EOS."""
         check_text(s)
         for name, flag in (("bos", bos), ("eos", eos)):
-            if not isinstance(flag, bool):
+            if not is_flag(flag):
                 raise PromptError(f"{name} must be True or False, got {flag!r:.40}")
         t: list[int] = self.sp_model.encode(s)
         if bos:

@@ -23,13 +23,21 @@ def _run(args: list[str], tmp_path, timeout: float = 600) -> subprocess.Complete
     )  # fmt: skip
 
 
-def test_bench_script_reports_every_figure_for_both_libraries(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+    """One run of the bench on a one-layer tiny model (2 timed runs of each figure, 1 build),
+    shared by the tests that read its report: the script takes about a minute on 2 cores."""
     pytest.importorskip("transformers", reason="the HF peer needs `transformers`")
+    tmp_path = tmp_path_factory.mktemp("bench")
     out = tmp_path / "tiny.json"
     proc = _run(["benchmarks/bench_generate.py", "--shape", "tiny", "--n_layers", "1", "--runs",
-                 "1", "--threads", "1", "--out", str(out)], tmp_path)  # fmt: skip
+                 "2", "--build_runs", "1", "--threads", "1", "--out", str(out)], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_bench_script_reports_every_figure_for_both_libraries(tiny_bench):
+    proc, doc = tiny_bench
     for lib in ("ours", "hf"):
         res = doc["results"][lib]
         for key in ("decode_b1_tok_s", "decode_b8_tok_s", "prefill_tok_s", "mixed_batch_s",
@@ -57,13 +65,9 @@ def test_bench_script_refuses_bad_options_before_writing_anything(tmp_path, args
     assert not (tmp_path / "cache").exists()  # no checkpoint written, no tokenizer trained
 
 
-def test_bench_decode_rate_is_timed_from_each_runs_first_token(tmp_path):
-    pytest.importorskip("transformers", reason="the HF peer needs `transformers`")
-    out = tmp_path / "tiny.json"
-    proc = _run(["benchmarks/bench_generate.py", "--shape", "tiny", "--n_layers", "1", "--runs",
-                 "2", "--build_runs", "0", "--threads", "1", "--out", str(out)], tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for lib, res in json.loads(out.read_text())["results"].items():
+def test_bench_decode_rate_is_timed_from_each_runs_first_token(tiny_bench):
+    _, doc = tiny_bench
+    for lib, res in doc["results"].items():
         rates = res["decode_b1_all"]
         assert len(rates) == 2 and res["decode_b1_tok_s"] == pytest.approx(
             sorted(rates)[1] / 2 + sorted(rates)[0] / 2

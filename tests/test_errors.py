@@ -659,6 +659,8 @@ INFILL_CASES = [
                  id="infill-tokens-str-suffix-first"),
     pytest.param(lambda c: c.tok.encode("x", bos="yes", eos=False), PromptError,  # type: ignore[arg-type]
                  re.escape("bos must be True or False, got 'yes'"), id="encode-str-bos"),
+    pytest.param(lambda c: c.tok.encode("x", bos=2, eos=False), PromptError,
+                 re.escape("bos must be True or False, got 2"), id="encode-int-bos"),
 ]  # fmt: skip
 
 TEXT_CASES = [

@@ -95,6 +95,14 @@ def test_llama2_tokenizer_has_no_infilling(llama2_tokenizer):
         infilling_prompt_tokens(llama2_tokenizer, "a", "b")
 
 
+def test_flags_take_the_ints_0_and_1_as_metas_code_does(tokenizer):
+    """Meta's ``encode`` tests ``if bos:``, so callers pass ``bos=1``; strings stay refused."""
+    assert tokenizer.encode("x", bos=1, eos=0) == tokenizer.encode("x", bos=True, eos=False)
+    assert infilling_prompt_tokens(tokenizer, "a", "b", suffix_first=1) == (
+        infilling_prompt_tokens(tokenizer, "a", "b", suffix_first=True)
+    )
+
+
 def test_encode_decode_infilling_have_no_leading_space(tokenizer):
     text = "    return x\n"
     assert tokenizer.decode_infilling(tokenizer.encode_infilling(text)) == text
