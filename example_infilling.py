@@ -6,9 +6,8 @@
 
 from typing import Optional
 
-import fire
-
 from codellama import Llama
+from codellama.cli import run
 
 
 def main(
@@ -87,4 +86,4 @@ end
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)  # fire.Fire(main), refusing unknown options before the build

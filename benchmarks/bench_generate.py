@@ -838,18 +838,11 @@ def _check_options(
 def _refuse_unknown_flags(argv: list[str]) -> None:
     """Fire reports a flag that main lacks only after main returns (a whole benchmark later,
     a 13 GB checkpoint written): refuse it first."""
-    import inspect
+    from codellama.cli import unknown_options
 
-    known = set(inspect.signature(main).parameters) | {"help"}
-    for arg in argv:
-        if arg.startswith("--"):
-            name = arg[2:].split("=", 1)[0].replace("-", "_")
-            name = name[2:] if name.startswith("no") and name[2:] in known else name
-            if name not in known:
-                raise SystemExit(
-                    f"unknown option {arg!r}; the options are "
-                    + ", ".join(f"--{k}" for k in sorted(known - {"worker", "help"}))
-                )
+    problem = unknown_options(main, argv)
+    if problem:
+        raise SystemExit(problem)
     values = [a for a in argv if not a.startswith("-")]
     flags = [a for a in argv if a.startswith("--")]
     if values and not flags:
