@@ -273,6 +273,17 @@ def load_shard(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 "Llama weights are floating point (bfloat16, float16 or float32): this file "
                 "is not a Code Llama checkpoint, or was damaged when saved"
             )
+        if t.is_meta:
+            raise CheckpointError(
+                f"{name} in {str(p)!r} is a meta tensor, which holds no data: the file was "
+                "saved from a model whose weights were never filled in (built on "
+                "device='meta'); save it after its weights are loaded"
+            )
+        if t.layout != torch.strided:
+            raise CheckpointError(
+                f"{name} in {str(p)!r} is a {str(t.layout).removeprefix('torch.')} tensor; "
+                "Code Llama weights are dense: save them dense (tensor.to_dense())"
+            )
         if mapped:
             _MAPPED[id(t)] = t
     return sd

@@ -36,10 +36,14 @@ _DTYPES = {
 # Collectives give up after this long (seconds; $CODELLAMA_TIMEOUT_S overrides it when the
 # process group is created), so a failed peer cannot hang the others for ever.
 DEFAULT_TIMEOUT_S = 60
+# The longest wait torch's stores take (~31 years; 1e10 s overflows their milliseconds): a
+# larger $CODELLAMA_TIMEOUT_S, such as 1e100 or inf for "for ever", waits this long.
+MAX_TIMEOUT_S = 1e9
 
 
 def collective_timeout() -> datetime.timedelta:
-    """How long a collective waits for its peers: $CODELLAMA_TIMEOUT_S seconds, or 60."""
+    """How long a collective waits for its peers: $CODELLAMA_TIMEOUT_S seconds (at most
+    :data:`MAX_TIMEOUT_S`), or 60."""
     raw = os.environ.get("CODELLAMA_TIMEOUT_S", "").strip()
     if not raw:
         return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
@@ -47,12 +51,12 @@ def collective_timeout() -> datetime.timedelta:
         seconds = float(raw)
     except ValueError:
         seconds = float("nan")
-    if not math.isfinite(seconds) or seconds <= 0:
+    if math.isnan(seconds) or seconds <= 0:
         raise ConfigError(
             f"CODELLAMA_TIMEOUT_S must be a number of seconds > 0, got {raw!r}; unset it for "
             f"the default ({DEFAULT_TIMEOUT_S} s)"
         )
-    return datetime.timedelta(seconds=seconds)
+    return datetime.timedelta(seconds=min(seconds, MAX_TIMEOUT_S))
 
 
 _owns_group = False  # True when codellama created the default process group

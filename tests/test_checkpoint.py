@@ -441,6 +441,25 @@ def test_non_floating_weight_is_refused_naming_tensor_and_file(
         build(d)
 
 
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda t: torch.empty_like(t, device="meta"), "is a meta tensor, which holds no data"),
+        (lambda t: t.to_sparse(), "is a sparse_coo tensor; Code Llama weights are dense"),
+    ],
+    ids=["meta", "sparse"],
+)
+def test_a_weight_without_dense_data_is_refused_naming_tensor_and_file(
+    make_checkpoint, build, tmp_path, make, message
+):
+    def edit(sd):
+        sd["norm.weight"] = make(sd["norm.weight"])
+
+    d = _rewrite(make_checkpoint(GQA_ARGS), tmp_path / "c", edit)
+    with pytest.raises(CheckpointError, match=rf"norm.weight in .*consolidated.00.pth.* {message}"):
+        build(d)
+
+
 @pytest.mark.parametrize("key", ["norm.weight", "layers.1.attention_norm.weight"])
 def test_replicated_weight_differing_between_shards_is_refused(
     make_checkpoint, build, tmp_path, key

@@ -934,6 +934,14 @@ def test_collective_timeout_takes_seconds_and_defaults_to_60(monkeypatch):
     assert collective_timeout().total_seconds() == 60
 
 
+@pytest.mark.parametrize("raw", ["1e100", "inf"])
+def test_a_collective_timeout_meaning_for_ever_waits_the_longest_torch_takes(monkeypatch, raw):
+    from codellama.distributed import MAX_TIMEOUT_S, collective_timeout
+
+    monkeypatch.setenv("CODELLAMA_TIMEOUT_S", raw)
+    assert collective_timeout().total_seconds() == MAX_TIMEOUT_S  # 1e100 s overflowed torch
+
+
 def test_importing_the_package_reads_no_environment_variable():
     env = {**os.environ, "CODELLAMA_TIMEOUT_S": "abc"}
     done = subprocess.run([sys.executable, "-c", "import codellama"], env=env, capture_output=True)
