@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import refuse_non_empty, shard_state_dict, write_checkpoint
-from .errors import ConfigError
+from .errors import ConfigError, OutputExistsError
 from .model import ModelArgs
 from .paths import cache_dir
 
@@ -186,7 +186,13 @@ def ensure_demo_checkpoint(directory: str | os.PathLike[str] | None = None) -> P
         return d
     ours = directory is None
     if not ours:
-        refuse_non_empty(d, overwrite=False)
+        if d.is_dir() and any(d.iterdir()):  # (refuse_non_empty's hint names an --overwrite)
+            raise OutputExistsError(
+                f"--ckpt_dir {str(d)!r} is not empty and holds no demo checkpoint; the demo "
+                "writes only into a new or empty folder (it never replaces files): name one, "
+                "or leave --ckpt_dir out to use the package's cache"
+            )
+        refuse_non_empty(d, overwrite=False)  # a file, not a folder
     with tempfile.TemporaryDirectory() as tmp:
         tok = train_tokenizer(Path(tmp) / "tokenizer.model")
         from .tokenizer import Tokenizer

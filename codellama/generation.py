@@ -494,7 +494,8 @@ class Llama:
         if seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(int(seed))
         tok = self.tokenizer
-        reader = _StopReader(texts, decode or tok.decode, tok.is_plain_piece, tok.unfinished_bytes)
+        read = tok.decode if decode is None else _returning_text(decode)
+        reader = _StopReader(texts, read, tok.is_plain_piece, tok.unfinished_bytes)
         return self._batches(
             prompts, max_gen_len, sampling, logprobs, echo, stops, reader, generator, rows_out
         )
@@ -1187,6 +1188,21 @@ def _sampling_params(temperature: float, top_p: float, extras: Mapping[str, Any]
             f"help), nor the extra sampling keywords {sorted(_SAMPLING_EXTRAS)}"
         )
     return SamplingParams(temperature=temperature, top_p=top_p, **extras)
+
+
+def _returning_text(decode: Callable[[Sequence[int]], str]) -> Callable[[Sequence[int]], str]:
+    """``decode``, checked to return a str (stop strings are searched in what it returns)."""
+
+    def read(ids: Sequence[int]) -> str:
+        text = decode(ids)
+        if not isinstance(text, str):
+            raise PromptError(
+                f"decode must return the text (a str) of the token ids it is given, got "
+                f"{type(text).__name__}: {text!r:.40}"
+            )
+        return text
+
+    return read
 
 
 def _check_flag(name: str, value: object) -> None:

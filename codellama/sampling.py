@@ -105,6 +105,23 @@ def sample_top_p(
     of ``generator`` (see :class:`MetaDraws`): a (B, V) tensor, or a function of ``w`` that
     returns the first ``w`` columns (all that nuclei within ``w`` tokens read).
     """
+    if (
+        not isinstance(probs, torch.Tensor)
+        or not probs.is_floating_point()
+        or probs.dim() not in (1, 2)
+    ):
+        got = (
+            f"a {probs.dim()}-D {str(probs.dtype).removeprefix('torch.')} tensor"
+            if isinstance(probs, torch.Tensor)
+            else type(probs).__name__
+        )
+        raise PromptError(
+            f"sample_top_p takes a floating-point tensor of probabilities, (batch, vocab) or "
+            f"(vocab,), got {got}"
+        )
+    _check_number("top_p", p)
+    if not 0 <= p <= 1:
+        raise PromptError(f"top_p must be in [0, 1], got {p!r}")
     cpu = probs.device.type == "cpu"
     if cpu and not bool(rows_finite(probs).all()):
         raise NumericalError(_NOT_FINITE)  # torch.multinomial's check, before any shortcut

@@ -1038,3 +1038,10 @@ def test_prefill_chunk_size_set_after_build_is_checked_too(ctx):
 def test_a_decode_that_is_not_a_function_is_refused(ctx):
     with pytest.raises(PromptError, match="decode must be a function"):
         ctx.llama.generate_results([[1, 5]], 2, stop_strings=["x"], decode=5)
+
+
+@pytest.mark.parametrize("returned", [None, b"x"], ids=["None", "bytes"])
+def test_a_decode_that_returns_no_text_is_refused_and_the_model_stays_usable(ctx, returned):
+    with pytest.raises(PromptError, match="decode must return the text .* got"):
+        ctx.llama.generate_results([[1, 5]], 2, stop_strings=["x"], decode=lambda t: returned)
+    assert len(ctx.llama.generate_results([[1, 5]], 2)[0].tokens) == 2

@@ -59,8 +59,9 @@ def test_the_demo_never_writes_into_a_folder_of_the_users(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="not empty") as info:
         ensure_demo_checkpoint(mine)
+    assert "overwrite" not in str(info.value)  # the demo has no such option
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     a_file = tmp_path / "p.jsonl"
     a_file.write_text("data")

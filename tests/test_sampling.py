@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from codellama import sampling
-from codellama.errors import NumericalError
+from codellama.errors import NumericalError, PromptError
 from codellama.sampling import block_noise, sample_top_p
 
 from .conftest import meta_sample_top_p
@@ -148,6 +150,26 @@ def test_a_negative_probability_is_refused_inside_the_nucleus_only_as_metas_code
     probs = torch.tensor([[0.6, 0.5, -1e-9]])
     assert _both(probs, 0.5) == ([[0]], [[0]])  # masked out before multinomial sees it
     assert _both(probs[:, 1:], 1.0) == (NumericalError, RuntimeError)  # in the nucleus
+
+
+@pytest.mark.parametrize(
+    "probs, got",
+    [
+        (torch.full((2, 1, 4), 0.25), "a 3-D float32 tensor"),
+        (torch.tensor([[1, 2, 3]]), "a 2-D int64 tensor"),
+        ([[0.5, 0.5]], "list"),
+    ],
+    ids=["3-D", "integers", "list"],
+)
+def test_what_is_not_a_float_tensor_of_rows_is_refused_naming_what_it_is(probs, got):
+    with pytest.raises(PromptError, match=re.escape(f"(batch, vocab) or (vocab,), got {got}")):
+        sample_top_p(probs, 0.9)
+
+
+@pytest.mark.parametrize("p", [-1.0, 1.5, float("nan")], ids=["negative", "above-1", "nan"])
+def test_a_top_p_outside_0_1_is_refused_naming_top_p(p):
+    with pytest.raises(PromptError, match="top_p"):
+        sample_top_p(_probs("medium", seed=1), p)  # not blamed on the probabilities
 
 
 def test_a_row_of_zeros_is_refused():
