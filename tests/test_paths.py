@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from codellama import paths
@@ -27,3 +29,14 @@ def test_empty_variables_mean_the_home_cache_not_the_current_folder(monkeypatch,
     monkeypatch.setenv("HOME", str(tmp_path))
     assert paths.cache_dir() == tmp_path / ".cache" / "codellama"
     assert demo_dir().is_absolute() and demo_dir() == Path(tmp_path, ".cache", "codellama", "demo")
+
+
+def test_a_process_without_a_home_caches_in_the_temporary_folder(monkeypatch, tmp_path):
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    for var in ("CODELLAMA_CACHE", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert paths.cache_dir() == tmp_path / f"codellama-{os.getuid()}"
