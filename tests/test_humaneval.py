@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from codellama import (
     DataNotFoundError,
     Llama,
     OutputExistsError,
+    OutputNotWritableError,
     PromptError,
     PromptTooLongError,
 )
@@ -26,6 +28,7 @@ from codellama.humaneval import (
     main,
     partial_path,
     read_problems,
+    settings_path,
     write_samples,
 )
 
@@ -158,19 +161,158 @@ def test_finished_samples_are_the_complete_lines_in_problem_order(tmp_path):
     assert finished_samples(tmp_path / "other.jsonl", PROBLEMS, n_samples=2) == []
 
 
-def test_an_interrupted_run_resumes_where_it_stopped(make_checkpoint, llama, tmp_path):
+# The arguments of main for a run of PROBLEMS on the tiny checkpoint.
+RUN = dict(n_samples=2, temperature=0.0, max_gen_len=8, max_seq_len=128, max_batch_size=2,
+           device="cpu", dtype="float32")  # fmt: skip
+
+
+class _Interrupted:
+    """A stand-in for Llama that generates ``batches`` batches with ``model``, then stops
+    as Ctrl-C would."""
+
+    def __init__(self, model, batches=1):
+        self.model, self.batches, self.tokenizer = model, batches, model.tokenizer
+        self.max_batch_size, self.max_seq_len = model.max_batch_size, model.max_seq_len
+
+    def generate_results(self, *args, **kwargs):
+        if self.batches == 0:
+            raise KeyboardInterrupt
+        self.batches -= 1
+        return self.model.generate_results(*args, **kwargs)
+
+
+def _run(monkeypatch, model, ckpt, problems, out, **args):
+    """main(...) with ``model`` (a stand-in) for what Llama.build would return."""
+    with monkeypatch.context() as m:
+        m.setattr(Llama, "build", staticmethod(lambda *a, **k: model))
+        main(str(ckpt), str(ckpt / "tokenizer.model"), str(problems), str(out), **{**RUN, **args})
+
+
+def _interrupt(monkeypatch, model, ckpt, problems, out, **args):
+    """Run main until its first batch is written, then interrupt it."""
+    with pytest.raises(KeyboardInterrupt):
+        _run(monkeypatch, _Interrupted(model), ckpt, problems, out, **args)
+    assert partial_path(out).is_file() and settings_path(out).is_file()
+
+
+def _refuse_build(*args, **kwargs):
+    raise AssertionError("Llama.build was called: the run should have been refused before it")
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(make_checkpoint, llama, tmp_path, monkeypatch):
     ckpt = make_checkpoint(GQA_ARGS)
     problems = _write(tmp_path / "p.jsonl", PROBLEMS)
     full = list(generate_samples(llama, PROBLEMS, n_samples=2, temperature=0.0, max_gen_len=8))
     out = tmp_path / "samples.jsonl"
-    kept = full[:3]
-    partial_path(out).write_text("".join(json.dumps(x) + "\n" for x in kept) + '{"task')
+    _interrupt(monkeypatch, llama, ckpt, problems, out)
+    with open(partial_path(out), "a") as f:
+        f.write('{"task')  # a line cut short
+    assert partial_path(out).read_text().splitlines()[:2] == [json.dumps(x) for x in full[:2]]
     assert list(generate_samples(llama, PROBLEMS, 2, 0.0, max_gen_len=8, skip=3)) == full[3:]
-    main(str(ckpt), str(ckpt / "tokenizer.model"), str(problems), out=str(out), n_samples=2,
-         temperature=0.0, max_gen_len=8, max_seq_len=128, max_batch_size=2, device="cpu",
-         dtype="float32")  # fmt: skip
+    main(str(ckpt), str(ckpt / "tokenizer.model"), str(problems), out=str(out), **RUN)
     assert [json.loads(line) for line in out.read_text().splitlines()] == full
     assert not partial_path(out).exists()
+    assert not settings_path(out).exists()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"temperature": 0.5}, "--temperature was 0.0, now 0.5"),
+        ({"seed": 2}, "--seed was 1, now 2"),
+        ({"ckpt_dir": "other"}, "--ckpt_dir was '.*', now '.*other'"),
+        ({"problems": PROBLEMS[:1] + [{**PROBLEMS[1], "prompt": "def f():\n"}] + PROBLEMS[2:]},
+         "--problems was '[0-9a-f]+', now '[0-9a-f]+' \\(a digest of its task ids and prompts"),
+    ],
+    ids=["temperature", "seed", "ckpt_dir", "problems"],
+)  # fmt: skip
+def test_resuming_with_other_settings_is_refused_before_the_build(
+    make_checkpoint, llama, tmp_path, monkeypatch, change, match
+):
+    ckpt = make_checkpoint(GQA_ARGS)
+    problems = _write(tmp_path / "p.jsonl", PROBLEMS)
+    out = tmp_path / "samples.jsonl"
+    _interrupt(monkeypatch, llama, ckpt, problems, out)
+    before = partial_path(out).read_bytes(), settings_path(out).read_bytes()
+    monkeypatch.setattr(Llama, "build", staticmethod(_refuse_build))
+    args = {**RUN, **{k: v for k, v in change.items() if k not in ("ckpt_dir", "problems")}}
+    if "problems" in change:
+        problems = _write(tmp_path / "p2.jsonl", change["problems"])
+    ckpt_dir = tmp_path / change["ckpt_dir"] if "ckpt_dir" in change else ckpt
+    with pytest.raises(ConfigError, match=match) as err:
+        main(str(ckpt_dir), str(ckpt / "tokenizer.model"), str(problems), str(out), **args)
+    assert "Rerun with the same arguments to resume it, or pass --overwrite" in str(err.value)
+    assert (partial_path(out).read_bytes(), settings_path(out).read_bytes()) == before
+
+
+def test_overwrite_starts_afresh_and_records_the_new_settings(
+    make_checkpoint, llama, tmp_path, monkeypatch
+):
+    ckpt = make_checkpoint(GQA_ARGS)
+    problems = _write(tmp_path / "p.jsonl", PROBLEMS)
+    out = tmp_path / "samples.jsonl"
+    _interrupt(monkeypatch, llama, ckpt, problems, out)
+    scripted = _Scripted(llama.tokenizer, llama.tokenizer.encode("x = 1", False, False))
+    scripted.max_batch_size = 2
+    _interrupt(monkeypatch, scripted, ckpt, problems, out, temperature=0.5, overwrite=True)
+    assert [json.loads(x)["completion"] for x in partial_path(out).read_text().splitlines()] == [
+        " x = 1"
+    ] * 2  # the first run's samples are gone
+    _run(monkeypatch, scripted, ckpt, problems, out, temperature=0.5)  # resumes, not refused
+    assert [json.loads(x)["completion"] for x in out.read_text().splitlines()] == [" x = 1"] * 6
+    assert not settings_path(out).exists()
+
+
+@pytest.mark.parametrize(
+    "sidecar, match",
+    [(None, "is missing"), ("{not json", "cannot be read"), ("[1]", "--ckpt_dir was '\\(not")],
+    ids=["missing", "not-json", "not-an-object"],
+)
+def test_a_partial_without_readable_settings_is_refused(
+    make_checkpoint, llama, tmp_path, monkeypatch, sidecar, match
+):
+    ckpt = make_checkpoint(GQA_ARGS)
+    problems = _write(tmp_path / "p.jsonl", PROBLEMS)
+    out = tmp_path / "samples.jsonl"
+    _interrupt(monkeypatch, llama, ckpt, problems, out)
+    if sidecar is None:
+        settings_path(out).unlink()
+    else:
+        settings_path(out).write_text(sidecar)
+    before = partial_path(out).read_bytes()
+    monkeypatch.setattr(Llama, "build", staticmethod(_refuse_build))
+    with pytest.raises(ConfigError, match=match) as err:
+        main(str(ckpt), str(ckpt / "tokenizer.model"), str(problems), str(out), **RUN)
+    assert "pass --overwrite to start afresh" in str(err.value)
+    assert partial_path(out).read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["proc", "read-only"])
+def test_an_unwritable_out_folder_is_refused_before_the_build(
+    tmp_path, tokenizer_path, monkeypatch, where
+):
+    problems = _write(tmp_path / "p.jsonl", PROBLEMS)
+    out = "/proc/samples.jsonl"
+    if where == "read-only":  # what a folder without write permission gives a non-root user
+        out = str(tmp_path / "samples.jsonl")
+        partial_path(tmp_path / "samples.jsonl").write_text("kept\n")
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr("tempfile.mkstemp", refuse)
+    elif not os.path.isdir("/proc"):
+        pytest.skip("no /proc on this system")
+    monkeypatch.setattr(Llama, "build", staticmethod(_refuse_build))
+    with pytest.raises(OutputNotWritableError, match=f"--out '{out}'.*choose a folder you can"):
+        main(str(tmp_path / "no-ckpt"), str(tokenizer_path), str(problems), out)
+    if where == "read-only":
+        assert partial_path(tmp_path / "samples.jsonl").read_text() == "kept\n"
+
+
+def test_write_samples_refuses_a_partial_it_cannot_open_by_the_output_name():
+    with pytest.raises(OutputNotWritableError, match="--out '/proc/s.jsonl'.*choose a folder"):
+        write_samples([{"task_id": "T/0", "completion": "x"}], Path("/proc/s.jsonl"))
 
 
 @pytest.mark.slow
