@@ -13,6 +13,8 @@ from .conftest import GQA_ARGS, MHA_ARGS
 
 # head_dim 18: not a multiple of the 16-wide vectors, so every tail path runs.
 ODD_ARGS = ModelArgs(dim=72, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=8, rope_theta=1e6)
+# An odd SwiGLU width (213): w2 has an odd K (a last half pair), w1/w3 a part-filled last block.
+ODD_FFN_ARGS = ModelArgs(dim=80, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=1)
 TOL = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
@@ -62,8 +64,15 @@ def test_a_built_cpu_model_decodes_through_the_native_step(kernel, make_checkpoi
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
     ("args", "prompt_len", "rows"),
-    [(GQA_ARGS, 9, 3), (MHA_ARGS, 9, 1), (ODD_ARGS, 7, 2), (GQA_ARGS, 150, 2)],
-    ids=["gqa", "mha", "odd-head-dim", "long-context"],
+    [
+        (GQA_ARGS, 9, 3),
+        (MHA_ARGS, 9, 1),
+        (ODD_ARGS, 7, 2),
+        (GQA_ARGS, 150, 2),
+        (GQA_ARGS, 9, 1),
+        (ODD_FFN_ARGS, 7, 1),
+    ],
+    ids=["gqa", "mha", "odd-head-dim", "long-context", "one-row", "odd-ffn-one-row"],
 )
 def test_native_step_equals_the_torch_layers(
     kernel, make_checkpoint, build, dtype, args, prompt_len, rows
