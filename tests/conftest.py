@@ -11,10 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from codellama import Llama, ModelArgs, Tokenizer, native
+from codellama import Llama, ModelArgs, Tokenizer, native, paths
 from codellama.demo import train_tokenizer, write_random_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def cache_sharing_kernels(folder: Path) -> Path:
+    """``folder``, made a codellama cache (``$CODELLAMA_CACHE``) for a subprocess: its own
+    checkpoints and tokenizers, but this session's compiled kernels, linked in (compiling
+    them takes 10-15 s on 2 cores, in every process with a cache of its own)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if native.load() is not None:  # built (or found) in this session's cache
+        link = folder / "kernels"
+        if not link.exists():
+            link.symlink_to(paths.cache_dir() / "kernels", target_is_directory=True)
+    return folder
 
 
 @pytest.fixture(scope="session")

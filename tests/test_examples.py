@@ -10,7 +10,7 @@ import pytest
 
 from codellama.demo import ensure_demo_checkpoint
 
-from .conftest import GQA_ARGS, REPO
+from .conftest import GQA_ARGS, REPO, cache_sharing_kernels
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -45,7 +45,7 @@ def test_example_runs_with_two_processes(make_checkpoint):
 
 
 def test_demo_command_runs_completion_infilling_and_chat(tmp_path):
-    env = {**ENV, "CODELLAMA_CACHE": str(tmp_path)}
+    env = {**ENV, "CODELLAMA_CACHE": str(cache_sharing_kernels(tmp_path))}
     cmd = [sys.executable, "-m", "codellama.demo", "--max_gen_len", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
