@@ -844,6 +844,13 @@ def build(
     path = folder / LIBRARY
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # a first Llama.build waits for it
+        print(
+            f"codellama: compiling the native CPU kernels into {folder} (once for this CPU; "
+            "about 15 s on 2 cores)",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         done = subprocess.run(
             [*cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120
