@@ -195,6 +195,16 @@ def _interrupt(monkeypatch, model, ckpt, problems, out, **args):
     assert partial_path(out).is_file() and settings_path(out).is_file()
 
 
+@pytest.fixture
+def interrupted(make_checkpoint, llama, tmp_path, monkeypatch):
+    """(checkpoint, problems file, output) of a run interrupted after its first batch."""
+    ckpt = make_checkpoint(GQA_ARGS)
+    problems = _write(tmp_path / "p.jsonl", PROBLEMS)
+    out = tmp_path / "samples.jsonl"
+    _interrupt(monkeypatch, llama, ckpt, problems, out)
+    return ckpt, problems, out
+
+
 def _refuse_build(*args, **kwargs):
     raise AssertionError("Llama.build was called: the run should have been refused before it")
 
@@ -227,12 +237,9 @@ def test_an_interrupted_run_resumes_where_it_stopped(make_checkpoint, llama, tmp
     ids=["temperature", "seed", "ckpt_dir", "problems"],
 )  # fmt: skip
 def test_resuming_with_other_settings_is_refused_before_the_build(
-    make_checkpoint, llama, tmp_path, monkeypatch, change, match
+    interrupted, tmp_path, monkeypatch, change, match
 ):
-    ckpt = make_checkpoint(GQA_ARGS)
-    problems = _write(tmp_path / "p.jsonl", PROBLEMS)
-    out = tmp_path / "samples.jsonl"
-    _interrupt(monkeypatch, llama, ckpt, problems, out)
+    ckpt, problems, out = interrupted
     before = partial_path(out).read_bytes(), settings_path(out).read_bytes()
     monkeypatch.setattr(Llama, "build", staticmethod(_refuse_build))
     args = {**RUN, **{k: v for k, v in change.items() if k not in ("ckpt_dir", "problems")}}
@@ -245,13 +252,8 @@ def test_resuming_with_other_settings_is_refused_before_the_build(
     assert (partial_path(out).read_bytes(), settings_path(out).read_bytes()) == before
 
 
-def test_overwrite_starts_afresh_and_records_the_new_settings(
-    make_checkpoint, llama, tmp_path, monkeypatch
-):
-    ckpt = make_checkpoint(GQA_ARGS)
-    problems = _write(tmp_path / "p.jsonl", PROBLEMS)
-    out = tmp_path / "samples.jsonl"
-    _interrupt(monkeypatch, llama, ckpt, problems, out)
+def test_overwrite_starts_afresh_and_records_the_new_settings(interrupted, llama, monkeypatch):
+    ckpt, problems, out = interrupted
     scripted = _Scripted(llama.tokenizer, llama.tokenizer.encode("x = 1", False, False))
     scripted.max_batch_size = 2
     _interrupt(monkeypatch, scripted, ckpt, problems, out, temperature=0.5, overwrite=True)
@@ -268,13 +270,8 @@ def test_overwrite_starts_afresh_and_records_the_new_settings(
     [(None, "is missing"), ("{not json", "cannot be read"), ("[1]", "--ckpt_dir was '\\(not")],
     ids=["missing", "not-json", "not-an-object"],
 )
-def test_a_partial_without_readable_settings_is_refused(
-    make_checkpoint, llama, tmp_path, monkeypatch, sidecar, match
-):
-    ckpt = make_checkpoint(GQA_ARGS)
-    problems = _write(tmp_path / "p.jsonl", PROBLEMS)
-    out = tmp_path / "samples.jsonl"
-    _interrupt(monkeypatch, llama, ckpt, problems, out)
+def test_a_partial_without_readable_settings_is_refused(interrupted, monkeypatch, sidecar, match):
+    ckpt, problems, out = interrupted
     if sidecar is None:
         settings_path(out).unlink()
     else:
