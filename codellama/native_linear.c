@@ -1244,6 +1244,15 @@ AI float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
 
+/* o0..o7 += p_j * (values j, outputs i..i+63) over the jn keys of a block from base: eight
+ * independent sums, so the FMAs are not waiting on each other's latency (four were). */
+#define PV64(VT, base, LOAD)                                                                   \
+    for (long j = 0; j < jn; j++) {                                                            \
+        const VT* vj = (base) + j * D + i;                                                     \
+        __m256 pj = _mm256_broadcast_ss(pr + j);                                               \
+        for (int u = 0; u < 8; u++) o[u] = _mm256_fmadd_ps(pj, LOAD(vj + 8 * u), o[u]);        \
+    }
+
 /* o0..o3 += p_j * (values j, outputs i..i+31) over the jn keys of a block from base. */
 #define PV32(VT, base, LOAD)                                                                   \
     for (long j = 0; j < jn; j++) {                                                            \
@@ -1316,6 +1325,15 @@ AI float hsum8(__m256 v) {
                 const float* pr = p + r * len + j0;                                            \
                 float* ar = acc + r * D;                                                       \
                 long i = 0;                                                                    \
+                for (; i + 64 <= D; i += 64) {                                                 \
+                    __m256 o[8];                                                               \
+                    for (int u = 0; u < 8; u++) o[u] = _mm256_loadu_ps(ar + i + 8 * u);        \
+                    if (widen)                                                                 \
+                        PV64(float, vbuf, ld8_f32)                                             \
+                    else                                                                       \
+                        PV64(T, vb, LD8)                                                       \
+                    for (int u = 0; u < 8; u++) _mm256_storeu_ps(ar + i + 8 * u, o[u]);        \
+                }                                                                              \
                 for (; i + 32 <= D; i += 32) {                                                 \
                     __m256 o0 = _mm256_loadu_ps(ar + i), o1 = _mm256_loadu_ps(ar + i + 8);     \
                     __m256 o2 = _mm256_loadu_ps(ar + i + 16), o3 = _mm256_loadu_ps(ar + i + 24); \

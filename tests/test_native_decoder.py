@@ -15,6 +15,8 @@ from .conftest import GQA_ARGS, MHA_ARGS
 ODD_ARGS = ModelArgs(dim=72, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=8, rope_theta=1e6)
 # An odd SwiGLU width (213): w2 has an odd K (a last half pair), w1/w3 a part-filled last block.
 ODD_FFN_ARGS = ModelArgs(dim=80, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=1)
+# Code Llama's head_dim is 128: 96 takes the decoding attention's 64- and 32-wide p @ V loops.
+WIDE_HEAD_ARGS = ModelArgs(dim=192, n_layers=1, n_heads=2, n_kv_heads=1, multiple_of=16)
 TOL = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
@@ -71,8 +73,9 @@ def test_a_built_cpu_model_decodes_through_the_native_step(kernel, make_checkpoi
         (GQA_ARGS, 150, 2),
         (GQA_ARGS, 9, 1),
         (ODD_FFN_ARGS, 7, 1),
+        (WIDE_HEAD_ARGS, 150, 2),
     ],
-    ids=["gqa", "mha", "odd-head-dim", "long-context", "one-row", "odd-ffn-one-row"],
+    ids=["gqa", "mha", "odd-head-dim", "long-context", "one-row", "odd-ffn-one-row", "head-dim-96"],
 )
 def test_native_step_equals_the_torch_layers(
     kernel, make_checkpoint, build, dtype, args, prompt_len, rows
