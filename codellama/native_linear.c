@@ -1425,6 +1425,11 @@ typedef struct {
     long w16; /* fp32 steps: 1 where the weight is kept as bf16 pairs (blocked_f32w16) */
 } cl_linear;
 
+/* The outputs of unit u (a block of BN): BN, or fewer in the last. */
+AI int unit_valid(const cl_linear* L, long u) {
+    return L->n - u * BN < BN ? (int)(L->n - u * BN) : BN;
+}
+
 typedef struct {
     cl_linear wq, wk, wv, wo, w1, w2, w3;
     const void* attn_norm; /* (dim) in the model's dtype */
@@ -1557,7 +1562,7 @@ AI void best_merge(cl_best* b, float v, long at, int finite) {
     static void NAME(const cl_linear* L, const T* x, long M, long u, OT* out) {               \
         const T* W = (const T*)L->w;                                                           \
         long K = L->k, n0 = u * BN;                                                            \
-        int nvalid = L->n - n0 < BN ? (int)(L->n - n0) : BN;                                   \
+        int nvalid = unit_valid(L, u);                                                         \
         if (L->kp) {                                                                           \
             const T* wb = W + n0 * L->kp;                                                      \
             for (long m0 = 0; m0 < M; m0 += MB) {                                              \
@@ -1598,8 +1603,8 @@ UNIT_FN(unit_f32, float, float, blocked_f32, row_f32, block_f32, f32_id)
 /* unit_f32 for a weight kept as bf16 pairs (always blocked). */
 static void unit_f32w16(const cl_linear* L, const float* x, long M, long u, float* out) {
     const uint16_t* wb = (const uint16_t*)L->w + u * BN * L->kp;
-    long K = L->k, n0 = u * BN;
-    int nvalid = L->n - n0 < BN ? (int)(L->n - n0) : BN;
+    long K = L->k;
+    int nvalid = unit_valid(L, u);
     for (long m0 = 0; m0 < M; m0 += MB) {
         int mb = M - m0 < MB ? (int)(M - m0) : MB;
         const float* xm = x + m0 * K;
@@ -1622,7 +1627,7 @@ UNIT_FN(unit_bf16, uint16_t, uint16_t, blocked_bf16, row_bf16_dp, block_bf16_dp,
 static void unit_bf16(const cl_linear* L, const uint16_t* x, long M, long u, uint16_t* out) {
     float part[8 * BN];
     long n0 = u * BN;
-    int nvalid = L->n - n0 < BN ? (int)(L->n - n0) : BN;
+    int nvalid = unit_valid(L, u);
     few2_bf16((const uint16_t*)L->w + n0 * L->kp, x, M, L->k, part, BN, nvalid);
     for (long m = 0; m < M; m++)
         for (int j = 0; j < nvalid; j++) out[m * BN + j] = f32_to_bf16(part[m * BN + j]);
@@ -1652,10 +1657,6 @@ AVX2_UNITS(streams2_f32, tile2_f32, float, float)
 AVX2_UNITS(streams2_w16, tile2_w16, uint16_t, float)
 AVX2_UNITS(streams2_bf16, tile2_w16x16, uint16_t, uint16_t)
 #endif
-
-AI int unit_valid(const cl_linear* L, long u) {
-    return L->n - u * BN < BN ? (int)(L->n - u * BN) : BN;
-}
 
 /* outs[s][m * BN + j] = unit us[s] of Ls[s] for S (<= MAX_UNITS) units, as unit_f32_any. */
 static void units_f32(const cl_linear* const* Ls, const long* us, int S, const float* x, long M,
@@ -1776,7 +1777,7 @@ static void units_bf16(const cl_linear* const* Ls, const long* us, int S, const 
             for (int t = 0; t < taken; t++) {                                                  \
                 int i = is[t];                                                                 \
                 long n = Ls[i]->n, n0 = us[t] * BN;                                            \
-                int nvalid = n - n0 < BN ? (int)(n - n0) : BN;                                 \
+                int nvalid = unit_valid(Ls[i], us[t]);                                         \
                 const T* res = buf[mode == 2 ? 2 * t : t];                                     \
                 if (mode == 2) {                                                               \
                     const T* up = buf[2 * t + 1];                                              \

@@ -45,9 +45,7 @@ class SamplingParams:
             raise PromptError(
                 f"temperature must be >= 0 (0 means greedy), got {self.temperature!r}"
             )
-        _check_number("top_p", self.top_p)
-        if not 0 <= self.top_p <= 1:  # 0 keeps the most likely token alone, as in Meta's code
-            raise PromptError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        _check_top_p(self.top_p)
         if (
             isinstance(self.top_k, bool)
             or not isinstance(self.top_k, numbers.Integral)
@@ -76,6 +74,13 @@ def _check_number(name: str, value: object) -> None:
         raise PromptError(f"{name} must be a finite number (int or float), got {value!r:.60}")
     if not math.isfinite(value):
         raise PromptError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_top_p(top_p: float) -> None:
+    """A number in [0, 1] (0 keeps the most likely token alone, as in Meta's code)."""
+    _check_number("top_p", top_p)
+    if not 0 <= top_p <= 1:
+        raise PromptError(f"top_p must be in [0, 1], got {top_p!r}")
 
 
 def apply_repetition_penalty(
@@ -119,9 +124,17 @@ def sample_top_p(
             f"sample_top_p takes a floating-point tensor of probabilities, (batch, vocab) or "
             f"(vocab,), got {got}"
         )
-    _check_number("top_p", p)
-    if not 0 <= p <= 1:
-        raise PromptError(f"top_p must be in [0, 1], got {p!r}")
+    _check_top_p(p)
+    return _sample_top_p(probs, p, generator, noise)
+
+
+def _sample_top_p(
+    probs: torch.Tensor,
+    p: float,
+    generator: torch.Generator | None,
+    noise: torch.Tensor | Noise | None,
+) -> torch.Tensor:
+    """:func:`sample_top_p` on arguments already checked (each sampled step's path)."""
     cpu = probs.device.type == "cpu"
     if cpu and not bool(rows_finite(probs).all()):
         raise NumericalError(_NOT_FINITE)  # torch.multinomial's check, before any shortcut
@@ -308,7 +321,7 @@ def sample(
         probs = probs.masked_fill(probs < floor, 0.0)
     # Always through the sorted nucleus path (also for top_p == 1), as Meta's code does, so
     # that a seed draws the same tokens.
-    return sample_top_p(probs, params.top_p, generator, noise).view(-1)
+    return _sample_top_p(probs, params.top_p, generator, noise).view(-1)
 
 
 # Random numbers a batch may spend catching up with Meta's draws for the positions of its
