@@ -62,10 +62,16 @@ def kernel_table(
 
 def main(
     n_layers: int = 8, batches: str = "1,8", tokens: int = 32, prompt_len: int = 32,
-    device: str = "cuda", dim: int = 4096, n_heads: int = 32,
+    device: str = "cuda", dim: int = 4096, n_heads: int = 32, attention: str = "",
 ) -> None:  # fmt: skip
     """Profile compiled greedy decoding; ``device="cpu"`` (with small dims) is a smoke run:
-    on the CPU the table lists torch ops (CPU time), not kernels."""
+    on the CPU the table lists torch ops (CPU time), not kernels. ``attention``: how the
+    attention kernel is launched (``chunk=64,dot=0,warps=8,block=0``, see
+    ``bench_gpu_attention.py``), else as ``gpu_kernels.ATTENTION_CONFIG`` says."""
+    if attention:
+        from bench_gpu_attention import parse  # this folder
+
+        gpu_kernels.ATTENTION_CONFIG.update(parse(attention))
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     distributed.setup_model_parallel(1, dev)
@@ -79,7 +85,7 @@ def main(
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"{name}, torch {torch.__version__}, dim {dim}, {n_heads} heads, {n_layers} layers, "
-          f"bf16, compile=True", flush=True)  # fmt: skip
+          f"bf16, compile=True, attention {gpu_kernels.ATTENTION_CONFIG}", flush=True)  # fmt: skip
     for bsz in batch_list:
         prompts = [[1] + [100 + i + j for j in range(prompt_len - 1)] for i in range(bsz)]
 

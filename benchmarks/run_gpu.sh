@@ -9,11 +9,12 @@
 #           fresh-process rebuild), then, if time is left, ours with a 16K-position cache.
 # Logs and JSON go to OUTDIR.
 #
-#     bash benchmarks/run_gpu.sh OUTDIR [checks|bench|all|measure] [TOTAL_SECONDS]
+#     bash benchmarks/run_gpu.sh OUTDIR [checks|bench|all|measure|attention] [TOTAL_SECONDS]
 #
-# measure: all in one call, most important first: the 7B benchmark (no rebuilds), the
-#          batch-1 profile with SDPA (CODELLAMA_TRITON_ATTENTION=0) and with the Triton
-#          attention (=1), the CUDA checks.
+# attention: bench_gpu_attention.py's variants of the attention kernel, then the full 7B's
+#            batch-1 step profiled with the fastest of them.
+# measure: all in one call, most important first: the 7B benchmark (no rebuilds), the CUDA
+#          checks, then the full 7B's batch-1 step profiled kernel by kernel.
 #
 # The lent GPU machines have torch, Triton and transformers but not fairscale or fire: copy
 # them (pure Python) into .gpu/site, which .git/info/exclude ignores, and carry .gpu:
@@ -37,19 +38,29 @@ python3 -c "import torch, transformers, fairscale, triton; print('torch', torch.
 'transformers', transformers.__version__, 'fairscale', fairscale.__version__, 'triton',
 triton.__version__)" | tee -a "$out/gpu.txt"
 
+if [ "$part" = attention ]; then  # the attention kernel's variants, then the best in the model
+    (cd benchmarks && timeout $(( $(left) < 200 ? $(left) / 2 : 170 )) python3 \
+        bench_gpu_attention.py --budget_s 120 --out "$out/attention.json") 2>&1 |
+        tee "$out/attention.log" | grep -E "^\||^best|Error"
+    best=$(python3 -c "import json; print(json.load(open('$out/attention.json'))['best'])")
+    [ "$(left)" -gt 60 ] && (cd benchmarks && timeout $(($(left) - 5)) python3 \
+        profile_decode.py --n_layers 32 --batches 1 --attention "$best") 2>&1 |
+        tee "$out/profile_7b_b1_best.log" | grep -E "^batch .* a step|^\| attend|^\| combine"
+    echo "run_gpu.sh done in ${SECONDS} s"
+    exit 0
+fi
+
 if [ "$part" = measure ]; then  # one call: the 7B figure first, then what time is left allows
     timeout $(( $(left) < 340 ? $(left) - 10 : 330 )) python3 benchmarks/bench_generate.py \
         --shape 7b --device cuda --dtype bfloat16 --compile True --runs 3 --build_runs 0 \
         --out "$out/7b_bf16_compile.json" 2>&1 | tee "$out/7b_bf16_compile.log" |
         grep -E "^\| (decode|fraction|prefill|mixed)"
-    for attn in 0 1; do  # batch-1 step at 8 layers: SDPA against the opt-in Triton attention
-        [ "$(left)" -gt 150 ] || break
-        (cd benchmarks && CODELLAMA_TRITON_ATTENTION=$attn timeout 80 python3 \
-            profile_decode.py --n_layers 8 --batches 1) 2>&1 |
-            tee "$out/profile_b1_attention$attn.log" | grep -E "^batch .* a step|Warning"
-    done
-    [ "$(left)" -gt 40 ] && timeout $(($(left) - 5)) python3 benchmarks/cuda_check.py 2>&1 |
-        tee "$out/cuda_check.log" | grep -E "PASS|FAIL|all"
+    [ "$(left)" -gt 60 ] && timeout $(( $(left) < 230 ? $(left) - 5 : 225 )) python3 \
+        benchmarks/cuda_check.py 2>&1 | tee "$out/cuda_check.log" | grep -E "PASS|FAIL|all"
+    if [ "$(left)" -gt 100 ]; then  # the full 7B's step and its kernels (default attention)
+        (cd benchmarks && timeout $(($(left) - 5)) python3 profile_decode.py --n_layers 32 \
+            --batches 1) 2>&1 | tee "$out/profile_7b_b1.log" | grep -E "^batch .* a step|Warning"
+    fi
     echo "run_gpu.sh done in ${SECONDS} s"
     exit 0
 fi

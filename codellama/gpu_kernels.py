@@ -11,10 +11,13 @@ fewer a layer). They are registered as torch custom ops (``codellama::small_matm
 three fused ones: each one opaque kernel to torch.compile and CUDA graphs) by :func:`enable`,
 which :meth:`codellama.Llama.build` calls on CUDA; nothing is registered at import.
 ``CODELLAMA_TRITON_MATMUL=0`` turns them all off, ``CODELLAMA_TRITON_FUSED=0`` the fused ones.
-One kernel also runs a decoding token's rotary embedding, cache store and attention
-(:func:`decode_attention`) in place of three. On an H100 it made a one-row step of the 7B
-shape 5% faster (4753 us a token at 32 layers, 210 tok/s; 8 layers: 1327 us against 1393),
-so it is on for one-row batches; at more rows it has not been timed, so there it is opt-in.
+One kernel (and one that combines its parts) also runs a decoding token's rotary embedding,
+cache store and attention (:func:`decode_attention`) in place of three. Its programs take
+chunks of 32 keys each (flash-decoding), so a short context's keys no longer run one block
+after another on a few of the GPU's multiprocessors: on an H200 a one-row step of the 7B
+shape took 3776 us with it (265 tok/s), 3916 us when a program walked a KV head's keys
+alone (which, on an H100, had been 5% faster than SDPA's three kernels). It is on for one-row
+batches; at more rows it has not been timed, so there it is opt-in.
 ``CODELLAMA_TRITON_ATTENTION=1`` uses it for every batch size, ``=0`` never.
 """
 
@@ -38,8 +41,10 @@ _fused = False  # whether decoder layers use the fused ops (see fuses)
 # Up to how many rows one-token attention uses decode_attention (see attends): 0 never.
 _attention_rows = 0
 EVERY_BATCH = 1 << 30  # _attention_rows for CODELLAMA_TRITON_ATTENTION=1
-# Cache positions up to which decode_attention's kernel runs (it walks a row's keys with one
-# program a KV head; SDPA spreads longer contexts over the GPU). Not yet tuned on a GPU.
+# Cache positions up to which decode_attention's kernels run; SDPA beyond. At 4000 positions
+# they took 124 us a 7B layer on an H200: a quarter of the unchunked kernel's time, but the
+# layer's 66 MB of keys and values at an eighth of the bandwidth (each program waits on its
+# few loads). SDPA's time there has not been measured, so the limit stays where it was.
 ATTENTION_MAX_KEYS = 4096
 
 
@@ -412,9 +417,9 @@ def decode_attention(
     (``rotation``: the (cos, sin) pairs at each row's position, (B, 1, 1, D/2, 2)), store k
     and v in the caches (max_batch, Hkv, max_seq_len, D) at row ``row_offset + b`` and
     position ``positions[b]`` (< ``kv_len``), attend over keys ``0..positions[b]``. qkv is
-    (B, 1, (H + 2 Hkv) D); returns (B, 1, H D). One program a (row, KV head) reads only that
-    row's keys; past ATTENTION_MAX_KEYS positions the torch steps run instead (SDPA's
-    kernels spread a long context's keys over the whole GPU)."""
+    (B, 1, (H + 2 Hkv) D); returns (B, 1, H D). A program a (row, KV head, chunk of keys)
+    reads only that row's keys; past ATTENTION_MAX_KEYS positions the torch steps run
+    instead (SDPA)."""
     return torch.ops.codellama.decode_attention(  # type: ignore[no-any-return]
         qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads, kv_len
     )
@@ -453,6 +458,11 @@ def attention_reference(
     return out.reshape(bsz, 1, heads * dim)
 
 
+# How decode_attention's kernels are launched (see launch_attention): 0 or -1 = chosen by the
+# group size, as timed on an H200 (benchmarks/bench_gpu_attention.py, 2026-11-27).
+ATTENTION_CONFIG: dict[str, int] = {"chunk": 32, "dot": -1, "warps": 0, "block": 0}
+
+
 def launch_attention(
     qkv: torch.Tensor,
     rotation: torch.Tensor,
@@ -465,50 +475,86 @@ def launch_attention(
     kv_len: int,
     kernel: Any,
     block_l: int | None = None,
+    *,
+    chunk: int | None = None,
+    dot: bool | None = None,
+    warps: int | None = None,
 ) -> torch.Tensor:
-    """Run :func:`decode_attention`'s kernel (``kernel`` from :func:`_attention_kernel`).
+    """Run :func:`decode_attention`'s kernels (``kernel`` from :func:`_attention_kernel`).
 
-    Keys are read ``block_l`` at a time: by default 32 for one query head a KV head, 16 for
-    GQA groups, with 8 warps. Compiled for sm_90 (Triton 3.9, ptxas -v), that keeps every
-    group size from 1 to 8 within 244 registers and unspilled; 64 keys with 4 warps spilled
-    even for one head."""
+    ``chunk`` > 0 splits each row's keys into chunks of that many, one program each, whose
+    partial softmax sums a second kernel combines (flash-decoding); 0 walks a row's keys in
+    one program a KV head. ``dot`` computes q.k and p.V as matrix products (the group's query
+    heads padded to 16 rows; head sizes of 32 or more). Keys are read ``block_l`` at a time.
+    Unset, each comes from :data:`ATTENTION_CONFIG`, whose defaults are what ran fastest on
+    an H200 (one row; 7B's 32 KV heads and a 70B-like 8 KV heads of 8 query heads; 64 to
+    4000 positions): chunks of 32 keys; for single query heads, vector products with 8
+    warps and 32-key blocks (7B at 100 positions: 8.3 us a layer, was 18.4 unsplit); for
+    groups, ``tl.dot`` with 4 warps (9.0 us, was 52; at 4000 positions 42 us, was 1791)."""
+    import triton
+
+    attend, combine = kernel
+    config = ATTENTION_CONFIG
     bsz, dim = qkv.shape[0], k_cache.shape[-1]
     rep = heads // kv_heads
+    chunk = config["chunk"] if chunk is None else chunk
+    if dot is None:
+        dot = rep > 1 if config["dot"] < 0 else bool(config["dot"])
+    dot = dot and dim >= 32
+    warps = warps or config["warps"] or (4 if dot else 8)
     x = qkv.reshape(bsz, -1)
     rot = rotation.reshape(bsz, -1)
     if x.stride(-1) != 1:
         x = x.contiguous()
     if rot.stride(-1) != 1:
         rot = rot.contiguous()
+    pos = positions.reshape(bsz).contiguous()
     out = torch.empty((bsz, heads, dim), device=qkv.device, dtype=qkv.dtype)
     rep_p2 = 1 << (rep - 1).bit_length()
-    kernel[(bsz, kv_heads)](
-        x, rot, positions.reshape(bsz).contiguous(), k_cache, v_cache, out, row_offset,
-        x.stride(0), rot.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), heads,
-        kv_heads, rep, kv_len, dim**-0.5, REP=rep_p2, D=dim,
-        BLOCK_L=block_l or max(16, 32 // rep_p2), num_warps=8,
+    # unspilled on sm_90 (Triton 3.9, ptxas -v): 8 warps with 32 keys for one head, 16 for
+    # groups; tl.dot with 4 warps and 32 keys for any group size (147-168 registers)
+    block = block_l or config["block"] or (32 if dot else max(16, 32 // rep_p2))
+    if chunk:
+        chunk = max(block, chunk // block * block)  # whole blocks
+    splits = triton.cdiv(kv_len, chunk) if chunk else 1
+    # partial (sum of p v, max, sum of p) per (row, head, chunk), fp32
+    part = torch.empty((bsz, heads, splits, dim + 2) if chunk else (1,), device=qkv.device)
+    attend[(bsz, kv_heads, splits)](
+        x, rot, pos, k_cache, v_cache, out, part, row_offset, x.stride(0), rot.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+        v_cache.stride(1), v_cache.stride(2), out.stride(0), heads, kv_heads, rep, kv_len,
+        dim**-0.5, REP=max(rep_p2, 16) if dot else rep_p2, D=dim, BLOCK_L=block, CHUNK=chunk,
+        DOT=dot, num_warps=warps,
     )  # fmt: skip
+    if chunk:
+        combine[(bsz, heads)](
+            part, pos, out, out.stride(0), heads, kv_len, splits, D=dim, CHUNK=chunk,
+            BLOCK_S=min(16, 1 << (splits - 1).bit_length()), num_warps=4,
+        )  # fmt: skip
     return out.view(bsz, 1, heads * dim)
 
 
 @functools.cache
-def _attention_kernel() -> Any:
-    """Rotate, store, attend: one program a (row, KV head), the group's n_rep query heads
-    together. Rotary pairs (x[2i], x[2i+1]) are kept as even and odd halves (a dot product
-    is the sum over both). Cached keys ``0..pos-1`` are read in blocks of BLOCK_L (a loop
-    bound read from memory: a 100K-position cache costs nothing until used) with an online
-    softmax; the new key and value join from registers, so nothing just stored is read.
-    As with SDPA's mask, keys at ``kv_len`` and beyond are not attended to."""
+def _attention_kernel() -> tuple[Any, Any]:
+    """Rotate, store, attend: one program a (row, KV head[, chunk of keys]), the group's
+    n_rep query heads together. Rotary pairs (x[2i], x[2i+1]) are kept as even and odd halves
+    (a dot product is the sum over both). Cached keys ``0..pos-1`` are read in blocks of
+    BLOCK_L (a loop bound read from memory: a 100K-position cache costs nothing until used)
+    with an online softmax; the new key and value join from registers, so nothing just
+    stored is read. As with SDPA's mask, keys at ``kv_len`` and beyond are not attended to.
+    With CHUNK > 0 a program takes keys ``[c CHUNK, (c + 1) CHUNK)`` (the first also the new
+    key, which it stores) and writes its unnormalised sums for ``combine``."""
     import triton
     import triton.language as tl
 
     @triton.jit  # type: ignore[misc]
-    def attend(x_ptr, rot_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, row_offset, sxb, srb,  # noqa: N803
-               skb, skh, skl, svb, svh, svl, sob, n_heads, n_kv, n_rep, kv_len, scale,  # noqa: N803
-               REP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr):  # fmt: skip
+    def attend(x_ptr, rot_ptr, pos_ptr, kc_ptr, vc_ptr, o_ptr, part_ptr, row_offset, sxb,  # noqa: N803
+               srb, skb, skh, skl, svb, svh, svl, sob, n_heads, n_kv, n_rep, kv_len, scale,  # noqa: N803
+               REP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,  # noqa: N803
+               CHUNK: tl.constexpr, DOT: tl.constexpr):  # fmt: skip  # noqa: N803
         b = tl.program_id(0)
         g = tl.program_id(1)
+        c = tl.program_id(2)
         dt = x_ptr.dtype.element_ty
         rr = tl.arange(0, REP)
         ri = tl.arange(0, D // 2)
@@ -517,14 +563,17 @@ def _attention_kernel() -> Any:
         live_q = rr < n_rep
         heads = g * n_rep + rr
         pos = tl.load(pos_ptr + b)
+        n_old = tl.minimum(pos, kv_len)  # a row fed past kv_len attends to keys below it only
+        lo = c * CHUNK
+        hi = tl.minimum(lo + CHUNK, n_old) if CHUNK > 0 else n_old
         cos = tl.load(rot_ptr + b * srb + 2 * ri)
         sin = tl.load(rot_ptr + b * srb + 2 * ri + 1)
         # q and the new k, rotated in fp32 and rounded to the model's dtype (as the layer does)
         q_at = x_ptr + b * sxb + heads[:, None] * D + 2 * ri[None, :]
         qe = tl.load(q_at, mask=live_q[:, None], other=0.0).to(tl.float32)
         qo = tl.load(q_at + 1, mask=live_q[:, None], other=0.0).to(tl.float32)
-        q_even = (qe * cos[None, :] - qo * sin[None, :]).to(dt).to(tl.float32)
-        q_odd = (qe * sin[None, :] + qo * cos[None, :]).to(dt).to(tl.float32)
+        q_even = (qe * cos[None, :] - qo * sin[None, :]).to(dt)
+        q_odd = (qe * sin[None, :] + qo * cos[None, :]).to(dt)
         k_at = x_ptr + b * sxb + (n_heads + g) * D + 2 * ri
         ke = tl.load(k_at).to(tl.float32)
         ko = tl.load(k_at + 1).to(tl.float32)
@@ -534,44 +583,90 @@ def _attention_kernel() -> Any:
         row = (row_offset + b).to(tl.int64)  # a cache's rows can pass 2**31 elements
         k_row = kc_ptr + row * skb + g * skh
         v_row = vc_ptr + row * svb + g * svh
-        tl.store(k_row + pos * skl + 2 * ri, k_even)
-        tl.store(k_row + pos * skl + 2 * ri + 1, k_odd)
-        tl.store(v_row + pos * svl + rd, v_new)
-        # the cached keys before this position
+        # the first chunk's program stores the new key and value (and attends to them)
+        first_i = ri + c * D < D // 2  # all true there, else none
+        tl.store(k_row + pos * skl + 2 * ri, k_even, mask=first_i)
+        tl.store(k_row + pos * skl + 2 * ri + 1, k_odd, mask=first_i)
+        tl.store(v_row + pos * svl + rd, v_new, mask=rd + c * D < D)
+        qef = q_even.to(tl.float32)
+        qof = q_odd.to(tl.float32)
+        # the cached keys before this position (this chunk's)
         m = tl.full((REP,), float("-inf"), dtype=tl.float32)
         s = tl.zeros((REP,), dtype=tl.float32)
         acc = tl.zeros((REP, D), dtype=tl.float32)
-        n_old = tl.minimum(pos, kv_len)  # a row fed past kv_len attends to keys below it only
-        for start in range(0, n_old, BLOCK_L):
+        for start in range(lo, hi, BLOCK_L):
             rl = start + rl0
-            live = rl < n_old
+            live = rl < hi
             at = k_row + rl[:, None] * skl + 2 * ri[None, :]
-            ce = tl.load(at, mask=live[:, None], other=0.0).to(tl.float32)
-            co = tl.load(at + 1, mask=live[:, None], other=0.0).to(tl.float32)
+            ce = tl.load(at, mask=live[:, None], other=0.0)
+            co = tl.load(at + 1, mask=live[:, None], other=0.0)
             v = tl.load(v_row + rl[:, None] * svl + rd[None, :], mask=live[:, None], other=0.0)
-            scores = tl.sum(q_even[:, None, :] * ce[None, :, :], axis=2)
-            scores = (scores + tl.sum(q_odd[:, None, :] * co[None, :, :], axis=2)) * scale
-            scores = tl.where(live[None, :], scores, float("-inf"))
+            if DOT:
+                scores = tl.dot(q_even, tl.trans(ce)) + tl.dot(q_odd, tl.trans(co))
+            else:
+                scores = tl.sum(qef[:, None, :] * ce.to(tl.float32)[None, :, :], axis=2)
+                scores += tl.sum(qof[:, None, :] * co.to(tl.float32)[None, :, :], axis=2)
+            scores = tl.where(live[None, :], scores * scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(scores - m_new[:, None])
             s = s * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(
-                p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1
-            )
+            if DOT:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + pv
             m = m_new
         # the new key and value
-        own = tl.sum(q_even * k_even.to(tl.float32)[None, :], axis=1)
-        own = (own + tl.sum(q_odd * k_odd.to(tl.float32)[None, :], axis=1)) * scale
-        own = tl.where(pos < kv_len, own, float("-inf"))
+        own = tl.sum(qef * k_even.to(tl.float32)[None, :], axis=1)
+        own = (own + tl.sum(qof * k_odd.to(tl.float32)[None, :], axis=1)) * scale
+        own = tl.where((pos < kv_len) & (c == 0), own, float("-inf"))
         m_new = tl.maximum(m, own)
-        alpha = tl.exp(m - m_new)
-        p_own = tl.exp(own - m_new)
+        # a chunk with no key at all keeps m = -inf and s = 0 (combine gives it no weight)
+        alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+        p_own = tl.where(m_new == float("-inf"), 0.0, tl.exp(own - m_new))
         s = s * alpha + p_own
         acc = acc * alpha[:, None] + p_own[:, None] * v_new.to(tl.float32)[None, :]
-        out = acc / s[:, None]
-        tl.store(
-            o_ptr + b * sob + heads[:, None] * D + rd[None, :], out.to(dt), mask=live_q[:, None]
-        )
+        if CHUNK > 0:
+            n_chunks = tl.num_programs(2)
+            at = part_ptr + ((b * n_heads + heads) * n_chunks + c) * (D + 2)
+            tl.store(at[:, None] + rd[None, :], acc, mask=live_q[:, None])
+            tl.store(at + D, m_new, mask=live_q)
+            tl.store(at + D + 1, s, mask=live_q)
+        else:
+            out = acc / s[:, None]
+            o_at = o_ptr + b * sob + heads[:, None] * D + rd[None, :]
+            tl.store(o_at, out.to(dt), mask=live_q[:, None])
 
-    return attend
+    @triton.jit  # type: ignore[misc]
+    def combine(part_ptr, pos_ptr, o_ptr, sob, n_heads, kv_len, n_chunks,  # noqa: N803
+                D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip  # noqa: N803
+        """One (row, query head): the chunks' partial sums, rescaled to a common max."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        rd = tl.arange(0, D)
+        rs0 = tl.arange(0, BLOCK_S)
+        pos = tl.load(pos_ptr + b)
+        used = tl.cdiv(tl.minimum(pos, kv_len), CHUNK)  # chunks that took keys
+        used = tl.maximum(used, 1)  # the first takes the new key
+        base = part_ptr + (b * n_heads + h) * n_chunks * (D + 2)
+        m = tl.full((), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((), dtype=tl.float32)
+        acc = tl.zeros((D,), dtype=tl.float32)
+        for start in range(0, tl.minimum(used, n_chunks), BLOCK_S):
+            rs = start + rs0
+            live = rs < tl.minimum(used, n_chunks)
+            at = base + rs * (D + 2)
+            mc = tl.load(at + D, mask=live, other=float("-inf"))
+            sc = tl.load(at + D + 1, mask=live, other=0.0)
+            ac = tl.load(at[:, None] + rd[None, :], mask=live[:, None], other=0.0)
+            m_new = tl.maximum(m, tl.max(mc, axis=0))
+            w = tl.where(mc == float("-inf"), 0.0, tl.exp(mc - m_new))
+            alpha = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_new))
+            s = s * alpha + tl.sum(sc * w, axis=0)
+            acc = acc * alpha + tl.sum(ac * w[:, None], axis=0)
+            m = m_new
+        out = acc / s
+        tl.store(o_ptr + b * sob + h * D + rd, out.to(o_ptr.dtype.element_ty))
+
+    return attend, combine
