@@ -105,3 +105,21 @@ def test_decode_profile_script_prints_step_times_and_a_kernel_table(tmp_path):
     steps = [line for line in proc.stdout.splitlines() if " us a step (" in line]
     assert [line.split(":")[0] for line in steps] == ["batch 1", "batch 2"], proc.stdout
     assert proc.stdout.count("| kernel | count a step | us a step |") == 2
+
+
+def test_attention_bench_checks_each_variant_against_the_torch_steps(tmp_path):
+    """run_gpu.sh times the attention kernel's variants with it; on the CPU (Triton's
+    interpreter) it only checks their outputs, and names no fastest one."""
+    pytest.importorskip("triton", reason="Triton is not installed (CPU builds of torch)")
+    out = tmp_path / "attention.json"
+    args = ["benchmarks/bench_gpu_attention.py", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    runs = [r for variant in report["results"].values() for rs in variant.values() for r in rs]
+    assert len(report["results"]) == 2 and len(runs) == 8
+    assert all(r["err"] < 2e-2 for r in runs), runs
+    assert report["best"] == ""  # nothing timed on the CPU
