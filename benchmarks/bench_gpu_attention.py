@@ -17,10 +17,10 @@ block=..`` (``profile_decode.py --attention`` takes it).
 from __future__ import annotations
 
 import json
-import statistics
 import time
 
 import torch
+from bench_gpu_matmul import time_per_call  # this folder: the same CUDA-graph timing
 
 from codellama import gpu_kernels
 from codellama.model import rope_table
@@ -90,22 +90,8 @@ def time_variant(variant, qkv, rotation, positions, caches, heads, kv_heads, kv_
     err = (got.float() - want).abs().max().item()
     if qkv.device.type != "cuda":
         return float("nan"), err
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for k, v in caches:
-            run(k, v)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / len(caches))
-    return statistics.median(times), err
+    keys, values = [k for k, _ in caches], [v for _, v in caches]
+    return time_per_call(run, keys, values, reps) * 1e6, err  # one graph holds every layer's
 
 
 def main(
