@@ -518,7 +518,8 @@ def launch_attention(
         chunk = max(block, chunk // block * block)  # whole blocks
     splits = triton.cdiv(kv_len, chunk) if chunk else 1
     # partial (sum of p v, max, sum of p) per (row, head, chunk), fp32
-    part = torch.empty((bsz, heads, splits, dim + 2) if chunk else (1,), device=qkv.device)
+    shape = (bsz, heads, splits, dim + 2) if chunk else (1,)
+    part = torch.empty(shape, device=qkv.device, dtype=torch.float32)
     attend[(bsz, kv_heads, splits)](
         x, rot, pos, k_cache, v_cache, out, part, row_offset, x.stride(0), rot.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
