@@ -150,7 +150,7 @@ def _reference(op: str, *args: Any) -> torch.Tensor:
 def _launch(op: str, *args: Any) -> torch.Tensor:
     if op == "decode_attention":
         qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads, kv_len = args
-        if kv_len > ATTENTION_MAX_KEYS:  # one program a KV head would walk the keys alone
+        if kv_len > ATTENTION_MAX_KEYS:  # see ATTENTION_MAX_KEYS
             return attention_reference(*args)
         return launch_attention(
             qkv, rotation, positions, k_cache, v_cache, row_offset, heads, kv_heads, kv_len,
