@@ -181,3 +181,13 @@ def avx2_kernel(tmp_path_factory: pytest.TempPathFactory) -> native.NativeLinear
     if not {"avx2", "fma"} <= flags:
         pytest.skip("this CPU has no AVX2 and FMA: their code path cannot run here")
     return native.build(flags=AVX2_FLAGS, cache_dir=tmp_path_factory.mktemp("avx2"))
+
+
+@pytest.fixture(scope="session")
+def portable_kernel(tmp_path_factory: pytest.TempPathFactory) -> native.NativeLinear:
+    """The portable build (no ``-march=native``: what a CPU without AVX2 gets), compiled once
+    a session (~15 s) for the tests of its code paths."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine: the native kernels cannot be built")
+    flags = tuple(f for f in native.FLAGS if f != "-march=native")
+    return native.build(flags=flags, cache_dir=tmp_path_factory.mktemp("portable"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -387,11 +385,10 @@ def test_compiled_and_model_parallel_free_paths_have_no_native_step(kernel, make
 
 
 def test_portable_build_decodes_fp32_and_leaves_bf16_to_the_torch_layers(
-    tmp_path: Path, kernel, make_checkpoint, build
+    portable_kernel, kernel, make_checkpoint, build
 ):
     """CPUs without AVX2 get the portable code: build it here and check its step."""
-    flags = tuple(f for f in native.FLAGS if f != "-march=native")
-    portable = native.build(flags=flags, cache_dir=tmp_path)
+    portable = portable_kernel
     ckpt = make_checkpoint(ODD_ARGS)
     model = build(ckpt, max_seq_len=256).model
     model.use_native_kernel(portable)

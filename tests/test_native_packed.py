@@ -98,9 +98,8 @@ def test_plan_packed_refuses_a_tensor_of_another_shape(kernel):
         kernel.plan_packed(packed, 100, 71)
 
 
-def test_portable_build_packs_fp32_only(tmp_path: Path, kernel):
-    flags = tuple(f for f in native.FLAGS if f != "-march=native")
-    portable = native.build(flags=flags, cache_dir=tmp_path)
+def test_portable_build_packs_fp32_only(portable_kernel, kernel):
+    portable = portable_kernel
     assert portable.can_pack(torch.float32) and not portable.can_pack(torch.bfloat16)
     w = torch.randn(130, 300, generator=torch.Generator().manual_seed(4))
     assert torch.equal(portable.pack(w, torch.float32), _reference_layout(w))

@@ -154,9 +154,8 @@ def test_bf16_pieces_whose_cuts_split_column_pairs_are_kept_in_fp32(kernel):
     assert torch.equal(layer.native_plan.unpack(), w.float())
 
 
-def test_the_portable_build_multiplies_bf16_kept_weights(tmp_path: Path, kernel):
-    portable = native.build(flags=tuple(f for f in native.FLAGS if f != "-march=native"),
-                            cache_dir=tmp_path)  # fmt: skip
+def test_the_portable_build_multiplies_bf16_kept_weights(portable_kernel, kernel):
+    portable = portable_kernel
     w = _bf16_values(130, 301, 6)
     fp32, bf16 = _plans(portable, w)
     x = torch.randn(20, 301, generator=torch.Generator().manual_seed(7))
