@@ -155,11 +155,16 @@ def build() -> Callable[..., Llama]:
     return _build
 
 
+def _need_compiler() -> None:
+    """Skip where no C compiler can build the native kernels."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine: the native kernels cannot be built")
+
+
 @pytest.fixture
 def kernel() -> native.NativeLinear:
     """The native CPU kernels (codellama.native), compiled for this machine."""
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler on this machine: the native kernels cannot be built")
+    _need_compiler()
     got = native.load()
     assert got is not None, f"the native kernels failed to build: {native.last_error()}"
     return got
@@ -172,8 +177,7 @@ AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gn
 def avx2_kernel(tmp_path_factory: pytest.TempPathFactory) -> native.NativeLinear:
     """The kernels built for AVX2 + FMA without AVX-512 (what an AVX2-only CPU gets), on any
     x86 CPU that has those instructions: AVX-512 machines check this code path too."""
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler on this machine: the native kernels cannot be built")
+    _need_compiler()
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
@@ -187,7 +191,6 @@ def avx2_kernel(tmp_path_factory: pytest.TempPathFactory) -> native.NativeLinear
 def portable_kernel(tmp_path_factory: pytest.TempPathFactory) -> native.NativeLinear:
     """The portable build (no ``-march=native``: what a CPU without AVX2 gets), compiled once
     a session (~15 s) for the tests of its code paths."""
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler on this machine: the native kernels cannot be built")
+    _need_compiler()
     flags = tuple(f for f in native.FLAGS if f != "-march=native")
     return native.build(flags=flags, cache_dir=tmp_path_factory.mktemp("portable"))
