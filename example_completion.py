@@ -7,7 +7,7 @@
 from typing import Optional
 
 from codellama import Llama
-from codellama.cli import run
+from codellama.cli import check_generation_options, run
 
 
 def main(
@@ -22,6 +22,7 @@ def main(
     dtype: Optional[str] = None,
     compile: bool = False,  # True on GPUs: torch.compile and CUDA graphs, ~4x faster decoding
 ):
+    check_generation_options(temperature, top_p, max_gen_len)  # before the slow build
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,

@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import warnings
@@ -121,6 +122,8 @@ def shard_paths(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
         )
     shards = [p for p in paths if SHARD_RE.match(p.name)]
     if not shards:
+        for p in paths:
+            _check_regular_file(p)
         return paths
     others = [p.name for p in paths if not SHARD_RE.match(p.name)]
     if others and distributed.is_first_process():
@@ -138,7 +141,28 @@ def shard_paths(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
             + (f"missing {lacking}" if lacking else f"found {[p.name for p in shards]}")
             + "; download the model again with download.sh"
         )
-    return sorted(shards, key=_shard_number)
+    shards = sorted(shards, key=_shard_number)
+    for p in shards:
+        _check_regular_file(p)
+    return shards
+
+
+def _check_regular_file(path: Path) -> None:
+    """Refuse a shard that is a dangling link, or a folder, pipe or device: stat() would
+    fail on the first, and opening a named pipe waits for a writer for ever."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        link = " (a link to a missing file)" if path.is_symlink() else ""
+        raise CheckpointNotFoundError(
+            f"checkpoint file {str(path)!r} does not exist{link}; download the model again "
+            "with download.sh"
+        ) from exc
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} is {kind}; a shard must be the file download.sh wrote"
+        )
 
 
 def _shard_number(path: Path) -> int:

@@ -35,6 +35,16 @@ def run(component: Any) -> None:
         raise SystemExit(1) from None
 
 
+def check_generation_options(temperature: float, top_p: float, max_gen_len: int | None) -> None:
+    """Refuse bad sampling options before a model loads (minutes for 34B/70B on every
+    rank), with the error the generation call would raise after it."""
+    from .sampling import SamplingParams, check_max_gen_len
+
+    SamplingParams(temperature=temperature, top_p=top_p)
+    if max_gen_len is not None:
+        check_max_gen_len(max_gen_len)
+
+
 def unknown_options(component: Callable[..., Any] | dict[str, Any], argv: Sequence[str]) -> str:
     """What is wrong with ``argv`` for ``component`` (a function, or a dict of commands
     named by the first argument), or ``""``: a misspelt option or a value too many.

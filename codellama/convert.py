@@ -459,6 +459,13 @@ class _HFWeights:
             return tuple(f.get_slice(name).get_shape())
         return tuple(f[name].shape)
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype's name: safetensors' (``BF16``, ``I8``) or torch's (``int8``)."""
+        f = self._open(self.where[name])
+        if self.kind == "safetensors":
+            return str(f.get_slice(name).get_dtype())
+        return str(f[name].dtype).removeprefix("torch.")
+
     def get(self, name: str) -> torch.Tensor:
         f = self._open(self.where[name])
         return f.get_tensor(name) if self.kind == "safetensors" else f[name]
@@ -721,6 +728,14 @@ def from_hf(
         where,
         name_of=lambda k: meta_of.get(k) or meta_to_hf_name(k),
     )
+    for k in sorted(meta_of):  # integers (a quantized export) would convert to nonsense
+        stored = weights.dtype(meta_of[k])
+        if not stored.upper().startswith(("F", "BF")):
+            raise CheckpointError(
+                f"{meta_of[k]} in {where} has dtype {stored}; Code Llama weights are floating "
+                "point (bfloat16, float16 or float32): a quantized model cannot be converted, "
+                "convert the full-precision one"
+            )
     mp = check_model_parallel_size(model_parallel_size, args.kv_heads, expected)
     extras = _read_extras(src / EXTRA_FILE)
     names = list(expected)

@@ -210,7 +210,9 @@ def main(
 ) -> None:
     """Run completion, infilling and chat on the demo checkpoint."""
     from .generation import Llama
+    from .sampling import check_max_gen_len
 
+    check_max_gen_len(max_gen_len)  # before the checkpoint is written and loaded
     print(BANNER)
     d = ensure_demo_checkpoint(ckpt_dir)
     print(f"checkpoint: {d} (try the example scripts on it: see the README)")

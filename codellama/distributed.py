@@ -10,6 +10,7 @@ import atexit
 import datetime
 import hashlib
 import math
+import numbers
 import os
 import pickle
 import sys
@@ -82,6 +83,8 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
         raise ConfigError(f"device={device!r} but MPS is not available; use device='cpu'")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device={device!r} is not supported; use 'cpu', 'cuda' or 'mps'")
+    if dev.type != "cuda" and dev.index not in (None, 0):  # torch would drop the index
+        raise ConfigError(f"device={device!r}: there is one {dev.type} device; use {dev.type!r}")
     return dev
 
 
@@ -175,8 +178,9 @@ def setup_model_parallel(model_parallel_size: int | None, device: torch.device) 
         atexit.register(shutdown)
     world = dist.get_world_size()
     mp = world if model_parallel_size is None else model_parallel_size
-    if isinstance(mp, bool) or not isinstance(mp, int) or mp < 1:
+    if isinstance(mp, bool) or not isinstance(mp, numbers.Integral) or mp < 1:
         raise ConfigError(f"model_parallel_size must be a positive integer, got {mp!r}")
+    mp = int(mp)  # numpy's integers too
     if world % mp:
         raise ConfigError(
             f"model_parallel_size={mp} but {world} process(es) are running, which {mp} does "

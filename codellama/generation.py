@@ -66,13 +66,14 @@ from .sampling import (
     MetaDraws,
     SamplingExtras,
     SamplingParams,
+    check_max_gen_len,
     prompt_token_mask,
     rows_finite,
     sample,
 )
 from .stops import check_stop_strings, cut_at_stop, first_stop
 from .streaming import _UNFINISHED, FinishReason, IncrementalDecoder, StreamEvent, TextAssembler
-from .tokenizer import Tokenizer, check_text
+from .tokenizer import TEXTLIKE, Tokenizer, check_text
 
 TokenIds = Collection[SupportsIndex]
 """One prompt's token ids: a list (or tuple) of ints, a 1-D tensor or a numpy array."""
@@ -344,7 +345,7 @@ class Llama:
 
     def _check_prompts(self, prompt_tokens: PromptTokens) -> list[list[int]]:
         prompt_tokens = _as_lists(prompt_tokens)
-        if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):
+        if isinstance(prompt_tokens, TEXTLIKE) or not isinstance(prompt_tokens, Sequence):
             raise PromptError(
                 "prompt_tokens must be a list of token-id lists, got "
                 f"{type(prompt_tokens).__name__}: {prompt_tokens!r:.60}"
@@ -353,7 +354,7 @@ class Llama:
         out = []
         for i, p in enumerate(prompt_tokens):
             p = _as_lists(p)
-            if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
+            if isinstance(p, TEXTLIKE) or not isinstance(p, Sequence):
                 raise PromptError(
                     f"prompt {i} must be a list of token ids, got {type(p).__name__}: {p!r:.60}"
                     " (prompt_tokens is a list of prompts: wrap a single prompt as [ids])"
@@ -463,14 +464,12 @@ class Llama:
         :class:`StreamInterruptedError` rather than generating from a clobbered cache.
         """
         prompts = self._check_prompts(prompt_tokens)
-        if not _is_int(max_gen_len) or max_gen_len < 0:
-            raise PromptError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
-        max_gen_len = int(max_gen_len)
+        max_gen_len = check_max_gen_len(max_gen_len)
         _check_flag("logprobs", logprobs)
         _check_flag("echo", echo)
         if not isinstance(sampling, SamplingParams):
             raise PromptError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
+        if isinstance(stop_tokens, TEXTLIKE) or not isinstance(stop_tokens, Iterable):
             raise PromptError(f"stop_tokens must be a list of token ids, got {stop_tokens!r:.80}")
         stops = frozenset(self._stop_id(t) for t in stop_tokens)
         texts = check_stop_strings(stop_strings)
@@ -1334,7 +1333,7 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def _check_str_list(name: str, values: object) -> None:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+    if isinstance(values, TEXTLIKE) or not isinstance(values, Sequence):
         hint = f"; wrap a single one in a list: [{values!r:.40}]" if isinstance(values, str) else ""
         raise PromptError(
             f"{name} must be a list of strings, got {type(values).__name__}: {values!r:.60}{hint}"

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .checkpoint import refuse_non_empty
+from .checkpoint import path_type_hint, refuse_non_empty
 from .distributed import resolve_device, resolve_dtype
 from .errors import (
     ConfigError,
@@ -38,7 +38,7 @@ from .errors import (
 from .generation import Llama
 from .sampling import SamplingParams
 from .stops import check_stop_strings, cut_at_stop
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_text
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ def read_problems(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
     Each line is an object with string ``task_id`` and ``prompt``; task ids are unique.
     """
-    p = Path(path)
+    p = file_path(path, "--problems")
     if not p.is_file():
         raise DataNotFoundError(f"problems file {str(p)!r} does not exist (or is not a file)")
     opener = gzip.open if p.suffix == ".gz" else open
@@ -70,6 +70,18 @@ def read_problems(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return problems
 
 
+def file_path(value: object, flag: str) -> Path:
+    """``value`` as a Path, refused unless a non-empty str or os.PathLike (a command line
+    gives a bare flag as True and a name of digits as a number)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(
+            f"{flag} must be a file path (str or os.PathLike), {path_type_hint(value)}"
+        )
+    if not os.fspath(value):
+        raise ConfigError(f"{flag} is empty; give a file path, e.g. {flag} samples.jsonl")
+    return Path(value)
+
+
 def _problem(obj: object, where: str, seen: set[str]) -> dict[str, Any]:
     """``obj`` if it is a problem (an object with string ``task_id`` and ``prompt``) whose
     task id is not in ``seen`` (to which it is added)."""
@@ -78,6 +90,8 @@ def _problem(obj: object, where: str, seen: set[str]) -> dict[str, Any]:
     for key in ("task_id", "prompt"):
         if not isinstance(obj.get(key), str):
             raise PromptError(f"{where}: {key!r} must be a string, got {obj.get(key)!r:.60}")
+    for key in ("task_id", "prompt"):
+        check_text(obj[key], f"{where}: the {key} of task {obj['task_id']!r:.60}")
     if obj["task_id"] in seen:
         raise PromptError(f"{where}: task_id {obj['task_id']!r} appears twice")
     seen.add(obj["task_id"])
@@ -338,7 +352,7 @@ def main(
 ) -> None:
     """Sample completions for every problem and write them to ``out`` (rank 0 writes)."""
     items = read_problems(problems)
-    target = Path(out)
+    target = file_path(out, "--out")
     # Everything that can be wrong is refused before the slow build.
     _check_output(target)
     source = Path(problems) if isinstance(problems, (str, os.PathLike)) else None

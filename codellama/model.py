@@ -96,6 +96,18 @@ class ModelArgs:
             raise ConfigError(
                 f"params.json has unknown keys {unknown}; the known keys are {sorted(known)}"
             )
+        clash = sorted(
+            k for k in ("max_seq_len", "max_batch_size")
+            if k in params and k in overrides and params[k] != overrides[k]
+        )  # fmt: skip
+        if clash:
+            given = ", ".join(f"{k}={params[k]!r}" for k in clash)
+            asked = ", ".join(f"{k}={overrides[k]!r}" for k in clash)
+            raise ConfigError(
+                f"params.json has {given}, but the build asks for {asked}: these are build "
+                "arguments, not model parameters (Meta's params.json has neither); remove them "
+                "from params.json and pass them to Llama.build"
+            )
         merged = {**params, **overrides}
         missing = [k for k in REQUIRED_PARAMS if k not in merged]
         if missing:
@@ -177,6 +189,16 @@ class ModelArgs:
                 or not 0 < value < float("inf")
             ):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.rope_theta <= 1:  # a base <= 1 makes rotary frequencies grow, then overflow
+            raise ConfigError(
+                f"rope_theta must be a finite number > 1 (Code Llama's is 1000000, Llama 2's "
+                f"10000), got {self.rope_theta!r}"
+            )
+        if self.ffn_hidden_dim < 1:
+            raise ConfigError(
+                f"ffn_dim_multiplier={self.ffn_dim_multiplier!r} makes the feed-forward size "
+                f"{self.ffn_hidden_dim}; use the params.json that came with the checkpoint"
+            )
         mp = model_parallel_size
         if kv % mp:
             raise ConfigError(

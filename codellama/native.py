@@ -46,7 +46,7 @@ from typing import Any, NoReturn
 import torch
 
 from . import paths
-from .errors import PromptTooLongError
+from .errors import ConfigError, PromptTooLongError
 
 SOURCE = Path(__file__).with_name("native_linear.c")
 LIBRARY = "libcodellama_linear.so"  # in the cache under a key of source, flags, CPU and CC
@@ -757,10 +757,19 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def _switch() -> bool | None:
     """``CODELLAMA_NATIVE_KERNELS``: False when turned off, True when asked for, else None."""
-    value = os.environ.get(ENV_SWITCH, "").strip().lower()
+    raw = os.environ.get(ENV_SWITCH, "")
+    value = raw.strip().lower()
     if value in ("0", "false", "no", "off"):
         return False
-    return True if value in ("1", "true", "yes", "on") else None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value:
+        raise ConfigError(
+            f"{ENV_SWITCH}={raw!r} is not a switch: use 0 (off: oneDNN and torch's layers), "
+            "1 (on, even where the build has no vector code) or leave it unset (on where the "
+            "CPU has AVX2 or AVX-512)"
+        )
+    return None
 
 
 def enabled_by_environment() -> bool:

@@ -17,7 +17,7 @@ else:  # Python 3.10: typing_extensions (a dependency of torch) has them
     from typing_extensions import NotRequired, TypedDict
 
 from .errors import PromptError, UnsupportedError, is_flag
-from .tokenizer import Tokenizer, check_text
+from .tokenizer import TEXTLIKE, Tokenizer, check_text
 
 Role = Literal["system", "user", "assistant"]
 
@@ -30,6 +30,7 @@ class Message(TypedDict):
     destination: NotRequired[str]  # 70B format only: who a message is for
 
 
+MESSAGE_KEYS = frozenset(Message.__annotations__)  # role, content, destination
 Dialog = list[Message]
 """A conversation, as Meta's type: [system], user, assistant, ..., user. Functions here
 accept any sequence of messages."""
@@ -104,7 +105,7 @@ def has_special_tags(dialog: Sequence[Message], destinations: bool = True) -> bo
 def validate_dialog(dialog: Sequence[Message], *, index: int | None = None) -> None:
     """Raise :class:`PromptError` unless ``dialog`` is [system], user, assistant, ..., user."""
     where = "" if index is None else f"dialog {index}: "
-    if isinstance(dialog, (str, bytes)) or not isinstance(dialog, Sequence):
+    if isinstance(dialog, TEXTLIKE) or not isinstance(dialog, Sequence):
         hint = (
             "; chat_completion takes a list of dialogs: pass [[message, ...]], not [message, ...]"
             if isinstance(dialog, dict)
@@ -123,6 +124,12 @@ def validate_dialog(dialog: Sequence[Message], *, index: int | None = None) -> N
             raise PromptError(
                 f"{where}message {i} has role {msg.get('role')!r}; "
                 "roles must be 'system', 'user' or 'assistant'"
+            )
+        unknown = sorted(str(k) for k in msg if k not in MESSAGE_KEYS)
+        if unknown:  # a misspelt key would otherwise be dropped without a word
+            raise PromptError(
+                f"{where}message {i} has unknown keys {unknown}; a message has 'role', "
+                "'content' and (70B Instruct only) 'destination'"
             )
         if not isinstance(msg.get("content"), str):
             raise PromptError(

@@ -76,6 +76,17 @@ def _check_number(name: str, value: object) -> None:
         raise PromptError(f"{name} must be a finite number, got {value!r}")
 
 
+def check_max_gen_len(max_gen_len: object) -> int:
+    """``max_gen_len`` as an int, refused unless an integer >= 0 (numpy's too, not a bool)."""
+    if (
+        isinstance(max_gen_len, bool)
+        or not isinstance(max_gen_len, numbers.Integral)
+        or max_gen_len < 0
+    ):
+        raise PromptError(f"max_gen_len must be an integer >= 0, got {max_gen_len!r}")
+    return int(max_gen_len)
+
+
 def _check_top_p(top_p: float) -> None:
     """A number in [0, 1] (0 keeps the most likely token alone, as in Meta's code)."""
     _check_number("top_p", top_p)

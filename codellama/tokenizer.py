@@ -11,6 +11,8 @@ from sentencepiece import SentencePieceProcessor
 
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, PromptError, is_flag
 
+# Text, or its bytes: never a list of token ids (a bytearray is a Sequence of ints).
+TEXTLIKE = (str, bytes, bytearray, memoryview)
 _SMILEY = "☺"  # a piece that encodes on its own, used to drop SentencePiece's leading space
 
 
@@ -50,6 +52,12 @@ class Tokenizer:
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()
+        if self.bos_id < 0 or self.eos_id < 0:  # encode(bos=True) would prepend -1
+            raise CheckpointError(
+                f"{path!r} has no BOS/EOS pieces (bos_id {self.bos_id}, eos_id {self.eos_id}); "
+                "Code Llama's tokenizer.model has <s>=1 and </s>=2: pass the tokenizer that "
+                "came with the checkpoint"
+            )
         self.prefix_id: int | None = self._piece_id("▁<PRE>")
         self.middle_id: int | None = self._piece_id("▁<MID>")
         self.suffix_id: int | None = self._piece_id("▁<SUF>")
@@ -138,7 +146,7 @@ class Tokenizer:
     def _ids(self, t: Sequence[int]) -> list[int]:
         """``t`` as ints without Meta's -1 padding; an id outside the vocabulary, or one
         that is not an integer (a float would be truncated), is refused."""
-        if isinstance(t, (str, bytes)) or not isinstance(t, Iterable):
+        if isinstance(t, TEXTLIKE) or not isinstance(t, Iterable):
             raise PromptError(f"expected a list of token ids, got {type(t).__name__}: {t!r:.60}")
         try:
             ids = [operator.index(x) for x in t]

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from codellama.cli import unknown_options
+from codellama.cli import check_generation_options, unknown_options
+from codellama.errors import PromptError
 
 from .conftest import GQA_ARGS, REPO
 
@@ -68,3 +69,32 @@ def test_a_tool_with_a_misspelt_option_stops_before_building(tmp_path, make_chec
     assert "unknown option '--temprature' (did you mean --temperature?)" in proc.stderr
     assert "Loaded in" not in proc.stdout  # nothing was built
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "script, option, value, error",
+    [
+        ("example_completion.py", "--top_p", "2", "PromptError: top_p must be in [0, 1], got 2"),
+        ("example_infilling.py", "--temperature", "-1", "PromptError: temperature must be >= 0"),
+        ("example_instructions.py", "--max_gen_len", "-5",
+         "PromptError: max_gen_len must be an integer >= 0, got -5"),
+    ],
+)  # fmt: skip
+def test_an_example_refuses_a_bad_sampling_option_before_building(
+    tmp_path, script, option, value, error
+):
+    """The check comes before the build (minutes for 34B/70B): here the checkpoint does
+    not even exist, so an error about it would mean the build ran first."""
+    args = [sys.executable, script, "--ckpt_dir", str(tmp_path / "no-ckpt"), "--tokenizer_path",
+            str(tmp_path / "no.model"), option, value]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert error in proc.stderr
+
+
+def test_check_generation_options_takes_what_generation_takes():
+    check_generation_options(0, 1, None)
+    check_generation_options(0.2, 0.95, 0)
+    with pytest.raises(PromptError, match="top_p must be in"):
+        check_generation_options(0.2, -0.5, 16)

@@ -284,6 +284,22 @@ def test_from_hf_index_sharded(tmp_path: Path, ckpt: Path) -> None:
     assert read_params(back) == read_params(ckpt)
 
 
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_from_hf_refuses_integer_weights_before_writing(
+    tmp_path: Path, hf_dir: Path, dtype: str | None
+) -> None:
+    quantized = tmp_path / "hf"
+    shutil.copytree(hf_dir, quantized)
+    tensors = st.load_file(quantized / "model.safetensors")
+    tensors["model.norm.weight"] = torch.full_like(
+        tensors["model.norm.weight"], 3, dtype=torch.int8
+    )
+    st.save_file(tensors, quantized / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.norm.weight in .* has dtype I8; Code Llama"):
+        from_hf(quantized, tmp_path / "meta", dtype=dtype)  # float32 would hide the integers
+    assert not (tmp_path / "meta").exists()
+
+
 def test_from_hf_two_shards(tmp_path: Path, hf_dir: Path, ckpt: Path) -> None:
     out = from_hf(hf_dir, tmp_path / "mp2", model_parallel_size=2)
     paths = shard_paths(out)

@@ -7,6 +7,7 @@ tokenizer has no infilling pieces, and helpers that write broken checkpoints.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -63,6 +64,7 @@ class Ctx:
     llama: Llama
     plain: Llama  # its tokenizer has no infilling pieces (like Code Llama - Python)
     small_tokenizer: Path  # a tokenizer with 400 pieces
+    no_bos_tokenizer: Path  # a SentencePiece model without BOS/EOS pieces
 
     @property
     def tok(self) -> Tokenizer:
@@ -116,7 +118,24 @@ def ctx(make_checkpoint, plain_tokenizer_path, tmp_path_factory) -> Ctx:
     tmp = tmp_path_factory.mktemp("broken")
     (tmp / "empty").mkdir()
     small = train_tokenizer(tmp / "small" / "tokenizer.model", vocab_size=400)
-    return Ctx(ckpt, tmp, _build(ckpt), _build(plain_ckpt), small)
+    return Ctx(ckpt, tmp, _build(ckpt), _build(plain_ckpt), small, _no_bos_tokenizer(tmp))
+
+
+def _no_bos_tokenizer(tmp: Path) -> Path:
+    """A SentencePiece model trained without BOS/EOS (``bos_id=eos_id=-1``)."""
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["def f(x):", "    return x + 1", "print(f(2))"] * 20),
+        model_writer=out, vocab_size=40, hard_vocab_limit=False, bos_id=-1, eos_id=-1, pad_id=-1,
+        unk_id=0,
+        byte_fallback=False, num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    path = tmp / "no-bos" / "tokenizer.model"
+    path.parent.mkdir()
+    path.write_bytes(out.getvalue())
+    return path
 
 
 def esc(*parts: str) -> str:
@@ -172,6 +191,12 @@ def _bad_shard(kind: str) -> Callable[[Ctx], object]:
             shard.write_bytes(good[: len(good) // 2])
         elif kind == "unsafe":
             torch.save({"norm.weight": torch.ones(2), "code": _NotATensor()}, shard)
+        elif kind == "dangling-link":
+            shard.symlink_to(d / "deleted.pth")  # e.g. a cache of links whose blobs are gone
+        elif kind == "fifo":
+            os.mkfifo(shard)  # opening it would wait for a writer for ever
+        elif kind == "directory":
+            shard.mkdir()
         elif kind == "missing-key":
             sd = torch.load(c.ckpt / "consolidated.00.pth", weights_only=True)
             del sd["norm.weight"]
@@ -304,6 +329,15 @@ BUILD_CASES = [
         id="device-float",
     ),
     pytest.param(
+        _build_with(device="cpu:1"), ConfigError,
+        re.escape("device='cpu:1': there is one cpu device; use 'cpu'"), id="device=cpu:1",
+    ),
+    pytest.param(
+        _build_with(tokenizer_path=lambda c: c.no_bos_tokenizer), CheckpointError,
+        esc("has no BOS/EOS pieces (bos_id -1, eos_id -1)", "<s>=1 and </s>=2"),
+        id="tokenizer-without-bos",
+    ),
+    pytest.param(
         _build_with(device="cuda"), ConfigError, esc("device='cuda'", "device='cpu'"),
         id="device=cuda-without-cuda",
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
@@ -366,6 +400,17 @@ PARAMS_CASES = [
                  re.escape("rope_theta must be a finite number > 0, got 0"), id="rope_theta-zero"),
     pytest.param(_params_case(rope_theta=float("inf")), ConfigError,
                  re.escape("rope_theta must be a finite number > 0, got inf"), id="rope_theta-inf"),
+    pytest.param(_params_case(rope_theta=1e-300), ConfigError,
+                 re.escape("rope_theta must be a finite number > 1 (Code Llama's is 1000000"),
+                 id="rope_theta-below-one"),
+    pytest.param(_params_case(ffn_dim_multiplier=1e-9), ConfigError,
+                 esc("ffn_dim_multiplier=1e-09 makes the feed-forward size 0"),
+                 id="ffn_dim_multiplier-tiny"),
+    pytest.param(_params_case(max_seq_len=16, max_batch_size=1), ConfigError,
+                 esc("params.json has max_batch_size=1, max_seq_len=16",
+                     f"the build asks for max_batch_size={MAX_BATCH}, max_seq_len={MAX_SEQ_LEN}",
+                     "remove them from params.json"),
+                 id="params-with-build-arguments"),
     pytest.param(_params_case(ffn_dim_multiplier="1.3"), ConfigError,
                  re.escape("ffn_dim_multiplier must be a finite number > 0, got '1.3'"),
                  id="ffn_dim_multiplier-str"),
@@ -395,6 +440,14 @@ CHECKPOINT_CASES = [
                  esc("consolidated.00.pth", "truncated or corrupt"), id="shard-truncated"),
     pytest.param(_bad_shard("unsafe"), CheckpointError,
                  esc("refusing to load", "consolidated.00.pth"), id="shard-with-code"),
+    pytest.param(_bad_shard("dangling-link"), CheckpointNotFoundError,
+                 esc("consolidated.00.pth", "does not exist (a link to a missing file)",
+                     "download.sh"), id="shard-dangling-link"),
+    pytest.param(_bad_shard("fifo"), CheckpointError,
+                 esc("consolidated.00.pth", "is not a regular file"), id="shard-named-pipe",
+                 marks=pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")),
+    pytest.param(_bad_shard("directory"), CheckpointError,
+                 esc("consolidated.00.pth", "is a directory"), id="shard-directory"),
     pytest.param(_bad_shard("missing-key"), CheckpointError,
                  esc("missing keys: norm.weight (not in consolidated.00.pth)"),
                  id="shard-missing-key"),
@@ -521,6 +574,9 @@ TOKEN_CASES = [
     pytest.param(_tokens_case(None), PromptError,
                  re.escape("prompt_tokens must be a list of token-id lists, got NoneType: None"),
                  id="tokens-None"),
+    pytest.param(_tokens_case([bytearray(b"def f")]), PromptError,
+                 re.escape("prompt 0 must be a list of token ids, got bytearray"),
+                 id="tokens-bytearray-prompt"),
     pytest.param(_tokens_case([1, 5, 9]), PromptError,
                  esc("prompt 0 must be a list of token ids, got int: 1", "wrap a single prompt"),
                  id="tokens-flat-list"),
@@ -615,6 +671,9 @@ CHAT_CASES = [
     pytest.param(_chat_case([[{**U, "destination": 5}]]), PromptError,
                  re.escape("message 0 has a non-string destination 5"),
                  id="chat-int-destination"),
+    pytest.param(_chat_case([[{"role": "user", "content": "x", "contnet": "y"}]]), PromptError,
+                 esc("dialog 0: message 0 has unknown keys ['contnet']", "'role', 'content'"),
+                 id="chat-unknown-key"),
     pytest.param(_chat_case([[U], [U, A]]), PromptError,
                  re.escape("dialog 1: the last message must be from 'user'"),
                  id="chat-second-dialog-bad"),
@@ -957,6 +1016,18 @@ def test_numpy_numbers_are_taken_as_python_numbers(ctx):
     want = llama.generate_results([ids], 4, SamplingParams(temperature=0))
     got = llama.generate_results([ids], np.int64(4), SamplingParams(temperature=np.float32(0)))
     assert [r.tokens for r in got] == [r.tokens for r in want]
+
+
+def test_a_numpy_model_parallel_size_is_taken_as_an_int(ctx):
+    np = pytest.importorskip("numpy")
+    llama = _build(ctx.ckpt, model_parallel_size=np.int64(1))
+    assert llama.tokenizer.n_words == VOCAB
+
+
+def test_the_tokenizer_refuses_bytes_as_token_ids(ctx):
+    for ids in (b"ab", bytearray(b"ab"), memoryview(b"ab")):
+        with pytest.raises(PromptError, match="expected a list of token ids"):
+            ctx.tok.decode(ids)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,10 @@ def test_problems_are_read_in_file_order_from_jsonl_and_gz(tmp_path, gz):
         (['{"task_id": "a", "prompt": "x"}'] * 2, "line 2: task_id 'a' appears twice"),
         (["{not json"], "is not a JSON-lines problems file"),
         ([""], "holds no problems"),
+        (
+            ['{"task_id": "a/1", "prompt": "x\\ud800"}'],
+            "line 1: the prompt of task 'a/1' holds '\\\\ud800' at offset 1, a lone surrogate",
+        ),
     ],
 )
 def test_malformed_problem_files_are_refused_with_the_line(tmp_path, lines, match):
@@ -80,6 +84,17 @@ def test_malformed_problem_files_are_refused_with_the_line(tmp_path, lines, matc
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(PromptError, match=match):
         read_problems(path)
+
+
+@pytest.mark.parametrize("flag", ["problems", "out"])
+@pytest.mark.parametrize(
+    "value, got", [(123, "got int: 123 .a command line reads a name of digits"), (True, "got bool")]
+)
+def test_a_path_option_given_a_number_or_no_value_is_a_config_error(tmp_path, flag, value, got):
+    args = {"problems": str(_write(tmp_path / "p.jsonl", PROBLEMS)), "out": str(tmp_path / "s")}
+    args[flag] = value  # `--out 123`, or a bare `--out`
+    with pytest.raises(ConfigError, match=f"--{flag} must be a file path .*{got}"):
+        main(str(tmp_path / "no-ckpt"), str(tmp_path / "no.model"), **args)
 
 
 def test_missing_problems_file_is_data_not_found(tmp_path):

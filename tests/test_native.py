@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from codellama import native
+from codellama.errors import ConfigError
 from codellama.model import linear
 
 from .conftest import GQA_ARGS
@@ -159,6 +160,19 @@ def test_no_plan_for_what_it_cannot_read(kernel):
 def test_environment_switch_turns_the_kernel_off(native_off):
     assert native.load() is None
     assert native.ENV_SWITCH in (native.last_error() or "")
+
+
+@pytest.mark.parametrize("value", ["disabled", "2", "none"])
+def test_an_unknown_environment_switch_value_is_a_config_error(monkeypatch, value):
+    monkeypatch.setenv(native.ENV_SWITCH, value)
+    native.load.cache_clear()
+    try:
+        with pytest.raises(
+            ConfigError, match=f"CODELLAMA_NATIVE_KERNELS='{value}' is not a switch"
+        ):
+            native.load()
+    finally:
+        native.load.cache_clear()
 
 
 def test_a_failing_compiler_is_reported_not_raised(tmp_path: Path, monkeypatch):
