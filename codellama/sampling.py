@@ -53,8 +53,8 @@ class SamplingParams:
         ):
             raise PromptError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         _check_number("min_p", self.min_p)
-        if not 0 <= self.min_p < 1:
-            raise PromptError(f"min_p must be in [0, 1) (0 = off), got {self.min_p!r}")
+        if not 0 <= self.min_p <= 1:
+            raise PromptError(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
         _check_number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise PromptError(

@@ -169,7 +169,7 @@ SAMPLING = st.builds(
     temperature=st.one_of(st.just(0.0), st.floats(0, 2)),
     top_p=st.floats(0, 1, exclude_min=True),
     top_k=st.one_of(st.just(0), st.integers(0, 600)),
-    min_p=st.floats(0, 1, exclude_max=True),
+    min_p=st.floats(0, 1),
     repetition_penalty=st.one_of(
         st.just(1.0), st.floats(0.05, 20), st.floats(0, exclude_min=True, allow_infinity=False)
     ),
@@ -183,7 +183,7 @@ def _check_logprobs(lps: list[float]) -> None:
 
 EXTREMES = [
     SamplingParams(temperature=5e-324, top_p=5e-324),  # logits / T overflows float32
-    SamplingParams(temperature=2.0, top_p=1.0, top_k=600, min_p=0.999999),
+    SamplingParams(temperature=2.0, top_p=1.0, top_k=600, min_p=1.0),
     SamplingParams(temperature=1.0, top_k=1, repetition_penalty=1e-300),
     SamplingParams(temperature=0.5, repetition_penalty=1e300),
     SamplingParams(temperature=0.0, repetition_penalty=5e-324),

@@ -228,3 +228,12 @@ def test_float64_probabilities_are_divided_by_float64_noise():
     probs = torch.tensor([[ratio / (1 + ratio), 1 / (1 + ratio)]], dtype=torch.float64)
     ours, meta = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     assert torch.equal(sample_top_p(probs, 1.0, ours), meta_sample_top_p(probs, 1.0, meta))
+
+
+def test_min_p_of_one_keeps_only_the_most_likely_tokens():
+    """HF's MinPLogitsWarper takes min_p = 1 (the tokens as likely as the best one)."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0, -2.0]])
+    params = sampling.SamplingParams(temperature=1.5, top_p=1.0, min_p=1.0)
+    g = torch.Generator().manual_seed(0)
+    picks = {int(sampling.sample(logits, params, g)) for _ in range(40)}
+    assert picks == {1, 3}
