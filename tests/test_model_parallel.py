@@ -56,18 +56,40 @@ def mp1_tokens(make_checkpoint, tokenizer_path):
     return prompts, tokens, logprobs
 
 
+@pytest.fixture(scope="module")
+def mp_outputs(make_checkpoint, mp1_tokens, tmp_path_factory) -> dict[tuple[int, str], list[dict]]:
+    """One torchrun per process count, building every checkpoint the tests below compare in
+    turn in the same processes (a launch costs ~10 s of imports on 2 cores): (processes,
+    checkpoint) -> each rank's tokens and logprobs for mp1_tokens' prompts."""
+    ckpts = {f"{n}sh": make_checkpoint(MP_ARGS, n_shards=n) for n in (1, 2, 4)}
+    ckpts["2sh-bf16"] = make_checkpoint(MP_ARGS, n_shards=2, dtype=torch.bfloat16)
+    runs = {2: list(ckpts), 4: ["1sh", "2sh", "4sh"]}
+    tmp = tmp_path_factory.mktemp("mp")
+    out: dict[tuple[int, str], list[dict]] = {}
+    for nproc, names in runs.items():
+        base = tmp / f"out-{nproc}"
+        proc = torchrun(nproc, REPO / "tests" / "mp_worker.py", "--ckpt_dir",
+                        json.dumps([str(ckpts[n]) for n in names]), "--out", str(base),
+                        "--prompts", json.dumps(mp1_tokens[0]), timeout=400)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for i, name in enumerate(names):
+            out[nproc, name] = [
+                json.loads(Path(f"{base}.{i}.rank{r}.json").read_text()) for r in range(nproc)
+            ]
+    return out
+
+
 @pytest.mark.parametrize("n_shards,nproc", [(2, 2), (4, 4), (1, 2), (4, 2), (2, 4), (1, 4)],
                          ids=["2sh-mp2", "4sh-mp4", "1sh-mp2", "4sh-mp2", "2sh-mp4", "1sh-mp4"])  # fmt: skip
-def test_torchrun_greedy_tokens_equal_mp1(make_checkpoint, mp1_tokens, tmp_path, n_shards, nproc):
-    prompts, want, want_lp = mp1_tokens
-    outs = run_mp(make_checkpoint(MP_ARGS, n_shards=n_shards), nproc, prompts, tmp_path)
-    for out in outs:  # every rank returns the same, and the same as MP=1
+def test_torchrun_greedy_tokens_equal_mp1(mp_outputs, mp1_tokens, n_shards, nproc):
+    _, want, want_lp = mp1_tokens
+    for out in mp_outputs[nproc, f"{n_shards}sh"]:  # every rank returns the same as MP=1
         assert out["tokens"] == want
         for a, b in zip(out["logprobs"], want_lp, strict=True):
             assert a == pytest.approx(b, abs=1e-4)
 
 
-def test_torchrun_on_a_bf16_checkpoint_in_fp32_equals_mp1(make_checkpoint, tmp_path, build):
+def test_torchrun_on_a_bf16_checkpoint_in_fp32_equals_mp1(make_checkpoint, mp_outputs, build):
     """Each rank keeps its pieces of a bf16 checkpoint's linear weights in bf16 (fp32
     products), as one process does."""
     ckpt = make_checkpoint(MP_ARGS, n_shards=2, dtype=torch.bfloat16)
@@ -75,7 +97,7 @@ def test_torchrun_on_a_bf16_checkpoint_in_fp32_equals_mp1(make_checkpoint, tmp_p
     assert all(m.native_plan.w16 for m in llama.model.linear_layers())
     prompts = _prompts(llama.model.params.vocab_size, [3, 11, 6])
     want, want_lp = llama.generate(prompts, 8, temperature=0, logprobs=True, stop_token=-1)
-    for out in run_mp(ckpt, 2, prompts, tmp_path):
+    for out in mp_outputs[2, "2sh-bf16"]:
         assert out["tokens"] == want
         for a, b in zip(out["logprobs"], want_lp, strict=True):
             assert a == pytest.approx(b, abs=1e-4)
