@@ -59,7 +59,10 @@ def tokenizer(tokenizer_path: Path) -> Tokenizer:
 def _env_tokenizer(var: str) -> Tokenizer:
     path = os.environ.get(var)
     if not path:
-        pytest.skip(f"{var} is not set; .ci/run points it at ../shared/fixtures (Meta's tokenizer)")
+        pytest.skip(
+            f"{var} is not set: point it at Meta's tokenizer.model (.ci/run sets it to "
+            "../shared/fixtures)"
+        )
     if not os.path.isfile(path):
         pytest.skip(f"{var}={path!r} does not exist")
     return Tokenizer(path)
