@@ -121,16 +121,23 @@ def shard_paths(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
             f"no checkpoint files (*.pth) in {str(d)!r}; download the model with download.sh"
         )
     shards = [p for p in paths if SHARD_RE.match(p.name)]
-    if not shards:
-        for p in paths:
-            _check_regular_file(p)
-        return paths
-    others = [p.name for p in paths if not SHARD_RE.match(p.name)]
+    if shards:
+        _check_numbering(d, shards, [p.name for p in paths if not SHARD_RE.match(p.name)])
+        shards.sort(key=_shard_number)
+    else:
+        shards = paths
+    for p in shards:
+        _check_regular_file(p)
+    return shards
+
+
+def _check_numbering(d: Path, shards: list[Path], others: list[str]) -> None:
+    """Warn about ``others`` (.pth files beside the shards); refuse a gap in the numbers."""
     if others and distributed.is_first_process():
         warnings.warn(
             f"ignoring {others} in {str(d)!r}: only consolidated.NN.pth files are checkpoint "
             "shards; move the other .pth files elsewhere to silence this warning",
-            stacklevel=2,
+            stacklevel=3,
         )
     numbers = sorted(_shard_number(p) for p in shards)
     if numbers != list(range(len(shards))):
@@ -141,10 +148,6 @@ def shard_paths(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
             + (f"missing {lacking}" if lacking else f"found {[p.name for p in shards]}")
             + "; download the model again with download.sh"
         )
-    shards = sorted(shards, key=_shard_number)
-    for p in shards:
-        _check_regular_file(p)
-    return shards
 
 
 def _check_regular_file(path: Path) -> None:

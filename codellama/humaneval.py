@@ -87,10 +87,9 @@ def _problem(obj: object, where: str, seen: set[str]) -> dict[str, Any]:
     task id is not in ``seen`` (to which it is added)."""
     if not isinstance(obj, dict):
         raise PromptError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for key in ("task_id", "prompt"):
+    for key in ("task_id", "prompt"):  # task_id first: the text check names the task
         if not isinstance(obj.get(key), str):
             raise PromptError(f"{where}: {key!r} must be a string, got {obj.get(key)!r:.60}")
-    for key in ("task_id", "prompt"):
         check_text(obj[key], f"{where}: the {key} of task {obj['task_id']!r:.60}")
     if obj["task_id"] in seen:
         raise PromptError(f"{where}: task_id {obj['task_id']!r} appears twice")
@@ -355,8 +354,7 @@ def main(
     target = file_path(out, "--out")
     # Everything that can be wrong is refused before the slow build.
     _check_output(target)
-    source = Path(problems) if isinstance(problems, (str, os.PathLike)) else None
-    if source is not None and target.exists() and os.path.samefile(source, target):
+    if target.exists() and os.path.samefile(problems, target):  # read_problems took the path
         raise ConfigError(
             f"--out {str(target)!r} is the problems file itself; write the samples elsewhere, "
             "e.g. --out samples.jsonl"
